@@ -1,0 +1,1 @@
+"""Reasoning data: the embedded arithmetic task, user files, and the ReasoningDataModule."""

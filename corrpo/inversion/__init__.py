@@ -1,0 +1,1 @@
+"""The inversion fingerprint: token entropy, per-token logit-gradient strengths, correlations, metric."""
