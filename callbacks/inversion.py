@@ -1,0 +1,206 @@
+"""InversionTracker: measure the entropy-gradient inversion on a fixed probe set as training runs.
+
+At the start, every ``every_n_steps`` batches, at the SFT->RL boundary and at the end it scores the probe
+set (per token: entropy in bits and the gradient strength of the chosen token's raw logit, see
+:mod:`corrpo.inversion`), feeds the pairs to an :class:`InversionStrength` metric on the module's device,
+and records Spearman rho, Pearson r, strength (= -rho) and the token count:
+
+- logged as ``inversion/spearman|pearson|strength|n_tokens`` and ``phase`` against ``trainer/global_step``;
+- appended to ``<run_dir>/emergence.csv`` (one tidy row per measurement);
+- with a WandbLogger: the emergence curve as a figure marking the phase boundary, and a per-token table
+  (token, entropy, strength, position) at the boundary and at the end.
+
+``source="reference"`` teacher-forces the probe traces (the same tokens every time: a clean curve);
+``source="generated"`` scores the current policy's own greedy completions of the probe prompts (what the
+paper measures on reasoning samples). Under ``corrpo validate`` it measures once and prints the result:
+that is the fingerprint of any checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import asdict
+
+import lightning as L
+import torch
+from corrpo.inversion.metric import InversionStrength
+from corrpo.inversion.strength import StrengthConfig, score_tokens
+from lightning.pytorch.utilities import rank_zero_info
+
+from corrpo.batching import encode_sft_batch
+from corrpo.run_dir import run_dir
+
+CSV_COLUMNS = ["step", "batches", "phase", "event", "source", "spearman", "pearson", "strength", "n_tokens"]
+TABLE_ROWS = 2000
+
+
+class InversionTracker(L.Callback):
+    """Probe-set inversion measurements across training (and once under ``validate``).
+
+    Args:
+        every_n_steps: measure after every this many train batches (plus start, boundary, end).
+        source: ``reference`` (teacher-forced probe traces) or ``generated`` (the policy's greedy completions).
+        measure / layers / projections / method / chunk_size: the gradient-strength definition, see
+            :class:`corrpo.inversion.strength.StrengthConfig`.
+        batch_size: probe sequences scored per call.
+        max_tokens: cap of the metric's token buffer (memory = 16 bytes x max_tokens on the device).
+        log_tables: log per-token wandb tables at the boundary and at the end.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 50,
+        source: str = "reference",
+        measure: str = "nuclear",
+        layers: str | list[int] = "last",
+        projections: list[str] | None = None,
+        method: str = "onepass",
+        chunk_size: int = 64,
+        batch_size: int = 8,
+        max_tokens: int = 65536,
+        log_tables: bool = True,
+    ) -> None:
+        if source not in ("reference", "generated"):
+            raise ValueError(f"InversionTracker.source must be 'reference' or 'generated', got {source!r}")
+        if every_n_steps < 1:
+            raise ValueError("InversionTracker.every_n_steps must be >= 1")
+        self.every_n_steps = every_n_steps
+        self.source = source
+        kwargs = dict(measure=measure, layers=layers, method=method, chunk_size=chunk_size)
+        if projections is not None:
+            kwargs["projections"] = tuple(projections)
+        self.strength_config = StrengthConfig(**kwargs)
+        self.batch_size = batch_size
+        self.log_tables = log_tables
+        self.metric = InversionStrength(max_tokens=max_tokens)
+        self.rows: list[dict] = []
+
+    @property
+    def state_key(self) -> str:
+        return f"InversionTracker[source={self.source},every={self.every_n_steps}]"
+
+    # ------------------------------------------------------------------------------------------ hooks
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.rows:
+            self.measure(trainer, pl_module, event="start", batches=0)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        done = batch["step"] + 1
+        total = pl_module.total_steps
+        if done == total:
+            return  # the end is measured in on_train_end, after the last update
+        boundary = done == pl_module.sft.steps and pl_module.rl.steps > 0
+        if boundary or done % self.every_n_steps == 0:
+            self.measure(trainer, pl_module, event="boundary" if boundary else "periodic", batches=done)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.measure(trainer, pl_module, event="end", batches=pl_module.total_steps)
+        self._log_curve_figure(trainer, pl_module)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "validate":
+            row = self.measure(trainer, pl_module, event="validate", batches=0)
+            print(f"inversion/spearman={row['spearman']:.4f} inversion/pearson={row['pearson']:.4f} "
+                  f"n_tokens={row['n_tokens']}")
+
+    # -------------------------------------------------------------------------------------- measuring
+    def _probe_batches(self, trainer, pl_module):
+        records = trainer.datamodule.probe_records()
+        for i in range(0, len(records), self.batch_size):
+            chunk = records[i : i + self.batch_size]
+            prompts = [r["prompt"] for r in chunk]
+            if self.source == "generated":
+                rollout = pl_module.generate_rollout(prompts, 1, greedy=True)
+                completions = pl_module.decode_completions(rollout)
+            else:
+                completions = [r["completion"] for r in chunk]
+            enc = encode_sft_batch(
+                pl_module.tokenizer, prompts, completions, 10**9, getattr(pl_module, "use_chat_template", False)
+            )
+            yield {k: v.to(pl_module.device) for k, v in enc.items()}
+
+    def measure(self, trainer: L.Trainer, pl_module: L.LightningModule, event: str, batches: int) -> dict:
+        """Score the probe set once; log, append to emergence.csv and return the row."""
+        self.metric = self.metric.to(pl_module.device)
+        self.metric.reset()
+        token_rows = []
+        for enc in self._probe_batches(trainer, pl_module):
+            entropy, strength = score_tokens(
+                pl_module.policy, enc["input_ids"], enc["attention_mask"], enc["loss_mask"], self.strength_config
+            )
+            self.metric.update(entropy, strength, enc["loss_mask"])
+            if self.log_tables and event in ("boundary", "end", "validate") and len(token_rows) < TABLE_ROWS:
+                token_rows.extend(self._token_rows(pl_module, enc, entropy, strength))
+        result = {k: v.item() for k, v in self.metric.compute().items()}
+        phase = "init" if batches == 0 and event != "validate" else pl_module.phase_at(max(batches - 1, 0))
+        row = {
+            "step": trainer.global_step,
+            "batches": batches,
+            "phase": phase if event != "validate" else "validate",
+            "event": event,
+            "source": self.source,
+            "spearman": result["spearman"],
+            "pearson": result["pearson"],
+            "strength": result["strength"],
+            "n_tokens": int(result["n_tokens"]),
+        }
+        self.rows.append(row)
+        self._log_row(trainer, row)
+        if token_rows:
+            self._log_table(trainer, f"inversion/tokens_{event}", token_rows[:TABLE_ROWS])
+        return row
+
+    def _token_rows(self, pl_module, enc, entropy, strength) -> list[list]:
+        rows = []
+        ids, mask = enc["input_ids"].cpu(), enc["loss_mask"].cpu()
+        entropy, strength = entropy.detach().float().cpu(), strength.detach().float().cpu()
+        for b in range(ids.shape[0]):
+            for j in torch.nonzero(mask[b]).flatten().tolist():
+                token = pl_module.tokenizer.decode([int(ids[b, j])])
+                rows.append([token, float(entropy[b, j]), float(strength[b, j]), j])
+        return rows
+
+    # ---------------------------------------------------------------------------------------- output
+    def _log_row(self, trainer: L.Trainer, row: dict) -> None:
+        metrics = {f"inversion/{k}": float(row[k]) for k in ("spearman", "pearson", "strength", "n_tokens")}
+        metrics["phase"] = {"init": 0.0, "sft": 0.0, "rl": 1.0}.get(row["phase"], -1.0)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        rank_zero_info(
+            f"[corrpo] inversion @ step {row['step']} ({row['event']}, {row['phase']}): "
+            f"spearman={row['spearman']:.4f} pearson={row['pearson']:.4f} n_tokens={row['n_tokens']}"
+        )
+        if trainer.is_global_zero and trainer.state.fn != "validate":
+            path = run_dir(trainer) / "emergence.csv"
+            new = not path.exists()
+            with path.open("a", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+                if new:
+                    writer.writeheader()
+                writer.writerow(row)
+
+    def _wandb_loggers(self, trainer: L.Trainer) -> list:
+        from lightning.pytorch.loggers import WandbLogger
+
+        return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)] if trainer.is_global_zero else []
+
+    def _log_table(self, trainer: L.Trainer, key: str, rows: list[list]) -> None:
+        for logger in self._wandb_loggers(trainer):
+            logger.log_table(key=key, columns=["token", "entropy_bits", "strength", "position"], data=rows)
+
+    def _log_curve_figure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        loggers = self._wandb_loggers(trainer)
+        if not loggers or len(self.rows) < 2:
+            return
+        from corrpo.plotting import emergence_figure
+
+        figure = emergence_figure(self.rows, boundary_batches=pl_module.sft.steps if pl_module.rl.steps else None)
+        for logger in loggers:
+            logger.log_image(key="inversion/emergence", images=[figure])
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        return {"rows": list(self.rows), "strength_config": asdict(self.strength_config)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.rows = list(state_dict.get("rows", []))

@@ -1,0 +1,117 @@
+"""Typed, defaulted, validated arguments of the two training phases.
+
+These dataclasses *are* the config: LightningCLI reads their fields (and the attribute docstrings as
+help), YAML recipes set them under ``model.init_args.sft`` / ``model.init_args.rl``, and ``__post_init__``
+rejects bad values before any training starts, naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from corrpo.objectives import LOSS_TYPES, REWARD_SCALES
+from corrpo.rollout import SamplingConfig
+
+
+@dataclass
+class SFTConfig:
+    """Phase 1: supervised fine-tuning on reasoning traces (NLL on completion tokens only)."""
+
+    steps: int = 0
+    """Optimizer steps of SFT; 0 skips the phase (RL-zero)."""
+    lr: float = 1e-5
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up steps."""
+    min_lr_ratio: float = 1.0
+    """Cosine decay after warm-up to ``min_lr_ratio * lr`` at the last step; 1 keeps the lr constant."""
+    max_length: int = 1024
+    """Prompt + completion tokens kept per example (cut from the right)."""
+    max_grad_norm: float = 1.0
+    """Gradient-norm clip; 0 disables it."""
+
+    def __post_init__(self) -> None:
+        _check_non_negative("sft", steps=self.steps, warmup_steps=self.warmup_steps, max_grad_norm=self.max_grad_norm)
+        _check_positive("sft", lr=self.lr, max_length=self.max_length, min_lr_ratio=self.min_lr_ratio)
+
+
+@dataclass
+class RLConfig:
+    """Phase 2: GRPO-family RL (CorR-PO when the inversion reward is on)."""
+
+    steps: int = 0
+    """Rollout batches of RL; each does ``num_iterations`` optimizer steps. 0 skips the phase."""
+    lr: float = 1e-6
+    """AdamW learning rate (a fresh optimizer: SFT moments do not carry over)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up, in optimizer steps of this phase."""
+    min_lr_ratio: float = 1.0
+    """Cosine decay after warm-up to ``min_lr_ratio * lr``; 1 keeps the lr constant."""
+    num_generations: int = 8
+    """G: completions sampled per prompt (the group)."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """Temperature, top_p, max_new_tokens."""
+    max_prompt_length: int | None = None
+    """Prompt tokens kept (from the left); None keeps all."""
+    rewards: list[str] = field(default_factory=lambda: ["accuracy", "format"])
+    """Reward functions: registry names or import paths ``pkg.module:function``."""
+    reward_weights: list[float] | None = None
+    """One weight per reward; None = all 1."""
+    scale_rewards: str = "group"
+    """Advantage normalisation: ``group`` (GRPO), ``batch``, or ``none`` (Dr. GRPO)."""
+    loss_type: str = "dapo"
+    """Loss aggregation: ``grpo`` (per-sequence mean), ``dr_grpo`` (constant normaliser), ``dapo`` (token mean)."""
+    epsilon_low: float = 0.2
+    """Lower clip: the ratio is clipped at ``1 - epsilon_low``."""
+    epsilon_high: float = 0.2
+    """Upper clip: ``1 + epsilon_high`` (DAPO's clip-higher uses 0.28)."""
+    beta: float = 0.0
+    """KL coefficient to the frozen reference (the policy at the start of RL); 0 loads no reference."""
+    mask_truncated_completions: bool = False
+    """Exclude completions that hit ``max_new_tokens`` from the loss (DAPO)."""
+    num_iterations: int = 1
+    """Optimizer updates per rollout batch (mu); old log-probs are stored for the ratio when > 1."""
+    max_grad_norm: float = 1.0
+    """Gradient-norm clip; 0 disables it."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sampling, dict):
+            self.sampling = SamplingConfig(**self.sampling)
+        _check_non_negative(
+            "rl", steps=self.steps, warmup_steps=self.warmup_steps, beta=self.beta, max_grad_norm=self.max_grad_norm
+        )
+        _check_positive(
+            "rl",
+            lr=self.lr,
+            num_generations=self.num_generations,
+            num_iterations=self.num_iterations,
+            min_lr_ratio=self.min_lr_ratio,
+        )
+        if self.scale_rewards not in REWARD_SCALES:
+            raise ValueError(f"rl.scale_rewards must be one of {REWARD_SCALES}, got {self.scale_rewards!r}")
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"rl.loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if not (0 <= self.epsilon_low < 1 and self.epsilon_high >= 0):
+            raise ValueError("rl.epsilon_low must be in [0, 1) and rl.epsilon_high >= 0")
+        if not self.rewards:
+            raise ValueError("rl.rewards must name at least one reward function")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
+            raise ValueError(
+                f"rl.reward_weights has {len(self.reward_weights)} entries for {len(self.rewards)} rl.rewards"
+            )
+
+
+def _check_positive(section: str, **values: float) -> None:
+    for key, value in values.items():
+        if not value > 0:
+            raise ValueError(f"{section}.{key} must be > 0, got {value!r}")
+
+
+def _check_non_negative(section: str, **values: float) -> None:
+    for key, value in values.items():
+        if not value >= 0:
+            raise ValueError(f"{section}.{key} must be >= 0, got {value!r}")

@@ -1,0 +1,238 @@
+"""ReasoningDataModule: SFT batches in phase 1, RL prompt batches in phase 2, held-out probe and test sets.
+
+The train loader is a map-style dataset of exactly ``sft_steps + rl_steps`` *batches*: item ``i`` is an
+SFT batch (prompt, completion) when ``i < sft_steps`` and a batch of RL prompts (prompt, answer) after.
+Each batch is a pure function of ``(seed, i)``: records are drawn by a per-epoch permutation of the pool,
+so a step can be reproduced from its index alone (resume, DDP) and the phase boundary is an index.
+
+Sources: ``"arithmetic"`` (the embedded offline task, :mod:`corrpo.data.arithmetic`) or a jsonl/parquet
+path or Hugging Face dataset name (:mod:`corrpo.data.records`). Probe traces (for the inversion tracker)
+and test prompts (for accuracy) never overlap the training records: the embedded task splits by hash, user
+data holds the last records of a seeded shuffle out.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+from corrpo.data.arithmetic import ArithmeticTask
+from corrpo.data.records import load_records
+
+EMBEDDED = "arithmetic"
+
+
+@dataclass
+class ArithmeticOptions:
+    """The embedded multi-step arithmetic task."""
+
+    seed: int = 0
+    """Seed of the problem generator (splits are fixed by hash, not by seed)."""
+    min_ops: int = 2
+    """Fewest operations in a chain."""
+    max_ops: int = 4
+    """Most operations in a chain."""
+    max_operand: int = 9
+    """Largest operand."""
+    ops: str = "+-*"
+    """Operations used."""
+    max_value: int = 99
+    """Largest intermediate value."""
+    n_train: int = 4000
+    """Training problems (shared by SFT traces and RL prompts)."""
+
+
+class StepBatches(Dataset):
+    """``len = sft_steps + rl_steps``; item ``i`` is the whole batch of step ``i`` (dict of lists)."""
+
+    def __init__(
+        self,
+        sft_records: list[dict],
+        rl_records: list[dict],
+        sft_steps: int,
+        rl_steps: int,
+        sft_batch_size: int,
+        rl_batch_size: int,
+        seed: int,
+    ) -> None:
+        if sft_steps and not sft_records:
+            raise ValueError("data: sft_steps > 0 but the SFT source has no records")
+        if rl_steps and not rl_records:
+            raise ValueError("data: rl_steps > 0 but the RL source has no records")
+        self.sft_records, self.rl_records = sft_records, rl_records
+        self.sft_steps, self.rl_steps = sft_steps, rl_steps
+        self.sft_batch_size, self.rl_batch_size = sft_batch_size, rl_batch_size
+        self.seed = seed
+        self._orders: dict[tuple[str, int], list[int]] = {}
+
+    def __len__(self) -> int:
+        return self.sft_steps + self.rl_steps
+
+    def _order(self, size: int, salt: str, epoch: int) -> list[int]:
+        key = (salt, epoch)
+        if key not in self._orders:
+            order = list(range(size))
+            random.Random(f"{self.seed}-{salt}-{epoch}").shuffle(order)
+            self._orders[key] = order
+        return self._orders[key]
+
+    def _draw(self, pool: list[dict], step: int, batch_size: int, salt: str) -> list[dict]:
+        """Records ``step*bs .. (step+1)*bs`` of the endless stream of seeded per-epoch permutations."""
+        out = []
+        for k in range(step * batch_size, (step + 1) * batch_size):
+            epoch, offset = divmod(k, len(pool))
+            out.append(pool[self._order(len(pool), salt, epoch)[offset]])
+        return out
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        if index < self.sft_steps:
+            rows = self._draw(self.sft_records, index, self.sft_batch_size, "sft")
+            return {
+                "phase": "sft",
+                "step": index,
+                "prompt": [r["prompt"] for r in rows],
+                "completion": [r["completion"] for r in rows],
+            }
+        rows = self._draw(self.rl_records, index - self.sft_steps, self.rl_batch_size, "rl")
+        return {
+            "phase": "rl",
+            "step": index,
+            "prompt": [r["prompt"] for r in rows],
+            "answer": [str(r["answer"]) for r in rows],
+        }
+
+
+def _collate_records(rows: list[dict]) -> dict:
+    return {"prompt": [r["prompt"] for r in rows], "answer": [str(r["answer"]) for r in rows]}
+
+
+def _identity(batch: dict) -> dict:
+    return batch
+
+
+class ReasoningDataModule(L.LightningDataModule):
+    """Serves step batches for SFT then RL, plus probe traces and test prompts.
+
+    Args:
+        sft_source: ``arithmetic`` or a jsonl/parquet path or HF dataset name with prompt + completion.
+        rl_source: ``arithmetic`` or a source with prompt + answer.
+        test_source: prompts + answers for accuracy; None = held out of ``rl_source``.
+        probe_source: prompt + completion traces for the inversion tracker; None = held out of ``sft_source``.
+        fields: canonical field -> column name (e.g. ``{"prompt": "question", "answer": "final"}``).
+        on_error: ``raise`` on a malformed row (naming file and line) or ``skip`` and count it.
+        arithmetic: options of the embedded task.
+        sft_steps / rl_steps: batches per phase (linked from the model's ``sft.steps`` / ``rl.steps``).
+        sft_batch_size: traces per SFT step. rl_batch_size: prompts per RL step (each sampled G times).
+        n_probe / n_test: sizes of the probe and test sets.
+        eval_batch_size: prompts per val/test batch.
+        seed: seed of the batch order and of held-out splits of user data.
+    """
+
+    def __init__(
+        self,
+        sft_source: str = EMBEDDED,
+        rl_source: str = EMBEDDED,
+        test_source: str | None = None,
+        probe_source: str | None = None,
+        fields: dict[str, str] | None = None,
+        on_error: str = "raise",
+        arithmetic: ArithmeticOptions = ArithmeticOptions(),
+        sft_steps: int = 0,
+        rl_steps: int = 0,
+        sft_batch_size: int = 32,
+        rl_batch_size: int = 8,
+        n_probe: int = 32,
+        n_test: int = 200,
+        eval_batch_size: int = 100,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"data.on_error must be 'raise' or 'skip', got {on_error!r}")
+        for key, value in dict(sft_batch_size=sft_batch_size, rl_batch_size=rl_batch_size, n_test=n_test).items():
+            if value < 1:
+                raise ValueError(f"data.{key} must be >= 1, got {value}")
+        self.sft_source, self.rl_source = sft_source, rl_source
+        self.test_source, self.probe_source = test_source, probe_source
+        self.fields, self.on_error = fields, on_error
+        self.arithmetic = arithmetic
+        self.sft_steps, self.rl_steps = sft_steps, rl_steps
+        self.sft_batch_size, self.rl_batch_size = sft_batch_size, rl_batch_size
+        self.n_probe, self.n_test, self.eval_batch_size = n_probe, n_test, eval_batch_size
+        self.seed = seed
+        self.n_skipped = 0
+        self._pools: dict[str, list[dict]] | None = None
+
+    # ------------------------------------------------------------------------------------- loading
+    def _task(self) -> ArithmeticTask:
+        opts = asdict(self.arithmetic)
+        opts.pop("n_train")
+        return ArithmeticTask(**opts)
+
+    def _load(self, source: str, kind: str) -> list[dict]:
+        result = load_records(source, kind=kind, fields=self.fields, on_error=self.on_error)
+        self.n_skipped += result.n_skipped
+        return result.records
+
+    def _hold_out(self, records: list[dict], n: int, salt: str) -> tuple[list[dict], list[dict]]:
+        """Split off ``n`` records by a seeded shuffle: (kept, held_out)."""
+        if n >= len(records):
+            raise ValueError(f"data: cannot hold out {n} {salt} records from {len(records)}")
+        order = list(range(len(records)))
+        random.Random(f"{self.seed}-holdout-{salt}").shuffle(order)
+        held = [records[i] for i in order[:n]]
+        kept = [records[i] for i in order[n:]]
+        return kept, held
+
+    def pools(self) -> dict[str, list[dict]]:
+        """Load every split once: ``sft``, ``rl``, ``probe``, ``test`` record lists."""
+        if self._pools is not None:
+            return self._pools
+        task = self._task() if EMBEDDED in (self.sft_source, self.rl_source) else None
+        train = task.records("train", self.arithmetic.n_train) if task else []
+        sft = train if self.sft_source == EMBEDDED else self._load(self.sft_source, "sft")
+        rl = train if self.rl_source == EMBEDDED else self._load(self.rl_source, "rl")
+        if self.probe_source is not None:
+            probe = self._load(self.probe_source, "sft")[: self.n_probe]
+        elif self.sft_source == EMBEDDED:
+            probe = task.records("probe", self.n_probe)
+        else:
+            sft, probe = self._hold_out(sft, self.n_probe, "probe")
+        if self.test_source is not None:
+            test = self._load(self.test_source, "rl")[: self.n_test]
+        elif self.rl_source == EMBEDDED:
+            test = task.records("test", self.n_test)
+        else:
+            rl, test = self._hold_out(rl, self.n_test, "test")
+        self._pools = {"sft": sft, "rl": rl, "probe": probe, "test": test}
+        return self._pools
+
+    def setup(self, stage: str) -> None:
+        self.pools()
+
+    def probe_records(self) -> list[dict]:
+        """Held-out (prompt, completion, ...) traces for teacher-forced inversion probes."""
+        return self.pools()["probe"]
+
+    def test_records(self) -> list[dict]:
+        """Held-out (prompt, answer) records for accuracy."""
+        return self.pools()["test"]
+
+    # --------------------------------------------------------------------------------- dataloaders
+    def train_dataloader(self) -> DataLoader:
+        pools = self.pools()
+        steps = StepBatches(
+            pools["sft"], pools["rl"], self.sft_steps, self.rl_steps, self.sft_batch_size, self.rl_batch_size, self.seed
+        )
+        return DataLoader(steps, batch_size=None, shuffle=False, collate_fn=_identity)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_records(), batch_size=self.eval_batch_size, collate_fn=_collate_records)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

@@ -1,0 +1,153 @@
+"""Pieces every strength method shares: the scored-token index, the forward, the grad-state guard, norms.
+
+The forward runs the base decoder (``model.model``) with ``position_ids = cumsum(attention_mask) - 1`` so
+left padding is exact, and forms the raw logit of each scored token directly from the final hidden state:
+``z_j = <h_{j-1}, W_U[y_j]> (+ b_U[y_j])`` -- the very number ``model(...).logits[b, j-1, y_j]`` holds, in
+fp32, but without materialising a ``[B, T, V]`` logits tensor in the autograd graph (a 150k vocabulary
+would otherwise cost a ``[B, T, V]`` gradient buffer per backward).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from corrpo.inversion.architectures import DecoderParts
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """``(attention_mask.cumsum(-1) - 1).clamp(min=0)``: exact positions for left- or right-padded rows."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def effective_scored_mask(attention_mask: Tensor, token_mask: Tensor) -> Tensor:
+    """Scored token positions ``[B, T]`` bool: ``token_mask`` AND ``j >= 1`` AND tokens ``j-1``, ``j`` real.
+
+    A token whose predecessor is padding has no real prediction to score, so it is dropped (NaN output).
+    """
+    if token_mask.shape != attention_mask.shape:
+        raise ValueError(f"token_mask {tuple(token_mask.shape)} must match attention_mask {tuple(attention_mask.shape)}")
+    real = attention_mask.bool()
+    mask = token_mask.bool() & real
+    mask[:, 0] = False
+    mask[:, 1:] &= real[:, :-1]
+    return mask
+
+
+@dataclass
+class ScoringBatch:
+    """A batch plus the flat index of its ``N`` scored tokens (``rows[n]``, token ``cols[n]``)."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    mask: Tensor
+    rows: Tensor
+    cols: Tensor
+
+    @classmethod
+    def build(cls, input_ids: Tensor, attention_mask: Tensor | None, token_mask: Tensor) -> ScoringBatch:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        mask = effective_scored_mask(attention_mask.to(input_ids.device), token_mask.to(input_ids.device))
+        rows, cols = mask.nonzero(as_tuple=True)
+        return cls(input_ids, attention_mask.to(input_ids.device), mask, rows, cols)
+
+    @property
+    def num_scored(self) -> int:
+        return int(self.rows.numel())
+
+    def scatter(self, values: Tensor) -> Tensor:
+        """Place per-token values ``[N]`` into a ``[B, T]`` fp32 tensor, NaN at unscored positions."""
+        out = torch.full(self.mask.shape, float("nan"), dtype=torch.float32, device=self.mask.device)
+        out[self.rows, self.cols] = values.to(out.device, torch.float32)
+        return out
+
+
+def forward_hidden_and_z(parts: DecoderParts, batch: ScoringBatch) -> tuple[Tensor, Tensor]:
+    """Final-normed hidden states ``[B, T, d]`` and the raw logits ``z [N]`` (fp32) of the scored tokens."""
+    out = parts.base(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=position_ids_from_mask(batch.attention_mask),
+        use_cache=False,
+    )
+    hidden = out.last_hidden_state
+    targets = batch.input_ids[batch.rows, batch.cols]
+    h = hidden[batch.rows, batch.cols - 1].float()
+    z = (h * parts.unembed.weight[targets].float()).sum(-1)
+    if parts.unembed.bias is not None:
+        z = z + parts.unembed.bias[targets].float()
+    return hidden, z
+
+
+@contextmanager
+def scoring_mode(model: nn.Module, grad_params: Iterable[nn.Parameter]) -> Iterator[None]:
+    """Eval mode, grad enabled, ``requires_grad`` ONLY on ``grad_params``; everything restored on exit.
+
+    Turning ``requires_grad`` off elsewhere makes the autograd graph start at the first selected weight (a
+    last-layer score never stores activations of earlier layers) and lets frozen models be scored. No
+    ``.grad`` is ever written: the methods use ``torch.autograd.grad``.
+    """
+    was_training = model.training
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    wanted = {id(p) for p in grad_params}
+    try:
+        model.eval()
+        for p in params:
+            p.requires_grad_(id(p) in wanted)
+        with torch.enable_grad():
+            yield
+    finally:
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def matrix_measure(grad: Tensor, measure: str) -> Tensor:
+    """Norm of (a batch of) gradient matrices ``[..., m, n]`` -> ``[...]`` fp32."""
+    g = grad.float()
+    if measure == "nuclear":
+        return torch.linalg.matrix_norm(g, ord="nuc")
+    if measure == "frobenius":
+        return torch.linalg.matrix_norm(g, ord="fro")
+    if measure == "l1":
+        return g.abs().sum((-2, -1))
+    raise ValueError(f"unknown measure {measure!r}")
+
+
+def rank1_measure(delta: Tensor, act: Tensor, measure: str) -> Tensor:
+    """Norm of the outer products ``delta_n act_n^T`` without forming them.
+
+    A rank-1 matrix has one singular value ``|delta| |act|``, so nuclear = Frobenius = that product, and
+    ``sum |delta_i act_k| = |delta|_1 |act|_1``.
+    """
+    d, a = delta.float(), act.float()
+    if measure in ("nuclear", "frobenius"):
+        return d.norm(dim=-1) * a.norm(dim=-1)
+    if measure == "l1":
+        return d.abs().sum(-1) * a.abs().sum(-1)
+    raise ValueError(f"unknown measure {measure!r}")
+
+
+def max_relative_error(values: Tensor, reference: Tensor, floor: float = 1e-2) -> float:
+    """Max over finite entries of ``|values - ref| / max(|ref|, floor * max|ref|)``.
+
+    The floor guards tokens whose exact value is 0 (e.g. q/k gradients at a sequence's first real position,
+    where the attention row has a single key and the softmax Jacobian vanishes): there the reference holds
+    only rounding noise and a pure relative error is meaningless.
+    """
+    fin = torch.isfinite(reference)
+    if not torch.equal(fin, torch.isfinite(values)):
+        raise ValueError("values and reference are finite at different positions")
+    if not fin.any():
+        return 0.0
+    ref, val = reference[fin].double(), values[fin].double()
+    denom = ref.abs().clamp(min=floor * ref.abs().max().item())
+    return ((val - ref).abs() / denom.clamp(min=torch.finfo(torch.float64).tiny)).max().item()

@@ -1,0 +1,325 @@
+"""CorrPOModule: one LightningModule that runs SFT, then GRPO-family RL, with manual optimisation.
+
+Phases come from the data: batch ``i`` of the train loader is an SFT batch while ``i < sft.steps`` and a
+batch of RL prompts after (see :class:`corrpo.data.datamodule.ReasoningDataModule`). So either phase may be
+empty (SFT-only, RL-zero), a phase boundary is a batch index, and every step is reproducible from its index.
+
+- SFT step: mean NLL over completion tokens (prompt tokens are context, not targets).
+- RL step: rollout (G samples per prompt) -> rewards -> group advantages -> ``num_iterations`` updates of
+  the clipped surrogate (+ optional k3 KL to a frozen reference). The math lives in
+  :mod:`corrpo.objectives`; this file only wires it.
+
+Manual optimisation because an RL step is not one forward/backward: it generates, scores and then may
+update several times on the same rollouts. Two optimizers (SFT, RL) so RL starts with fresh moments.
+A non-finite loss or gradient skips the update (counted in ``skipped_updates``, warned): weights never
+become NaN.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from corrpo.batching import encode_prompts, encode_sft_batch, position_ids_from_mask
+from corrpo.config import RLConfig, SFTConfig
+from corrpo.inversion.entropy import token_entropy_bits
+from corrpo.models import TinyArchitecture, export_policy, load_policy
+from corrpo.objectives import (
+    clipped_policy_loss,
+    group_advantages,
+    masked_mean,
+    token_log_probs,
+    zero_std_fraction,
+)
+from corrpo.rewards import resolve_reward
+from corrpo.rewards.accuracy import accuracy_reward
+from corrpo.rewards.combine import score_completions
+from corrpo.rollout import Generator, HFGenerator, Rollout
+from corrpo.run_dir import run_dir
+from corrpo.schedule import warmup_cosine_lr
+
+
+class CorrPOModule(L.LightningModule):
+    """SFT then GRPO-family RL on a Hugging Face causal LM.
+
+    Args:
+        policy: ``tiny-qwen2`` / ``tiny-llama`` (built offline), a local folder, or a Hugging Face name.
+        tiny: size of the tiny model (ignored for real models).
+        dtype: parameter dtype (``float32``, ``bfloat16``); use Trainer ``precision`` for mixed precision.
+        attn_implementation: attention kernel for real models (``sdpa``, ``eager``, ``flash_attention_2``).
+        sft: phase-1 arguments.
+        rl: phase-2 arguments.
+        use_chat_template: wrap prompts with the tokenizer's chat template.
+        eval_batch_size: prompts per greedy generate call when measuring test accuracy.
+        seed: seed of the tiny model's initial weights.
+    """
+
+    def __init__(
+        self,
+        policy: str = "tiny-qwen2",
+        tiny: TinyArchitecture = TinyArchitecture(),
+        dtype: str = "float32",
+        attn_implementation: str | None = None,
+        sft: SFTConfig = SFTConfig(),
+        rl: RLConfig = RLConfig(),
+        use_chat_template: bool = False,
+        eval_batch_size: int = 64,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.sft = sft
+        self.rl = rl
+        self.use_chat_template = use_chat_template
+        self.eval_batch_size = eval_batch_size
+        self.policy, self.tokenizer = load_policy(policy, tiny, dtype, attn_implementation, seed)
+        self.reward_fns = {name.rsplit(":", 1)[-1].rsplit(".", 1)[-1]: resolve_reward(name) for name in self.rl.rewards}
+        self.reward_weights = self.rl.reward_weights or [1.0] * len(self.reward_fns)
+        self.generator: Generator = HFGenerator()
+        # The KL reference is the policy as RL starts (refreshed at the boundary); a submodule so that it
+        # moves with the module and is saved in checkpoints.
+        self.ref_policy = None
+        if self.rl.beta > 0:
+            self.ref_policy, _ = load_policy(policy, tiny, dtype, attn_implementation, seed)
+            self.ref_policy.requires_grad_(False).eval()
+        self.skipped_updates = 0
+        self.eval_history: list[dict] = []
+
+    # ----------------------------------------------------------------------------------------- phases
+    def phase_at(self, batch_idx: int) -> str:
+        """``sft`` for the first ``sft.steps`` batches, ``rl`` after."""
+        return "sft" if batch_idx < self.sft.steps else "rl"
+
+    @property
+    def total_steps(self) -> int:
+        return self.sft.steps + self.rl.steps
+
+    def configure_optimizers(self):
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        sft_opt = torch.optim.AdamW(params, lr=self.sft.lr, weight_decay=self.sft.weight_decay)
+        rl_opt = torch.optim.AdamW(params, lr=self.rl.lr, weight_decay=self.rl.weight_decay)
+        return [sft_opt, rl_opt]
+
+    def on_train_start(self) -> None:
+        self.evaluate_and_log("start")
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        if batch["phase"] == "rl" and batch["step"] == self.sft.steps:
+            if self.sft.steps > 0:
+                self.evaluate_and_log("sft_end")
+            if self.ref_policy is not None:
+                self.ref_policy.load_state_dict(self.policy.state_dict())
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        self.log("phase", float(batch["phase"] == "rl"), prog_bar=True, on_step=True, batch_size=1)
+        if batch["phase"] == "sft":
+            self._sft_step(batch)
+        else:
+            self._rl_step(batch)
+
+    def on_train_end(self) -> None:
+        self.evaluate_and_log("end")
+        if self.trainer.is_global_zero:
+            folder = export_policy(self.policy, self.tokenizer, run_dir(self.trainer) / "policy")
+            results = {"test_accuracy": self.eval_history, "skipped_updates": self.skipped_updates}
+            (run_dir(self.trainer) / "results.json").write_text(json.dumps(results, indent=2))
+            rank_zero_info(f"[corrpo] policy exported to {folder}")
+
+    # -------------------------------------------------------------------------------------- updates
+    def _lr_at(self, config: SFTConfig | RLConfig, step: int) -> float:
+        total = self.sft.steps if config is self.sft else self.rl.steps * self.rl.num_iterations
+        return warmup_cosine_lr(config.lr, step, total, config.warmup_steps, config.min_lr_ratio)
+
+    def _apply_update(self, loss: torch.Tensor, optimizer, config: SFTConfig | RLConfig, step: int) -> bool:
+        """Backward, clip, step; skip (and count) when the loss or the gradient norm is not finite."""
+        if not torch.isfinite(loss):
+            self._skip(f"non-finite loss {loss.item()}")
+            return False
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        params = [p for p in self.policy.parameters() if p.grad is not None]
+        max_norm = config.max_grad_norm if config.max_grad_norm > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if not torch.isfinite(grad_norm):
+            optimizer.zero_grad(set_to_none=True)
+            self._skip(f"non-finite gradient norm {grad_norm.item()}")
+            return False
+        for group in optimizer.param_groups:
+            group["lr"] = self._lr_at(config, step)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.log("grad_norm", grad_norm, on_step=True, batch_size=1)
+        self.log("lr", optimizer.param_groups[0]["lr"], on_step=True, batch_size=1)
+        return True
+
+    def _skip(self, why: str) -> None:
+        self.skipped_updates += 1
+        warnings.warn(f"update skipped at global step {self.global_step}: {why}", stacklevel=3)
+        self.log("skipped_updates", float(self.skipped_updates), on_step=True, batch_size=1)
+
+    def _forward_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, model=None) -> torch.Tensor:
+        model = model if model is not None else self.policy
+        position_ids = position_ids_from_mask(attention_mask)
+        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+
+    def _sft_step(self, batch: dict) -> None:
+        enc = encode_sft_batch(
+            self.tokenizer, batch["prompt"], batch["completion"], self.sft.max_length, self.use_chat_template
+        )
+        enc = {k: v.to(self.device) for k, v in enc.items()}
+        logits = self._forward_logits(enc["input_ids"], enc["attention_mask"])
+        targets = enc["input_ids"][:, 1:]
+        mask = enc["loss_mask"][:, 1:]
+        nll = -token_log_probs(logits[:, :-1], targets)
+        loss = masked_mean(nll, mask)
+        sft_opt, _ = self.optimizers()
+        self._apply_update(loss, sft_opt, self.sft, batch["step"])
+        self.log("loss", loss.detach(), prog_bar=True, on_step=True, batch_size=1)
+
+    # ----------------------------------------------------------------------------------------- RL
+    def generate_rollout(self, prompts: list[str], num_generations: int, greedy: bool = False) -> Rollout:
+        enc = encode_prompts(self.tokenizer, prompts, self.rl.max_prompt_length, self.use_chat_template)
+        return self.generator.generate(
+            self.policy,
+            enc["input_ids"].to(self.device),
+            enc["attention_mask"].to(self.device),
+            num_generations,
+            self.rl.sampling,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+            greedy=greedy,
+        )
+
+    def decode_completions(self, rollout: Rollout) -> list[str]:
+        ids = rollout.completion_ids.masked_fill(~rollout.completion_mask, self.tokenizer.pad_token_id)
+        return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+    def _completion_log_probs(self, rollout: Rollout, model=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs ``[N, L]`` of the completion tokens and the logits that produced them."""
+        logits = self._forward_logits(rollout.sequences, rollout.attention_mask, model)
+        logits = logits[:, rollout.prompt_length - 1 : -1]
+        return token_log_probs(logits, rollout.completion_ids), logits
+
+    def _rl_step(self, batch: dict) -> None:
+        G = self.rl.num_generations
+        timings = {}
+        t0 = time.perf_counter()
+        rollout = self.generate_rollout(batch["prompt"], G)
+        timings["generate"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        completions = self.decode_completions(rollout)
+        prompts = [p for p in batch["prompt"] for _ in range(G)]
+        answers = [a for a in batch["answer"] for _ in range(G)]
+        scores = score_completions(self.reward_fns, self.reward_weights, prompts, completions, answers)
+        rewards = scores.total.to(self.device)
+        advantages = group_advantages(rewards, G, self.rl.scale_rewards)
+        timings["score"] = time.perf_counter() - t0
+
+        loss_mask = rollout.completion_mask
+        if self.rl.mask_truncated_completions:
+            loss_mask = loss_mask & ~rollout.truncated.unsqueeze(1)
+        old_log_probs = ref_log_probs = None
+        with torch.no_grad():
+            if self.rl.num_iterations > 1:
+                old_log_probs, _ = self._completion_log_probs(rollout)
+            if self.ref_policy is not None:
+                ref_log_probs, _ = self._completion_log_probs(rollout, self.ref_policy)
+
+        t0 = time.perf_counter()
+        _, rl_opt = self.optimizers()
+        for iteration in range(self.rl.num_iterations):
+            log_probs, logits = self._completion_log_probs(rollout)
+            out = clipped_policy_loss(
+                log_probs,
+                old_log_probs if old_log_probs is not None else log_probs.detach(),
+                advantages,
+                loss_mask,
+                self.rl.epsilon_low,
+                self.rl.epsilon_high,
+                self.rl.loss_type,
+                self.rl.sampling.max_new_tokens,
+                ref_log_probs,
+                self.rl.beta,
+            )
+            if iteration == 0:
+                with torch.no_grad():
+                    entropy = masked_mean(token_entropy_bits(logits, rollout.completion_mask), rollout.completion_mask)
+            rl_step = (batch["step"] - self.sft.steps) * self.rl.num_iterations + iteration
+            self._apply_update(out.loss, rl_opt, self.rl, rl_step)
+        timings["update"] = time.perf_counter() - t0
+
+        self._log_rl(batch, rewards, scores, rollout, out, entropy, timings)
+
+    def _log_rl(self, batch, rewards, scores, rollout, out, entropy, timings) -> None:
+        lengths = rollout.completion_mask.sum(dim=1).float()
+        metrics = {
+            "loss": out.loss.detach(),
+            "reward": rewards.mean(),
+            "reward_std": rewards.view(-1, self.rl.num_generations).std(dim=1).mean()
+            if self.rl.num_generations > 1
+            else torch.zeros(()),
+            "frac_reward_zero_std": zero_std_fraction(rewards, self.rl.num_generations),
+            "entropy": entropy,
+            "kl": out.kl,
+            "clip_ratio/low_mean": out.clip_low,
+            "clip_ratio/high_mean": out.clip_high,
+            "completions/mean_length": lengths.mean(),
+            "completions/clipped_ratio": rollout.truncated.float().mean(),
+        }
+        for name, values in scores.per_function.items():
+            metrics[f"rewards/{name}/mean"] = torch.nanmean(values) if (~values.isnan()).any() else torch.zeros(())
+            if scores.n_failed.get(name):
+                metrics[f"rewards/{name}/failed"] = float(scores.n_failed[name])
+        metrics.update({f"time/{k}": v for k, v in timings.items()})
+        for key, value in metrics.items():
+            self.log(key, value, on_step=True, prog_bar=key in ("reward", "loss"), batch_size=1)
+
+    # ------------------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def test_accuracy(self, records: list[dict]) -> float:
+        """Greedy-decoding accuracy (math-verify) on held-out prompts; unscorable golds are excluded."""
+        scores = []
+        for i in range(0, len(records), self.eval_batch_size):
+            chunk = records[i : i + self.eval_batch_size]
+            rollout = self.generate_rollout([r["prompt"] for r in chunk], 1, greedy=True)
+            completions = self.decode_completions(rollout)
+            values = accuracy_reward([r["prompt"] for r in chunk], completions, answer=[r["answer"] for r in chunk])
+            scores.extend(v for v in values if v is not None)
+        return sum(scores) / max(len(scores), 1)
+
+    def evaluate_and_log(self, when: str) -> float | None:
+        """Measure test accuracy now, log it as ``eval/test_accuracy`` and keep it for ``results.json``."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "test_records"):
+            return None
+        accuracy = self.test_accuracy(datamodule.test_records())
+        self.eval_history.append({"when": when, "step": self.global_step, "accuracy": accuracy})
+        for logger in self.trainer.loggers:
+            logger.log_metrics({"eval/test_accuracy": accuracy}, step=self.global_step)
+        rank_zero_info(f"[corrpo] test accuracy at {when} (step {self.global_step}): {accuracy:.3f}")
+        return accuracy
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        records = [{"prompt": p, "answer": a} for p, a in zip(batch["prompt"], batch["answer"], strict=True)]
+        self.log("val/accuracy", self.test_accuracy(records), batch_size=len(records))
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        records = [{"prompt": p, "answer": a} for p, a in zip(batch["prompt"], batch["answer"], strict=True)]
+        self.log("test/accuracy", self.test_accuracy(records), batch_size=len(records))
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["corrpo"] = {"skipped_updates": self.skipped_updates, "eval_history": self.eval_history}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("corrpo", {})
+        self.skipped_updates = state.get("skipped_updates", 0)
+        self.eval_history = state.get("eval_history", [])

@@ -1,0 +1,162 @@
+"""GRPO-family objective: group advantages, per-token log-probs, the clipped surrogate, KL, aggregation.
+
+Plain tensor functions, one implementation each, called by the module, the benchmarks and the tests.
+
+Notation (TRL's): a batch holds ``B`` prompts x ``G`` completions each, flattened to ``N = B * G`` rows in
+prompt-major order (rows ``g*G .. g*G+G-1`` are the completions of prompt ``g``). ``mask [N, L]`` marks the
+completion tokens that count in the loss.
+
+What this is and is not: the PPO-style clipped surrogate on group-normalised advantages (no value model,
+no GAE), as in DeepSeekMath's GRPO, with the DAPO asymmetric clip (``epsilon_high``), three loss
+aggregations (``grpo``, ``dr_grpo``, ``dapo``) and an optional k3 KL penalty to a frozen reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+LossType = Literal["grpo", "dr_grpo", "dapo"]
+RewardScale = Literal["group", "batch", "none"]
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
+REWARD_SCALES = ("group", "batch", "none")
+
+
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, scale: RewardScale = "group", eps: float = 1e-4
+) -> torch.Tensor:
+    """Group-relative advantages ``A_i = (r_i - mean_group(r)) / (std + eps)``.
+
+    ``scale="group"`` divides by the (unbiased) std of the prompt's own group (GRPO), ``"batch"`` by the
+    std of all rewards in the batch (more robust for small groups), ``"none"`` does not divide (Dr. GRPO).
+    A group whose rewards are all equal gets advantage exactly 0 (the numerator is 0): it carries no
+    learning signal, which is why ``frac_reward_zero_std`` is logged.
+
+    Args:
+        rewards: ``[N]`` total reward per completion, ``N`` divisible by ``group_size``.
+        group_size: ``G``, completions per prompt.
+    Returns:
+        ``[N]`` advantages, same dtype as ``rewards``.
+    """
+    if rewards.ndim != 1 or rewards.numel() % group_size != 0:
+        raise ValueError(f"rewards of shape {tuple(rewards.shape)} is not a flat multiple of G={group_size}")
+    if scale not in REWARD_SCALES:
+        raise ValueError(f"scale_rewards must be one of {REWARD_SCALES}, got {scale!r}")
+    if not torch.isfinite(rewards).all():
+        raise ValueError("rewards contain NaN or inf; score unscorable samples as 0 before calling")
+    grouped = rewards.view(-1, group_size)
+    centred = (grouped - grouped.mean(dim=1, keepdim=True)).view(-1)
+    if scale == "none":
+        return centred
+    if scale == "group":
+        std = grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(grouped[:, :1])
+        std = std.expand_as(grouped).reshape(-1)
+    else:
+        std = rewards.std() if rewards.numel() > 1 else torch.zeros_like(rewards[0])
+    # A zero-variance group has a zero numerator: define its advantage as exactly 0 even when eps = 0.
+    return torch.where(centred == 0, torch.zeros_like(centred), centred / (std + eps))
+
+
+def zero_std_fraction(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Fraction of groups whose rewards are all equal (TRL's ``frac_reward_zero_std``)."""
+    grouped = rewards.view(-1, group_size)
+    return (grouped.max(dim=1).values == grouped.min(dim=1).values).float().mean()
+
+
+def token_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``log p(targets[t] | logits[t])`` per position, in fp32: ``[N, L, V], [N, L] -> [N, L]``."""
+    return torch.gather(F.log_softmax(logits.float(), dim=-1), -1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def kl_k3(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimator of KL(pi || pi_ref) per token: ``exp(d) - d - 1`` with ``d = ref - logp``.
+
+    Unbiased for the KL under samples from ``pi``, always >= 0, and low variance; the estimator TRL and
+    DeepSeekMath use.
+    """
+    delta = ref_log_probs - log_probs
+    return torch.exp(delta) - delta - 1.0
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` over ``mask``; 0 when the mask is empty (never NaN)."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def aggregate_token_loss(
+    per_token: torch.Tensor, mask: torch.Tensor, loss_type: LossType, max_completion_length: int
+) -> torch.Tensor:
+    """Reduce a per-token loss ``[N, L]`` to a scalar.
+
+    - ``grpo``: mean over each sequence's tokens, then mean over sequences (long answers weigh less per
+      token: the length bias Dr. GRPO points out).
+    - ``dr_grpo``: sum over all tokens / (N * max_completion_length): a constant normaliser, no length bias.
+    - ``dapo``: sum over all tokens / number of tokens (token-level mean across the batch).
+    """
+    mask = mask.to(per_token.dtype)
+    masked = per_token * mask
+    if loss_type == "grpo":
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    if loss_type == "dr_grpo":
+        return masked.sum() / (per_token.shape[0] * max_completion_length)
+    if loss_type == "dapo":
+        return masked.sum() / mask.sum().clamp(min=1.0)
+    raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+
+
+@dataclass
+class PolicyLossOutput:
+    """The scalar loss and the statistics TRL logs for it (all detached except ``loss``)."""
+
+    loss: torch.Tensor
+    kl: torch.Tensor
+    clip_low: torch.Tensor
+    clip_high: torch.Tensor
+
+
+def clipped_policy_loss(
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    loss_type: LossType = "dapo",
+    max_completion_length: int | None = None,
+    ref_log_probs: torch.Tensor | None = None,
+    beta: float = 0.0,
+) -> PolicyLossOutput:
+    """The clipped surrogate, per token, aggregated.
+
+    ``ratio = exp(logp - logp_old)``; per token
+    ``loss_t = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A) + beta * KL_k3``.
+    ``A`` is the sequence's advantage broadcast over its tokens. With one update per rollout batch
+    ``logp_old = logp.detach()`` and the ratio is 1, so the gradient is the plain policy gradient.
+
+    Clip statistics follow TRL: a token is low-clipped when ``ratio < 1 - eps_low`` and ``A < 0`` (the
+    clip is what stops the gradient), high-clipped when ``ratio > 1 + eps_high`` and ``A > 0``.
+    """
+    if beta > 0 and ref_log_probs is None:
+        raise ValueError("beta > 0 needs ref_log_probs")
+    adv = advantages.unsqueeze(-1).to(log_probs.dtype)
+    ratio = torch.exp(log_probs - old_log_probs)
+    clipped = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
+    per_token = -torch.minimum(ratio * adv, clipped * adv)
+    kl = torch.zeros((), device=log_probs.device)
+    if ref_log_probs is not None:
+        kl_tok = kl_k3(log_probs, ref_log_probs)
+        kl = masked_mean(kl_tok.detach(), mask)
+        if beta > 0:
+            per_token = per_token + beta * kl_tok
+    length = max_completion_length if max_completion_length is not None else mask.shape[-1]
+    loss = aggregate_token_loss(per_token, mask, loss_type, length)
+    with torch.no_grad():
+        low = (ratio < 1.0 - epsilon_low) & (adv < 0)
+        high = (ratio > 1.0 + epsilon_high) & (adv > 0)
+        clip_low = masked_mean(low.float(), mask)
+        clip_high = masked_mean(high.float(), mask)
+    return PolicyLossOutput(loss=loss, kl=kl, clip_low=clip_low, clip_high=clip_high)

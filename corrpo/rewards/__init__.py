@@ -1,0 +1,54 @@
+"""Reward functions with TRL's signature and a registry to name them from a config.
+
+Every reward is ``fn(prompts: list[str], completions: list[str], answer: list[str], **kwargs) ->
+list[float | None]``, with ``None`` where a sample cannot be scored (e.g. an unparseable gold answer).
+Configs name a reward by registry name (``accuracy``, ``format``) or by import path
+(``package.module:function`` or ``package.module.function``), so user rewards need no registration.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+from corrpo.rewards.accuracy import accuracy_reward
+from corrpo.rewards.answer import extract_answer
+from corrpo.rewards.format import format_reward
+
+RewardFn = Callable[..., list]
+
+REWARD_REGISTRY: dict[str, RewardFn] = {"accuracy": accuracy_reward, "format": format_reward}
+
+
+def resolve_reward(name: str) -> RewardFn:
+    """The reward a config names: a registry name, ``pkg.module:function`` or ``pkg.module.function``.
+
+    Raises:
+        ValueError: neither registered nor an importable callable (the message lists the registry).
+    """
+    if name in REWARD_REGISTRY:
+        return REWARD_REGISTRY[name]
+    known = f"registered rewards: {sorted(REWARD_REGISTRY)}, or an import path 'package.module:function'"
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+    elif "." in name:
+        module_name, _, attr = name.rpartition(".")
+    else:
+        raise ValueError(f"unknown reward {name!r}; {known}")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"cannot import reward {name!r} ({err}); {known}") from err
+    if not callable(fn):
+        raise ValueError(f"reward {name!r} is not callable; {known}")
+    return fn
+
+
+__all__ = [
+    "REWARD_REGISTRY",
+    "RewardFn",
+    "accuracy_reward",
+    "extract_answer",
+    "format_reward",
+    "resolve_reward",
+]

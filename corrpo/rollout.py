@@ -1,0 +1,121 @@
+"""Rollouts: G sampled completions per prompt, as tensors the objective can score.
+
+The module depends only on :class:`Generator`; :class:`HFGenerator` (Hugging Face ``generate``) always
+works. Throughput note: HF ``generate`` is Python-overhead bound (about 31 decode steps/s for a 0.5B model
+on an H200, see docs/performance.md); it is the honest default, not a fast one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from transformers import PreTrainedModel
+
+from corrpo.batching import completion_mask
+
+
+@dataclass
+class SamplingConfig:
+    """How completions are sampled during RL."""
+
+    temperature: float = 1.0
+    """Softmax temperature; must be > 0 (greedy decoding is only used for evaluation)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass."""
+    max_new_tokens: int = 64
+    """Completion length cap; completions that hit it are 'truncated'."""
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError("rl.sampling.temperature must be > 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("rl.sampling.top_p must be in (0, 1]")
+        if self.max_new_tokens < 1:
+            raise ValueError("rl.sampling.max_new_tokens must be >= 1")
+
+
+@dataclass
+class Rollout:
+    """``N = B * G`` sequences, prompt-major (row ``b * G + g`` is prompt ``b``'s ``g``-th sample)."""
+
+    sequences: torch.Tensor
+    """``[N, P + L]`` left-padded prompt then completion (padded after eos)."""
+    attention_mask: torch.Tensor
+    """``[N, P + L]`` 1 on prompt tokens and on completion tokens up to the first eos."""
+    completion_mask: torch.Tensor
+    """``[N, L]`` bool, the completion tokens that count."""
+    truncated: torch.Tensor
+    """``[N]`` bool, the completion hit ``max_new_tokens`` without an eos."""
+    prompt_length: int
+    """``P``, the padded prompt width: completions start at this column."""
+
+    @property
+    def completion_ids(self) -> torch.Tensor:
+        return self.sequences[:, self.prompt_length :]
+
+
+class Generator(Protocol):
+    """Anything that samples ``G`` completions per prompt from the current policy."""
+
+    def generate(
+        self,
+        model: PreTrainedModel,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        num_generations: int,
+        sampling: SamplingConfig,
+        eos_token_id: int,
+        pad_token_id: int,
+        greedy: bool = False,
+    ) -> Rollout: ...
+
+
+class HFGenerator:
+    """Sampling with ``model.generate`` in eval mode under ``no_grad`` (restores the training mode)."""
+
+    def generate(
+        self,
+        model: PreTrainedModel,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        num_generations: int,
+        sampling: SamplingConfig,
+        eos_token_id: int,
+        pad_token_id: int,
+        greedy: bool = False,
+    ) -> Rollout:
+        ids = prompt_ids.repeat_interleave(num_generations, dim=0)
+        mask = prompt_mask.repeat_interleave(num_generations, dim=0)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                kwargs = dict(do_sample=False) if greedy else dict(
+                    do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0
+                )
+                out = model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=sampling.max_new_tokens,
+                    eos_token_id=eos_token_id,
+                    pad_token_id=pad_token_id,
+                    **kwargs,
+                )
+        finally:
+            model.train(was_training)
+        return rollout_from_sequences(out, mask, eos_token_id, pad_token_id)
+
+
+def rollout_from_sequences(
+    sequences: torch.Tensor, prompt_mask: torch.Tensor, eos_token_id: int, pad_token_id: int
+) -> Rollout:
+    """Build a :class:`Rollout` from ``[prompt | completion]`` rows; tokens after the first eos become pad."""
+    prompt_length = prompt_mask.shape[1]
+    completion = sequences[:, prompt_length:]
+    comp_mask, truncated = completion_mask(completion, eos_token_id)
+    completion = torch.where(comp_mask, completion, torch.full_like(completion, pad_token_id))
+    sequences = torch.cat([sequences[:, :prompt_length], completion], dim=1)
+    attention_mask = torch.cat([prompt_mask, comp_mask.long()], dim=1)
+    return Rollout(sequences, attention_mask, comp_mask, truncated, prompt_length)

@@ -1,0 +1,69 @@
+"""Token entropy in bits: closed-form cases, a numpy reference, masking and the next-token alignment."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from corrpo.inversion.entropy import entropy_bits_from_logits, scored_token_entropy_bits, token_entropy_bits
+
+
+def test_uniform_logits_give_log2_vocab() -> None:
+    logits = torch.zeros(2, 5, 64)
+    ent = token_entropy_bits(logits, torch.ones(2, 5, dtype=torch.bool))
+    assert ent.dtype == torch.float32
+    torch.testing.assert_close(ent, torch.full((2, 5), math.log2(64)))
+
+
+def test_one_hot_logits_give_zero() -> None:
+    logits = torch.zeros(1, 3, 50)
+    logits[..., 7] = 100.0
+    ent = token_entropy_bits(logits, torch.ones(1, 3, dtype=torch.bool))
+    assert ent.abs().max().item() < 1e-6
+
+
+def test_matches_numpy_reference_and_masks() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 33) * 3
+    mask = torch.tensor([[1, 1, 0, 1, 0, 1], [0, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    ent = token_entropy_bits(logits, mask)
+    x = logits.double().numpy()
+    p = np.exp(x - x.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    ref = -(p * np.log2(p)).sum(-1)
+    np.testing.assert_allclose(ent.numpy()[mask.numpy()], ref[mask.numpy()], rtol=1e-5)
+    assert (ent[~mask] == 0).all()
+
+
+def test_bf16_logits_computed_in_fp32_and_sliced() -> None:
+    torch.manual_seed(1)
+    logits = torch.randn(2, 300, 40)
+    full = entropy_bits_from_logits(logits, slice_len=1000)
+    sliced = entropy_bits_from_logits(logits, slice_len=7)
+    torch.testing.assert_close(full, sliced)
+    low = entropy_bits_from_logits(logits.bfloat16())
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, full, atol=0.05, rtol=0.02)
+
+
+def test_scored_alignment_uses_previous_position_and_nan() -> None:
+    torch.manual_seed(2)
+    logits = torch.randn(2, 5, 16)
+    token_mask = torch.tensor([[1, 1, 0, 1, 1], [0, 0, 1, 1, 0]], dtype=torch.bool)
+    ent = scored_token_entropy_bits(logits, token_mask)
+    plain = token_entropy_bits(logits, torch.ones(2, 5, dtype=torch.bool))
+    assert torch.isnan(ent[:, 0]).all()  # position 0 is never scored
+    for b, j in zip(*token_mask.nonzero(as_tuple=True), strict=True):
+        if j >= 1:
+            assert ent[b, j].item() == pytest.approx(plain[b, j - 1].item())
+    expected = token_mask.clone()
+    expected[:, 0] = False
+    assert torch.equal(torch.isfinite(ent), expected)
+
+
+def test_shape_mismatch_raises() -> None:
+    with pytest.raises(ValueError, match="mask shape"):
+        token_entropy_bits(torch.zeros(2, 3, 4), torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="token_mask shape"):
+        scored_token_entropy_bits(torch.zeros(2, 3, 4), torch.ones(3, 3, dtype=torch.bool))

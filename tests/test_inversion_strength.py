@@ -1,0 +1,197 @@
+"""Per-token logit-gradient strengths: every fast method against the loop, the loop against brute force."""
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+
+from corrpo.inversion.architectures import decoder_parts, select_weights
+from corrpo.inversion.entropy import scored_token_entropy_bits
+from corrpo.inversion.strength import StrengthConfig, logit_grad_strength, score_tokens
+from corrpo.inversion.strength_common import (
+    ScoringBatch,
+    forward_hidden_and_z,
+    max_relative_error,
+    position_ids_from_mask,
+)
+
+VOCAB, T = 64, 12
+_SHAPE = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> object:
+    """Tiny models: intra-op threads only add OpenMP overhead (100x slower on a busy 2-core box)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _tiny(arch: str, attn: str = "sdpa") -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = (Qwen2Config if arch == "qwen2" else LlamaConfig)(**_SHAPE)
+    cfg._attn_implementation = attn
+    model = AutoModelForCausalLM.from_config(cfg).float().eval()
+    # non-trivial norms so a mix-up of the normed and raw inputs would show
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module", params=["qwen2", "llama"])
+def model(request: pytest.FixtureRequest) -> torch.nn.Module:
+    return _tiny(request.param)
+
+
+def _batch(padding: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, VOCAB, (2, T), generator=gen)
+    attn = torch.ones(2, T, dtype=torch.long)
+    if padding == "left":
+        attn[0, :4] = 0
+        attn[1, :1] = 0
+    else:
+        attn[0, -3:] = 0
+    token_mask = attn.bool().clone()
+    token_mask[1, 5] = False  # an unscored real token
+    return ids, attn, token_mask
+
+
+def _close(values: torch.Tensor, ref: torch.Tensor, tol: float = 1e-4) -> None:
+    err = max_relative_error(values, ref)
+    assert err <= tol, f"max relative error {err:.2e} > {tol:.0e}"
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+@pytest.mark.parametrize("measure", ["nuclear", "frobenius", "l1"])
+def test_fast_methods_match_loop_last_layer(model: torch.nn.Module, padding: str, measure: str) -> None:
+    ids, attn, token_mask = _batch(padding)
+    for proj in (("q",), ("k",), ("v",), ("o",), ("mlp",), ("q", "k", "v", "o")):
+        ref = logit_grad_strength(model, ids, attn, token_mask, StrengthConfig(measure, projections=proj, method="loop"))
+        assert ref.shape == ids.shape and ref.dtype == torch.float32
+        assert torch.isfinite(ref).sum() > 10
+        for method in ("onepass", "vmap"):
+            cfg = StrengthConfig(measure, projections=proj, method=method, chunk_size=5)
+            _close(logit_grad_strength(model, ids, attn, token_mask, cfg), ref)
+
+
+@pytest.mark.parametrize("layers", ["all", [0], [-2, -1]])
+def test_vmap_matches_loop_any_layers(model: torch.nn.Module, layers: object) -> None:
+    ids, attn, token_mask = _batch("left")
+    for measure in ("nuclear", "l1"):
+        kw = dict(measure=measure, layers=layers, projections=("q", "k", "v", "o", "mlp"))
+        ref = logit_grad_strength(model, ids, attn, token_mask, StrengthConfig(**kw, method="loop"))
+        got = logit_grad_strength(model, ids, attn, token_mask, StrengthConfig(**kw, method="vmap", chunk_size=7))
+        _close(got, ref)
+
+
+def test_unscored_positions_are_nan_and_predecessor_padding_dropped() -> None:
+    model = _tiny("qwen2")
+    ids, attn, token_mask = _batch("left")
+    s = logit_grad_strength(model, ids, attn, token_mask, StrengthConfig(projections=("o",)))
+    assert torch.isnan(s[:, 0]).all() and torch.isnan(s[1, 5])
+    assert torch.isnan(s[0, 4])  # first real token: its predecessor is padding
+    assert torch.isfinite(s[0, 5:]).all()
+
+
+def test_z_is_the_models_raw_logit(model: torch.nn.Module) -> None:
+    for padding in ("left", "right"):
+        ids, attn, token_mask = _batch(padding)
+        batch = ScoringBatch.build(ids, attn, token_mask)
+        with torch.no_grad():
+            _, z = forward_hidden_and_z(decoder_parts(model), batch)
+            logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids_from_mask(attn)).logits
+        ref = logits[batch.rows, batch.cols - 1, ids[batch.rows, batch.cols]]
+        torch.testing.assert_close(z, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_loop_matches_brute_force_backward(model: torch.nn.Module) -> None:
+    ids, attn, token_mask = _batch("left")
+    b, j = 0, 8
+    one = torch.zeros_like(token_mask)
+    one[b, j] = True
+    for layers, proj in (("last", ("q", "k", "v", "o")), ([0], ("v", "mlp"))):
+        cfg = StrengthConfig("nuclear", layers=layers, projections=proj, method="loop")
+        got = logit_grad_strength(model, ids, attn, one, cfg)[b, j].item()
+        fresh = copy.deepcopy(model)
+        logits = fresh(input_ids=ids, attention_mask=attn, position_ids=position_ids_from_mask(attn)).logits
+        logits[b, j - 1, ids[b, j]].backward()
+        norms = [torch.linalg.matrix_norm(p.grad, ord="nuc") for _, p in select_weights(fresh, layers, proj)]
+        assert got == pytest.approx(torch.stack(norms).mean().item(), rel=1e-5)
+
+
+def test_score_tokens_entropy_matches_logits(model: torch.nn.Module) -> None:
+    ids, attn, token_mask = _batch("right")
+    ent, s = score_tokens(model, ids, attn, token_mask, StrengthConfig(), slice_len=4)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids_from_mask(attn)).logits
+    ref = scored_token_entropy_bits(logits, ScoringBatch.build(ids, attn, token_mask).mask)
+    torch.testing.assert_close(ent, ref, equal_nan=True)
+    assert torch.equal(torch.isfinite(ent), torch.isfinite(s))
+
+
+def test_state_restored_no_grad_left_and_frozen_models_work() -> None:
+    model = _tiny("llama")
+    ids, attn, token_mask = _batch("left")
+    model.train()
+    model.model.layers[0].mlp.up_proj.weight.requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for method in ("loop", "onepass", "vmap"):
+        logit_grad_strength(model, ids, attn, token_mask, StrengthConfig(method=method))
+        assert model.training
+        assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+        assert all(p.grad is None for p in model.parameters())
+    frozen = _tiny("qwen2").requires_grad_(False)
+    ref = logit_grad_strength(frozen, ids, attn, token_mask, StrengthConfig(method="loop"))
+    _close(logit_grad_strength(frozen, ids, attn, token_mask, StrengthConfig(method="onepass")), ref)
+    assert not any(p.requires_grad for p in frozen.parameters())
+    with torch.no_grad():  # callers inside no_grad still get gradients
+        _close(logit_grad_strength(frozen, ids, attn, token_mask, StrengthConfig(method="vmap")), ref)
+
+
+def test_eager_attention_gives_same_result() -> None:
+    ids, attn, token_mask = _batch("left")
+    sdpa = logit_grad_strength(_tiny("qwen2"), ids, attn, token_mask, StrengthConfig(method="loop"))
+    eager = _tiny("qwen2", attn="eager")
+    _close(logit_grad_strength(eager, ids, attn, token_mask, StrengthConfig(method="onepass")), sdpa)
+    _close(logit_grad_strength(eager, ids, attn, token_mask, StrengthConfig(method="vmap")), sdpa)
+
+
+def test_unsupported_architecture_raises() -> None:
+    torch.manual_seed(0)
+    gpt2 = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2))
+    ids, attn, token_mask = _batch("left")
+    with pytest.raises(ValueError, match="GPT2LMHeadModel"):
+        logit_grad_strength(gpt2, ids, attn, token_mask, StrengthConfig(method="loop"))
+
+
+def test_config_errors() -> None:
+    with pytest.raises(ValueError, match="layers='all'"):
+        StrengthConfig(method="onepass", layers="all")
+    with pytest.raises(ValueError, match="unknown measure"):
+        StrengthConfig(measure="spectral")
+    with pytest.raises(ValueError, match="unknown method"):
+        StrengthConfig(method="magic")
+    with pytest.raises(ValueError, match="projections"):
+        StrengthConfig(projections=("q", "x"))
+    with pytest.raises(ValueError, match="layers"):
+        StrengthConfig(layers="first")
+    with pytest.raises(ValueError, match="chunk_size"):
+        StrengthConfig(chunk_size=0)
+    ids, attn, token_mask = _batch("left")
+    with pytest.raises(ValueError, match="last layer"):
+        logit_grad_strength(_tiny("qwen2"), ids, attn, token_mask, StrengthConfig(method="onepass", layers=[0]))
+    with pytest.raises(ValueError, match="out of range"):
+        logit_grad_strength(_tiny("qwen2"), ids, attn, token_mask, StrengthConfig(method="vmap", layers=[5]))

@@ -1,0 +1,115 @@
+"""Advantages, loss aggregations, clipping and the k3 KL against hand-computed values."""
+
+import math
+
+import pytest
+import torch
+
+from corrpo.objectives import (
+    aggregate_token_loss,
+    clipped_policy_loss,
+    group_advantages,
+    kl_k3,
+    token_log_probs,
+    zero_std_fraction,
+)
+
+
+def test_group_advantages_by_hand():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])
+    adv = group_advantages(rewards, group_size=4, scale="group", eps=0.0)
+    # group 1: mean 0.5, unbiased std = sqrt(4 * 0.25 / 3)
+    std = math.sqrt(1.0 / 3.0)
+    expected = torch.tensor([0.5 / std, -0.5 / std, -0.5 / std, 0.5 / std, 0.0, 0.0, 0.0, 0.0])
+    torch.testing.assert_close(adv, expected)
+
+
+def test_zero_variance_group_gives_zero_advantage_not_nan():
+    adv = group_advantages(torch.tensor([3.0, 3.0, 3.0]), group_size=3)
+    assert torch.equal(adv, torch.zeros(3))
+    assert zero_std_fraction(torch.tensor([3.0, 3.0, 1.0, 2.0]), 2).item() == 0.5
+
+
+def test_group_advantages_batch_and_none_scale():
+    rewards = torch.tensor([1.0, 3.0, 0.0, 0.0])
+    none = group_advantages(rewards, 2, scale="none")
+    torch.testing.assert_close(none, torch.tensor([-1.0, 1.0, 0.0, 0.0]))
+    batch = group_advantages(rewards, 2, scale="batch", eps=0.0)
+    torch.testing.assert_close(batch, none / rewards.std())
+
+
+def test_group_advantages_rejects_bad_input():
+    with pytest.raises(ValueError, match="multiple of G"):
+        group_advantages(torch.zeros(5), 2)
+    with pytest.raises(ValueError, match="NaN"):
+        group_advantages(torch.tensor([1.0, float("nan")]), 2)
+    with pytest.raises(ValueError, match="scale_rewards"):
+        group_advantages(torch.zeros(2), 2, scale="rank")
+
+
+def test_kl_k3_by_hand():
+    logp = torch.tensor([-1.0, -2.0])
+    ref = torch.tensor([-1.5, -2.0])
+    d = -0.5
+    torch.testing.assert_close(kl_k3(logp, ref), torch.tensor([math.exp(d) - d - 1, 0.0]))
+    assert (kl_k3(torch.randn(100), torch.randn(100)) >= 0).all()
+
+
+def test_token_log_probs_matches_log_softmax():
+    logits = torch.randn(2, 3, 5)
+    targets = torch.tensor([[0, 1, 4], [2, 2, 3]])
+    expected = torch.stack([logits[b, t].log_softmax(-1)[targets[b, t]] for b in range(2) for t in range(3)]).view(2, 3)
+    torch.testing.assert_close(token_log_probs(logits, targets), expected)
+
+
+PER_TOKEN = torch.tensor([[1.0, 2.0, 3.0, 0.0], [4.0, 0.0, 0.0, 0.0]])
+MASK = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
+
+
+@pytest.mark.parametrize(
+    ("loss_type", "expected"),
+    [
+        ("grpo", ((1 + 2 + 3) / 3 + 4 / 1) / 2),  # per-sequence mean, then mean
+        ("dapo", (1 + 2 + 3 + 4) / 4),  # token mean over the batch
+        ("dr_grpo", (1 + 2 + 3 + 4) / (2 * 8)),  # constant normaliser N * max_len
+    ],
+)
+def test_loss_aggregations_by_hand(loss_type, expected):
+    assert aggregate_token_loss(PER_TOKEN, MASK, loss_type, max_completion_length=8).item() == pytest.approx(expected)
+
+
+def test_unknown_loss_type():
+    with pytest.raises(ValueError, match="loss_type"):
+        aggregate_token_loss(PER_TOKEN, MASK, "ppo", 4)
+
+
+def test_clipped_surrogate_by_hand():
+    # one sequence, two tokens; ratios 1.5 and 0.5
+    old = torch.log(torch.tensor([[0.2, 0.4]]))
+    new = torch.log(torch.tensor([[0.3, 0.2]]))
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    pos = clipped_policy_loss(new, old, torch.tensor([1.0]), mask, 0.2, 0.2, loss_type="dapo")
+    # A>0: min(1.5, 1.2) = 1.2 ; min(0.5, 0.8) = 0.5 -> loss = -(1.2 + 0.5)/2
+    assert pos.loss.item() == pytest.approx(-(1.2 + 0.5) / 2)
+    assert pos.clip_high.item() == pytest.approx(0.5) and pos.clip_low.item() == 0.0
+    neg = clipped_policy_loss(new, old, torch.tensor([-1.0]), mask, 0.2, 0.28, loss_type="dapo")
+    # A<0: -min(-1.5, -1.28) = 1.5 ; -min(-0.5, -0.8) = 0.8
+    assert neg.loss.item() == pytest.approx((1.5 + 0.8) / 2)
+    assert neg.clip_low.item() == pytest.approx(0.5) and neg.clip_high.item() == 0.0
+
+
+def test_ratio_one_gives_policy_gradient_and_kl_term():
+    logits = torch.randn(2, 3, 7, requires_grad=True)
+    targets = torch.randint(0, 7, (2, 3))
+    logp = token_log_probs(logits, targets)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    adv = torch.tensor([1.0, -1.0])
+    out = clipped_policy_loss(logp, logp.detach(), adv, mask, loss_type="dapo")
+    assert out.loss.item() == pytest.approx(-(adv.unsqueeze(1).expand(2, 3)).mean().item())
+    ref = logp.detach() - 0.1
+    with_kl = clipped_policy_loss(logp, logp.detach(), adv, mask, loss_type="dapo", ref_log_probs=ref, beta=0.5)
+    expected_kl = math.exp(-0.1) + 0.1 - 1
+    assert with_kl.kl.item() == pytest.approx(expected_kl, rel=1e-4)
+    assert with_kl.loss.item() == pytest.approx(out.loss.item() + 0.5 * expected_kl, rel=1e-4)
+    with pytest.raises(ValueError, match="ref_log_probs"):
+        clipped_policy_loss(logp, logp, adv, mask, beta=0.1)
