@@ -1,8 +1,9 @@
 """Wall time and exactness of the gradient-strength methods (loop | vmap | onepass) vs sequence length.
 
-All methods score the SAME parameter set -- by default everything ``onepass`` covers: the last layer's q, k,
-v, o and MLP (gate/up/down) weights -- on one random sequence of length T with every token scored. The loop
-is the reference. It costs one backward (and, for the nuclear norm, one SVD per matrix) per token, so with
+All methods score the SAME parameter set -- by default the last layer's q, v, o and MLP (gate/up/down)
+weights; ``--projections q k v o mlp`` adds W_k, whose O(T^2 d) closed form costs more -- on one random
+sequence of length T with every token scored. The loop is the reference. It costs one backward (and, for
+the nuclear norm, one SVD per matrix) per token, so with
 ``--loop-max-tokens N`` it (and vmap) is run on N evenly spaced tokens only and its time is extrapolated
 linearly per token to all T-1 tokens (marked ``*``); errors are then checked on that subset.
 
@@ -114,12 +115,12 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="Qwen2-0.5B-shaped bf16 model on CUDA")
     parser.add_argument("--loop-max-tokens", type=int, default=None, help="time loop/vmap on N tokens, extrapolate")
     parser.add_argument("--measure", default="nuclear", choices=["nuclear", "frobenius", "l1"])
-    parser.add_argument("--projections", nargs="+", default=["q", "k", "v", "o", "mlp"])
+    parser.add_argument("--projections", nargs="+", default=["q", "v", "o", "mlp"], help="add k to include W_k")
     parser.add_argument("--chunk", type=int, default=64, help="chunk_size for vmap / onepass k,v blocks")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU (1: stable on a shared box)")
     args = parser.parse_args()
-    if args.threads:
+    if args.threads and not args.gpu:
         torch.set_num_threads(args.threads)
     if args.loop_max_tokens is None:
         args.loop_max_tokens = 128 if args.gpu else 96
@@ -129,10 +130,14 @@ def main() -> None:
     model = build_model(args.gpu)
     n_params = sum(p.numel() for p in model.parameters())
     where = torch.cuda.get_device_name() if args.gpu else f"CPU, {torch.get_num_threads()} threads"
-    print(f"model: random Qwen2, {n_params / 1e6:.1f}M params, {model.config.num_hidden_layers} layers, "
-          f"{next(model.parameters()).dtype}, {where}")
-    print(f"parameter set: last layer {args.projections}, measure={args.measure}; '*' = time extrapolated "
-          f"per token from {args.loop_max_tokens} evenly spaced tokens (errors checked on those tokens)")
+    print(
+        f"model: random Qwen2, {n_params / 1e6:.1f}M params, {model.config.num_hidden_layers} layers, "
+        f"{next(model.parameters()).dtype}, {where}"
+    )
+    print(
+        f"parameter set: last layer {args.projections}, measure={args.measure}; '*' = time extrapolated "
+        f"per token from {args.loop_max_tokens} evenly spaced tokens (errors checked on those tokens)"
+    )
     header = f"{'method':8} {'T':>5} {'tokens':>6} {'time_s':>10} {'vs_loop':>9} {'max_rel_err':>12}"
     print(header)
     print("-" * len(header))
@@ -141,8 +146,10 @@ def main() -> None:
         for row in run_length(model, seq_len, args, device):
             results.append(row)
             star = "*" if row["extrap"] else " "
-            print(f"{row['method']:8} {row['T']:>5} {row['tokens']:>6} {row['secs']:>9.3f}{star} "
-                  f"{row['speedup']:>8.1f}x {row['err']:>12.2e}")
+            print(
+                f"{row['method']:8} {row['T']:>5} {row['tokens']:>6} {row['secs']:>9.3f}{star} "
+                f"{row['speedup']:>8.1f}x {row['err']:>12.2e}"
+            )
     target = min(args.lengths, key=lambda t: abs(t - 256))
     one = next(r for r in results if r["method"] == "onepass" and r["T"] == target)
     print(f"RESULT onepass_speedup={one['speedup']:.1f} onepass_max_rel_err={one['err']:.2e}")

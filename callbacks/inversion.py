@@ -23,11 +23,11 @@ from dataclasses import asdict
 
 import lightning as L
 import torch
-from corrpo.inversion.metric import InversionStrength
-from corrpo.inversion.strength import StrengthConfig, score_tokens
 from lightning.pytorch.utilities import rank_zero_info
 
 from corrpo.batching import encode_sft_batch
+from corrpo.inversion.metric import InversionStrength
+from corrpo.inversion.strength import StrengthConfig, score_tokens
 from corrpo.run_dir import run_dir
 
 CSV_COLUMNS = ["step", "batches", "phase", "event", "source", "spearman", "pearson", "strength", "n_tokens"]
@@ -100,8 +100,10 @@ class InversionTracker(L.Callback):
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn == "validate":
             row = self.measure(trainer, pl_module, event="validate", batches=0)
-            print(f"inversion/spearman={row['spearman']:.4f} inversion/pearson={row['pearson']:.4f} "
-                  f"n_tokens={row['n_tokens']}")
+            print(
+                f"inversion/spearman={row['spearman']:.4f} inversion/pearson={row['pearson']:.4f} "
+                f"n_tokens={row['n_tokens']}"
+            )
 
     # -------------------------------------------------------------------------------------- measuring
     def _probe_batches(self, trainer, pl_module):

@@ -42,6 +42,23 @@ class CorrPOCLI(LightningCLI):
             if init_args is not None and "save_dir" in init_args and init_args.save_dir in (None, ".", ""):
                 init_args.save_dir = str(root)
 
+    def _finish_wandb(self) -> None:
+        """Close wandb runs so that a second run in the same process gets its own (tests, notebooks)."""
+        from lightning.pytorch.loggers import WandbLogger
+
+        for logger in self.trainer.loggers:
+            if isinstance(logger, WandbLogger) and logger._experiment is not None:
+                logger.experiment.finish()
+
+    def after_fit(self) -> None:
+        self._finish_wandb()
+
+    def after_validate(self) -> None:
+        self._finish_wandb()
+
+    def after_test(self) -> None:
+        self._finish_wandb()
+
 
 def _default_wandb_offline() -> None:
     if "WANDB_MODE" not in os.environ and not os.environ.get("WANDB_API_KEY"):

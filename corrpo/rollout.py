@@ -92,8 +92,10 @@ class HFGenerator:
         model.eval()
         try:
             with torch.no_grad():
-                kwargs = dict(do_sample=False) if greedy else dict(
-                    do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0
+                kwargs = (
+                    dict(do_sample=False)
+                    if greedy
+                    else dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
                 )
                 out = model.generate(
                     input_ids=ids,

@@ -7,3 +7,46 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A shrunken configs/tiny.yaml: both phases in a few steps, every tracker hook exercised.
+TINY_FAST_ARGS = [
+    "--model.tiny.hidden_size=32",
+    "--model.tiny.num_hidden_layers=2",
+    "--model.tiny.intermediate_size=64",
+    "--model.sft.steps=6",
+    "--model.sft.warmup_steps=0",
+    "--model.rl.steps=3",
+    "--model.rl.num_generations=4",
+    "--model.rl.sampling.max_new_tokens=24",
+    "--model.eval_batch_size=16",
+    "--data.sft_batch_size=8",
+    "--data.rl_batch_size=2",
+    "--data.n_test=16",
+    "--data.n_probe=8",
+    "--data.arithmetic.n_train=200",
+    "--trainer.callbacks.every_n_steps=2",
+    "--trainer.callbacks.batch_size=4",
+]
+
+
+def run_tiny(root: Path, *extra: str, subcommand: str = "fit"):
+    """Run ``corrpo <subcommand> --config configs/tiny.yaml`` shrunken, in-process; returns the CLI."""
+    from corrpo.cli import build_cli
+
+    args = [subcommand, "--config", str(REPO / "configs" / "tiny.yaml"), *TINY_FAST_ARGS]
+    args += [f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false", *extra]
+    return build_cli(args)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """The folder of one shrunken tiny run through both phases (shared by the tests that read a run)."""
+    root = tmp_path_factory.mktemp("tiny_run")
+    cli = run_tiny(root)
+    return Path(cli.trainer.default_root_dir)

@@ -137,9 +137,7 @@ def test_load_optional_fields(tmp_path):
     ],
 )
 def test_malformed_line_names_file_line_field(tmp_path, bad_line, field):
-    path = write_jsonl(
-        tmp_path / "bad.jsonl", [{"prompt": "a", "answer": "1"}, bad_line, {"prompt": "b", "answer": 2}]
-    )
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "answer": "1"}, bad_line, {"prompt": "b", "answer": 2}])
     with pytest.raises(RecordError) as info:
         load_records(str(path), "rl")
     assert isinstance(info.value, ValueError)

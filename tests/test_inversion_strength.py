@@ -79,7 +79,9 @@ def _close(values: torch.Tensor, ref: torch.Tensor, tol: float = 1e-4) -> None:
 def test_fast_methods_match_loop_last_layer(model: torch.nn.Module, padding: str, measure: str) -> None:
     ids, attn, token_mask = _batch(padding)
     for proj in (("q",), ("k",), ("v",), ("o",), ("mlp",), ("q", "k", "v", "o")):
-        ref = logit_grad_strength(model, ids, attn, token_mask, StrengthConfig(measure, projections=proj, method="loop"))
+        ref = logit_grad_strength(
+            model, ids, attn, token_mask, StrengthConfig(measure, projections=proj, method="loop")
+        )
         assert ref.shape == ids.shape and ref.dtype == torch.float32
         assert torch.isfinite(ref).sum() > 10
         for method in ("onepass", "vmap"):
@@ -104,6 +106,27 @@ def test_unscored_positions_are_nan_and_predecessor_padding_dropped() -> None:
     assert torch.isnan(s[:, 0]).all() and torch.isnan(s[1, 5])
     assert torch.isnan(s[0, 4])  # first real token: its predecessor is padding
     assert torch.isfinite(s[0, 5:]).all()
+
+
+def test_layer_list_and_empty_mask() -> None:
+    model = _tiny("llama")
+    ids, attn, token_mask = _batch("right")
+    last = logit_grad_strength(model, ids, attn, token_mask, StrengthConfig(method="onepass"))
+    listed = logit_grad_strength(model, ids, attn, token_mask, StrengthConfig(method="onepass", layers=[-1]))
+    torch.testing.assert_close(last, listed, equal_nan=True)
+    none = torch.zeros_like(token_mask)
+    for method in ("loop", "onepass", "vmap"):
+        ent, s = score_tokens(model, ids, attn, none, StrengthConfig(method=method))
+        assert torch.isnan(s).all() and torch.isnan(ent).all()
+
+
+def test_q_k_gradients_vanish_at_first_real_position() -> None:
+    """A single-key attention row has a zero softmax Jacobian, so dz/dW_q = dz/dW_k = 0 exactly there."""
+    model = _tiny("qwen2")
+    ids, attn, token_mask = _batch("right")
+    for proj in ("q", "k"):
+        s = logit_grad_strength(model, ids, attn, token_mask, StrengthConfig(projections=(proj,)))
+        assert s[:, 1].abs().max().item() < 1e-6 * s[:, 2:].nan_to_num().max().item()
 
 
 def test_z_is_the_models_raw_logit(model: torch.nn.Module) -> None:
@@ -159,6 +182,10 @@ def test_state_restored_no_grad_left_and_frozen_models_work() -> None:
     assert not any(p.requires_grad for p in frozen.parameters())
     with torch.no_grad():  # callers inside no_grad still get gradients
         _close(logit_grad_strength(frozen, ids, attn, token_mask, StrengthConfig(method="vmap")), ref)
+    with torch.inference_mode():  # ... and so do callers inside inference_mode (Lightning validation)
+        ids_inf, attn_inf, mask_inf = ids.clone(), attn.clone(), token_mask.clone()
+        _, got = score_tokens(frozen, ids_inf, attn_inf, mask_inf, StrengthConfig(method="onepass"))
+    _close(got, ref)
 
 
 def test_eager_attention_gives_same_result() -> None:

@@ -67,9 +67,7 @@ def test_unparseable_gold_is_none(gold):
 
 
 def test_numeric_gold_and_batch():
-    out = accuracy_reward(
-        ["a", "b", "c"], ["<answer>9</answer>", "<answer>2</answer>", "x"], answer=[9, "2", "2"]
-    )
+    out = accuracy_reward(["a", "b", "c"], ["<answer>9</answer>", "<answer>2</answer>", "x"], answer=[9, "2", "2"])
     assert out == [1.0, 1.0, 0.0]
 
 
@@ -86,9 +84,7 @@ def test_accuracy_off_main_thread():
     """math-verify's SIGALRM timeouts must be switched off in worker threads, not crash them."""
     result = {}
     thread = threading.Thread(
-        target=lambda: result.update(
-            v=accuracy_reward(["p", "p"], ["<answer>1/2</answer>", "nope"], ["0.5", "1"])
-        )
+        target=lambda: result.update(v=accuracy_reward(["p", "p"], ["<answer>1/2</answer>", "nope"], ["0.5", "1"]))
     )
     thread.start()
     thread.join(timeout=30)

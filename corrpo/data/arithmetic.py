@@ -67,9 +67,7 @@ class ArithmeticTask:
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_ops <= self.max_ops:
-            raise ValueError(
-                f"need 1 <= min_ops <= max_ops, got min_ops={self.min_ops}, max_ops={self.max_ops}"
-            )
+            raise ValueError(f"need 1 <= min_ops <= max_ops, got min_ops={self.min_ops}, max_ops={self.max_ops}")
         if self.max_operand < 1:
             raise ValueError(f"max_operand must be >= 1, got {self.max_operand}")
         if not self.ops or set(self.ops) - set(_SUPPORTED_OPS) or len(set(self.ops)) != len(self.ops):
@@ -86,9 +84,7 @@ class ArithmeticTask:
         """Operation -> operands keeping ``value`` inside ``0..max_value``; ops with none are dropped."""
         steps = {}
         for op in self.ops:
-            operands = [
-                b for b in range(1, self.max_operand + 1) if 0 <= _apply(value, op, b) <= self.max_value
-            ]
+            operands = [b for b in range(1, self.max_operand + 1) if 0 <= _apply(value, op, b) <= self.max_value]
             if operands:
                 steps[op] = operands
         return steps
@@ -99,9 +95,7 @@ class ArithmeticTask:
         prompt, trace = [str(value)], []
         for _ in range(rng.randint(self.min_ops, self.max_ops)):
             steps = self._valid_steps(value)
-            if (
-                not steps
-            ):  # cannot happen while max_value >= max_operand (+1 or *1 always fits); kept as a guard
+            if not steps:  # cannot happen while max_value >= max_operand (+1 or *1 always fits); kept as a guard
                 raise ValueError(f"no operation keeps {value} inside 0..{self.max_value}")
             op = rng.choice(sorted(steps))
             operand = rng.choice(steps[op])

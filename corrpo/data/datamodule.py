@@ -123,7 +123,8 @@ class ReasoningDataModule(L.LightningDataModule):
         rl_source: ``arithmetic`` or a source with prompt + answer.
         test_source: prompts + answers for accuracy; None = held out of ``rl_source``.
         probe_source: prompt + completion traces for the inversion tracker; None = held out of ``sft_source``.
-        fields: canonical field -> column name (e.g. ``{"prompt": "question", "answer": "final"}``).
+        sft_fields: canonical field -> column name for SFT/probe sources (e.g. ``{"completion": "solution"}``).
+        rl_fields: the same for RL/test sources (e.g. ``{"prompt": "question", "answer": "final"}``).
         on_error: ``raise`` on a malformed row (naming file and line) or ``skip`` and count it.
         arithmetic: options of the embedded task.
         sft_steps / rl_steps: batches per phase (linked from the model's ``sft.steps`` / ``rl.steps``).
@@ -139,7 +140,8 @@ class ReasoningDataModule(L.LightningDataModule):
         rl_source: str = EMBEDDED,
         test_source: str | None = None,
         probe_source: str | None = None,
-        fields: dict[str, str] | None = None,
+        sft_fields: dict[str, str] | None = None,
+        rl_fields: dict[str, str] | None = None,
         on_error: str = "raise",
         arithmetic: ArithmeticOptions = ArithmeticOptions(),
         sft_steps: int = 0,
@@ -159,7 +161,8 @@ class ReasoningDataModule(L.LightningDataModule):
                 raise ValueError(f"data.{key} must be >= 1, got {value}")
         self.sft_source, self.rl_source = sft_source, rl_source
         self.test_source, self.probe_source = test_source, probe_source
-        self.fields, self.on_error = fields, on_error
+        self.fields = {"sft": sft_fields, "rl": rl_fields}
+        self.on_error = on_error
         self.arithmetic = arithmetic
         self.sft_steps, self.rl_steps = sft_steps, rl_steps
         self.sft_batch_size, self.rl_batch_size = sft_batch_size, rl_batch_size
@@ -175,7 +178,7 @@ class ReasoningDataModule(L.LightningDataModule):
         return ArithmeticTask(**opts)
 
     def _load(self, source: str, kind: str) -> list[dict]:
-        result = load_records(source, kind=kind, fields=self.fields, on_error=self.on_error)
+        result = load_records(source, kind=kind, fields=self.fields[kind], on_error=self.on_error)
         self.n_skipped += result.n_skipped
         return result.records
 

@@ -89,9 +89,7 @@ def _rows(source: str, split: str) -> Iterator[tuple[str, Any]]:
         if not path.is_file():
             raise FileNotFoundError(f"data file {source!r} does not exist")
         if suffix not in FILE_SUFFIXES:
-            raise ValueError(
-                f"data file {source!r}: unsupported suffix {suffix!r}; use one of {FILE_SUFFIXES}"
-            )
+            raise ValueError(f"data file {source!r}: unsupported suffix {suffix!r}; use one of {FILE_SUFFIXES}")
         reader = {".jsonl": _rows_jsonl, ".json": _rows_json, ".parquet": _rows_parquet}[suffix]
         return reader(path)
     return _rows_hf(source, split)
@@ -150,9 +148,7 @@ def load_records(
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     unknown = set(fields or {}) - set(CANONICAL_FIELDS)
     if unknown:
-        raise ValueError(
-            f"fields: unknown canonical names {sorted(unknown)}; expected some of {CANONICAL_FIELDS}"
-        )
+        raise ValueError(f"fields: unknown canonical names {sorted(unknown)}; expected some of {CANONICAL_FIELDS}")
     columns = {name: (fields or {}).get(name, name) for name in CANONICAL_FIELDS}
     result = LoadResult(records=[])
     for where, row in _rows(source, split):

@@ -79,7 +79,7 @@ def projection(layer: nn.Module, name: str) -> nn.Linear:
 
 
 def resolve_layers(layers: str | Sequence[int], num_layers: int) -> list[int]:
-    """``"last"`` -> ``[n-1]``, ``"all"`` -> ``[0..n-1]``, ints (negative allowed) -> sorted unique indices."""
+    """``"last"`` -> ``[n-1]``, ``"all"`` -> ``[0..n-1]``, ints (negative allowed) -> sorted unique."""
     if layers == "last":
         return [num_layers - 1]
     if layers == "all":

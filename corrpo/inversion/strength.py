@@ -16,9 +16,9 @@ Methods (all exact; ``loop`` is the reference every other method is tested again
 
 Outputs are ``[B, T]`` fp32 aligned to TOKEN positions with NaN where a position is not scored (including
 tokens whose predecessor is padding). The model is run in eval mode with ``position_ids`` from the
-attention mask (left or right padding), grads are taken with ``torch.autograd.grad`` (no ``.grad`` is left
-on parameters) and the model's training mode and ``requires_grad`` flags are restored afterwards, so frozen
-models work too.
+attention mask (left or right padding), locally outside any ``no_grad``/``inference_mode`` of the caller;
+grads are taken with ``torch.autograd.grad`` (no ``.grad`` is left on parameters) and the model's training
+mode and ``requires_grad`` flags are restored afterwards, so frozen models work too.
 """
 
 from __future__ import annotations
@@ -53,9 +53,14 @@ def _run(
 ) -> tuple[ScoringBatch, Tensor, Tensor]:
     config = config or StrengthConfig()
     decoder_parts(model)  # architecture check before any work
-    batch = ScoringBatch.build(input_ids, attention_mask, token_mask)
-    values, hidden = _METHODS[config.method](model, batch, config)
-    return batch, batch.scatter(values), hidden
+    # Lightning validation runs under inference_mode, where autograd is impossible: leave it locally and
+    # clone the (possibly inference-) input tensors into normal ones.
+    with torch.inference_mode(False):
+        input_ids = input_ids.clone()
+        attention_mask = None if attention_mask is None else attention_mask.clone()
+        batch = ScoringBatch.build(input_ids, attention_mask, token_mask.clone())
+        values, hidden = _METHODS[config.method](model, batch, config)
+        return batch, batch.scatter(values), hidden
 
 
 def logit_grad_strength(
@@ -92,8 +97,8 @@ def score_tokens(
     """
     batch, strength, hidden = _run(model, input_ids, attention_mask, token_mask, config)
     unembed = decoder_parts(model).unembed
-    entropy = torch.full_like(strength, float("nan"))
-    with torch.no_grad():
+    with torch.inference_mode(False), torch.no_grad():
+        entropy = torch.full_like(strength, float("nan"))
         for start in range(0, hidden.shape[1] - 1, slice_len):
             stop = min(start + slice_len, hidden.shape[1] - 1)
             ent = entropy_bits_from_logits(unembed(hidden[:, start:stop]), slice_len=slice_len)

@@ -30,7 +30,9 @@ def effective_scored_mask(attention_mask: Tensor, token_mask: Tensor) -> Tensor:
     A token whose predecessor is padding has no real prediction to score, so it is dropped (NaN output).
     """
     if token_mask.shape != attention_mask.shape:
-        raise ValueError(f"token_mask {tuple(token_mask.shape)} must match attention_mask {tuple(attention_mask.shape)}")
+        raise ValueError(
+            f"token_mask {tuple(token_mask.shape)} must match attention_mask {tuple(attention_mask.shape)}"
+        )
     real = attention_mask.bool()
     mask = token_mask.bool() & real
     mask[:, 0] = False

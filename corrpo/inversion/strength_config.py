@@ -15,8 +15,9 @@ class StrengthConfig:
     """How ``S_j`` is computed.
 
     Attributes:
-        measure: matrix norm of each per-token gradient ``G = dz_j/dW``: ``"nuclear"`` (sum of singular values,
-            the paper's headline), ``"frobenius"`` or ``"l1"`` (sum of ``|G|``, the author's earlier variant).
+        measure: matrix norm of each per-token gradient ``G = dz_j/dW``: ``"nuclear"`` (sum of singular
+            values, the paper's headline), ``"frobenius"`` or ``"l1"`` (sum of ``|G|``, the author's earlier
+            variant).
         layers: ``"last"`` (default; the paper's "output layer"), ``"all"``, or a list of layer indices
             (negative allowed).
         projections: which matrices of each selected layer: any of ``"q", "k", "v", "o"`` (default all four)

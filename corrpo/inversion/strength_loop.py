@@ -29,7 +29,7 @@ def _mean_measure(grads: tuple[Tensor, ...], measure: str) -> Tensor:
 
 
 def loop_strength(model: nn.Module, batch: ScoringBatch, config: StrengthConfig) -> tuple[Tensor, Tensor]:
-    """Reference: ``S_n = mean_W measure(dz_n / dW)``, one backward per scored token. Returns (S [N], hidden)."""
+    """Reference ``S_n = mean_W measure(dz_n / dW)``, one backward per scored token -> (S [N], hidden)."""
     parts = decoder_parts(model)
     params = [p for _, p in select_weights(model, config.layers, config.projections)]
     with scoring_mode(model, params):

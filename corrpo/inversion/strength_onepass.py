@@ -131,7 +131,7 @@ def _kv_strengths(
     config: StrengthConfig,
     names: tuple[str, ...],
 ) -> dict[str, Tensor]:
-    """Per-token v_proj / k_proj measures via the closed forms in the module docstring, chunked over tokens."""
+    """Per-token v_proj / k_proj measures by the closed forms of the module docstring, token-chunked."""
     n_heads = attn.config.num_attention_heads
     n_kv = attn.config.num_key_value_heads
     hd, rep, scale = attn.head_dim, n_heads // n_kv, attn.scaling
@@ -158,8 +158,7 @@ def _kv_strengths(
         xr = x[rows]  # [n, T, d]
         if "v" in names:
             c = torch.einsum("nkrs,nsd->nkrd", probs, xr)
-            mat = torch.einsum("nkre,nkrd->nked", g, c).flatten(1, 2)
-            out["v"].append(matrix_measure(mat, config.measure))
+            out["v"].append(_v_measure(g, c, config.measure))
         if "k" in names:
             gv = torch.einsum("nkre,nske->nkrs", g, v[rows])
             d_scores = probs * (gv - (probs * gv).sum(-1, keepdim=True))
@@ -169,3 +168,23 @@ def _kv_strengths(
             mat = torch.einsum("nske,nsd->nked", gk, xr).flatten(1, 2)
             out["k"].append(matrix_measure(mat, config.measure))
     return {n: torch.cat(vals) for n, vals in out.items() if vals}
+
+
+def _v_measure(g: Tensor, c: Tensor, measure: str) -> Tensor:
+    """Measure of ``M_n = sum_h g_{n,h} c_{n,h}^T`` (rows of head h in its kv block) = ``U_n V_n^T``.
+
+    ``U`` ``[n, kv*hd, H]`` holds ``g_h`` in the rows of kv head ``kv(h)``, ``V`` ``[n, d, H]`` holds ``c_h``.
+    For nuclear / Frobenius the singular values of ``U V^T`` are those of the ``H x H`` core ``R_u R_v^T``
+    (``U = Q_u R_u``, ``V = Q_v R_v``, orthonormal ``Q`` leave singular values unchanged): H x H SVDs
+    instead of ``kv*hd x d`` ones. The l1 norm is not unitarily invariant, so it builds ``M``.
+    """
+    n, n_kv, rep, hd = g.shape
+    heads = n_kv * rep
+    if measure == "l1" or heads > min(n_kv * hd, c.shape[-1]):
+        return matrix_measure(torch.einsum("nkre,nkrd->nked", g, c).flatten(1, 2), measure)
+    u = g.new_zeros(n, n_kv, hd, n_kv, rep)
+    idx = torch.arange(n_kv, device=g.device)
+    u[:, idx, :, idx, :] = g.permute(1, 0, 3, 2)
+    r_u = torch.linalg.qr(u.reshape(n, n_kv * hd, heads), mode="r").R
+    r_v = torch.linalg.qr(c.reshape(n, heads, -1).mT, mode="r").R
+    return matrix_measure(r_u @ r_v.mT, measure)

@@ -66,9 +66,7 @@ def score_answer(gold: list, completion: Any) -> float:
     return 0.0
 
 
-def accuracy_reward(
-    prompts: list[str], completions: list[Any], answer: list[str], **kwargs
-) -> list[float | None]:
+def accuracy_reward(prompts: list[str], completions: list[Any], answer: list[str], **kwargs) -> list[float | None]:
     """Per completion: 1.0 if its answer equals the gold (math-verify), 0.0 if not or none was given, None
     if the gold itself cannot be parsed (the sample is unscorable, not wrong)."""
     if len(answer) != len(completions):

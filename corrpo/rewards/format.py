@@ -10,8 +10,6 @@ from corrpo.rewards.answer import completion_text
 FORMAT_PATTERN = re.compile(r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", re.DOTALL)
 
 
-def format_reward(
-    prompts: list[str], completions: list[Any], answer: list[str] | None = None, **kwargs
-) -> list[float]:
+def format_reward(prompts: list[str], completions: list[Any], answer: list[str] | None = None, **kwargs) -> list[float]:
     """1.0 per completion that is just a think block then an answer block (whitespace around ok), else 0."""
     return [1.0 if FORMAT_PATTERN.match(completion_text(c)) else 0.0 for c in completions]
