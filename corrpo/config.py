@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from corrpo.inversion.rollout_bonus import InversionRewardConfig
 from corrpo.objectives import LOSS_TYPES, REWARD_SCALES
 from corrpo.rollout import SamplingConfig
 
@@ -61,6 +62,8 @@ class RLConfig:
     """Reward functions: registry names or import paths ``pkg.module:function``."""
     reward_weights: list[float] | None = None
     """One weight per reward; None = all 1."""
+    inversion: InversionRewardConfig = field(default_factory=InversionRewardConfig)
+    """CorR-PO's reward term ``coef * clip(-rho_i, -1, 1)``; ``coef = 0`` (default) is plain GRPO."""
     scale_rewards: str = "group"
     """Advantage normalisation: ``group`` (GRPO), ``batch``, or ``none`` (Dr. GRPO)."""
     loss_type: str = "dapo"
@@ -81,6 +84,8 @@ class RLConfig:
     def __post_init__(self) -> None:
         if isinstance(self.sampling, dict):
             self.sampling = SamplingConfig(**self.sampling)
+        if isinstance(self.inversion, dict):
+            self.inversion = InversionRewardConfig(**self.inversion)
         _check_non_negative(
             "rl", steps=self.steps, warmup_steps=self.warmup_steps, beta=self.beta, max_grad_norm=self.max_grad_norm
         )

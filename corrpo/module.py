@@ -29,6 +29,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from corrpo.batching import encode_prompts, encode_sft_batch, position_ids_from_mask
 from corrpo.config import RLConfig, SFTConfig
 from corrpo.inversion.entropy import token_entropy_bits
+from corrpo.inversion.rollout_bonus import inversion_bonus, rollout_correlations
 from corrpo.models import TinyArchitecture, export_policy, load_policy
 from corrpo.objectives import (
     clipped_policy_loss,
@@ -220,8 +221,13 @@ class CorrPOModule(L.LightningModule):
         answers = [a for a in batch["answer"] for _ in range(G)]
         scores = score_completions(self.reward_fns, self.reward_weights, prompts, completions, answers)
         rewards = scores.total.to(self.device)
-        advantages = group_advantages(rewards, G, self.rl.scale_rewards)
         timings["score"] = time.perf_counter() - t0
+
+        if self.rl.inversion.coef > 0:
+            t0 = time.perf_counter()
+            rewards = rewards + self._inversion_reward(rollout, batch["step"] - self.sft.steps, scores)
+            timings["inversion"] = time.perf_counter() - t0
+        advantages = group_advantages(rewards, G, self.rl.scale_rewards)
 
         loss_mask = rollout.completion_mask
         if self.rl.mask_truncated_completions:
@@ -257,6 +263,32 @@ class CorrPOModule(L.LightningModule):
         timings["update"] = time.perf_counter() - t0
 
         self._log_rl(batch, rewards, scores, rollout, out, entropy, timings)
+
+    def _inversion_reward(self, rollout: Rollout, rl_step: int, scores) -> torch.Tensor:
+        """CorR-PO: ``coef * clip(-rho_i, -1, 1)`` per response, on the policy that sampled it.
+
+        ``rho_i`` correlates entropy and logit-gradient strength over response ``i``'s own completion tokens
+        (:mod:`corrpo.inversion.rollout_bonus`). Responses shorter than ``min_tokens`` or with a constant side
+        get 0 and are counted in ``inversion/rollout_nan_frac``.
+        """
+        config = self.rl.inversion
+        token_mask = torch.zeros_like(rollout.attention_mask, dtype=torch.bool)
+        token_mask[:, rollout.prompt_length :] = rollout.completion_mask
+        rho, n_tokens = rollout_correlations(self.policy, rollout.sequences, rollout.attention_mask, token_mask, config)
+        bonus, valid = inversion_bonus(
+            rho, n_tokens, config.coef_at(rl_step), config.min_tokens, self.rl.num_generations, config.center
+        )
+        scores.per_function["inversion"] = bonus.detach().float().cpu()
+        finite = rho[valid]
+        self.log(
+            "inversion/rollout_spearman" if config.correlation == "spearman" else "inversion/rollout_pearson",
+            finite.mean().float() if finite.numel() else torch.tensor(float("nan")),
+            on_step=True,
+            batch_size=1,
+        )
+        self.log("inversion/rollout_nan_frac", 1.0 - valid.float().mean(), on_step=True, batch_size=1)
+        self.log("rewards/inversion/std", bonus.float().std() if bonus.numel() > 1 else 0.0, on_step=True, batch_size=1)
+        return bonus.to(self.device, torch.float32)
 
     def _log_rl(self, batch, rewards, scores, rollout, out, entropy, timings) -> None:
         lengths = rollout.completion_mask.sum(dim=1).float()

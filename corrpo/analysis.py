@@ -1,0 +1,231 @@
+"""Loading and plotting run results for notebooks/emergence.ipynb: emergence curves and accuracy vs inversion.
+
+A run folder holds ``emergence.csv`` (one row per probe measurement: ``batches``, ``phase``, ``event``,
+``spearman``, ``pearson``, ...) and, after a finished fit, ``results.json`` (``test_accuracy``: a list of
+``{when, step, accuracy}``; optionally ``method``). Inversion strength is ``-spearman``: higher = stronger.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+__all__ = [
+    "boundary_batches",
+    "expand_run_dirs",
+    "final_points",
+    "load_emergence",
+    "load_wandb",
+    "method_of",
+    "plot_accuracy_vs_inversion",
+    "plot_emergence",
+    "run_dirs_from_env",
+]
+
+
+def expand_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
+    """Each path that holds an ``emergence.csv`` as is; any other folder -> every run folder below it, sorted.
+
+    So ``runs/tiny`` works as well as ``runs/tiny/<timestamp>``: the CLI puts each run in its own subfolder.
+    """
+    out: list[Path] = []
+    for path in map(Path, paths):
+        found = (
+            [path] if (path / "emergence.csv").is_file() else sorted({p.parent for p in path.glob("**/emergence.csv")})
+        )
+        if not found:
+            warnings.warn(f"no emergence.csv in or below {path}", stacklevel=2)
+        out.extend(d for d in found if d not in out)
+    return out
+
+
+def run_dirs_from_env(default_root: str | Path = "runs", env: str = "CORRPO_RUNS") -> list[Path]:
+    """Run folders from ``$CORRPO_RUNS`` (``os.pathsep``-separated), else every ``<root>/**/emergence.csv``.
+
+    Folders are expanded by :func:`expand_run_dirs`.
+    """
+    value = os.environ.get(env, "").strip()
+    paths = [p for p in value.split(os.pathsep) if p] if value else [default_root]
+    return expand_run_dirs(paths) if value or Path(default_root).is_dir() else []
+
+
+def _results(run_dir: Path) -> dict:
+    path = Path(run_dir) / "results.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError) as error:
+        warnings.warn(f"unreadable {path}: {error}", stacklevel=2)
+        return {}
+
+
+def method_of(run_dir: str | Path) -> str:
+    """``method`` from results.json; else ``corrpo``/``grpo`` if the run folder (or its parent) says so; else ``run``.
+
+    Only the last two path parts are read, so a checkout that happens to live in a folder named ``corrpo``
+    does not label every run.
+    """
+    method = _results(Path(run_dir)).get("method")
+    if isinstance(method, str) and method:
+        return method
+    for part in reversed(Path(run_dir).resolve().parts[-2:]):
+        name = part.lower()
+        if "corrpo" in name or "corr-po" in name:
+            return "corrpo"
+        if "grpo" in name:
+            return "grpo"
+    return "run"
+
+
+def _labels(run_dirs: list[Path]) -> list[str]:
+    """The folder name (``parent/name`` for timestamp or ``version_N`` folders), or the path where names clash."""
+    names = [f"{d.parent.name}/{d.name}" if re.match(r"\d|version_", d.name) else d.name for d in map(Path, run_dirs)]
+    return [n if names.count(n) == 1 else str(d) for n, d in zip(names, run_dirs, strict=True)]
+
+
+def load_emergence(run_dirs: Iterable[str | Path]) -> pd.DataFrame:
+    """All runs' ``emergence.csv`` rows in one frame, plus ``run`` (label), ``method`` and ``run_dir`` columns.
+
+    Folders are expanded by :func:`expand_run_dirs` (a parent of several runs gives all of them).
+    """
+    run_dirs = expand_run_dirs(run_dirs)
+    frames = []
+    for label, run_dir in zip(_labels(run_dirs), run_dirs, strict=True):
+        frame = pd.read_csv(run_dir / "emergence.csv")
+        frame.insert(0, "run", label)
+        frame.insert(1, "method", method_of(run_dir))
+        frame["run_dir"] = str(run_dir)
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["run", "method", "batches"])
+
+
+def boundary_batches(run: pd.DataFrame) -> float | None:
+    """The SFT->RL boundary of one run: the ``boundary`` event's batches, else the last non-RL row before RL.
+
+    None when the run has no RL rows (or starts in RL: RL-zero has no boundary to mark).
+    """
+    if "event" in run and (run["event"] == "boundary").any():
+        return float(run.loc[run["event"] == "boundary", "batches"].iloc[0])
+    if "phase" not in run:
+        return None
+    rl = (run["phase"] == "rl").to_numpy().nonzero()[0]
+    if not len(rl) or rl[0] == 0:
+        return None
+    return float(run["batches"].iloc[rl[0] - 1])
+
+
+def final_points(df: pd.DataFrame, run_dirs: Iterable[str | Path] | None = None) -> pd.DataFrame:
+    """One row per run: final ``spearman``, ``inversion_strength = -spearman`` (last row) and end test accuracy.
+
+    The accuracy is the ``when == "end"`` entry of the run's ``results.json`` (NaN when absent). ``run_dirs``
+    defaults to the frame's own ``run_dir`` column.
+    """
+    dirs = {str(d) for d in run_dirs} if run_dirs is not None else None
+    rows = []
+    for run, group in df.groupby("run", sort=False):
+        run_dir = group["run_dir"].iloc[0] if "run_dir" in group else None
+        run_dir = run_dir if isinstance(run_dir, str) else None  # wandb rows have no folder
+        if dirs is not None and run_dir is not None and run_dir not in dirs:
+            continue
+        last = group.sort_values("batches", kind="stable").iloc[-1]
+        accuracy = math.nan
+        if run_dir is not None:
+            ends = [r for r in _results(Path(run_dir)).get("test_accuracy", []) if r.get("when") == "end"]
+            accuracy = float(ends[-1]["accuracy"]) if ends else math.nan
+        rows.append(
+            {
+                "run": run,
+                "method": last["method"],
+                "batches": int(last["batches"]),
+                "spearman": float(last["spearman"]),
+                "inversion_strength": -float(last["spearman"]),
+                "test_accuracy": accuracy,
+            }
+        )
+    return pd.DataFrame(rows, columns=["run", "method", "batches", "spearman", "inversion_strength", "test_accuracy"])
+
+
+def load_wandb(project: str | None, max_runs: int = 50) -> pd.DataFrame:
+    """``inversion/spearman`` histories of a wandb project as emergence rows; empty (with a warning) offline.
+
+    ``batches`` is wandb's ``trainer/global_step`` (else ``_step``); ``phase`` is rebuilt from the logged
+    ``phase`` metric (0 = SFT, 1 = RL). ``method`` comes from the run's config or name like :func:`method_of`.
+    """
+    empty = pd.DataFrame(columns=["run", "method", "batches"])
+    if not project or os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled"):
+        return empty
+    try:
+        import wandb
+
+        frames = []
+        for run in list(wandb.Api(timeout=20).runs(project))[:max_runs]:
+            hist = run.history(keys=["inversion/spearman", "inversion/pearson"], pandas=True)
+            if hist.empty:
+                continue
+            step = "trainer/global_step" if "trainer/global_step" in hist else "_step"
+            method = run.config.get("method") or method_of(Path(run.name))
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "run": f"wandb:{run.name}",
+                        "method": method,
+                        "batches": hist[step],
+                        "spearman": hist["inversion/spearman"],
+                        "pearson": hist.get("inversion/pearson"),
+                    }
+                )
+            )
+        return pd.concat(frames, ignore_index=True) if frames else empty
+    except Exception as error:  # noqa: BLE001 -- no network, no login, no project: skip, never fail the notebook
+        warnings.warn(f"wandb project {project!r} skipped: {error}", stacklevel=2)
+        return empty
+
+
+def plot_emergence(df: pd.DataFrame):
+    """Spearman rho against batches, one line per run, coloured by method, each run's SFT->RL boundary dashed."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    colours = {m: f"C{i}" for i, m in enumerate(sorted(df["method"].astype(str).unique()))}
+    labelled = set()
+    for _, group in df.groupby("run", sort=False):
+        group = group.sort_values("batches", kind="stable")
+        method = str(group["method"].iloc[0])
+        label = method if method not in labelled else None
+        labelled.add(method)
+        ax.plot(group["batches"], group["spearman"], marker="o", ms=3, color=colours[method], label=label, alpha=0.8)
+        boundary = boundary_batches(group)
+        if boundary is not None:
+            ax.axvline(boundary, color=colours[method], linestyle="--", linewidth=1, alpha=0.6)
+    ax.axhline(0.0, color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("training step (batches); dashed: SFT -> RL")
+    ax.set_ylabel("Spearman rho (entropy vs gradient strength)")
+    ax.set_title("Emergence of the entropy-gradient inversion (rho < 0)")
+    if labelled:
+        ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_accuracy_vs_inversion(points: pd.DataFrame):
+    """Final test accuracy against final inversion strength (-rho), one point per run, coloured by method."""
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for i, (method, group) in enumerate(points.groupby("method", sort=True)):
+        ax.scatter(group["inversion_strength"], group["test_accuracy"], color=f"C{i}", label=str(method))
+        for _, row in group.iterrows():
+            ax.annotate(str(row["run"]), (row["inversion_strength"], row["test_accuracy"]), fontsize=6, alpha=0.7)
+    ax.set_xlabel("final inversion strength (-Spearman rho)")
+    ax.set_ylabel("final test accuracy")
+    ax.set_title("Accuracy vs inversion across runs")
+    if len(points):
+        ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,128 @@
+"""notebooks/emergence.ipynb runs headless on a real tiny run; corrpo.analysis on synthetic run folders."""
+
+import csv
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from corrpo import analysis
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+COLUMNS = ["step", "batches", "phase", "event", "source", "spearman", "pearson", "strength", "n_tokens"]
+
+
+def _kernel_name() -> str:
+    """``python3`` when this interpreter can serve it (ipykernel importable), installing the spec if missing.
+
+    jupyter_client runs the native ``python3`` spec with ``sys.executable``, so the kernel is this venv's
+    python whatever the user's other kernels are.
+    """
+    pytest.importorskip("ipykernel")
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        KernelSpecManager().get_kernel_spec("python3")
+    except NoSuchKernel:
+        from ipykernel.kernelspec import install
+
+        install(prefix=sys.prefix)
+    return "python3"
+
+
+def test_notebook_runs_on_a_tiny_run(tiny_run, tmp_path, monkeypatch):
+    from nbclient import NotebookClient
+
+    figures = tmp_path / "figures"
+    monkeypatch.setenv("CORRPO_RUNS", str(tiny_run))
+    monkeypatch.setenv("CORRPO_FIGURES", str(figures))
+    monkeypatch.delenv("CORRPO_WANDB_PROJECT", raising=False)
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    nb = nbformat.read(REPO / "notebooks" / "emergence.ipynb", as_version=4)
+    NotebookClient(nb, kernel_name=_kernel_name(), timeout=300, resources={"metadata": {"path": str(REPO)}}).execute()
+    # the last cell shows the final points: the tiny run must be in it (not an empty frame plotted)
+    shown = "".join(o.get("data", {}).get("text/plain", "") for o in nb.cells[-1].outputs)
+    run_dir = analysis.expand_run_dirs([tiny_run])[0]
+    run_name = f"{run_dir.parent.name}/{run_dir.name}" if run_dir.name[0].isdigit() else run_dir.name
+    assert run_name in shown and "inversion_strength" in shown, shown
+    for name in ("emergence.png", "accuracy_vs_inversion.png"):
+        data = (figures / name).read_bytes()
+        assert len(data) > 1000 and data.startswith(PNG_MAGIC), name
+
+
+def _write_run(folder: Path, rows: list[tuple], results: dict | None) -> Path:
+    folder.mkdir(parents=True)
+    with (folder / "emergence.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(COLUMNS)
+        for batches, phase, event, rho in rows:
+            writer.writerow([batches, batches, phase, event, "reference", rho, rho / 2, -rho, 100])
+    if results is not None:
+        (folder / "results.json").write_text(json.dumps(results))
+    return folder
+
+
+def test_analysis_on_two_synthetic_runs(tmp_path, monkeypatch):
+    a = _write_run(
+        tmp_path / "corrpo_lam0.1",
+        [
+            (0, "init", "start", 0.05),
+            (10, "sft", "boundary", -0.3),
+            (15, "rl", "periodic", -0.5),
+            (20, "rl", "end", -0.6),
+        ],
+        {
+            "test_accuracy": [
+                {"when": "start", "step": 0, "accuracy": 0.0},
+                {"when": "end", "step": 20, "accuracy": 0.7},
+            ]
+        },
+    )
+    b = _write_run(
+        tmp_path / "baseline",
+        [(0, "init", "start", 0.1), (4, "sft", "periodic", -0.1), (8, "rl", "periodic", -0.2)],
+        {"method": "grpo", "test_accuracy": [{"when": "end", "step": 8, "accuracy": 0.5}]},
+    )
+    c = _write_run(tmp_path / "x", [(0, "init", "start", 0.0), (5, "sft", "end", -0.1)], None)
+
+    monkeypatch.setenv("CORRPO_RUNS", os.pathsep.join(map(str, [a, b, c])))
+    assert analysis.run_dirs_from_env(tmp_path / "nowhere") == [a, b, c]
+    monkeypatch.delenv("CORRPO_RUNS")
+    assert analysis.run_dirs_from_env(tmp_path) == sorted([a, b, c])
+    monkeypatch.setenv("CORRPO_RUNS", str(tmp_path))  # a parent folder expands to its runs
+    assert analysis.run_dirs_from_env() == sorted([a, b, c])
+    assert analysis.run_dirs_from_env(tmp_path / "nowhere", env="UNSET_CORRPO_VAR") == []
+
+    df = analysis.load_emergence([a, b, c])
+    assert len(df) == 9 and {"run", "method", "batches", "spearman", "run_dir"} <= set(df.columns)
+    assert df.groupby("run")["method"].first().to_dict() == {"corrpo_lam0.1": "corrpo", "baseline": "grpo", "x": "run"}
+    by_run = {run: group for run, group in df.groupby("run")}
+    assert analysis.boundary_batches(by_run["corrpo_lam0.1"]) == 10  # the boundary event
+    assert analysis.boundary_batches(by_run["baseline"]) == 4  # last SFT row before the first RL row
+    assert analysis.boundary_batches(by_run["x"]) is None  # no RL
+
+    points = analysis.final_points(df, [a, b, c]).set_index("run")
+    assert points.loc["corrpo_lam0.1", "inversion_strength"] == pytest.approx(0.6)
+    assert points.loc["corrpo_lam0.1", "test_accuracy"] == pytest.approx(0.7)
+    assert points.loc["baseline", "inversion_strength"] == pytest.approx(0.2)
+    assert points.loc["baseline", "test_accuracy"] == pytest.approx(0.5)
+    assert math.isnan(points.loc["x", "test_accuracy"])
+    assert list(analysis.final_points(df, [a]).run) == ["corrpo_lam0.1"]
+
+    for fig, name in (
+        (analysis.plot_emergence(df), "e.png"),
+        (analysis.plot_accuracy_vs_inversion(points.reset_index()), "a.png"),
+    ):
+        fig.savefig(tmp_path / name)
+        assert (tmp_path / name).read_bytes().startswith(PNG_MAGIC)
+
+
+def test_wandb_is_skipped_offline(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert analysis.load_wandb("someone/corrpo").empty
+    assert analysis.load_wandb(None).empty

@@ -1,0 +1,172 @@
+"""CorR-PO reward term: the bonus arithmetic, its config, and per-response correlations on a tiny Qwen2."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from corrpo.inversion.rollout_bonus import InversionRewardConfig, inversion_bonus, rollout_correlations
+from corrpo.inversion.strength import score_tokens
+from corrpo.models import TinyArchitecture, load_policy
+
+NAN = float("nan")
+
+
+def _bonus(rho, n=None, coef=1.0, min_tokens=2, group_size=None, center=False):
+    rho = torch.tensor(rho, dtype=torch.float64)
+    n = torch.full_like(rho, 10, dtype=torch.long) if n is None else torch.tensor(n)
+    return inversion_bonus(rho, n, coef, min_tokens, group_size or len(rho), center)
+
+
+# ------------------------------------------------------------------------------------------------ bonus
+def test_negative_rho_earns_positive_bonus():
+    bonus, valid = _bonus([-0.6, 0.4, 0.0], coef=0.5)
+    assert bonus.dtype == torch.float32 and valid.all()
+    torch.testing.assert_close(bonus, torch.tensor([0.3, -0.2, 0.0]))
+
+
+def test_bonus_is_clipped_to_coef():
+    bonus, _ = _bonus([-1.5, 1.2, -1.0], coef=2.0)
+    torch.testing.assert_close(bonus, torch.tensor([2.0, -2.0, 2.0]))
+
+
+def test_min_tokens_and_nan_rows_are_invalid_and_zero():
+    bonus, valid = _bonus([-0.5, -0.5, NAN, math.inf], n=[8, 7, 20, 20], min_tokens=8)
+    assert valid.tolist() == [True, False, False, False]
+    assert bonus.tolist() == [0.5, 0.0, 0.0, 0.0]
+    assert torch.isfinite(bonus).all()
+
+
+def test_centring_by_hand():
+    rho = [-0.8, -0.2, NAN, 0.4, -0.5, 0.1, 0.3, -0.9]
+    bonus, valid = _bonus(rho, n=[9, 9, 9, 1, 9, 9, 9, 9], coef=0.5, min_tokens=2, group_size=4, center=True)
+    # group 0: valid 0.8, 0.2 -> mean 0.5; group 1: 0.5, -0.1, -0.3, 0.9 -> mean 0.25
+    expected = [0.5 * (0.8 - 0.5), 0.5 * (0.2 - 0.5), 0.0, 0.0, 0.5 * 0.25, 0.5 * -0.35, 0.5 * -0.55, 0.5 * 0.65]
+    assert valid.tolist() == [True, True, False, False, True, True, True, True]
+    torch.testing.assert_close(bonus, torch.tensor(expected), atol=1e-7, rtol=0)
+    assert abs(bonus[4:].sum()) < 1e-6 and abs(bonus[:2].sum()) < 1e-6
+
+
+def test_all_invalid_group_stays_zero_when_centred():
+    bonus, valid = _bonus([NAN, NAN, -0.5, 0.5], group_size=2, center=True)
+    assert bonus.tolist() == [0.0, 0.0, 0.5, -0.5] and valid.tolist() == [False, False, True, True]
+
+
+def test_coef_zero_gives_exact_zeros():
+    bonus, valid = _bonus([-0.7, 0.3, NAN, 1.0], coef=0.0, center=True)
+    assert torch.equal(bonus, torch.zeros(4)) and valid.tolist() == [True, True, False, True]
+
+
+def test_bonus_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        _bonus([0.1, 0.2, 0.3], group_size=2)
+    with pytest.raises(ValueError, match=r"\[N\]"):
+        inversion_bonus(torch.zeros(2, 2), torch.zeros(2, 2), 1.0, 2, 2)
+
+
+# ----------------------------------------------------------------------------------------------- config
+def test_warmup_schedule():
+    config = InversionRewardConfig(coef=0.4, warmup_steps=4)
+    assert [config.coef_at(s) for s in range(6)] == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4, 0.4])
+    assert InversionRewardConfig(coef=0.4).coef_at(0) == 0.4
+    assert InversionRewardConfig().coef_at(10) == 0.0
+
+
+def test_strength_config_round_trip():
+    strength = InversionRewardConfig(measure="l1", layers=[-1], projections=["q", "o"], chunk_size=7).strength_config()
+    assert (strength.measure, strength.layers, strength.projections) == ("l1", (-1,), ("q", "o"))
+    assert (strength.method, strength.chunk_size) == ("onepass", 7)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [
+        ({"coef": -0.1}, "coef"),
+        ({"coef": math.nan}, "coef"),
+        ({"warmup_steps": -1}, "warmup_steps"),
+        ({"correlation": "kendall"}, "correlation"),
+        ({"measure": "spectral"}, "measure"),
+        ({"method": "magic"}, "method"),
+        ({"layers": "first"}, "layers"),
+        ({"layers": []}, "layers"),
+        ({"projections": ["q", "x"]}, "projections"),
+        ({"chunk_size": 0}, "chunk_size"),
+        ({"min_tokens": 1}, "min_tokens"),
+        ({"layers": "all"}, "method"),  # onepass is last-layer only
+    ],
+)
+def test_config_validation_names_the_key(kwargs, key):
+    with pytest.raises(ValueError, match=rf"rl\.inversion\.{key}"):
+        InversionRewardConfig(**kwargs)
+
+
+# --------------------------------------------------------------------------------- correlations on a model
+@pytest.fixture(scope="module")
+def tiny_model():
+    """A random tiny Qwen2 with sharpened (tied) embeddings.
+
+    At a random init every entropy is ~log2 V to within 1e-3 bits, so fp32 rounding (which differs between a
+    padded batch and a lone row) moves Pearson's r by 1e-4; scaling the embeddings spreads the entropies.
+    """
+    model, _ = load_policy("tiny-qwen2", TinyArchitecture(hidden_size=32, num_hidden_layers=2, intermediate_size=64))
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(20.0)
+    return model
+
+
+def _left_padded_rollout(vocab: int, prompt_lens, completion_lens, pad: int = 0):
+    """Random ``[prompt | completion]`` rows, prompts left-padded to P, completions right-padded to L."""
+    gen = torch.Generator().manual_seed(0)
+    P, L = max(prompt_lens), max(completion_lens)
+    n = len(prompt_lens)
+    ids = torch.full((n, P + L), pad, dtype=torch.long)
+    mask = torch.zeros(n, P + L, dtype=torch.long)
+    comp = torch.zeros(n, P + L, dtype=torch.bool)
+    for i, (p, c) in enumerate(zip(prompt_lens, completion_lens, strict=True)):
+        ids[i, P - p : P + c] = torch.randint(4, vocab, (p + c,), generator=gen)
+        mask[i, P - p : P + c] = 1
+        comp[i, P : P + c] = True
+    return ids, mask, comp
+
+
+def _reference(model, ids, mask, comp, config, i):
+    """Response ``i`` alone, padding stripped: score_tokens then scipy."""
+    real = mask[i].bool()
+    entropy, strength = score_tokens(model, ids[i, real][None], None, comp[i, real][None], config.strength_config())
+    e, s = entropy[0].double().numpy(), strength[0].double().numpy()
+    keep = np.isfinite(e) & np.isfinite(s)
+    if keep.sum() < 2:
+        return NAN, int(keep.sum())
+    corr = stats.spearmanr if config.correlation == "spearman" else stats.pearsonr
+    return float(corr(e[keep], s[keep])[0]), int(keep.sum())
+
+
+@pytest.mark.parametrize("correlation", ["spearman", "pearson"])
+def test_rollout_correlations_match_per_response_reference(tiny_model, correlation):
+    vocab = tiny_model.config.vocab_size
+    ids, mask, comp = _left_padded_rollout(vocab, [3, 7, 5, 2, 6], [12, 9, 1, 15, 6])
+    config = InversionRewardConfig(coef=1.0, correlation=correlation)
+    rho, n_tokens = rollout_correlations(tiny_model, ids, mask, comp, config, rows_per_chunk=2)
+    assert rho.dtype == torch.float64 and n_tokens.dtype == torch.long
+    assert n_tokens.tolist() == [12, 9, 1, 15, 6]
+    assert math.isnan(rho[2])  # a single completion token: no correlation
+    for i in range(len(rho)):
+        ref, n_ref = _reference(tiny_model, ids, mask, comp, config, i)
+        assert n_tokens[i] == n_ref
+        if math.isnan(ref):
+            assert math.isnan(rho[i])
+        else:
+            assert rho[i].item() == pytest.approx(ref, abs=1e-6)
+    assert torch.isfinite(rho[[0, 1, 3, 4]]).all()
+    bonus, valid = inversion_bonus(rho, n_tokens, 0.5, 8, group_size=5, center=False)
+    assert valid.tolist() == [True, True, False, True, False] and torch.isfinite(bonus).all()
+
+
+def test_rollout_correlations_leave_model_state_alone(tiny_model):
+    ids, mask, comp = _left_padded_rollout(tiny_model.config.vocab_size, [2, 4], [5, 8])
+    tiny_model.train()
+    rho, _ = rollout_correlations(tiny_model, ids, mask, comp, InversionRewardConfig(coef=1.0))
+    assert tiny_model.training and all(p.grad is None for p in tiny_model.parameters())
+    assert rho.shape == (2,)
