@@ -128,7 +128,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--coef", type=float, default=0.1, help="CorR-PO lambda")
     parser.add_argument("--measure", default="nuclear", help="rl.inversion.measure")
-    parser.add_argument("--projections", default="q,k,v,o", help="rl.inversion.projections, comma-separated")
+    parser.add_argument("--projections", default="q,v,o", help="rl.inversion.projections, comma-separated")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = parser.parse_args()
     if args.threads:

@@ -29,7 +29,7 @@ TINY_FAST_ARGS = [
     "--data.rl_batch_size=2",
     "--data.n_test=16",
     "--data.n_probe=8",
-    "--data.arithmetic.n_train=200",
+    "--data.n_train=200",
     "--trainer.callbacks.every_n_steps=2",
     "--trainer.callbacks.batch_size=4",
 ]

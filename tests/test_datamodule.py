@@ -4,12 +4,12 @@ import json
 
 import pytest
 
-from corrpo.data.datamodule import ArithmeticOptions, ReasoningDataModule, StepBatches
+from corrpo.data.datamodule import ReasoningDataModule, StepBatches
 
 
 def small(**kwargs) -> ReasoningDataModule:
     opts = dict(
-        arithmetic=ArithmeticOptions(n_train=300),
+        n_train=300,
         sft_steps=3,
         rl_steps=2,
         sft_batch_size=4,

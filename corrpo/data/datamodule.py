@@ -14,7 +14,6 @@ data holds the last records of a seeded shuffle out.
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass
 
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
@@ -23,26 +22,6 @@ from corrpo.data.arithmetic import ArithmeticTask
 from corrpo.data.records import load_records
 
 EMBEDDED = "arithmetic"
-
-
-@dataclass
-class ArithmeticOptions:
-    """The embedded multi-step arithmetic task."""
-
-    seed: int = 0
-    """Seed of the problem generator (splits are fixed by hash, not by seed)."""
-    min_ops: int = 2
-    """Fewest operations in a chain."""
-    max_ops: int = 4
-    """Most operations in a chain."""
-    max_operand: int = 9
-    """Largest operand."""
-    ops: str = "+-*"
-    """Operations used."""
-    max_value: int = 99
-    """Largest intermediate value."""
-    n_train: int = 4000
-    """Training problems (shared by SFT traces and RL prompts)."""
 
 
 class StepBatches(Dataset):
@@ -126,7 +105,8 @@ class ReasoningDataModule(L.LightningDataModule):
         sft_fields: canonical field -> column name for SFT/probe sources (e.g. ``{"completion": "solution"}``).
         rl_fields: the same for RL/test sources (e.g. ``{"prompt": "question", "answer": "final"}``).
         on_error: ``raise`` on a malformed row (naming file and line) or ``skip`` and count it.
-        arithmetic: options of the embedded task.
+        arithmetic: the embedded task (seed, min_ops, max_ops, max_operand, ops, max_value).
+        n_train: training problems of the embedded task (shared by SFT traces and RL prompts).
         sft_steps / rl_steps: batches per phase (linked from the model's ``sft.steps`` / ``rl.steps``).
         sft_batch_size: traces per SFT step. rl_batch_size: prompts per RL step (each sampled G times).
         n_probe / n_test: sizes of the probe and test sets.
@@ -143,7 +123,8 @@ class ReasoningDataModule(L.LightningDataModule):
         sft_fields: dict[str, str] | None = None,
         rl_fields: dict[str, str] | None = None,
         on_error: str = "raise",
-        arithmetic: ArithmeticOptions = ArithmeticOptions(),
+        arithmetic: ArithmeticTask = ArithmeticTask(),
+        n_train: int = 4000,
         sft_steps: int = 0,
         rl_steps: int = 0,
         sft_batch_size: int = 32,
@@ -164,6 +145,7 @@ class ReasoningDataModule(L.LightningDataModule):
         self.fields = {"sft": sft_fields, "rl": rl_fields}
         self.on_error = on_error
         self.arithmetic = arithmetic
+        self.n_train = n_train
         self.sft_steps, self.rl_steps = sft_steps, rl_steps
         self.sft_batch_size, self.rl_batch_size = sft_batch_size, rl_batch_size
         self.n_probe, self.n_test, self.eval_batch_size = n_probe, n_test, eval_batch_size
@@ -172,11 +154,6 @@ class ReasoningDataModule(L.LightningDataModule):
         self._pools: dict[str, list[dict]] | None = None
 
     # ------------------------------------------------------------------------------------- loading
-    def _task(self) -> ArithmeticTask:
-        opts = asdict(self.arithmetic)
-        opts.pop("n_train")
-        return ArithmeticTask(**opts)
-
     def _load(self, source: str, kind: str) -> list[dict]:
         result = load_records(source, kind=kind, fields=self.fields[kind], on_error=self.on_error)
         self.n_skipped += result.n_skipped
@@ -196,8 +173,8 @@ class ReasoningDataModule(L.LightningDataModule):
         """Load every split once: ``sft``, ``rl``, ``probe``, ``test`` record lists."""
         if self._pools is not None:
             return self._pools
-        task = self._task() if EMBEDDED in (self.sft_source, self.rl_source) else None
-        train = task.records("train", self.arithmetic.n_train) if task else []
+        task = self.arithmetic if EMBEDDED in (self.sft_source, self.rl_source) else None
+        train = task.records("train", self.n_train) if task else []
         sft = train if self.sft_source == EMBEDDED else self._load(self.sft_source, "sft")
         rl = train if self.rl_source == EMBEDDED else self._load(self.rl_source, "rl")
         if self.probe_source is not None:
