@@ -1,0 +1,145 @@
+"""benchmarks/compare.py's collecting and reporting, on fake run folders (no training)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def compare():
+    spec = importlib.util.spec_from_file_location("compare_benchmark", REPO / "benchmarks" / "compare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_run(root: Path, name: str, start: float, end: float, rhos: list[float], tags: dict | None = None) -> Path:
+    """A run folder like the CLI's: results.json (start/end accuracy) and emergence.csv (one row per rho)."""
+    run_dir = root / name / "20260101-000000"
+    run_dir.mkdir(parents=True)
+    steps = [20 * i for i in range(len(rhos))]
+    results = {
+        "test_accuracy": [
+            {"when": "start", "step": 0, "accuracy": start},
+            {"when": "end", "step": steps[-1], "accuracy": end},
+        ],
+        "skipped_updates": 0,
+    }
+    results.update(tags or {})
+    (run_dir / "results.json").write_text(json.dumps(results))
+    lines = ["step,batches,phase,event,source,spearman,pearson,strength,n_tokens"]
+    for i, (step, rho) in enumerate(zip(steps, rhos, strict=True)):
+        phase, event = ("init", "start") if i == 0 else ("rl", "end" if i == len(rhos) - 1 else "periodic")
+        lines.append(f"{step},{step},{phase},{event},reference,{rho},{rho},{-rho},100")
+    (run_dir / "emergence.csv").write_text("\n".join(lines) + "\n")
+    return run_dir
+
+
+def fake_runs(compare, tmp_path: Path) -> list[dict]:
+    runs = []
+    for seed, (g_acc, c_acc, g_rho, c_rho) in enumerate([(0.70, 0.71, 0.70, 0.68), (0.64, 0.69, 0.72, 0.70)]):
+        g = fake_run(tmp_path, f"grpo/seed{seed}", 0.65, g_acc, [0.74, 0.72, g_rho], {"method": "grpo"})
+        c = fake_run(tmp_path, f"corrpo/seed{seed}", 0.65, c_acc, [0.74, 0.71, c_rho])
+        runs.append(compare.collect_run(g, 10.0, method="grpo", coef=0.0, seed=seed))
+        runs.append(compare.collect_run(c, 12.0, method="corrpo", coef=0.1, seed=seed))
+    return runs
+
+
+def test_collect_run_reads_accuracy_and_last_emergence_row(compare, tmp_path):
+    run_dir = fake_run(tmp_path, "corrpo/seed3", 0.6, 0.7, [0.5, 0.2, -0.1], {"method": "corrpo", "seed": 3})
+    run = compare.collect_run(run_dir, 5.0, method="grpo", coef=0.1, seed=9)
+    assert run["method"] == "corrpo" and run["seed"] == 3  # results.json wins over the defaults
+    assert run["coef"] == 0.1
+    assert run["start_acc"] == pytest.approx(0.6) and run["end_acc"] == pytest.approx(0.7)
+    assert run["spearman"] == pytest.approx(-0.1) and run["strength"] == pytest.approx(0.1)
+    assert run["spearman_start"] == pytest.approx(0.5)
+    assert run["rl_steps"] == 40 and run["wall_s"] == 5.0
+
+
+def test_find_run_dir_and_tag_results(compare, tmp_path):
+    old = fake_run(tmp_path / "a", "x", 0.1, 0.2, [0.1, 0.2])
+    assert compare.find_run_dir(tmp_path / "a" / "x") == old
+    assert compare.find_run_dir(tmp_path / "a" / "x", exclude={old}) is None
+    assert compare.find_run_dir(tmp_path / "missing") is None
+    compare.tag_results(old, method="corrpo", coef=0.1, seed=2)
+    results = json.loads((old / "results.json").read_text())
+    assert results["method"] == "corrpo" and results["seed"] == 2 and "test_accuracy" in results
+
+    from corrpo.analysis import method_of
+
+    assert method_of(old) == "corrpo"
+
+
+def test_summarize_and_paired_differences(compare, tmp_path):
+    runs = fake_runs(compare, tmp_path)
+    summary = compare.summarize(runs)
+    assert list(summary) == ["grpo", "corrpo"]
+    assert summary["grpo"]["n"] == 2
+    mean, std = summary["corrpo"]["end_acc"]
+    assert mean == pytest.approx(0.70) and std == pytest.approx(math.sqrt(2) * 0.01)
+    assert summary["grpo"]["strength"][0] == pytest.approx(-0.71)
+    assert summary["corrpo"]["rho_change"][0] == pytest.approx(0.69 - 0.74)
+    assert compare.paired_differences(runs, "end_acc") == pytest.approx([0.01, 0.05])
+    assert compare.mean_std([1.0]) == (1.0, compare.mean_std([1.0])[1]) and math.isnan(compare.mean_std([1.0])[1])
+    line = compare.result_line(summary)
+    assert line.startswith("RESULT grpo_acc=0.6700 corrpo_acc=0.7000 grpo_strength=-0.7100 corrpo_strength=")
+
+
+def test_interpret_is_computed_from_numbers(compare, tmp_path):
+    runs = fake_runs(compare, tmp_path)
+    shows, not_shown = compare.interpret(runs, compare.summarize(runs), n_test=200)
+    text = " ".join(shows)
+    assert "+0.030" in text  # paired accuracy difference
+    assert "not evidence" in text  # 0.03 with per-seed 0.01, 0.05: SE 0.02, not > 2 SE
+    assert "positive in all 4 runs" in text
+    assert "200 test problems" in text
+    assert any("2 seed(s)" in s for s in not_shown)
+    # a single seed: no spread, no claim
+    one = [r for r in runs if r["seed"] == 0]
+    shows, _ = compare.interpret(one, compare.summarize(one), n_test=None)
+    assert "single seed" in " ".join(shows)
+
+
+def test_write_report_writes_markdown_and_plots(compare, tmp_path):
+    runs = fake_runs(compare, tmp_path)
+    report = tmp_path / "docs" / "results.md"
+    summary = compare.write_report(
+        report, runs, {"seeds": "0 1", "RL steps": 40}, "python benchmarks/compare.py --seeds 0 1", n_test=200
+    )
+    assert set(summary) == {"grpo", "corrpo"}
+    text = report.read_text()
+    for piece in (
+        "python benchmarks/compare.py --seeds 0 1",
+        "## Per run",
+        "## Per method (mean ± std over seeds)",
+        "![emergence curves](results_emergence.png)",
+        "![accuracy vs inversion strength](results_accuracy.png)",
+        "## What this shows",
+        "## What this does not show",
+        "0.700 ± 0.014",
+    ):
+        assert piece in text
+    assert (tmp_path / "docs" / "results_emergence.png").stat().st_size > 0
+    assert (tmp_path / "docs" / "results_accuracy.png").stat().st_size > 0
+
+
+def test_collect_only_main_on_fake_tree(compare, tmp_path, capsys):
+    out = tmp_path / "runs"
+    fake_run(out, "sft", 0.0, 0.65, [0.2, 0.7])
+    for seed in (0, 1):
+        fake_run(out, f"grpo/seed{seed}", 0.65, 0.68 + 0.01 * seed, [0.74, 0.7], {"method": "grpo", "seed": seed})
+        fake_run(out, f"corrpo/seed{seed}", 0.65, 0.69, [0.74, 0.69], {"method": "corrpo", "seed": seed})
+    report = tmp_path / "r.md"
+    args = ["--out", str(out), "--report", str(report), "--seeds", "0", "1", "--collect-only"]
+    summary = compare.main(args)
+    assert summary["grpo"]["n"] == 2 and summary["corrpo"]["n"] == 2
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == "RESULT grpo_acc=0.6850 corrpo_acc=0.6900 grpo_strength=-0.7000 corrpo_strength=-0.6900"
+    assert (tmp_path / "r_emergence.png").is_file() and "--collect-only" in report.read_text()
