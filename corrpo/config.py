@@ -15,43 +15,46 @@ from corrpo.rollout import SamplingConfig
 
 
 @dataclass
-class SFTConfig:
-    """Phase 1: supervised fine-tuning on reasoning traces (NLL on completion tokens only)."""
+class OptimConfig:
+    """What both phases share: their length and their AdamW + warm-up/cosine schedule + clip."""
 
     steps: int = 0
-    """Optimizer steps of SFT; 0 skips the phase (RL-zero)."""
+    """Batches of this phase; 0 skips it (SFT-only or RL-zero)."""
     lr: float = 1e-5
-    """AdamW learning rate."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    warmup_steps: int = 0
-    """Linear learning-rate warm-up steps."""
-    min_lr_ratio: float = 1.0
-    """Cosine decay after warm-up to ``min_lr_ratio * lr`` at the last step; 1 keeps the lr constant."""
-    max_length: int = 1024
-    """Prompt + completion tokens kept per example (cut from the right)."""
-    max_grad_norm: float = 1.0
-    """Gradient-norm clip; 0 disables it."""
-
-    def __post_init__(self) -> None:
-        _check_non_negative("sft", steps=self.steps, warmup_steps=self.warmup_steps, max_grad_norm=self.max_grad_norm)
-        _check_positive("sft", lr=self.lr, max_length=self.max_length, min_lr_ratio=self.min_lr_ratio)
-
-
-@dataclass
-class RLConfig:
-    """Phase 2: GRPO-family RL (CorR-PO when the inversion reward is on)."""
-
-    steps: int = 0
-    """Rollout batches of RL; each does ``num_iterations`` optimizer steps. 0 skips the phase."""
-    lr: float = 1e-6
-    """AdamW learning rate (a fresh optimizer: SFT moments do not carry over)."""
+    """AdamW learning rate (each phase has its own optimizer: SFT moments do not carry over to RL)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     warmup_steps: int = 0
     """Linear learning-rate warm-up, in optimizer steps of this phase."""
     min_lr_ratio: float = 1.0
-    """Cosine decay after warm-up to ``min_lr_ratio * lr``; 1 keeps the lr constant."""
+    """Cosine decay after warm-up to ``min_lr_ratio * lr`` at the last step; 1 keeps the lr constant."""
+    max_grad_norm: float = 1.0
+    """Gradient-norm clip; 0 disables it."""
+
+    def _check(self, section: str) -> None:
+        _check_non_negative(section, steps=self.steps, warmup_steps=self.warmup_steps, max_grad_norm=self.max_grad_norm)
+        _check_positive(section, lr=self.lr, min_lr_ratio=self.min_lr_ratio)
+
+
+@dataclass
+class SFTConfig(OptimConfig):
+    """Phase 1: supervised fine-tuning on reasoning traces (NLL on completion tokens only)."""
+
+    max_length: int = 1024
+    """Prompt + completion tokens kept per example (cut from the right)."""
+
+    def __post_init__(self) -> None:
+        self._check("sft")
+        _check_positive("sft", max_length=self.max_length)
+
+
+@dataclass
+class RLConfig(OptimConfig):
+    """Phase 2: GRPO-family RL (CorR-PO when the inversion reward is on). ``steps`` counts rollout batches;
+    each does ``num_iterations`` optimizer steps."""
+
+    lr: float = 1e-6
+    """AdamW learning rate of the RL optimizer."""
     num_generations: int = 8
     """G: completions sampled per prompt (the group)."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -78,24 +81,15 @@ class RLConfig:
     """Exclude completions that hit ``max_new_tokens`` from the loss (DAPO)."""
     num_iterations: int = 1
     """Optimizer updates per rollout batch (mu); old log-probs are stored for the ratio when > 1."""
-    max_grad_norm: float = 1.0
-    """Gradient-norm clip; 0 disables it."""
 
     def __post_init__(self) -> None:
         if isinstance(self.sampling, dict):
             self.sampling = SamplingConfig(**self.sampling)
         if isinstance(self.inversion, dict):
             self.inversion = InversionRewardConfig(**self.inversion)
-        _check_non_negative(
-            "rl", steps=self.steps, warmup_steps=self.warmup_steps, beta=self.beta, max_grad_norm=self.max_grad_norm
-        )
-        _check_positive(
-            "rl",
-            lr=self.lr,
-            num_generations=self.num_generations,
-            num_iterations=self.num_iterations,
-            min_lr_ratio=self.min_lr_ratio,
-        )
+        self._check("rl")
+        _check_non_negative("rl", beta=self.beta)
+        _check_positive("rl", num_generations=self.num_generations, num_iterations=self.num_iterations)
         if self.scale_rewards not in REWARD_SCALES:
             raise ValueError(f"rl.scale_rewards must be one of {REWARD_SCALES}, got {self.scale_rewards!r}")
         if self.loss_type not in LOSS_TYPES:

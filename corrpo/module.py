@@ -27,7 +27,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from corrpo.batching import encode_prompts, encode_sft_batch, position_ids_from_mask
-from corrpo.config import RLConfig, SFTConfig
+from corrpo.config import OptimConfig, RLConfig, SFTConfig
 from corrpo.inversion.entropy import token_entropy_bits
 from corrpo.inversion.rollout_bonus import inversion_bonus, rollout_correlations
 from corrpo.models import TinyArchitecture, export_policy, load_policy
@@ -134,11 +134,11 @@ class CorrPOModule(L.LightningModule):
             rank_zero_info(f"[corrpo] policy exported to {folder}")
 
     # -------------------------------------------------------------------------------------- updates
-    def _lr_at(self, config: SFTConfig | RLConfig, step: int) -> float:
+    def _lr_at(self, config: OptimConfig, step: int) -> float:
         total = self.sft.steps if config is self.sft else self.rl.steps * self.rl.num_iterations
         return warmup_cosine_lr(config.lr, step, total, config.warmup_steps, config.min_lr_ratio)
 
-    def _apply_update(self, loss: torch.Tensor, optimizer, config: SFTConfig | RLConfig, step: int) -> bool:
+    def _apply_update(self, loss: torch.Tensor, optimizer, config: OptimConfig, step: int) -> bool:
         """Backward, clip, step; skip (and count) when the loss or the gradient norm is not finite."""
         if not torch.isfinite(loss):
             self._skip(f"non-finite loss {loss.item()}")

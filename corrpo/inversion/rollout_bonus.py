@@ -140,7 +140,7 @@ def rollout_correlations(
     attention_mask: Tensor,
     completion_token_mask: Tensor,
     config: InversionRewardConfig,
-    rows_per_chunk: int = 16,
+    rows_per_chunk: int = 64,
 ) -> tuple[Tensor, Tensor]:
     """Per response ``i``: ``rho_i = corr(H_t, S_t)`` over its own scored completion tokens ``t``.
 
