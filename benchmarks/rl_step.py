@@ -18,11 +18,13 @@ import argparse
 import os
 import time
 from collections import defaultdict
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
 from corrpo.config import RLConfig  # noqa: E402
 from corrpo.data.arithmetic import ArithmeticTask  # noqa: E402
@@ -31,32 +33,17 @@ from corrpo.models import TinyArchitecture  # noqa: E402
 from corrpo.module import CorrPOModule  # noqa: E402
 from corrpo.objectives import clipped_policy_loss, group_advantages  # noqa: E402
 from corrpo.rewards.combine import score_completions  # noqa: E402
-from corrpo.rollout import SamplingConfig  # noqa: E402
 
-# configs/tiny.yaml's model.tiny and model.rl
-TINY = TinyArchitecture(
-    hidden_size=128,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    intermediate_size=384,
-    max_position_embeddings=256,
-)
+TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 PARTS = ("rollout", "rewards", "inversion", "update")
 
 
 def build(G: int, seed: int) -> tuple[CorrPOModule, torch.optim.Optimizer]:
-    rl = RLConfig(
-        steps=1000,
-        lr=2e-5,
-        num_generations=G,
-        sampling=SamplingConfig(temperature=1.0, max_new_tokens=64),
-        rewards=["accuracy", "format"],
-        reward_weights=[1.0, 0.2],
-        loss_type="dapo",
-        scale_rewards="group",
-    )
-    module = CorrPOModule(policy="tiny-qwen2", tiny=TINY, rl=rl, seed=seed)
+    # the model and RL settings of configs/tiny.yaml itself, so the benchmark cannot drift from the default
+    model_cfg = yaml.safe_load(TINY_CONFIG.read_text())["model"]
+    rl = RLConfig(**{**model_cfg["rl"], "num_generations": G})
+    tiny = TinyArchitecture(**model_cfg["tiny"])
+    module = CorrPOModule(policy=model_cfg["policy"], tiny=tiny, rl=rl, seed=seed)
     optimizer = torch.optim.AdamW([p for p in module.policy.parameters() if p.requires_grad], lr=rl.lr)
     return module, optimizer
 
