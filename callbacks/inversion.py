@@ -94,7 +94,8 @@ class InversionTracker(L.Callback):
             self.measure(trainer, pl_module, event="boundary" if boundary else "periodic", batches=done)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.measure(trainer, pl_module, event="end", batches=pl_module.total_steps)
+        # steps_done, not total_steps: a run stopped early (max_steps, max_time) ends where it stopped
+        self.measure(trainer, pl_module, event="end", batches=getattr(pl_module, "steps_done", pl_module.total_steps))
         self._log_curve_figure(trainer, pl_module)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -107,7 +108,8 @@ class InversionTracker(L.Callback):
 
     # -------------------------------------------------------------------------------------- measuring
     def _probe_batches(self, trainer, pl_module):
-        records = trainer.datamodule.probe_records()
+        # Under DDP each rank scores its own slice; the metric gathers every rank's tokens before computing.
+        records = trainer.datamodule.probe_records()[trainer.global_rank :: trainer.world_size]
         for i in range(0, len(records), self.batch_size):
             chunk = records[i : i + self.batch_size]
             prompts = [r["prompt"] for r in chunk]
@@ -173,13 +175,12 @@ class InversionTracker(L.Callback):
             f"spearman={row['spearman']:.4f} pearson={row['pearson']:.4f} n_tokens={row['n_tokens']}"
         )
         if trainer.is_global_zero and trainer.state.fn != "validate":
-            path = run_dir(trainer) / "emergence.csv"
-            new = not path.exists()
-            with path.open("a", newline="") as handle:
+            # Rewritten whole from the rows (restored from the checkpoint on resume), so that a resumed run's
+            # file holds no row measured after the checkpoint it resumed from.
+            with (run_dir(trainer) / "emergence.csv").open("w", newline="") as handle:
                 writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
-                if new:
-                    writer.writeheader()
-                writer.writerow(row)
+                writer.writeheader()
+                writer.writerows(r for r in self.rows if r["event"] != "validate")
 
     def _wandb_loggers(self, trainer: L.Trainer) -> list:
         from lightning.pytorch.loggers import WandbLogger

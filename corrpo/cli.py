@@ -6,7 +6,10 @@ Beyond stock LightningCLI:
   are set once;
 - every run gets its own folder ``<trainer.default_root_dir>/<YYYYmmdd-HHMMSS>``, and a logger whose
   ``save_dir`` is unset writes there too: the resolved config, the wandb offline run, emergence.csv,
-  results.json and the exported policy sit side by side;
+  results.json, checkpoints (``<run>/checkpoints``) and the exported policy sit side by side;
+- ``--ckpt_path last`` resumes the newest run under ``default_root_dir``: its newest checkpoint, its folder
+  and its wandb run id (so the curves continue in the same wandb run); with no checkpoint there it starts
+  fresh, as Lightning does;
 - wandb runs offline unless the user configured it online (``WANDB_MODE`` or ``WANDB_API_KEY`` set).
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
@@ -33,7 +37,14 @@ class CorrPOCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.trainer
         root = Path(trainer.default_root_dir or "runs")
-        if not os.environ.get("CORRPO_KEEP_RUN_DIR"):
+        resume = resume_point(root) if config.get("ckpt_path") == "last" else None
+        if config.get("ckpt_path") == "last":
+            if resume is None:
+                warnings.warn(f"--ckpt_path last: no checkpoint under {root}/*/; starting a fresh run", stacklevel=2)
+            config.ckpt_path = str(resume[1]) if resume else None
+        if resume is not None:
+            root = resume[0]
+        elif not os.environ.get("CORRPO_KEEP_RUN_DIR"):
             root = root / time.strftime("%Y%m%d-%H%M%S")
         trainer.default_root_dir = str(root)
         loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
@@ -41,6 +52,14 @@ class CorrPOCLI(LightningCLI):
             init_args = getattr(logger, "init_args", None)
             if init_args is not None and "save_dir" in init_args and init_args.save_dir in (None, ".", ""):
                 init_args.save_dir = str(root)
+            wandb_id = wandb_run_id(root) if resume is not None else None
+            if wandb_id and init_args is not None and "id" in init_args and not init_args.get("id"):
+                init_args.id = wandb_id
+        for callback in trainer.callbacks or []:
+            init_args = getattr(callback, "init_args", None)
+            if str(callback.class_path).endswith("Checkpoint") and init_args is not None:
+                if not init_args.get("dirpath"):
+                    init_args.dirpath = str(root / "checkpoints")
 
     def _finish_wandb(self) -> None:
         """Close wandb runs so that a second run in the same process gets its own (tests, notebooks)."""
@@ -58,6 +77,29 @@ class CorrPOCLI(LightningCLI):
 
     def after_test(self) -> None:
         self._finish_wandb()
+
+
+def resume_point(root: Path) -> tuple[Path, Path] | None:
+    """``(run folder, checkpoint)`` of the newest checkpoint in any run folder under ``root``, or None.
+
+    ``last*.ckpt`` wins over other checkpoints of the same folder; folders are compared by that file's mtime.
+    """
+    best = None
+    for ckpt in root.glob("*/**/*.ckpt"):
+        key = (ckpt.stat().st_mtime, ckpt.name.startswith("last"))
+        if best is None or key > best[0]:
+            best = (key, ckpt)
+    if best is None:
+        return None
+    ckpt = best[1]
+    run = root / ckpt.relative_to(root).parts[0]
+    return run, ckpt
+
+
+def wandb_run_id(run: Path) -> str | None:
+    """The id of the newest wandb run in ``run/wandb`` (``offline-run-<time>-<id>`` or ``run-<time>-<id>``)."""
+    runs = sorted((run / "wandb").glob("*run-*-*"), key=lambda p: p.stat().st_mtime)
+    return runs[-1].name.rsplit("-", 1)[-1] if runs else None
 
 
 def _default_wandb_offline() -> None:
@@ -79,7 +121,14 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> CorrPOCLI:
 
 
 def main() -> None:
-    """Console entry point (``corrpo``)."""
+    """Console entry point (``corrpo``): ``corrpo report <run_dir>``, else the LightningCLI subcommands."""
+    import sys
+
+    if len(sys.argv) > 1 and sys.argv[1] == "report":
+        from corrpo.report import report_main
+
+        report_main(sys.argv[2:])
+        return
     build_cli()
 
 

@@ -13,6 +13,11 @@ Manual optimisation because an RL step is not one forward/backward: it generates
 update several times on the same rollouts. Two optimizers (SFT, RL) so RL starts with fresh moments.
 A non-finite loss or gradient skips the update (counted in ``skipped_updates``, warned): weights never
 become NaN.
+
+Exact resume: the module counts finished train batches (``steps_done``) and saves it with the RNG states
+in every checkpoint. On ``--ckpt_path`` the data module starts its stream at ``steps_done`` (see
+:meth:`corrpo.data.datamodule.ReasoningDataModule.train_dataloader`) and the RNG states are put back just
+before the first resumed batch, so N steps in one go and N/2 + resume + N/2 give the same weights.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from corrpo.objectives import (
 from corrpo.rewards import resolve_reward
 from corrpo.rewards.accuracy import accuracy_reward
 from corrpo.rewards.combine import score_completions
+from corrpo.rng import restore_rng_states, rng_states
 from corrpo.rollout import Generator, HFGenerator, Rollout
 from corrpo.run_dir import run_dir
 from corrpo.schedule import warmup_cosine_lr
@@ -92,6 +98,8 @@ class CorrPOModule(L.LightningModule):
             self.ref_policy.requires_grad_(False).eval()
         self.skipped_updates = 0
         self.eval_history: list[dict] = []
+        self.steps_done = 0  # train batches finished; where a resumed run starts
+        self._rng_to_restore: dict | None = None
 
     # ----------------------------------------------------------------------------------------- phases
     def phase_at(self, batch_idx: int) -> str:
@@ -109,9 +117,18 @@ class CorrPOModule(L.LightningModule):
         return [sft_opt, rl_opt]
 
     def on_train_start(self) -> None:
-        self.evaluate_and_log("start")
+        if self.steps_done == 0:  # a resumed run measured its start already
+            self.evaluate_and_log("start")
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        if batch["step"] != self.steps_done:
+            raise RuntimeError(
+                f"batch of step {batch['step']} arrived after {self.steps_done} finished steps: the train loader "
+                "must be the data module's step stream (it starts where a resumed run stopped)"
+            )
+        if self._rng_to_restore is not None:
+            restore_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
         if batch["phase"] == "rl" and batch["step"] == self.sft.steps:
             if self.sft.steps > 0:
                 self.evaluate_and_log("sft_end")
@@ -119,11 +136,12 @@ class CorrPOModule(L.LightningModule):
                 self.ref_policy.load_state_dict(self.policy.state_dict())
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        self.log("phase", float(batch["phase"] == "rl"), prog_bar=True, on_step=True, batch_size=1)
+        self._log_step("phase", float(batch["phase"] == "rl"), prog_bar=True)
         if batch["phase"] == "sft":
             self._sft_step(batch)
         else:
             self._rl_step(batch)
+        self.steps_done = batch["step"] + 1
 
     def on_train_end(self) -> None:
         self.evaluate_and_log("end")
@@ -138,10 +156,29 @@ class CorrPOModule(L.LightningModule):
         total = self.sft.steps if config is self.sft else self.rl.steps * self.rl.num_iterations
         return warmup_cosine_lr(config.lr, step, total, config.warmup_steps, config.min_lr_ratio)
 
+    def _tokens_per_rank(self, mask: torch.Tensor) -> torch.Tensor:
+        """Denominator of a token-mean loss: the token count, averaged over ranks under DDP.
+
+        Each rank divides its token sum by ``global_count / world_size``; DDP averages the gradients over
+        ranks, so the step equals a single process's token mean over the whole batch.
+        """
+        count = mask.sum().float()
+        if self.trainer.world_size > 1:
+            count = self.trainer.strategy.reduce(count, reduce_op="mean")
+        return count.clamp(min=1.0)
+
     def _apply_update(self, loss: torch.Tensor, optimizer, config: OptimConfig, step: int) -> bool:
-        """Backward, clip, step; skip (and count) when the loss or the gradient norm is not finite."""
-        if not torch.isfinite(loss):
-            self._skip(f"non-finite loss {loss.item()}")
+        """Backward, clip, step; skip (and count) when the loss or the gradient norm is not finite.
+
+        Under DDP the ranks agree first: if any rank's loss is not finite every rank skips (a rank that skipped
+        the backward alone would leave the others waiting in the gradient all-reduce).
+        """
+        finite = bool(torch.isfinite(loss))
+        if self.trainer.world_size > 1:
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
+            where = "" if self.trainer.world_size == 1 else f" on rank {self.global_rank} or another"
+            self._skip(f"non-finite loss {loss.item()}{where}")
             return False
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
@@ -156,14 +193,18 @@ class CorrPOModule(L.LightningModule):
             group["lr"] = self._lr_at(config, step)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        self.log("grad_norm", grad_norm, on_step=True, batch_size=1)
-        self.log("lr", optimizer.param_groups[0]["lr"], on_step=True, batch_size=1)
+        self._log_step("grad_norm", grad_norm)
+        self._log_step("lr", optimizer.param_groups[0]["lr"])
         return True
 
     def _skip(self, why: str) -> None:
         self.skipped_updates += 1
         warnings.warn(f"update skipped at global step {self.global_step}: {why}", stacklevel=3)
-        self.log("skipped_updates", float(self.skipped_updates), on_step=True, batch_size=1)
+        self._log_step("skipped_updates", float(self.skipped_updates))
+
+    def _log_step(self, key: str, value, prog_bar: bool = False) -> None:
+        """Log a per-step scalar; under DDP the mean over ranks (every rank logs the same keys in order)."""
+        self.log(key, value, on_step=True, prog_bar=prog_bar, batch_size=1, sync_dist=self.trainer.world_size > 1)
 
     def _forward_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, model=None) -> torch.Tensor:
         model = model if model is not None else self.policy
@@ -179,10 +220,10 @@ class CorrPOModule(L.LightningModule):
         targets = enc["input_ids"][:, 1:]
         mask = enc["loss_mask"][:, 1:]
         nll = -token_log_probs(logits[:, :-1], targets)
-        loss = masked_mean(nll, mask)
+        loss = (nll * mask).sum() / self._tokens_per_rank(mask)
         sft_opt, _ = self.optimizers()
         self._apply_update(loss, sft_opt, self.sft, batch["step"])
-        self.log("loss", loss.detach(), prog_bar=True, on_step=True, batch_size=1)
+        self._log_step("loss", loss.detach(), prog_bar=True)
 
     # ----------------------------------------------------------------------------------------- RL
     def generate_rollout(self, prompts: list[str], num_generations: int, greedy: bool = False) -> Rollout:
@@ -254,6 +295,7 @@ class CorrPOModule(L.LightningModule):
                 self.rl.sampling.max_new_tokens,
                 ref_log_probs,
                 self.rl.beta,
+                num_tokens=self._tokens_per_rank(loss_mask) if self.rl.loss_type == "dapo" else None,
             )
             if iteration == 0:
                 with torch.no_grad():
@@ -280,14 +322,12 @@ class CorrPOModule(L.LightningModule):
         )
         scores.per_function["inversion"] = bonus.detach().float().cpu()
         finite = rho[valid]
-        self.log(
+        self._log_step(
             "inversion/rollout_spearman" if config.correlation == "spearman" else "inversion/rollout_pearson",
             finite.mean().float() if finite.numel() else torch.tensor(float("nan")),
-            on_step=True,
-            batch_size=1,
         )
-        self.log("inversion/rollout_nan_frac", 1.0 - valid.float().mean(), on_step=True, batch_size=1)
-        self.log("rewards/inversion/std", bonus.float().std() if bonus.numel() > 1 else 0.0, on_step=True, batch_size=1)
+        self._log_step("inversion/rollout_nan_frac", 1.0 - valid.float().mean())
+        self._log_step("rewards/inversion/std", bonus.float().std() if bonus.numel() > 1 else 0.0)
         return bonus.to(self.device, torch.float32)
 
     def _log_rl(self, batch, rewards, scores, rollout, out, entropy, timings) -> None:
@@ -308,11 +348,11 @@ class CorrPOModule(L.LightningModule):
         }
         for name, values in scores.per_function.items():
             metrics[f"rewards/{name}/mean"] = torch.nanmean(values) if (~values.isnan()).any() else torch.zeros(())
-            if scores.n_failed.get(name):
-                metrics[f"rewards/{name}/failed"] = float(scores.n_failed[name])
+            if name in self.reward_fns:  # logged even when 0: under DDP every rank logs the same keys
+                metrics[f"rewards/{name}/failed"] = float(scores.n_failed.get(name, 0))
         metrics.update({f"time/{k}": v for k, v in timings.items()})
         for key, value in metrics.items():
-            self.log(key, value, on_step=True, prog_bar=key in ("reward", "loss"), batch_size=1)
+            self._log_step(key, value, prog_bar=key in ("reward", "loss"))
 
     # ------------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -349,9 +389,16 @@ class CorrPOModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["corrpo"] = {"skipped_updates": self.skipped_updates, "eval_history": self.eval_history}
+        checkpoint["corrpo"] = {
+            "skipped_updates": self.skipped_updates,
+            "eval_history": self.eval_history,
+            "steps_done": self.steps_done,
+            "rng": rng_states(),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("corrpo", {})
         self.skipped_updates = state.get("skipped_updates", 0)
         self.eval_history = state.get("eval_history", [])
+        self.steps_done = state.get("steps_done", 0)
+        self._rng_to_restore = state.get("rng")

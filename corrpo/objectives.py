@@ -88,7 +88,11 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def aggregate_token_loss(
-    per_token: torch.Tensor, mask: torch.Tensor, loss_type: LossType, max_completion_length: int
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    loss_type: LossType,
+    max_completion_length: int,
+    num_tokens: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """Reduce a per-token loss ``[N, L]`` to a scalar.
 
@@ -96,6 +100,9 @@ def aggregate_token_loss(
       token: the length bias Dr. GRPO points out).
     - ``dr_grpo``: sum over all tokens / (N * max_completion_length): a constant normaliser, no length bias.
     - ``dapo``: sum over all tokens / number of tokens (token-level mean across the batch).
+
+    ``num_tokens`` replaces the ``dapo`` denominator; under DDP pass the global token count / world size, so
+    that DDP's average of the ranks' gradients is the single-process token mean (what TRL does).
     """
     mask = mask.to(per_token.dtype)
     masked = per_token * mask
@@ -104,7 +111,7 @@ def aggregate_token_loss(
     if loss_type == "dr_grpo":
         return masked.sum() / (per_token.shape[0] * max_completion_length)
     if loss_type == "dapo":
-        return masked.sum() / mask.sum().clamp(min=1.0)
+        return masked.sum() / (mask.sum().clamp(min=1.0) if num_tokens is None else num_tokens)
     raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
 
 
@@ -129,6 +136,7 @@ def clipped_policy_loss(
     max_completion_length: int | None = None,
     ref_log_probs: torch.Tensor | None = None,
     beta: float = 0.0,
+    num_tokens: torch.Tensor | float | None = None,
 ) -> PolicyLossOutput:
     """The clipped surrogate, per token, aggregated.
 
@@ -139,6 +147,7 @@ def clipped_policy_loss(
 
     Clip statistics follow TRL: a token is low-clipped when ``ratio < 1 - eps_low`` and ``A < 0`` (the
     clip is what stops the gradient), high-clipped when ``ratio > 1 + eps_high`` and ``A > 0``.
+    ``num_tokens``: see :func:`aggregate_token_loss`.
     """
     if beta > 0 and ref_log_probs is None:
         raise ValueError("beta > 0 needs ref_log_probs")
@@ -153,7 +162,7 @@ def clipped_policy_loss(
         if beta > 0:
             per_token = per_token + beta * kl_tok
     length = max_completion_length if max_completion_length is not None else mask.shape[-1]
-    loss = aggregate_token_loss(per_token, mask, loss_type, length)
+    loss = aggregate_token_loss(per_token, mask, loss_type, length, num_tokens)
     with torch.no_grad():
         low = (ratio < 1.0 - epsilon_low) & (adv < 0)
         high = (ratio > 1.0 + epsilon_high) & (adv > 0)

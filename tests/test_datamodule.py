@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from corrpo.data.datamodule import ReasoningDataModule, StepBatches
+from corrpo.data.datamodule import ReasoningDataModule, StepBatches, StepStream
 
 
 def small(**kwargs) -> ReasoningDataModule:
@@ -29,9 +29,25 @@ def test_batches_follow_the_phases_and_are_reproducible_from_the_index():
     assert [b["step"] for b in batches] == [0, 1, 2, 3, 4]
     assert len(batches[0]["prompt"]) == 4 and "completion" in batches[0]
     assert len(batches[3]["prompt"]) == 2 and "answer" in batches[3]
-    again = small().train_dataloader().dataset
+    again = small().step_batches()
     assert again[4] == batches[4] and again[1] == batches[1]
-    assert small(seed=1).train_dataloader().dataset[0] != batches[0]
+    assert small(seed=1).step_batches()[0] != batches[0]
+
+
+def test_the_stream_resumes_at_a_step_and_shards_whole_prompts_across_ranks():
+    steps = small().step_batches()
+    resumed = list(StepStream(steps, start=3))
+    assert [b["step"] for b in resumed] == [3, 4] and resumed[0] == steps[3]
+    shards = [list(StepStream(steps, rank=r, world_size=2)) for r in range(2)]
+    for index in range(len(steps)):
+        whole, parts = steps[index], [shards[r][index] for r in range(2)]
+        assert all(p["step"] == index and p["phase"] == whole["phase"] for p in parts)
+        assert parts[0]["prompt"] + parts[1]["prompt"] == whole["prompt"]
+        assert len(parts[0]["prompt"]) == len(parts[1]["prompt"])
+    with pytest.raises(ValueError, match="data.rl_batch_size=2 must be divisible"):
+        list(StepStream(steps, start=3, rank=0, world_size=4))
+    with pytest.raises(ValueError, match="resume at step 9"):
+        StepStream(steps, start=9)
 
 
 def test_held_out_sets_never_meet_training_prompts():

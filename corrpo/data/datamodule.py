@@ -5,20 +5,23 @@ SFT batch (prompt, completion) when ``i < sft_steps`` and a batch of RL prompts 
 Each batch is a pure function of ``(seed, i)``: records are drawn by a per-epoch permutation of the pool,
 so a step can be reproduced from its index alone (resume, DDP) and the phase boundary is an index.
 
-Sources: ``"arithmetic"`` (the embedded offline task, :mod:`corrpo.data.arithmetic`) or a jsonl/parquet
-path or Hugging Face dataset name (:mod:`corrpo.data.records`). Probe traces (for the inversion tracker)
-and test prompts (for accuracy) never overlap the training records: the embedded task splits by hash, user
-data holds the last records of a seeded shuffle out.
+Sources: ``"arithmetic"`` (the embedded offline task, :mod:`corrpo.data.arithmetic`), a reasoning-gym task
+``"reasoning_gym:<name>"`` for RL and test prompts (:mod:`corrpo.data.reasoning_gym_source`), or a
+jsonl/parquet path or Hugging Face dataset ``name[:config][[split]]`` (:mod:`corrpo.data.records`). Probe
+traces (for the inversion tracker) and test prompts (for accuracy) never overlap the training records: the
+generated tasks split by hash, user data holds the last records of a seeded shuffle out.
 """
 
 from __future__ import annotations
 
 import random
+import warnings
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from corrpo.data.arithmetic import ArithmeticTask
+from corrpo.data.reasoning_gym_source import reasoning_gym_records, task_name
 from corrpo.data.records import load_records
 
 EMBEDDED = "arithmetic"
@@ -86,6 +89,45 @@ class StepBatches(Dataset):
         }
 
 
+def shard_batch(batch: dict, rank: int, world_size: int) -> dict:
+    """This rank's contiguous share of a step batch: rows ``[rank*b/W, (rank+1)*b/W)`` of every list field.
+
+    RL prompts are cut whole and each is sampled G times on the rank that holds it, so a group never spans
+    two ranks and group advantages need no communication. The batch size must divide evenly: unequal shares
+    would weight ranks unequally in DDP's gradient average.
+    """
+    if world_size == 1:
+        return batch
+    rows = len(batch["prompt"])
+    if rows % world_size:
+        key = "sft_batch_size" if batch["phase"] == "sft" else "rl_batch_size"
+        raise ValueError(f"data.{key}={rows} must be divisible by the number of processes ({world_size})")
+    per_rank = rows // world_size
+    lo, hi = rank * per_rank, (rank + 1) * per_rank
+    return {k: v[lo:hi] if isinstance(v, list) else v for k, v in batch.items()}
+
+
+class StepStream(IterableDataset):
+    """Steps ``start, start+1, ...`` of a :class:`StepBatches`, each cut to this rank's share.
+
+    An iterable (not map-style) dataset so that Lightning neither restarts it at step 0 on resume nor wraps it
+    in a DistributedSampler (which would hand whole steps to different ranks and break the phase order).
+    ``len`` is the whole run, as Lightning counts a resumed epoch's batches from where it stopped.
+    """
+
+    def __init__(self, steps: StepBatches, start: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        if not 0 <= start <= len(steps):
+            raise ValueError(f"cannot resume at step {start} of a run of {len(steps)} steps")
+        self.steps, self.start, self.rank, self.world_size = steps, start, rank, world_size
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __iter__(self):
+        for index in range(self.start, len(self.steps)):
+            yield shard_batch(self.steps[index], self.rank, self.world_size)
+
+
 def _collate_records(rows: list[dict]) -> dict:
     return {"prompt": [r["prompt"] for r in rows], "answer": [str(r["answer"]) for r in rows]}
 
@@ -99,14 +141,16 @@ class ReasoningDataModule(L.LightningDataModule):
 
     Args:
         sft_source: ``arithmetic`` or a jsonl/parquet path or HF dataset name with prompt + completion.
-        rl_source: ``arithmetic`` or a source with prompt + answer.
-        test_source: prompts + answers for accuracy; None = held out of ``rl_source``.
+        rl_source: ``arithmetic``, ``reasoning_gym:<task>`` or a source with prompt + answer.
+        test_source: prompts + answers for accuracy; None = held out of ``rl_source`` (a generated task,
+            embedded or reasoning-gym, generates its own held-out test problems).
         probe_source: prompt + completion traces for the inversion tracker; None = held out of ``sft_source``.
         sft_fields: canonical field -> column name for SFT/probe sources (e.g. ``{"completion": "solution"}``).
         rl_fields: the same for RL/test sources (e.g. ``{"prompt": "question", "answer": "final"}``).
         on_error: ``raise`` on a malformed row (naming file and line) or ``skip`` and count it.
         arithmetic: the embedded task (seed, min_ops, max_ops, max_operand, ops, max_value).
-        n_train: training problems of the embedded task (shared by SFT traces and RL prompts).
+        n_train: training problems of a generated task: the embedded one (shared by SFT traces and RL
+            prompts) or a reasoning-gym one.
         sft_steps / rl_steps: batches per phase (linked from the model's ``sft.steps`` / ``rl.steps``).
         sft_batch_size: traces per SFT step. rl_batch_size: prompts per RL step (each sampled G times).
         n_probe / n_test: sizes of the probe and test sets.
@@ -154,7 +198,18 @@ class ReasoningDataModule(L.LightningDataModule):
         self._pools: dict[str, list[dict]] | None = None
 
     # ------------------------------------------------------------------------------------- loading
-    def _load(self, source: str, kind: str) -> list[dict]:
+    def _load(self, source: str, kind: str, key: str, test: bool = False) -> list[dict]:
+        """The records of ``data.<key>``: a file or HF dataset, or a reasoning-gym task (``n_train`` problems,
+        or with ``test`` its ``n_test`` held-out ones)."""
+        name = task_name(source)
+        if name is not None:
+            if kind == "sft":
+                raise ValueError(
+                    f"data.{key}: {source!r} has prompts and answers but no completions; "
+                    "use it as data.rl_source or data.test_source"
+                )
+            split, n = ("test", self.n_test) if test else ("train", self.n_train)
+            return reasoning_gym_records(name, n, seed=self.seed, split=split)
         result = load_records(source, kind=kind, fields=self.fields[kind], on_error=self.on_error)
         self.n_skipped += result.n_skipped
         return result.records
@@ -175,20 +230,27 @@ class ReasoningDataModule(L.LightningDataModule):
             return self._pools
         task = self.arithmetic if EMBEDDED in (self.sft_source, self.rl_source) else None
         train = task.records("train", self.n_train) if task else []
-        sft = train if self.sft_source == EMBEDDED else self._load(self.sft_source, "sft")
-        rl = train if self.rl_source == EMBEDDED else self._load(self.rl_source, "rl")
+        sft = train if self.sft_source == EMBEDDED else self._load(self.sft_source, "sft", "sft_source")
+        rl = train if self.rl_source == EMBEDDED else self._load(self.rl_source, "rl", "rl_source")
         if self.probe_source is not None:
-            probe = self._load(self.probe_source, "sft")[: self.n_probe]
+            probe = self._load(self.probe_source, "sft", "probe_source")[: self.n_probe]
         elif self.sft_source == EMBEDDED:
             probe = task.records("probe", self.n_probe)
         else:
             sft, probe = self._hold_out(sft, self.n_probe, "probe")
         if self.test_source is not None:
-            test = self._load(self.test_source, "rl")[: self.n_test]
+            test = self._load(self.test_source, "rl", "test_source", test=True)[: self.n_test]
         elif self.rl_source == EMBEDDED:
             test = task.records("test", self.n_test)
+        elif task_name(self.rl_source) is not None:
+            test = self._load(self.rl_source, "rl", "rl_source", test=True)
         else:
             rl, test = self._hold_out(rl, self.n_test, "test")
+        # One source for SFT and RL (the HF recipes) holds its test prompts out of RL only and its probe traces
+        # out of SFT only: drop every held-out prompt from both training pools so that none is trained on.
+        held = {r["prompt"] for r in probe} | {r["prompt"] for r in test}
+        sft = [r for r in sft if r["prompt"] not in held]
+        rl = [r for r in rl if r["prompt"] not in held]
         self._pools = {"sft": sft, "rl": rl, "probe": probe, "test": test}
         return self._pools
 
@@ -204,12 +266,24 @@ class ReasoningDataModule(L.LightningDataModule):
         return self.pools()["test"]
 
     # --------------------------------------------------------------------------------- dataloaders
-    def train_dataloader(self) -> DataLoader:
+    def step_batches(self) -> StepBatches:
+        """Every step's whole batch (all ranks together), by index."""
         pools = self.pools()
-        steps = StepBatches(
+        return StepBatches(
             pools["sft"], pools["rl"], self.sft_steps, self.rl_steps, self.sft_batch_size, self.rl_batch_size, self.seed
         )
-        return DataLoader(steps, batch_size=None, shuffle=False, collate_fn=_identity)
+
+    def train_dataloader(self) -> DataLoader:
+        """The step stream, from the module's ``steps_done`` on (0, or where a resumed run stopped)."""
+        trainer = self.trainer
+        start = getattr(trainer.lightning_module, "steps_done", 0) if trainer is not None else 0
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        stream = StepStream(self.step_batches(), start, rank, world_size)
+        # Lightning's mid-epoch-resume warning assumes a loader that restarts at batch 0; this one starts at
+        # ``steps_done`` (tests/test_resume.py), and its length warning concerns num_workers > 1 only.
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+        warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
+        return DataLoader(stream, batch_size=None, collate_fn=_identity)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.test_records(), batch_size=self.eval_batch_size, collate_fn=_collate_records)

@@ -1,0 +1,49 @@
+"""ResumableCheckpoint: a ModelCheckpoint whose ``last.ckpt`` always resumes exactly.
+
+A corrpo run is one epoch of ``sft.steps + rl.steps`` batches, so a run stopped early (``max_steps``,
+``max_time``, a callback setting ``trainer.should_stop``) ends its epoch early too. Stock ModelCheckpoint
+then saves at that epoch end, and Lightning resumes such a checkpoint as a *finished* epoch: with
+``max_epochs: 1`` nothing more is trained. This subclass saves at the batch where the run stops instead
+(Lightning resumes a batch-end checkpoint mid-epoch, at the next batch) and skips the epoch-end and
+train-end saves of a cut-short run. It also silences Lightning's manual-optimisation warning: saving the
+weights *after* the step is what resuming needs.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+
+def _cut_short(pl_module: L.LightningModule) -> bool:
+    """True when the run stopped before its last step (a module without phases never counts as cut short)."""
+    total = getattr(pl_module, "total_steps", None)
+    return total is not None and getattr(pl_module, "steps_done", total) < total
+
+
+class ResumableCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint (same arguments) that also saves where a run stops early, never at a cut-short epoch end."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*no pre-optimization state was saved.*")
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        max_steps_reached = trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps
+        stopping = trainer.should_stop or max_steps_reached
+        if stopping and _cut_short(pl_module) and not self._should_skip_saving_checkpoint(trainer):
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if _cut_short(pl_module):
+            return
+        super().on_train_epoch_end(trainer, pl_module)
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))  # last.ckpt = the finished run
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if not _cut_short(pl_module):
+            super().on_train_end(trainer, pl_module)

@@ -1,0 +1,78 @@
+"""Exact resume: N steps in one go == N/2 steps, stop, ``--ckpt_path last``, the other N/2 (weights, curve)."""
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_tiny
+
+from corrpo.cli import resume_point
+
+# Both phases, with an RL phase that really moves the weights (the CorR-PO bonus gives every group reward
+# variance even when the tiny model answers nothing right) and sampling that draws from the RNG.
+STEPS = ["--model.sft.steps=3", "--model.rl.steps=5", "--model.rl.inversion.coef=0.5", "--model.rl.lr=1e-3"]
+STOP_AT = 4  # 3 SFT steps + 1 RL step: stopped inside the RL phase
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    whole = run_tiny(tmp_path_factory.mktemp("whole"), *STEPS)
+    root = tmp_path_factory.mktemp("split")
+    first = run_tiny(root, *STEPS, f"--trainer.max_steps={STOP_AT}")
+    checkpoint = torch.load(
+        Path(first.trainer.default_root_dir) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+    )
+    second = run_tiny(root, *STEPS, "--ckpt_path=last")
+    return whole, first, checkpoint, second
+
+
+def _rows(cli) -> list[dict]:
+    return list(csv.DictReader((Path(cli.trainer.default_root_dir) / "emergence.csv").open()))
+
+
+def test_the_stopped_run_checkpoints_where_it_stopped_inside_the_rl_phase(runs):
+    _, first, checkpoint, _ = runs
+    assert checkpoint["global_step"] == STOP_AT
+    assert checkpoint["corrpo"]["steps_done"] == STOP_AT
+    assert first.model.phase_at(checkpoint["corrpo"]["steps_done"]) == "rl"
+    assert first.model.steps_done == STOP_AT < first.model.total_steps
+
+
+def test_the_resumed_run_continues_in_the_same_folder_at_the_next_step(runs):
+    _, first, _, second = runs
+    assert second.trainer.default_root_dir == first.trainer.default_root_dir
+    assert second.model.steps_done == second.model.total_steps == 8
+    assert second.trainer.global_step == 8
+    assert [e["when"] for e in second.model.eval_history] == ["start", "sft_end", "end"]
+    # one wandb run, continued: both offline folders carry the same run id
+    ids = {p.name.rsplit("-", 1)[-1] for p in (Path(second.trainer.default_root_dir) / "wandb").glob("offline-run-*")}
+    assert len(ids) == 1
+
+
+def test_split_and_uninterrupted_runs_end_with_the_same_weights(runs):
+    whole, first, _, second = runs
+    a, b = whole.model.policy.state_dict(), second.model.policy.state_dict()
+    moved = max((a[k] - first.model.policy.state_dict()[k]).abs().max().item() for k in a)
+    assert moved > 1e-4, "the steps after the stop must change the weights, or equality proves nothing"
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_split_and_uninterrupted_runs_write_the_same_emergence_csv(runs):
+    whole, _, _, second = runs
+    rows_whole, rows_split = _rows(whole), _rows(second)
+    assert [(r["step"], r["event"], r["phase"]) for r in rows_split] == [
+        (r["step"], r["event"], r["phase"]) for r in rows_whole
+    ]
+    for x, y in zip(rows_whole, rows_split, strict=True):
+        for key in ("spearman", "pearson", "strength"):
+            assert float(x[key]) == pytest.approx(float(y[key]), abs=1e-6)
+    assert rows_split[-1]["event"] == "end" and rows_split[-1]["batches"] == "8"
+
+
+def test_ckpt_path_last_without_a_checkpoint_starts_fresh(tmp_path):
+    assert resume_point(tmp_path) is None
+    (tmp_path / "20260101-000000" / "checkpoints").mkdir(parents=True)
+    old = tmp_path / "20260101-000000" / "checkpoints" / "last.ckpt"
+    old.write_bytes(b"")
+    assert resume_point(tmp_path) == (tmp_path / "20260101-000000", old)
