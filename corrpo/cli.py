@@ -25,6 +25,8 @@ from lightning.pytorch.cli import LightningCLI
 from corrpo.data.datamodule import ReasoningDataModule
 from corrpo.module import CorrPOModule
 
+RUN_DIR_ENV = "CORRPO_RUN_DIR"
+
 
 class CorrPOCLI(LightningCLI):
     """LightningCLI with linked phase lengths and one folder per run."""
@@ -44,9 +46,12 @@ class CorrPOCLI(LightningCLI):
             config.ckpt_path = str(resume[1]) if resume else None
         if resume is not None:
             root = resume[0]
+        elif os.environ.get("LOCAL_RANK", "0") != "0" and os.environ.get(RUN_DIR_ENV):
+            root = Path(os.environ[RUN_DIR_ENV])  # a DDP child process: the folder rank 0 chose
         elif not os.environ.get("CORRPO_KEEP_RUN_DIR"):
             root = root / time.strftime("%Y%m%d-%H%M%S")
         trainer.default_root_dir = str(root)
+        os.environ[RUN_DIR_ENV] = str(root)  # inherited by the processes Lightning's DDP launcher starts
         loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
         for logger in loggers:
             init_args = getattr(logger, "init_args", None)

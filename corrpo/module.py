@@ -45,7 +45,7 @@ from corrpo.objectives import (
 )
 from corrpo.rewards import resolve_reward
 from corrpo.rewards.accuracy import accuracy_reward
-from corrpo.rewards.combine import score_completions
+from corrpo.rewards.combine import completion_rows, score_completions
 from corrpo.rng import restore_rng_states, rng_states
 from corrpo.rollout import Generator, HFGenerator, Rollout
 from corrpo.run_dir import run_dir
@@ -98,6 +98,7 @@ class CorrPOModule(L.LightningModule):
             self.ref_policy.requires_grad_(False).eval()
         self.skipped_updates = 0
         self.eval_history: list[dict] = []
+        self.last_completions: list[dict] = []  # this rank's last RL batch, one row per completion
         self.steps_done = 0  # train batches finished; where a resumed run starts
         self._rng_to_restore: dict | None = None
 
@@ -264,11 +265,14 @@ class CorrPOModule(L.LightningModule):
         rewards = scores.total.to(self.device)
         timings["score"] = time.perf_counter() - t0
 
+        rho = None
         if self.rl.inversion.coef > 0:
             t0 = time.perf_counter()
-            rewards = rewards + self._inversion_reward(rollout, batch["step"] - self.sft.steps, scores)
+            bonus, rho = self._inversion_reward(rollout, batch["step"] - self.sft.steps, scores)
+            rewards = rewards + bonus
             timings["inversion"] = time.perf_counter() - t0
         advantages = group_advantages(rewards, G, self.rl.scale_rewards)
+        self.last_completions = completion_rows(batch["step"], prompts, completions, scores, rewards, advantages, rho)
 
         loss_mask = rollout.completion_mask
         if self.rl.mask_truncated_completions:
@@ -306,8 +310,8 @@ class CorrPOModule(L.LightningModule):
 
         self._log_rl(batch, rewards, scores, rollout, out, entropy, timings)
 
-    def _inversion_reward(self, rollout: Rollout, rl_step: int, scores) -> torch.Tensor:
-        """CorR-PO: ``coef * clip(-rho_i, -1, 1)`` per response, on the policy that sampled it.
+    def _inversion_reward(self, rollout: Rollout, rl_step: int, scores) -> tuple[torch.Tensor, torch.Tensor]:
+        """CorR-PO: ``coef * clip(-rho_i, -1, 1)`` per response, on the policy that sampled it; returns (bonus, rho).
 
         ``rho_i`` correlates entropy and logit-gradient strength over response ``i``'s own completion tokens
         (:mod:`corrpo.inversion.rollout_bonus`). Responses shorter than ``min_tokens`` or with a constant side
@@ -328,7 +332,7 @@ class CorrPOModule(L.LightningModule):
         )
         self._log_step("inversion/rollout_nan_frac", 1.0 - valid.float().mean())
         self._log_step("rewards/inversion/std", bonus.float().std() if bonus.numel() > 1 else 0.0)
-        return bonus.to(self.device, torch.float32)
+        return bonus.to(self.device, torch.float32), rho
 
     def _log_rl(self, batch, rewards, scores, rollout, out, entropy, timings) -> None:
         lengths = rollout.completion_mask.sum(dim=1).float()

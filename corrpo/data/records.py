@@ -4,22 +4,33 @@ Every record comes out with canonical keys: ``prompt`` always, ``completion`` (t
 ``answer`` (the gold answer, a string) for RL; the other key is kept when the row has a usable value. A
 malformed row raises :class:`RecordError` naming the file, the 1-based line (or row) and the field, so a
 bad line in a 100k-line file is found at once; ``on_error="skip"`` drops such rows and counts them.
+
+A Hugging Face source is ``name[:config][[split]]``, e.g. ``openai/gsm8k:main[test]`` (the split defaults
+to ``split``; slices such as ``train[:1000]`` pass through to ``datasets``). A field mapping value is a
+column name or ``"column|transform"`` with a named transform of :mod:`corrpo.data.transforms`, e.g.
+``{"answer": "solution|boxed"}``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import numbers
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from corrpo.data.reasoning_gym_source import PREFIX as REASONING_GYM_PREFIX
+from corrpo.data.transforms import TransformError, parse_field
 
 CANONICAL_FIELDS: tuple[str, ...] = ("prompt", "completion", "answer")
 REQUIRED: dict[str, tuple[str, ...]] = {"sft": ("prompt", "completion"), "rl": ("prompt", "answer")}
 FILE_SUFFIXES: tuple[str, ...] = (".jsonl", ".json", ".parquet")
 MAX_ERRORS_KEPT = 10
+_HF_SOURCE = re.compile(r"^(?P<name>[^:\[\]\s]+)(?::(?P<config>[^:\[\]\s]+))?(?:\[(?P<split>.+)\])?$")
 
 
 class RecordError(ValueError):
@@ -71,18 +82,37 @@ def _rows_parquet(path: Path) -> Iterator[tuple[str, Any]]:
         yield f"{path}: row {number}", row
 
 
-def _rows_hf(name: str, split: str) -> Iterator[tuple[str, Any]]:
+def parse_hf_source(source: str, split: str = "train") -> tuple[str, str | None, str]:
+    """``"name[:config][[split]]"`` -> ``(name, config or None, split)``; ``split`` when none is named."""
+    match = _HF_SOURCE.match(source.strip())
+    if match is None:
+        raise ValueError(
+            f"data source {source!r}: expected a .jsonl/.json/.parquet file or a Hugging Face dataset "
+            "'name[:config][[split]]', e.g. 'openai/gsm8k:main[test]'"
+        )
+    return match["name"], match["config"], match["split"] or split
+
+
+def _rows_hf(source: str, split: str) -> Iterator[tuple[str, Any]]:
+    name, config, split = parse_hf_source(source, split)
     try:
         import datasets
     except ImportError as err:
         raise ImportError(
             f"loading the Hugging Face dataset {name!r} needs the `datasets` package: pip install corrpo[hf]"
         ) from err
-    for number, row in enumerate(datasets.load_dataset(name, split=split), start=1):
-        yield f"{name}[{split}]: row {number}", row
+    label = f"{name}:{config}" if config else name
+    rows = datasets.load_dataset(name, config, split=split) if config else datasets.load_dataset(name, split=split)
+    for number, row in enumerate(rows, start=1):
+        yield f"{label}[{split}]: row {number}", row
 
 
 def _rows(source: str, split: str) -> Iterator[tuple[str, Any]]:
+    if source.startswith(REASONING_GYM_PREFIX):
+        raise ValueError(
+            f"data source {source!r} is a generated reasoning-gym task: ReasoningDataModule serves it (as "
+            "data.rl_source or data.test_source); load_records reads files and Hugging Face datasets"
+        )
     path = Path(source).expanduser()
     suffix = path.suffix.lower()
     if path.is_file() or suffix in FILE_SUFFIXES:
@@ -106,20 +136,33 @@ def _text(value: Any, canonical: str) -> str | None:
     return None
 
 
-def _convert(where: str, row: Any, kind: str, columns: dict[str, str]) -> dict[str, str]:
+@functools.lru_cache(maxsize=64)
+def _parsed_field(spec: str) -> tuple[str, Callable[[Any], str] | None]:
+    """:func:`corrpo.data.transforms.parse_field`, once per spec rather than once per row."""
+    return parse_field(spec)
+
+
+def _convert(where: str, row: Any, kind: str, specs: dict[str, str]) -> dict[str, str]:
     """One canonical record from one row, or a RecordError naming the location and the field."""
     if not isinstance(row, dict):
         raise RecordError(f"{where}: expected a JSON object, got {type(row).__name__}")
     record = {}
     for canonical in CANONICAL_FIELDS:
-        column = columns[canonical]
-        label = canonical if column == canonical else f"{canonical!r} (column {column!r})"
-        value = row.get(column)
+        spec = specs[canonical]
+        column, transform = _parsed_field(spec)
+        label = canonical if spec == canonical else f"{canonical!r} (column {spec!r})"
+        value, problem = row.get(column), None
+        if transform is not None and column in row:
+            try:
+                value = transform(value)
+            except TransformError as err:
+                value, problem = None, str(err)
         text = _text(value, canonical)
         if text is not None:
             record[canonical] = text
         elif canonical in REQUIRED[kind]:
-            problem = "missing" if column not in row else f"must be a non-empty string, got {value!r:.60}"
+            if problem is None:
+                problem = "missing" if column not in row else f"must be a non-empty string, got {value!r:.60}"
             raise RecordError(f"{where}: field {label} {problem}")
     return record
 
@@ -135,12 +178,13 @@ def load_records(
 
     Args:
         source: a ``.jsonl`` / ``.json`` (one JSON object per line, or one array) / ``.parquet`` path, or a
-            Hugging Face dataset name (needs ``pip install corrpo[hf]``).
+            Hugging Face dataset ``name[:config][[split]]`` (needs ``pip install corrpo[hf]``).
         kind: ``"sft"`` or ``"rl"``; decides which fields are required.
-        fields: canonical name -> column name, e.g. ``{"prompt": "question", "answer": "final"}``; fields not
-            named keep their canonical column name.
+        fields: canonical name -> column name, e.g. ``{"prompt": "question", "answer": "final"}``, or
+            ``"column|transform"`` (:mod:`corrpo.data.transforms`: ``gsm8k_answer``, ``gsm8k_solution``,
+            ``boxed``, ``user``, ``assistant``); fields not named keep their canonical column name.
         on_error: ``"raise"`` the first :class:`RecordError`, or ``"skip"`` malformed rows and count them.
-        split: the split of a Hugging Face dataset.
+        split: the split of a Hugging Face dataset whose source names none.
     """
     if kind not in REQUIRED:
         raise ValueError(f"kind must be one of {tuple(REQUIRED)}, got {kind!r}")
@@ -150,6 +194,10 @@ def load_records(
     if unknown:
         raise ValueError(f"fields: unknown canonical names {sorted(unknown)}; expected some of {CANONICAL_FIELDS}")
     columns = {name: (fields or {}).get(name, name) for name in CANONICAL_FIELDS}
+    for spec in columns.values():
+        if not isinstance(spec, str):
+            raise ValueError(f"fields: column names must be strings, got {spec!r}")
+        _parsed_field(spec)  # unknown transform names fail here, before any row is read
     result = LoadResult(records=[])
     for where, row in _rows(source, split):
         try:

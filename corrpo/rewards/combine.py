@@ -82,3 +82,29 @@ def score_completions(
         n_failed[name] = failed
         total += weight * torch.nan_to_num(values, nan=0.0)
     return RewardScores(per_function=per_function, total=total, n_failed=n_failed)
+
+
+def completion_rows(
+    step: int,
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    scores: RewardScores,
+    rewards: torch.Tensor,
+    advantages: torch.Tensor,
+    rho: torch.Tensor | None = None,
+) -> list[dict]:
+    """One row per completion (prompt, completion, each reward part, total reward, advantage, rho_i).
+
+    The dashboard's completions table and the tests read these; NaN (unscored, or rho of a too-short or
+    constant response) is kept as NaN rather than dropped, so every sampled completion has its row.
+    """
+    rewards, advantages = rewards.detach().float().cpu(), advantages.detach().float().cpu()
+    rho = rho.detach().float().cpu() if rho is not None else None
+    rows = []
+    for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
+        row = {"step": step, "prompt": prompt, "completion": completion}
+        row.update({f"reward/{name}": float(values[i]) for name, values in scores.per_function.items()})
+        row.update({"reward": float(rewards[i]), "advantage": float(advantages[i])})
+        row["rho"] = float(rho[i]) if rho is not None else math.nan
+        rows.append(row)
+    return rows

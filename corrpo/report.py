@@ -1,0 +1,230 @@
+"""``corrpo report <run_dir>``: one run folder -> ``emergence.png`` and ``summary.md``, offline.
+
+Why: a run's numbers sit in four files (``emergence.csv``, ``results.json``, ``config.yaml`` and the wandb
+offline run); this gathers them on one Markdown page, without network or wandb login. It imports no Lightning:
+``python -m corrpo.report <run_dir>`` takes about a second.
+
+The per-step RL reward is only in wandb: it is read from the run's transaction log
+``wandb/*run-*/run-*.wandb`` with the wandb SDK's own offline reader, ``wandb leet inspect --json`` (wandb
+0.31 has no Python reader any more, the old ``wandb.sdk.internal.datastore`` is gone: wandb-core reads it).
+Without a wandb run, or with a wandb that cannot read it, the summary says the reward was not recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+
+from corrpo import analysis
+from corrpo.plotting import emergence_figure
+
+EVENTS = ("start", "boundary", "end")
+MAX_REWARD_ROWS = 20
+
+
+def wandb_history(path: str | Path, timeout: float = 120.0) -> tuple[list[dict], str | None]:
+    """The ``history`` rows (``{key: value}``) of a ``run-*.wandb`` file, in order, and a note on any problem.
+
+    Runs ``python -m wandb leet inspect --json <path>`` offline (``WANDB_MODE=offline`` also turns off its
+    telemetry upload). A torn tail (an interrupted run) still gives the rows before it, with a note; a wandb
+    without ``leet inspect`` or an unreadable file gives no rows and the reason.
+    """
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    command = [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(path)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return [], f"`wandb leet inspect` failed: {error}"
+    rows = []
+    for line in done.stdout.splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("type") == "history":
+            rows.append(dict(record["history"].get("item", {})))
+    said = " ".join(done.stderr.split()[-40:])  # empty for a complete, readable log
+    if done.returncode:
+        return rows, f"`wandb leet inspect` exited with {done.returncode}: {said}"
+    return rows, said or None
+
+
+def find_wandb_log(run_dir: str | Path) -> Path | None:
+    """The newest wandb run's ``run-*.wandb`` under ``<run_dir>/wandb`` (offline or online), else None."""
+    logs = Path(run_dir).glob("wandb/*run-*/run-*.wandb")
+    logs = sorted(logs, key=lambda p: p.parent.name.split("run-", 1)[1])  # <YYYYmmdd_HHMMSS>-<id>
+    return logs[-1] if logs else None
+
+
+def reward_curve(history: list[dict]) -> list[tuple[int, float]]:
+    """``(trainer/global_step, reward)`` of every history row that logged ``reward`` (RL steps only)."""
+    return [
+        (int(row.get("trainer/global_step", row.get("_step", -1))), float(row["reward"]))
+        for row in history
+        if isinstance(row.get("reward"), int | float)
+    ]
+
+
+def downsample(rows: list, limit: int = MAX_REWARD_ROWS) -> list:
+    """At most ``limit`` rows, evenly spaced, first and last kept."""
+    if len(rows) <= limit:
+        return list(rows)
+    return [rows[round(i * (len(rows) - 1) / (limit - 1))] for i in range(limit)]
+
+
+def _num(value) -> str:
+    """A cell: integers as is, other numbers to 4 decimals, missing as ``-``."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return str(value) if isinstance(value, int) else f"{float(value):.4f}"
+
+
+def _sparkline(values: list[float]) -> str:
+    """A one-line text plot of ``values`` (eight levels between their min and max)."""
+    low, high = min(values), max(values)
+    bars = "▁▂▃▄▅▆▇█"
+    return "".join(bars[int((v - low) / (high - low) * 7.999) if high > low else 3] for v in values)
+
+
+def _config(run_dir: Path) -> dict:
+    """The run's resolved ``config.yaml`` as a dict; empty when absent."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}
+
+
+def _get(config: dict, dotted: str):
+    """``config["a"]["b"]`` for ``"a.b"``; None where a key is missing."""
+    for key in dotted.split("."):
+        config = config.get(key) if isinstance(config, dict) else None
+    return config
+
+
+def _reward_section(run_dir: Path, config: dict) -> list[str]:
+    """Markdown lines of the RL reward: summary, text sparkline and a table of at most MAX_REWARD_ROWS rows."""
+    log = find_wandb_log(run_dir)
+    if log is None:
+        return [f"Reward curve: not recorded (no wandb run under `{run_dir / 'wandb'}`)."]
+    source = f"`{log.relative_to(run_dir)}`"
+    history, problem = wandb_history(log)
+    curve = reward_curve(history)
+    note = [f"Note: {problem}"] if problem else []
+    every = _get(config, "trainer.log_every_n_steps")
+    every = f" (`trainer.log_every_n_steps` = {every})" if every else ""
+    if not history and problem:
+        return [f"Reward curve: not read from {source}.", "", *note]
+    if not curve:
+        return [f"Reward curve: not recorded ({source} holds no `reward`: no RL step was logged{every}).", "", *note]
+    rewards = [r for _, r in curve]
+    lines = [
+        f"{len(curve)} RL steps logged{every} in {source}: first {_num(rewards[0])} (step {curve[0][0]}), last "
+        f"{_num(rewards[-1])} (step {curve[-1][0]}), mean {_num(sum(rewards) / len(rewards))}, min "
+        f"{_num(min(rewards))}, max {_num(max(rewards))}.",
+        "",
+        *(note + [""] if note else []),
+        f"`{_sparkline(rewards)}`",
+        "",
+        "| step | reward |",
+        "|---|---|",
+    ]
+    return lines + [f"| {step} | {_num(reward)} |" for step, reward in downsample(curve)]
+
+
+def write_report(run_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``<run_dir>/emergence.png`` and ``<run_dir>/summary.md``; return their paths.
+
+    Raises FileNotFoundError (with the path) without ``emergence.csv``, or without ``results.json`` when the run
+    finished (``end`` row in emergence.csv); an interrupted run without results.json is reported as such.
+    """
+    run_dir = Path(run_dir)
+    csv_path, results_path = run_dir / "emergence.csv", run_dir / "results.json"
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"{csv_path} not found: not a corrpo run folder, or the run never started")
+    frame = analysis.load_emergence([run_dir])
+    finished = bool((frame["event"] == "end").any())
+    if finished and not results_path.is_file():
+        raise FileNotFoundError(f"{results_path} not found, though emergence.csv has the run's 'end' row")
+    results = json.loads(results_path.read_text(encoding="utf-8")) if results_path.is_file() else None
+    config = _config(run_dir)
+    boundary = analysis.boundary_batches(frame)
+
+    figure = emergence_figure(frame.to_dict("records"), boundary_batches=boundary)
+    png_path = run_dir / "emergence.png"
+    figure.savefig(png_path, dpi=120)
+    plt.close(figure)
+
+    sft_steps, rl_steps = _get(config, "model.sft.steps"), _get(config, "model.rl.steps")
+    coef = _get(config, "model.rl.inversion.coef")
+    method = analysis.method_of(run_dir)
+    if method == "run" and coef is not None:  # nothing in the folder names it: the config does
+        method = "corrpo" if coef > 0 else "grpo"
+    lines = [f"# Run report: {run_dir.name}", "", f"Folder: `{run_dir.resolve()}`", ""]
+    if results is None:
+        lines += [
+            "**Interrupted run**: no `results.json` and no `end` row in emergence.csv; test accuracy after SFT and "
+            "at the end, and skipped updates, were not recorded. Below is what the run wrote before it stopped.",
+            "",
+        ]
+    lines += [
+        f"Method: {method} (`model.rl.inversion.coef` = {coef if coef is not None else '-'})",
+        "",
+        "## Phases",
+        f"- SFT: {sft_steps if sft_steps is not None else '-'} steps, then RL: "
+        f"{rl_steps if rl_steps is not None else '-'} steps (config.yaml)",
+        f"- SFT -> RL boundary at batch {int(boundary)} (emergence.csv)"
+        if boundary is not None
+        else "- SFT -> RL boundary: none (SFT only, or RL from the start)",
+        "",
+        "## Entropy-gradient inversion (emergence.csv; strength = -spearman)",
+        "| event | step | batches | phase | spearman | pearson | strength | n_tokens |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for event in EVENTS:
+        hits = frame[frame["event"] == event]
+        if hits.empty:
+            lines.append(f"| {event} | not recorded | | | | | | |")
+            continue
+        row = hits.iloc[-1]
+        cells = [int(row["step"]), int(row["batches"]), row["phase"]]
+        cells += [float(row[k]) for k in ("spearman", "pearson", "strength")] + [int(row["n_tokens"])]
+        lines.append(f"| {event} | " + " | ".join(c if isinstance(c, str) else _num(c) for c in cells) + " |")
+    lines += ["", "![emergence curve](emergence.png)", "", "## Test accuracy (results.json)"]
+    if results is None:
+        lines.append("Not recorded (no results.json).")
+    else:
+        lines += ["| when | step | accuracy |", "|---|---|---|"]
+        by_when = {r.get("when"): r for r in results.get("test_accuracy", [])}
+        for when in ("start", "sft_end", "end"):
+            r = by_when.get(when)
+            lines.append(f"| {when} | {r['step']} | {_num(float(r['accuracy']))} |" if r else f"| {when} | - | - |")
+        lines += ["", f"Skipped updates: {results.get('skipped_updates', '-')}"]
+    lines += ["", "## RL reward (wandb history)", *_reward_section(run_dir, config), ""]
+    md_path = run_dir / "summary.md"
+    md_path.write_text("\n".join(lines), encoding="utf-8")
+    return png_path, md_path
+
+
+def report_main(argv: list[str] | None = None) -> tuple[Path, Path]:
+    """``corrpo report <run_dir>``: write the report and print the two paths."""
+    parser = argparse.ArgumentParser(prog="corrpo report", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path, help="a run folder, e.g. runs/tiny/<timestamp>")
+    args = parser.parse_args(argv)
+    try:
+        paths = write_report(args.run_dir)
+    except FileNotFoundError as error:
+        parser.exit(1, f"corrpo report: error: {error}\n")
+    for path in paths:
+        print(path)
+    return paths
+
+
+if __name__ == "__main__":
+    report_main()
