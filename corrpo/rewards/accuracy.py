@@ -1,30 +1,39 @@
 """Verifiable accuracy reward: is the completion's final answer mathematically equal to the gold answer?
 
 Uses math-verify (``parse`` then ``verify(gold, prediction)``; the order matters: the gold decides what
-kind of object is compared). math-verify bounds its own time with SIGALRM, which only works in the main
-thread, so off the main thread (dataloader workers, async reward servers) its timeouts are switched off and
-the answer text is truncated instead; in the main thread each parse/verify call gets ``TIMEOUT_S`` and
-each completion stops trying further readings once ``TIMEOUT_S`` has passed.
+kind of object is compared). Time is bounded per completion, not per call: math-verify's own whole-second
+alarms are off, and one :func:`corrpo.rewards.deadline.deadline` budget of ``TIME_BUDGET_S`` covers every
+parse and verify of a completion (and of a gold); a completion that runs out scores 0 (a gold: unscorable).
+Off the main thread signals are unavailable, so there the answer text is truncated to ``MAX_ANSWER_CHARS``
+(done everywhere) and nothing else bounds it.
 """
 
 from __future__ import annotations
 
-import threading
-import time
+import logging
+import math
 from typing import Any
 
 from math_verify import parse, verify
 
 from corrpo.rewards.answer import extract_answer
+from corrpo.rewards.deadline import DeadlineExceeded, deadline
 
 MAX_ANSWER_CHARS = 2_000
 """Answer text beyond this is cut before parsing, so garbage cannot make a step slow."""
-TIMEOUT_S = 1
-"""Seconds per math-verify call (main thread only: SIGALRM)."""
+TIME_BUDGET_S = 0.5
+"""Seconds of math-verify work per completion (and per gold answer), main thread only."""
 
 
-def _timeout() -> int | None:
-    return TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+class _NoTimeoutNotice(logging.Filter):
+    """Drop math-verify's "Timeout is disabled" notice: the deadline above is that timeout."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Timeout is disabled")
+
+
+for _name in ("math_verify.parser", "math_verify.grader"):
+    logging.getLogger(_name).addFilter(_NoTimeoutNotice())
 
 
 def _wrap(text: str) -> str:
@@ -35,12 +44,15 @@ def _wrap(text: str) -> str:
 def parse_gold(gold: Any) -> list | None:
     """The parsed gold answer, or None when math-verify finds no mathematical object in it."""
     if isinstance(gold, int | float) and not isinstance(gold, bool):
+        if not math.isfinite(gold):  # a NaN/inf gold (an empty cell of a numeric column) is no answer at all
+            return None
         gold = str(gold)
     if not isinstance(gold, str) or not gold.strip():
         return None
     try:
-        parsed = parse(_wrap(gold.strip()), parsing_timeout=_timeout())
-    except Exception:  # noqa: BLE001 - a gold math-verify cannot read is "unscorable", not a crash
+        with deadline(TIME_BUDGET_S):
+            parsed = parse(_wrap(gold.strip()[:MAX_ANSWER_CHARS]), parsing_timeout=None)
+    except (Exception, DeadlineExceeded):  # noqa: BLE001 - a gold math-verify cannot read is "unscorable"
         return None
     # With its default fallback math-verify returns the raw string when nothing parsed: not a usable gold.
     return parsed if any(not isinstance(item, str) for item in parsed) else None
@@ -52,17 +64,17 @@ def score_answer(gold: list, completion: Any) -> float:
     if not answer:
         return 0.0
     answer = answer[:MAX_ANSWER_CHARS]
-    timeout = _timeout()
-    start = time.monotonic()
-    for candidate in dict.fromkeys((answer, _wrap(answer))):
-        if timeout is not None and time.monotonic() - start > timeout:
-            break
-        try:
-            prediction = parse(candidate, parsing_timeout=timeout)
-            if prediction and verify(gold, prediction, timeout_seconds=timeout):
-                return 1.0
-        except Exception:  # noqa: BLE001 - garbage completions score 0, they never stop training
-            continue
+    try:
+        with deadline(TIME_BUDGET_S):
+            for candidate in dict.fromkeys((answer, _wrap(answer))):
+                try:
+                    prediction = parse(candidate, parsing_timeout=None)
+                    if prediction and verify(gold, prediction, timeout_seconds=None):
+                        return 1.0
+                except Exception:  # noqa: BLE001 - garbage completions score 0, they never stop training
+                    continue
+    except DeadlineExceeded:
+        pass
     return 0.0
 
 
