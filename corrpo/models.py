@@ -26,6 +26,8 @@ from transformers import (
     Qwen2Config,
 )
 
+from corrpo.lora import is_peft_model, merged_copy, save_adapter
+
 TINY_FAMILIES = {"tiny-qwen2": "qwen2", "tiny-llama": "llama"}
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 # The reasoning tags are single tokens, as in real reasoning tokenizers: shorter sequences, and the model
@@ -159,9 +161,17 @@ def load_tokenizer(name_or_folder: str) -> PreTrainedTokenizerBase:
 
 
 def export_policy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: str | Path) -> Path:
-    """Save the policy and tokenizer as a Hugging Face folder that ``from_pretrained`` loads."""
+    """Save the policy and tokenizer as a Hugging Face folder that ``from_pretrained`` loads.
+
+    A LoRA policy (``model.lora``, a PEFT model) is saved MERGED, ``W + (alpha / r) B A`` in every adapted
+    weight (on a copy: ``model`` keeps its adapters), so the folder is a plain model of the base's class; the
+    adapters alone go to ``folder/adapter`` for ``PeftModel.from_pretrained(base, folder / "adapter")``.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    if is_peft_model(model):
+        save_adapter(model, folder / "adapter")
+        model = merged_copy(model)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

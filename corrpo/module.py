@@ -35,6 +35,7 @@ from corrpo.batching import encode_prompts, encode_sft_batch, position_ids_from_
 from corrpo.config import OptimConfig, RLConfig, SFTConfig
 from corrpo.inversion.entropy import token_entropy_bits
 from corrpo.inversion.rollout_bonus import inversion_bonus, rollout_correlations
+from corrpo.lora import LoRAConfig, apply_lora
 from corrpo.models import TinyArchitecture, export_policy, load_policy
 from corrpo.objectives import (
     clipped_policy_loss,
@@ -64,7 +65,11 @@ class CorrPOModule(L.LightningModule):
         rl: phase-2 arguments.
         use_chat_template: wrap prompts with the tokenizer's chat template.
         eval_batch_size: prompts per greedy generate call when measuring test accuracy.
-        seed: seed of the tiny model's initial weights.
+        seed: seed of the tiny model's initial weights (and of the LoRA ``A`` init).
+        lora: LoRA adapters through PEFT (``pip install "corrpo[lora]"``): only the adapters train, the
+            inversion is measured on the effective weights ``W + (alpha / r) B A``; unset = full fine-tuning.
+        generator: the rollout engine, a :class:`corrpo.rollout.Generator` (class path in a config); None =
+            :class:`HFGenerator` (``model.generate``); :class:`corrpo.vllm_generator.VLLMGenerator` for vLLM.
     """
 
     def __init__(
@@ -78,6 +83,8 @@ class CorrPOModule(L.LightningModule):
         use_chat_template: bool = False,
         eval_batch_size: int = 64,
         seed: int = 0,
+        lora: LoRAConfig | None = None,
+        generator: Generator | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -87,14 +94,19 @@ class CorrPOModule(L.LightningModule):
         self.use_chat_template = use_chat_template
         self.eval_batch_size = eval_batch_size
         self.policy, self.tokenizer = load_policy(policy, tiny, dtype, attn_implementation, seed)
+        if lora is not None:
+            self.policy = apply_lora(self.policy, lora, seed)
         self.reward_fns = {name.rsplit(":", 1)[-1].rsplit(".", 1)[-1]: resolve_reward(name) for name in self.rl.rewards}
         self.reward_weights = self.rl.reward_weights or [1.0] * len(self.reward_fns)
-        self.generator: Generator = HFGenerator()
+        self.generator: Generator = generator if generator is not None else HFGenerator()
+        self._generator_stale = False  # the policy changed since the generator last synced its weights
         # The KL reference is the policy as RL starts (refreshed at the boundary); a submodule so that it
         # moves with the module and is saved in checkpoints.
         self.ref_policy = None
         if self.rl.beta > 0:
             self.ref_policy, _ = load_policy(policy, tiny, dtype, attn_implementation, seed)
+            if lora is not None:  # wrapped like the policy, so the boundary refresh is a plain load_state_dict
+                self.ref_policy = apply_lora(self.ref_policy, lora, seed)
             self.ref_policy.requires_grad_(False).eval()
         self.skipped_updates = 0
         self.eval_history: list[dict] = []
@@ -112,6 +124,7 @@ class CorrPOModule(L.LightningModule):
         return self.sft.steps + self.rl.steps
 
     def configure_optimizers(self):
+        # with model.lora only the adapters require grad: the frozen base gets no AdamW state
         params = [p for p in self.policy.parameters() if p.requires_grad]
         sft_opt = torch.optim.AdamW(params, lr=self.sft.lr, weight_decay=self.sft.weight_decay)
         rl_opt = torch.optim.AdamW(params, lr=self.rl.lr, weight_decay=self.rl.weight_decay)
@@ -194,6 +207,7 @@ class CorrPOModule(L.LightningModule):
             group["lr"] = self._lr_at(config, step)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        self._generator_stale = True
         self._log_step("grad_norm", grad_norm)
         self._log_step("lr", optimizer.param_groups[0]["lr"])
         return True
@@ -229,6 +243,9 @@ class CorrPOModule(L.LightningModule):
     # ----------------------------------------------------------------------------------------- RL
     def generate_rollout(self, prompts: list[str], num_generations: int, greedy: bool = False) -> Rollout:
         enc = encode_prompts(self.tokenizer, prompts, self.rl.max_prompt_length, self.use_chat_template)
+        if self._generator_stale:  # e.g. vLLM holds its own copy of the weights: refresh it after updates
+            self.generator.sync_weights(self.policy)
+            self._generator_stale = False
         return self.generator.generate(
             self.policy,
             enc["input_ids"].to(self.device),
@@ -405,4 +422,5 @@ class CorrPOModule(L.LightningModule):
         self.skipped_updates = state.get("skipped_updates", 0)
         self.eval_history = state.get("eval_history", [])
         self.steps_done = state.get("steps_done", 0)
+        self._generator_stale = True  # the restored weights are not what a generator may have synced
         self._rng_to_restore = state.get("rng")

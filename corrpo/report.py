@@ -29,12 +29,12 @@ EVENTS = ("start", "boundary", "end")
 MAX_REWARD_ROWS = 20
 
 
-def wandb_history(path: str | Path, timeout: float = 120.0) -> tuple[list[dict], str | None]:
-    """The ``history`` rows (``{key: value}``) of a ``run-*.wandb`` file, in order, and a note on any problem.
+def wandb_records(path: str | Path, timeout: float = 120.0) -> tuple[list[dict], str | None]:
+    """Every record of a ``run-*.wandb`` file as a dict (``type``: history, summary, ...), and a note on any problem.
 
     Runs ``python -m wandb leet inspect --json <path>`` offline (``WANDB_MODE=offline`` also turns off its
-    telemetry upload). A torn tail (an interrupted run) still gives the rows before it, with a note; a wandb
-    without ``leet inspect`` or an unreadable file gives no rows and the reason.
+    telemetry upload). A torn tail (an interrupted run) still gives the records before it, with a note; a wandb
+    without ``leet inspect`` or an unreadable file gives no records and the reason.
     """
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     command = [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(path)]
@@ -42,18 +42,34 @@ def wandb_history(path: str | Path, timeout: float = 120.0) -> tuple[list[dict],
         done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout, check=False)
     except (OSError, subprocess.TimeoutExpired) as error:
         return [], f"`wandb leet inspect` failed: {error}"
-    rows = []
+    records = []
     for line in done.stdout.splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(record, dict) and record.get("type") == "history":
-            rows.append(dict(record["history"].get("item", {})))
+        if isinstance(record, dict):
+            records.append(record)
     said = " ".join(done.stderr.split()[-40:])  # empty for a complete, readable log
     if done.returncode:
-        return rows, f"`wandb leet inspect` exited with {done.returncode}: {said}"
-    return rows, said or None
+        return records, f"`wandb leet inspect` exited with {done.returncode}: {said}"
+    return records, said or None
+
+
+def wandb_history(path: str | Path, timeout: float = 120.0) -> tuple[list[dict], str | None]:
+    """The ``history`` rows (``{key: value}``) of a ``run-*.wandb`` file, in order, and a note on any problem."""
+    records, note = wandb_records(path, timeout)
+    rows = [dict(r["history"].get("item", {})) for r in records if r.get("type") == "history" and "history" in r]
+    return rows, note
+
+
+def wandb_summary(path: str | Path, timeout: float = 120.0) -> dict:
+    """The run summary at the end of a ``run-*.wandb`` file: every summary update merged in order."""
+    summary: dict = {}
+    for record in wandb_records(path, timeout)[0]:
+        if record.get("type") == "summary":
+            summary.update(record.get("summary", {}).get("update", {}))
+    return summary
 
 
 def find_wandb_log(run_dir: str | Path) -> Path | None:

@@ -8,7 +8,6 @@ on an H200, see docs/performance.md); it is the honest default, not a fast one.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 from transformers import PreTrainedModel
@@ -56,8 +55,14 @@ class Rollout:
         return self.sequences[:, self.prompt_length :]
 
 
-class Generator(Protocol):
-    """Anything that samples ``G`` completions per prompt from the current policy."""
+class Generator:
+    """Samples ``G`` completions per prompt from the current policy: the one thing the module asks of rollouts.
+
+    Subclass and set ``model.generator`` (a class path in the config) to swap the engine:
+    :class:`HFGenerator` (``model.generate``, the default) or :class:`corrpo.vllm_generator.VLLMGenerator`.
+    The module calls :meth:`sync_weights` before a generation whenever the policy was updated since the last
+    one, so an engine that holds its own copy of the weights (vLLM) samples from the current policy.
+    """
 
     def generate(
         self,
@@ -69,10 +74,15 @@ class Generator(Protocol):
         eos_token_id: int,
         pad_token_id: int,
         greedy: bool = False,
-    ) -> Rollout: ...
+    ) -> Rollout:
+        """``[B, P]`` left-padded prompts -> a prompt-major :class:`Rollout` of ``B * G`` rows."""
+        raise NotImplementedError
+
+    def sync_weights(self, model: PreTrainedModel) -> None:
+        """Make the engine sample from ``model``'s current weights (no-op for engines that use ``model``)."""
 
 
-class HFGenerator:
+class HFGenerator(Generator):
     """Sampling with ``model.generate`` in eval mode under ``no_grad`` (restores the training mode)."""
 
     def generate(
@@ -121,3 +131,46 @@ def rollout_from_sequences(
     sequences = torch.cat([sequences[:, :prompt_length], completion], dim=1)
     attention_mask = torch.cat([prompt_mask, comp_mask.long()], dim=1)
     return Rollout(sequences, attention_mask, comp_mask, truncated, prompt_length)
+
+
+def rollout_from_token_lists(
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completions: list[list[int]],
+    num_generations: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    max_new_tokens: int,
+) -> Rollout:
+    """A :class:`Rollout` from engines that return token lists (vLLM): ``completions[b * G + g]`` for prompt ``b``.
+
+    Each completion is cut after its first eos (kept, as ``model.generate`` does) and right-padded; it is
+    ``truncated`` when it has no eos and reached ``max_new_tokens``. An empty completion has an all-false mask.
+    """
+    if len(completions) != prompt_ids.shape[0] * num_generations:
+        raise ValueError(f"{len(completions)} completions for {prompt_ids.shape[0]} prompts x G={num_generations}")
+    cut, truncated = [], []
+    for tokens in completions:
+        tokens = list(tokens)
+        if eos_token_id in tokens:
+            tokens = tokens[: tokens.index(eos_token_id) + 1]
+            truncated.append(False)
+        else:
+            truncated.append(len(tokens) >= max_new_tokens)
+        cut.append(tokens)
+    width = max([len(c) for c in cut] + [1])
+    rows = torch.full((len(cut), width), pad_token_id, dtype=prompt_ids.dtype)
+    comp_mask = torch.zeros((len(cut), width), dtype=torch.bool)
+    for i, tokens in enumerate(cut):
+        rows[i, : len(tokens)] = torch.as_tensor(tokens, dtype=prompt_ids.dtype)
+        comp_mask[i, : len(tokens)] = True
+    ids = prompt_ids.repeat_interleave(num_generations, dim=0)
+    mask = prompt_mask.repeat_interleave(num_generations, dim=0)
+    device = ids.device
+    return Rollout(
+        sequences=torch.cat([ids, rows.to(device)], dim=1),
+        attention_mask=torch.cat([mask, comp_mask.long().to(device)], dim=1),
+        completion_mask=comp_mask.to(device),
+        truncated=torch.tensor(truncated, dtype=torch.bool, device=device),
+        prompt_length=ids.shape[1],
+    )

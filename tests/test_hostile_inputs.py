@@ -81,6 +81,7 @@ BOMBS = {
     "nested_sqrt": "<answer>" + "\\sqrt{" * 2000 + "2" + "}" * 2000 + "</answer>",
     "nested_boxed": "\\boxed{" * 5000 + "1" + "}" * 5000,
     "nested_parens": "<answer>" + "(" * 5000 + "1" + ")" * 5000 + "</answer>",
+    "nested_just_under_the_depth_limit": "<answer>" + "+".join(["(" * 30 + "1" + ")" * 30] * 60) + "</answer>",
     "power_tower": "<answer>" + "^".join(["9"] * 2000) + "</answer>",
     "huge_factorial": "<answer>(10^{10})!</answer>",
     "huge_integer": "<answer>" + "9" * 10_000 + "</answer>",
@@ -99,6 +100,15 @@ def test_garbage_and_brace_bombs_score_zero_within_one_second(name):
     elapsed = time.perf_counter() - start
     assert accuracy == [0.0] and fmt == [0.0]
     assert elapsed <= 1.0, f"{name} took {elapsed:.2f} s"
+
+
+def test_after_every_bomb_a_right_answer_still_scores_right_and_fast():
+    for completion in BOMBS.values():  # interrupted parses must leave the parser usable
+        accuracy_reward(["p"], [completion], answer=["42"])
+    start = time.perf_counter()
+    assert accuracy_reward(["p"] * 3, ["<answer>42</answer>", "<answer>\\frac{1}{2}</answer>", "<answer>7</answer>"],
+                           answer=["42", "0.5", "8"]) == [1.0, 1.0, 0.0]  # fmt: skip
+    assert time.perf_counter() - start <= 1.0
 
 
 @pytest.mark.parametrize("gold", ["\\frac{", "}}}{{{", "", "   ", "\\boxed{" * 500, None, float("nan")])

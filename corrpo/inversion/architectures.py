@@ -5,6 +5,13 @@ Supported: HF ``Qwen2ForCausalLM`` and ``LlamaForCausalLM`` (and subclasses). Bo
 ``model.model`` and an ``lm_head`` Linear, with RoPE applied to q and k after the projections (no q/k norm).
 Anything else raises a ``ValueError`` naming the model class: the closed forms in ``strength_onepass``
 depend on exactly this layout, so silently guessing would produce wrong numbers.
+
+LoRA (PEFT): a ``PeftModel`` is unwrapped to the model it adapts (``base_model.model``), whose layers then hold
+``lora.Linear`` wrappers in place of the targeted projections. :func:`projection` returns the WRAPPER: its
+input ``x`` and output ``y = (W + s B A) x + b`` are those of the effective linear map, so forward hooks on it
+see what the closed forms need, and its ``.weight`` is the base ``W``, whose gradient ``g x^T`` is exactly
+the gradient w.r.t. ``W_eff = W + s B A``. So every method measures the strength on the effective weights.
+DoRA rescales ``W_eff`` by a norm of ``W``, which breaks that identity, and is rejected.
 """
 
 from __future__ import annotations
@@ -41,6 +48,19 @@ class DecoderParts:
     unembed: nn.Linear
 
 
+def unwrap_adapters(model: nn.Module) -> nn.Module:
+    """The transformers model under a PEFT wrapper (``PeftModel`` or its ``LoraModel``), else ``model``.
+
+    Matched by class name so that PEFT stays an optional dependency.
+    """
+    names = {cls.__name__ for cls in type(model).__mro__}
+    if "PeftModel" in names:
+        return model.get_base_model()
+    if "BaseTuner" in names:
+        return model.model
+    return model
+
+
 def _supported_class_name(model: nn.Module) -> str | None:
     for cls in type(model).__mro__:
         if cls.__name__ in SUPPORTED_CLASSES:
@@ -49,7 +69,11 @@ def _supported_class_name(model: nn.Module) -> str | None:
 
 
 def decoder_parts(model: nn.Module) -> DecoderParts:
-    """Return the base decoder, its layer list and the unembedding of a supported model, else ValueError."""
+    """Return the base decoder, its layer list and the unembedding of a supported model, else ValueError.
+
+    A PEFT-wrapped model is unwrapped first (:func:`unwrap_adapters`).
+    """
+    model = unwrap_adapters(model)
     if _supported_class_name(model) is None:
         raise ValueError(
             f"gradient strength supports {', '.join(SUPPORTED_CLASSES)} only; got {type(model).__name__}. "
@@ -70,12 +94,22 @@ def expand_projections(projections: Sequence[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def projection(layer: nn.Module, name: str) -> nn.Linear:
-    """The ``nn.Linear`` for projection ``name`` (q|k|v|o|gate|up|down) of one decoder layer."""
+def projection(layer: nn.Module, name: str) -> nn.Module:
+    """The module for projection ``name`` (q|k|v|o|gate|up|down) of one decoder layer.
+
+    An ``nn.Linear``, or a LoRA ``lora.Linear`` wrapping one (module docstring): either way its forward input
+    and output are those of the effective linear map and ``.weight`` is a parameter whose gradient is
+    ``dz/dW_eff``.
+    """
     if name not in _PROJECTION_PATHS:
         raise ValueError(f"unknown projection {name!r}; expected one of {sorted(_PROJECTION_PATHS)}")
     parent, child = _PROJECTION_PATHS[name]
-    return getattr(getattr(layer, parent), child)
+    module = getattr(getattr(layer, parent), child)
+    if len(getattr(module, "lora_magnitude_vector", ())):
+        raise ValueError(
+            f"{name}_proj uses DoRA: its gradient strength is not defined here (use plain LoRA, model.lora)"
+        )
+    return module
 
 
 def resolve_layers(layers: str | Sequence[int], num_layers: int) -> list[int]:

@@ -23,6 +23,26 @@ MAX_ANSWER_CHARS = 2_000
 """Answer text beyond this is cut before parsing, so garbage cannot make a step slow."""
 TIME_BUDGET_S = 0.5
 """Seconds of math-verify work per completion (and per gold answer), main thread only."""
+MAX_NESTING = 32
+"""Deeper bracket nesting is not an answer: scored 0 (a gold: unscorable) without parsing it at all."""
+
+
+def too_deep(text: str, limit: int = MAX_NESTING) -> bool:
+    """Whether ``(``/``[``/``{`` nest deeper than ``limit`` anywhere in ``text`` (unbalanced closers ignored).
+
+    Brace bombs send the LaTeX parser (ANTLR) into deep recursion; interrupting it there by the deadline
+    works, but can leave ANTLR's shared prediction caches half-updated and later parses slow, so such
+    input never reaches it.
+    """
+    depth = 0
+    for char in text:
+        if char in "([{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif char in ")]}" and depth:
+            depth -= 1
+    return False
 
 
 class _NoTimeoutNotice(logging.Filter):
@@ -49,6 +69,8 @@ def parse_gold(gold: Any) -> list | None:
         gold = str(gold)
     if not isinstance(gold, str) or not gold.strip():
         return None
+    if too_deep(gold):
+        return None
     try:
         with deadline(TIME_BUDGET_S):
             parsed = parse(_wrap(gold.strip()[:MAX_ANSWER_CHARS]), parsing_timeout=None)
@@ -64,6 +86,8 @@ def score_answer(gold: list, completion: Any) -> float:
     if not answer:
         return 0.0
     answer = answer[:MAX_ANSWER_CHARS]
+    if too_deep(answer):
+        return 0.0
     try:
         with deadline(TIME_BUDGET_S):
             for candidate in dict.fromkeys((answer, _wrap(answer))):

@@ -1,0 +1,127 @@
+"""VLLMGenerator: rollouts from a colocated vLLM engine, its weights synchronised from the policy.
+
+``pip install "corrpo[vllm]"`` (needs a CUDA GPU). Set it in a config::
+
+    model:
+      generator:
+        class_path: corrpo.vllm_generator.VLLMGenerator
+        init_args: {gpu_memory_utilization: 0.3}
+
+Colocated means the engine lives in the training process, on the same GPU as the policy (TRL's
+``vllm_mode="colocate"``): no server, no extra GPU; ``gpu_memory_utilization`` is the share of GPU memory
+vLLM may take, leave the rest to training. Under DDP every rank builds its own engine on its own GPU.
+
+Weights: the engine is built lazily at the first generation from the policy's own folder, then
+:meth:`sync_weights` (called by the module before any generation that follows a policy update) copies the
+current policy tensors in with vLLM's ``load_weights``, so rollouts are always on-policy. With LoRA the
+merged weights are sent. This path cannot run on a CPU-only machine and is untested there; the module only
+depends on :class:`corrpo.rollout.Generator`, which the tests exercise with a scripted generator.
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import torch
+from transformers import PreTrainedModel
+
+from corrpo.rollout import Generator, Rollout, SamplingConfig, rollout_from_token_lists
+
+INSTALL_HINT = 'model.generator=VLLMGenerator needs vLLM: pip install "corrpo[vllm]" (a CUDA GPU is required)'
+
+
+def _import_vllm():
+    try:
+        import vllm
+    except ImportError as err:
+        raise ImportError(INSTALL_HINT) from err
+    return vllm
+
+
+class VLLMGenerator(Generator):
+    """Generation with a colocated ``vllm.LLM``.
+
+    Args:
+        gpu_memory_utilization: share of the GPU vLLM may use (the rest is left to training).
+        dtype: vLLM weight dtype (``auto`` follows the model config).
+        max_model_len: longest prompt + completion; None = the model's limit.
+        enforce_eager: skip CUDA graph capture (faster start, slower decode).
+        seed: the engine's sampling seed.
+    """
+
+    def __init__(
+        self,
+        gpu_memory_utilization: float = 0.3,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        enforce_eager: bool = False,
+        seed: int = 0,
+    ) -> None:
+        self.vllm = _import_vllm()  # fail at config time, not at the first RL step
+        self.options = dict(
+            gpu_memory_utilization=gpu_memory_utilization,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            enforce_eager=enforce_eager,
+            seed=seed,
+        )
+        self.llm = None
+        self._folder: tempfile.TemporaryDirectory | None = None
+
+    def _engine(self, model: PreTrainedModel):
+        if self.llm is None:
+            # vLLM loads from a folder: the policy's current weights and config, saved once.
+            self._folder = tempfile.TemporaryDirectory(prefix="corrpo-vllm-")
+            _merged(model).save_pretrained(self._folder.name)
+            self.llm = self.vllm.LLM(model=self._folder.name, tokenizer=None, skip_tokenizer_init=True, **self.options)
+        return self.llm
+
+    def sync_weights(self, model: PreTrainedModel) -> None:
+        if self.llm is None:
+            return  # built from the current weights at the first generation
+        state = _merged(model).state_dict()
+        self.llm.collective_rpc(_load_weights, args=(list(state.items()),))
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+
+    def generate(
+        self,
+        model: PreTrainedModel,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        num_generations: int,
+        sampling: SamplingConfig,
+        eos_token_id: int,
+        pad_token_id: int,
+        greedy: bool = False,
+    ) -> Rollout:
+        llm = self._engine(model)
+        params = self.vllm.SamplingParams(
+            n=num_generations,
+            temperature=0.0 if greedy else sampling.temperature,
+            top_p=1.0 if greedy else sampling.top_p,
+            max_tokens=sampling.max_new_tokens,
+            stop_token_ids=[eos_token_id],
+        )
+        prompts = [
+            {"prompt_token_ids": row[m.bool()].tolist()}
+            for row, m in zip(prompt_ids.cpu(), prompt_mask.cpu(), strict=True)
+        ]
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        completions = [list(sample.token_ids) for out in outputs for sample in out.outputs]
+        return rollout_from_token_lists(
+            prompt_ids, prompt_mask, completions, num_generations, eos_token_id, pad_token_id, sampling.max_new_tokens
+        )
+
+
+def _merged(model: PreTrainedModel) -> PreTrainedModel:
+    """The plain HF model vLLM can load: PEFT adapters merged into a copy, else the model itself."""
+    if hasattr(model, "merge_and_unload"):
+        import copy
+
+        return copy.deepcopy(model).merge_and_unload()
+    return model
+
+
+def _load_weights(worker, weights) -> None:
+    """Runs inside each vLLM worker: hand the named tensors to the model's own ``load_weights``."""
+    worker.model_runner.model.load_weights(weights=weights)
