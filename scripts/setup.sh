@@ -11,5 +11,5 @@ if [ -d /opt/wheels ] && ls /opt/wheels/torch-2.13.0* >/dev/null 2>&1; then
   .venv/bin/python -m pip install -q --disable-pip-version-check "uv==0.13.9"
   .venv/bin/python -m uv pip install -q --python .venv/bin/python --compile-bytecode -r requirements/cpu.txt -e .
 else
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]"
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev,lora,reasoning-gym]"
 fi

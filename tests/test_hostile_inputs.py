@@ -10,8 +10,6 @@ the key before training), and a reward function that raises on some samples (sco
 import csv
 import json
 import math
-import random
-import string
 import time
 import warnings
 from pathlib import Path
@@ -21,6 +19,7 @@ import pytest
 import torch
 from conftest import REPO, run_tiny
 from fault_rewards import poisoned
+from hostile_completions import BOMBS
 
 from corrpo.cli import build_cli
 from corrpo.config import SFTConfig
@@ -68,29 +67,6 @@ def test_a_malformed_row_in_a_big_file_is_named_by_file_and_line_or_skipped_and_
 
 
 # ---------------------------------------------------------------------------------------- rewards
-def _garbage(n: int, seed: int) -> str:
-    rng = random.Random(seed)
-    return "".join(rng.choice(string.printable) for _ in range(n))
-
-
-BOMBS = {
-    "garbage_10k": _garbage(10_000, 0),
-    "garbage_10k_in_answer_tags": "<answer>" + _garbage(10_000, 1) + "</answer>",
-    "open_braces": "<answer>" + "{" * 10_000 + "</answer>",
-    "nested_frac": "<answer>" + "\\frac{" * 3000 + "1" + "}" * 3000 + "</answer>",
-    "nested_sqrt": "<answer>" + "\\sqrt{" * 2000 + "2" + "}" * 2000 + "</answer>",
-    "nested_boxed": "\\boxed{" * 5000 + "1" + "}" * 5000,
-    "nested_parens": "<answer>" + "(" * 5000 + "1" + ")" * 5000 + "</answer>",
-    "nested_just_under_the_depth_limit": "<answer>" + "+".join(["(" * 30 + "1" + ")" * 30] * 60) + "</answer>",
-    "power_tower": "<answer>" + "^".join(["9"] * 2000) + "</answer>",
-    "huge_factorial": "<answer>(10^{10})!</answer>",
-    "huge_integer": "<answer>" + "9" * 10_000 + "</answer>",
-    "empty": "",
-    "whitespace": " \n\t ",
-    "empty_answer_tags": "<think></think><answer></answer>",
-}
-
-
 @pytest.mark.parametrize("name", sorted(BOMBS))
 def test_garbage_and_brace_bombs_score_zero_within_one_second(name):
     completion = BOMBS[name]
