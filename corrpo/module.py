@@ -87,7 +87,7 @@ class CorrPOModule(L.LightningModule):
         generator: Generator | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["generator"])  # an engine (vLLM) is not a hyperparameter to pickle
         self.automatic_optimization = False
         self.sft = sft
         self.rl = rl

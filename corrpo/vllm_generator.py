@@ -20,6 +20,7 @@ depends on :class:`corrpo.rollout.Generator`, which the tests exercise with a sc
 
 from __future__ import annotations
 
+import os
 import tempfile
 
 import torch
@@ -57,7 +58,7 @@ class VLLMGenerator(Generator):
         enforce_eager: bool = False,
         seed: int = 0,
     ) -> None:
-        self.vllm = _import_vllm()  # fail at config time, not at the first RL step
+        _import_vllm()  # fail at config time, not at the first RL step
         self.options = dict(
             gpu_memory_utilization=gpu_memory_utilization,
             dtype=dtype,
@@ -73,7 +74,10 @@ class VLLMGenerator(Generator):
             # vLLM loads from a folder: the policy's current weights and config, saved once.
             self._folder = tempfile.TemporaryDirectory(prefix="corrpo-vllm-")
             _merged(model).save_pretrained(self._folder.name)
-            self.llm = self.vllm.LLM(model=self._folder.name, tokenizer=None, skip_tokenizer_init=True, **self.options)
+            # In-process engine core (as TRL's colocate mode): weight syncs are then plain tensor copies.
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            vllm = _import_vllm()
+            self.llm = vllm.LLM(model=self._folder.name, skip_tokenizer_init=True, **self.options)
         return self.llm
 
     def sync_weights(self, model: PreTrainedModel) -> None:
@@ -95,7 +99,7 @@ class VLLMGenerator(Generator):
         greedy: bool = False,
     ) -> Rollout:
         llm = self._engine(model)
-        params = self.vllm.SamplingParams(
+        params = _import_vllm().SamplingParams(
             n=num_generations,
             temperature=0.0 if greedy else sampling.temperature,
             top_p=1.0 if greedy else sampling.top_p,
