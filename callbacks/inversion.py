@@ -19,6 +19,8 @@ that is the fingerprint of any checkpoint.
 from __future__ import annotations
 
 import csv
+import json
+import warnings
 from dataclasses import asdict
 
 import lightning as L
@@ -101,6 +103,8 @@ class InversionTracker(L.Callback):
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn == "validate":
             row = self.measure(trainer, pl_module, event="validate", batches=0)
+            if trainer.is_global_zero:  # the fingerprint, kept next to the run's config.yaml
+                (run_dir(trainer) / "fingerprint.json").write_text(json.dumps(row, indent=2))
             print(
                 f"inversion/spearman={row['spearman']:.4f} inversion/pearson={row['pearson']:.4f} "
                 f"n_tokens={row['n_tokens']}"
@@ -136,6 +140,12 @@ class InversionTracker(L.Callback):
             if self.log_tables and event in ("boundary", "end", "validate") and len(token_rows) < TABLE_ROWS:
                 token_rows.extend(self._token_rows(pl_module, enc, entropy, strength))
         result = {k: v.item() for k, v in self.metric.compute().items()}
+        if result.get("n_dropped", 0) > 0:
+            warnings.warn(
+                f"InversionTracker: {int(result['n_dropped'])} probe tokens did not fit the metric buffer and were "
+                f"left out; raise trainer.callbacks InversionTracker.max_tokens (now {self.metric.max_tokens})",
+                stacklevel=2,
+            )
         phase = "init" if batches == 0 and event != "validate" else pl_module.phase_at(max(batches - 1, 0))
         row = {
             "step": trainer.global_step,

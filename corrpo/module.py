@@ -44,7 +44,7 @@ from corrpo.objectives import (
     token_log_probs,
     zero_std_fraction,
 )
-from corrpo.rewards import resolve_reward
+from corrpo.rewards import reward_functions
 from corrpo.rewards.accuracy import accuracy_reward
 from corrpo.rewards.combine import completion_rows, score_completions
 from corrpo.rng import restore_rng_states, rng_states
@@ -96,8 +96,11 @@ class CorrPOModule(L.LightningModule):
         self.policy, self.tokenizer = load_policy(policy, tiny, dtype, attn_implementation, seed)
         if lora is not None:
             self.policy = apply_lora(self.policy, lora, seed)
-        self.reward_fns = {name.rsplit(":", 1)[-1].rsplit(".", 1)[-1]: resolve_reward(name) for name in self.rl.rewards}
+        self.reward_fns = reward_functions(self.rl.rewards)
         self.reward_weights = self.rl.reward_weights or [1.0] * len(self.reward_fns)
+        if len(self.reward_weights) != len(self.reward_fns):
+            n_weights, n_rewards = len(self.reward_weights), len(self.reward_fns)
+            raise ValueError(f"rl.reward_weights has {n_weights} entries for {n_rewards} rewards (rl.rewards)")
         self.generator: Generator = generator if generator is not None else HFGenerator()
         self._generator_stale = False  # the policy changed since the generator last synced its weights
         # The KL reference is the policy as RL starts (refreshed at the boundary); a submodule so that it

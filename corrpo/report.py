@@ -72,11 +72,34 @@ def wandb_summary(path: str | Path, timeout: float = 120.0) -> dict:
     return summary
 
 
-def find_wandb_log(run_dir: str | Path) -> Path | None:
-    """The newest wandb run's ``run-*.wandb`` under ``<run_dir>/wandb`` (offline or online), else None."""
+def find_wandb_logs(run_dir: str | Path) -> list[Path]:
+    """Every ``run-*.wandb`` of the newest wandb run id under ``<run_dir>/wandb``, oldest first.
+
+    A run resumed with ``--ckpt_path last`` continues the same wandb run id in a new folder, so one run's
+    history can span several files.
+    """
     logs = Path(run_dir).glob("wandb/*run-*/run-*.wandb")
     logs = sorted(logs, key=lambda p: p.parent.name.split("run-", 1)[1])  # <YYYYmmdd_HHMMSS>-<id>
+    if not logs:
+        return []
+    newest_id = logs[-1].parent.name.rsplit("-", 1)[-1]
+    return [log for log in logs if log.parent.name.rsplit("-", 1)[-1] == newest_id]
+
+
+def find_wandb_log(run_dir: str | Path) -> Path | None:
+    """The newest wandb run's newest ``run-*.wandb`` under ``<run_dir>/wandb`` (offline or online), else None."""
+    logs = find_wandb_logs(run_dir)
     return logs[-1] if logs else None
+
+
+def run_history(run_dir: str | Path) -> tuple[list[dict], str | None]:
+    """The history rows of a run folder's wandb run, across every segment of a resumed run, in order."""
+    history, problems = [], []
+    for part in find_wandb_logs(run_dir):
+        rows, problem = wandb_history(part)
+        history.extend(rows)
+        problems.extend([problem] if problem else [])
+    return history, " ".join(problems) or None
 
 
 def reward_curve(history: list[dict]) -> list[tuple[int, float]]:
@@ -129,9 +152,10 @@ def _reward_section(run_dir: Path, config: dict) -> list[str]:
     log = find_wandb_log(run_dir)
     if log is None:
         return [f"Reward curve: not recorded (no wandb run under `{run_dir / 'wandb'}`)."]
-    source = f"`{log.relative_to(run_dir)}`"
-    history, problem = wandb_history(log)
-    curve = reward_curve(history)
+    logs = find_wandb_logs(run_dir)
+    source = ", ".join(f"`{part.relative_to(run_dir)}`" for part in logs)
+    history, problem = run_history(run_dir)
+    curve = sorted(dict(reward_curve(history)).items())  # a step logged twice (resumed run) keeps its later value
     note = [f"Note: {problem}"] if problem else []
     every = _get(config, "trainer.log_every_n_steps")
     every = f" (`trainer.log_every_n_steps` = {every})" if every else ""

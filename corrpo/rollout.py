@@ -1,8 +1,8 @@
 """Rollouts: G sampled completions per prompt, as tensors the objective can score.
 
 The module depends only on :class:`Generator`; :class:`HFGenerator` (Hugging Face ``generate``) always
-works. Throughput note: HF ``generate`` is Python-overhead bound (about 31 decode steps/s for a 0.5B model
-on an H200, see docs/performance.md); it is the honest default, not a fast one.
+works. HF ``generate`` is Python-overhead bound: the honest default, not a fast one; for long rollouts on a
+GPU use :class:`corrpo.vllm_generator.VLLMGenerator`.
 """
 
 from __future__ import annotations

@@ -76,6 +76,8 @@ class VLLMGenerator(Generator):
             _merged(model).save_pretrained(self._folder.name)
             # In-process engine core (as TRL's colocate mode): weight syncs are then plain tensor copies.
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            # collective_rpc with a Python function (the weight loader below) needs it on recent vLLM versions
+            os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
             vllm = _import_vllm()
             self.llm = vllm.LLM(model=self._folder.name, skip_tokenizer_init=True, **self.options)
         return self.llm

@@ -105,3 +105,14 @@ def test_bad_options_are_named():
         ReasoningDataModule(rl_batch_size=0)
     with pytest.raises(ValueError, match="rl_steps > 0"):
         StepBatches([], [], sft_steps=0, rl_steps=1, sft_batch_size=1, rl_batch_size=1, seed=0)
+
+
+def test_a_batch_size_that_does_not_split_across_processes_fails_before_the_first_step():
+    from types import SimpleNamespace
+
+    dm = small()  # sft_batch_size=4, rl_batch_size=2
+    dm.trainer = SimpleNamespace(lightning_module=None, global_rank=0, world_size=4)
+    with pytest.raises(ValueError, match=r"data.rl_batch_size=2 must be divisible by the number of processes \(4\)"):
+        dm.train_dataloader()
+    dm.trainer = SimpleNamespace(lightning_module=None, global_rank=1, world_size=2)
+    assert [b["step"] for b in dm.train_dataloader()] == [0, 1, 2, 3, 4]

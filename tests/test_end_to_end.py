@@ -3,6 +3,7 @@
 import csv
 import json
 
+import pytest
 import torch
 from conftest import REPO
 
@@ -52,3 +53,13 @@ def test_fingerprint_a_checkpoint_prints_its_inversion(tiny_run, tmp_path, capsy
     assert line, out
     rho = float(line[0].split()[0].split("=")[1])
     assert -1.0 <= rho <= 1.0
+    (saved,) = tmp_path.rglob("fingerprint.json")
+    row = json.loads(saved.read_text())
+    assert row["event"] == "validate" and round(row["spearman"], 4) == rho and row["n_tokens"] > 0
+
+
+def test_a_probe_set_larger_than_the_metric_buffer_warns_that_tokens_were_left_out(tiny_run, tmp_path):
+    with pytest.warns(UserWarning, match="probe tokens did not fit the metric buffer"):
+        build_cli(["validate", "--config", str(REPO / "configs" / "fingerprint.yaml"), "--model.policy",
+                   str(tiny_run / "policy"), f"--trainer.default_root_dir={tmp_path}", "--data.n_probe=4",
+                   "--data.n_test=8", "--trainer.callbacks.max_tokens=20"])  # fmt: skip

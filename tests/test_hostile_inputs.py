@@ -61,7 +61,8 @@ def test_a_malformed_row_in_a_big_file_is_named_by_file_and_line_or_skipped_and_
     with pytest.raises(RecordError, match=rf"rl\.jsonl:1235: .*{named}"):
         dm.setup("fit")
     skipping = ReasoningDataModule(rl_source=str(path), rl_steps=2, n_test=10, on_error="skip")
-    skipping.setup("fit")
+    with pytest.warns(UserWarning, match=r"data.rl_source: skipped 1 malformed row\(s\) .*rl\.jsonl:1235"):
+        skipping.setup("fit")
     assert skipping.n_skipped == 1
     assert len(skipping.pools()["rl"]) + len(skipping.test_records()) == 2000  # nothing else lost
 

@@ -76,3 +76,15 @@ def test_ckpt_path_last_without_a_checkpoint_starts_fresh(tmp_path):
     old = tmp_path / "20260101-000000" / "checkpoints" / "last.ckpt"
     old.write_bytes(b"")
     assert resume_point(tmp_path) == (tmp_path / "20260101-000000", old)
+
+
+def test_the_report_of_a_resumed_run_reads_both_wandb_segments(runs):
+    from corrpo.report import find_wandb_logs, reward_curve, run_history
+
+    whole, _, _, second = runs
+    split_dir, whole_dir = Path(second.trainer.default_root_dir), Path(whole.trainer.default_root_dir)
+    assert len(find_wandb_logs(split_dir)) == 2
+    curve_split = sorted(dict(reward_curve(run_history(split_dir)[0])).items())
+    curve_whole = sorted(dict(reward_curve(run_history(whole_dir)[0])).items())
+    assert curve_whole and [s for s, _ in curve_split] == [s for s, _ in curve_whole]
+    assert [r for _, r in curve_split] == pytest.approx([r for _, r in curve_whole], abs=1e-6)

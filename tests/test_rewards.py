@@ -131,3 +131,12 @@ def test_resolve_unknown_reward(name):
 def test_resolve_not_callable():
     with pytest.raises(ValueError, match="not callable"):
         resolve_reward("corrpo.rewards.accuracy:MAX_ANSWER_CHARS")
+
+
+def test_two_rewards_with_one_short_name_are_an_error_naming_rl_rewards():
+    from corrpo.rewards import reward_functions
+
+    fns = reward_functions(["accuracy", "format", "corrpo.rewards.accuracy:accuracy_reward"])
+    assert list(fns) == ["accuracy", "format", "accuracy_reward"]
+    with pytest.raises(ValueError, match="rl.rewards: two rewards are named 'format_reward'"):
+        reward_functions(["corrpo.rewards.format:format_reward", "corrpo.rewards.format.format_reward"])

@@ -212,6 +212,13 @@ class ReasoningDataModule(L.LightningDataModule):
             return reasoning_gym_records(name, n, seed=self.seed, split=split)
         result = load_records(source, kind=kind, fields=self.fields[kind], on_error=self.on_error)
         self.n_skipped += result.n_skipped
+        if result.n_skipped:
+            shown = "; ".join(result.errors[:3])
+            warnings.warn(
+                f"data.{key}: skipped {result.n_skipped} malformed row(s) of {source} (data.on_error=skip); "
+                f"first: {shown}",
+                stacklevel=2,
+            )
         return result.records
 
     def _hold_out(self, records: list[dict], n: int, salt: str) -> tuple[list[dict], list[dict]]:
@@ -278,6 +285,10 @@ class ReasoningDataModule(L.LightningDataModule):
         trainer = self.trainer
         start = getattr(trainer.lightning_module, "steps_done", 0) if trainer is not None else 0
         rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        for key, size, steps in (("sft_batch_size", self.sft_batch_size, self.sft_steps),
+                                 ("rl_batch_size", self.rl_batch_size, self.rl_steps)):  # fmt: skip
+            if steps and size % world_size:  # here, not at the first batch of the phase
+                raise ValueError(f"data.{key}={size} must be divisible by the number of processes ({world_size})")
         stream = StepStream(self.step_batches(), start, rank, world_size)
         # Lightning's mid-epoch-resume warning assumes a loader that restarts at batch 0; this one starts at
         # ``steps_done`` (tests/test_resume.py), and its length warning concerns num_workers > 1 only.

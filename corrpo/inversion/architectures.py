@@ -12,6 +12,11 @@ input ``x`` and output ``y = (W + s B A) x + b`` are those of the effective line
 see what the closed forms need, and its ``.weight`` is the base ``W``, whose gradient ``g x^T`` is exactly
 the gradient w.r.t. ``W_eff = W + s B A``. So every method measures the strength on the effective weights.
 DoRA rescales ``W_eff`` by a norm of ``W``, which breaks that identity, and is rejected.
+
+FSDP: not supported. The strengths read whole projection weights and their gradients (nuclear norms of
+``[d_out, d_in]`` matrices), which FSDP shards flat across ranks outside its forward; scoring would need
+``summon_full_params`` around every probe. Use DDP (every rank holds the whole model), with LoRA if the
+model is large.
 """
 
 from __future__ import annotations

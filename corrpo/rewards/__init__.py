@@ -44,6 +44,23 @@ def resolve_reward(name: str) -> RewardFn:
     return fn
 
 
+def reward_name(name: str) -> str:
+    """The short name a reward is logged under: ``rewards/<short>/mean`` (``pkg.mod:fn`` -> ``fn``)."""
+    return name.rsplit(":", 1)[-1].rsplit(".", 1)[-1]
+
+
+def reward_functions(names: list[str]) -> dict[str, RewardFn]:
+    """``rl.rewards`` resolved, keyed by short name; two rewards with one short name are an error, since
+    their scores and logs would overwrite each other."""
+    functions: dict[str, RewardFn] = {}
+    for name in names:
+        short = reward_name(name)
+        if short in functions:
+            raise ValueError(f"rl.rewards: two rewards are named {short!r} ({names}); wrap one under another name")
+        functions[short] = resolve_reward(name)
+    return functions
+
+
 __all__ = [
     "REWARD_REGISTRY",
     "RewardFn",
@@ -51,4 +68,6 @@ __all__ = [
     "extract_answer",
     "format_reward",
     "resolve_reward",
+    "reward_functions",
+    "reward_name",
 ]
