@@ -28,13 +28,7 @@ _SHAPE = dict(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> object:
-    """Tiny models: intra-op threads only add OpenMP overhead (100x slower on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(arch: str, attn: str = "sdpa") -> torch.nn.Module:

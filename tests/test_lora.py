@@ -20,12 +20,7 @@ ARCH = TinyArchitecture(hidden_size=32, num_hidden_layers=2, num_attention_heads
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> object:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _lora_policy(family: str = "tiny-qwen2", targets: list[str] | None = None, seed: int = 3):
