@@ -26,6 +26,7 @@ import tempfile
 import torch
 from transformers import PreTrainedModel
 
+from corrpo.lora import is_peft_model, merged_copy
 from corrpo.rollout import Generator, Rollout, SamplingConfig, rollout_from_token_lists
 
 INSTALL_HINT = 'model.generator=VLLMGenerator needs vLLM: pip install "corrpo[vllm]" (a CUDA GPU is required)'
@@ -120,12 +121,8 @@ class VLLMGenerator(Generator):
 
 
 def _merged(model: PreTrainedModel) -> PreTrainedModel:
-    """The plain HF model vLLM can load: PEFT adapters merged into a copy, else the model itself."""
-    if hasattr(model, "merge_and_unload"):
-        import copy
-
-        return copy.deepcopy(model).merge_and_unload()
-    return model
+    """The plain HF model vLLM can load: a LoRA policy merged (on a copy), else the model itself."""
+    return merged_copy(model) if is_peft_model(model) else model
 
 
 def _load_weights(worker, weights) -> None:
