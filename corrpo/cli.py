@@ -39,8 +39,9 @@ class CorrPOCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.trainer
         root = Path(trainer.default_root_dir or "runs")
-        resume = resume_point(root) if config.get("ckpt_path") == "last" else None
+        resume = None
         if config.get("ckpt_path") == "last":
+            resume = resume_point(root)
             if resume is None:
                 warnings.warn(f"--ckpt_path last: no checkpoint under {root}/*/; starting a fresh run", stacklevel=2)
             config.ckpt_path = str(resume[1]) if resume else None
@@ -53,11 +54,11 @@ class CorrPOCLI(LightningCLI):
         trainer.default_root_dir = str(root)
         os.environ[RUN_DIR_ENV] = str(root)  # inherited by the processes Lightning's DDP launcher starts
         loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
+        wandb_id = wandb_run_id(root) if resume is not None else None
         for logger in loggers:
             init_args = getattr(logger, "init_args", None)
             if init_args is not None and "save_dir" in init_args and init_args.save_dir in (None, ".", ""):
                 init_args.save_dir = str(root)
-            wandb_id = wandb_run_id(root) if resume is not None else None
             if wandb_id and init_args is not None and "id" in init_args and not init_args.get("id"):
                 init_args.id = wandb_id
         for callback in trainer.callbacks or []:

@@ -92,10 +92,11 @@ def find_wandb_log(run_dir: str | Path) -> Path | None:
     return logs[-1] if logs else None
 
 
-def run_history(run_dir: str | Path) -> tuple[list[dict], str | None]:
-    """The history rows of a run folder's wandb run, across every segment of a resumed run, in order."""
+def run_history(logs: list[Path]) -> tuple[list[dict], str | None]:
+    """The history rows of a wandb run's segments (:func:`find_wandb_logs`: one per session of a resumed
+    run), in order."""
     history, problems = [], []
-    for part in find_wandb_logs(run_dir):
+    for part in logs:
         rows, problem = wandb_history(part)
         history.extend(rows)
         problems.extend([problem] if problem else [])
@@ -154,7 +155,7 @@ def _reward_section(run_dir: Path, config: dict) -> list[str]:
         return [f"Reward curve: not recorded (no wandb run under `{run_dir / 'wandb'}`)."]
     logs = find_wandb_logs(run_dir)
     source = ", ".join(f"`{part.relative_to(run_dir)}`" for part in logs)
-    history, problem = run_history(run_dir)
+    history, problem = run_history(logs)
     curve = sorted(dict(reward_curve(history)).items())  # a step logged twice (resumed run) keeps its later value
     note = [f"Note: {problem}"] if problem else []
     every = _get(config, "trainer.log_every_n_steps")

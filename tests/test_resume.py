@@ -84,7 +84,7 @@ def test_the_report_of_a_resumed_run_reads_both_wandb_segments(runs):
     whole, _, _, second = runs
     split_dir, whole_dir = Path(second.trainer.default_root_dir), Path(whole.trainer.default_root_dir)
     assert len(find_wandb_logs(split_dir)) == 2
-    curve_split = sorted(dict(reward_curve(run_history(split_dir)[0])).items())
-    curve_whole = sorted(dict(reward_curve(run_history(whole_dir)[0])).items())
+    curve_split = sorted(dict(reward_curve(run_history(find_wandb_logs(split_dir))[0])).items())
+    curve_whole = sorted(dict(reward_curve(run_history(find_wandb_logs(whole_dir))[0])).items())
     assert curve_whole and [s for s, _ in curve_split] == [s for s, _ in curve_whole]
     assert [r for _, r in curve_split] == pytest.approx([r for _, r in curve_whole], abs=1e-6)
