@@ -24,6 +24,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from corrpo.data.datamodule import ReasoningDataModule
 from corrpo.module import CorrPOModule
+from corrpo.wandb_segments import newest_run_id
 
 RUN_DIR_ENV = "CORRPO_RUN_DIR"
 
@@ -50,11 +51,11 @@ class CorrPOCLI(LightningCLI):
         elif os.environ.get("LOCAL_RANK", "0") != "0" and os.environ.get(RUN_DIR_ENV):
             root = Path(os.environ[RUN_DIR_ENV])  # a DDP child process: the folder rank 0 chose
         elif not os.environ.get("CORRPO_KEEP_RUN_DIR"):
-            root = root / time.strftime("%Y%m%d-%H%M%S")
+            root = new_run_folder(root)
         trainer.default_root_dir = str(root)
         os.environ[RUN_DIR_ENV] = str(root)  # inherited by the processes Lightning's DDP launcher starts
         loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
-        wandb_id = wandb_run_id(root) if resume is not None else None
+        wandb_id = newest_run_id(root) if resume is not None else None
         for logger in loggers:
             init_args = getattr(logger, "init_args", None)
             if init_args is not None and "save_dir" in init_args and init_args.save_dir in (None, ".", ""):
@@ -102,10 +103,19 @@ def resume_point(root: Path) -> tuple[Path, Path] | None:
     return run, ckpt
 
 
-def wandb_run_id(run: Path) -> str | None:
-    """The id of the newest wandb run in ``run/wandb`` (``offline-run-<time>-<id>`` or ``run-<time>-<id>``)."""
-    runs = sorted((run / "wandb").glob("*run-*-*"), key=lambda p: p.stat().st_mtime)
-    return runs[-1].name.rsplit("-", 1)[-1] if runs else None
+def new_run_folder(root: Path) -> Path:
+    """Create and return ``root/<YYYYmmdd-HHMMSS>``, or ``...-1``, ``-2``, ... when runs start in the same second
+    (a sweep launching seeds at once): each run owns its folder, created atomically so none can share one."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    root.mkdir(parents=True, exist_ok=True)
+    for n in range(10_000):
+        folder = root / (stamp if n == 0 else f"{stamp}-{n}")
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        return folder
+    raise RuntimeError(f"trainer.default_root_dir={root}: 10,000 run folders named {stamp}-*; clean it up")
 
 
 def _default_wandb_offline() -> None:

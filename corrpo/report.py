@@ -24,6 +24,7 @@ import matplotlib.pyplot as plt
 
 from corrpo import analysis
 from corrpo.plotting import emergence_figure
+from corrpo.wandb_segments import newest_run_logs
 
 EVENTS = ("start", "boundary", "end")
 MAX_REWARD_ROWS = 20
@@ -73,17 +74,9 @@ def wandb_summary(path: str | Path, timeout: float = 120.0) -> dict:
 
 
 def find_wandb_logs(run_dir: str | Path) -> list[Path]:
-    """Every ``run-*.wandb`` of the newest wandb run id under ``<run_dir>/wandb``, oldest first.
-
-    A run resumed with ``--ckpt_path last`` continues the same wandb run id in a new folder, so one run's
-    history can span several files.
-    """
-    logs = Path(run_dir).glob("wandb/*run-*/run-*.wandb")
-    logs = sorted(logs, key=lambda p: p.parent.name.split("run-", 1)[1])  # <YYYYmmdd_HHMMSS>-<id>
-    if not logs:
-        return []
-    newest_id = logs[-1].parent.name.rsplit("-", 1)[-1]
-    return [log for log in logs if log.parent.name.rsplit("-", 1)[-1] == newest_id]
+    """Every ``run-*.wandb`` of the newest wandb run id under ``<run_dir>/wandb``, oldest first
+    (:func:`corrpo.wandb_segments.newest_run_logs`: a resumed run's history spans one file per session)."""
+    return newest_run_logs(run_dir)
 
 
 def find_wandb_log(run_dir: str | Path) -> Path | None:

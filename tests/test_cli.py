@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from corrpo.cli import build_cli
+from corrpo.cli import build_cli, new_run_folder
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -40,3 +40,10 @@ def test_bad_keys_and_values_fail_before_training(override, named, capsys, tmp_p
     message = str(info.value) + capsys.readouterr().err
     assert named in message
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
+    monkeypatch.setattr("corrpo.cli.time.strftime", lambda _: "20261127-095031")
+    folders = [new_run_folder(tmp_path / "runs") for _ in range(3)]
+    assert [f.name for f in folders] == ["20261127-095031", "20261127-095031-1", "20261127-095031-2"]
+    assert all(f.is_dir() for f in folders)

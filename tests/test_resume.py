@@ -8,6 +8,7 @@ import torch
 from conftest import run_tiny
 
 from corrpo.cli import resume_point
+from corrpo.wandb_segments import wandb_segments
 
 # Both phases, with an RL phase that really moves the weights (the CorR-PO bonus gives every group reward
 # variance even when the tiny model answers nothing right) and sampling that draws from the RNG.
@@ -46,8 +47,8 @@ def test_the_resumed_run_continues_in_the_same_folder_at_the_next_step(runs):
     assert second.trainer.global_step == 8
     assert [e["when"] for e in second.model.eval_history] == ["start", "sft_end", "end"]
     # one wandb run, continued: both offline folders carry the same run id
-    ids = {p.name.rsplit("-", 1)[-1] for p in (Path(second.trainer.default_root_dir) / "wandb").glob("offline-run-*")}
-    assert len(ids) == 1
+    segments = wandb_segments(second.trainer.default_root_dir)
+    assert len(segments) == 2 and len({s.run_id for s in segments}) == 1
 
 
 def test_split_and_uninterrupted_runs_end_with_the_same_weights(runs):
