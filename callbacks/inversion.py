@@ -118,10 +118,16 @@ class InversionTracker(L.Callback):
             chunk = records[i : i + self.batch_size]
             prompts = [r["prompt"] for r in chunk]
             if self.source == "generated":
+                # the very tokens the policy sampled: a completion cut at max_new_tokens gets no eos, and no
+                # decode/re-encode round trip can change the tokenisation
                 rollout = pl_module.generate_rollout(prompts, 1, greedy=True)
-                completions = pl_module.decode_completions(rollout)
-            else:
-                completions = [r["completion"] for r in chunk]
+                yield {
+                    "input_ids": rollout.sequences,
+                    "attention_mask": rollout.attention_mask,
+                    "loss_mask": rollout.token_mask,
+                }
+                continue
+            completions = [r["completion"] for r in chunk]
             enc = encode_sft_batch(
                 pl_module.tokenizer, prompts, completions, 10**9, getattr(pl_module, "use_chat_template", False)
             )

@@ -338,9 +338,9 @@ class CorrPOModule(L.LightningModule):
         get 0 and are counted in ``inversion/rollout_nan_frac``.
         """
         config = self.rl.inversion
-        token_mask = torch.zeros_like(rollout.attention_mask, dtype=torch.bool)
-        token_mask[:, rollout.prompt_length :] = rollout.completion_mask
-        rho, n_tokens = rollout_correlations(self.policy, rollout.sequences, rollout.attention_mask, token_mask, config)
+        rho, n_tokens = rollout_correlations(
+            self.policy, rollout.sequences, rollout.attention_mask, rollout.token_mask, config
+        )
         bonus, valid = inversion_bonus(
             rho, n_tokens, config.coef_at(rl_step), config.min_tokens, self.rl.num_generations, config.center
         )

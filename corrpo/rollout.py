@@ -54,6 +54,14 @@ class Rollout:
     def completion_ids(self) -> torch.Tensor:
         return self.sequences[:, self.prompt_length :]
 
+    @property
+    def token_mask(self) -> torch.Tensor:
+        """``[N, P + L]`` bool, :attr:`completion_mask` in sequence coordinates: the sampled tokens that count
+        (each predicted by the logits one column to its left), as ``score_tokens`` and the losses take them."""
+        mask = torch.zeros_like(self.attention_mask, dtype=torch.bool)
+        mask[:, self.prompt_length :] = self.completion_mask
+        return mask
+
 
 class Generator:
     """Samples ``G`` completions per prompt from the current policy: the one thing the module asks of rollouts.
