@@ -380,8 +380,9 @@ class CorrPOModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def test_accuracy(self, records: list[dict]) -> float:
-        """Greedy-decoding accuracy (math-verify) on held-out prompts; unscorable golds are excluded."""
+    def accuracy_counts(self, records: list[dict]) -> tuple[float, int]:
+        """Greedy decoding, math-verify: ``(correct, scored)`` over held-out prompts; unscorable golds are
+        left out of both."""
         scores = []
         for i in range(0, len(records), self.eval_batch_size):
             chunk = records[i : i + self.eval_batch_size]
@@ -389,15 +390,27 @@ class CorrPOModule(L.LightningModule):
             completions = self.decode_completions(rollout)
             values = accuracy_reward([r["prompt"] for r in chunk], completions, answer=[r["answer"] for r in chunk])
             scores.extend(v for v in values if v is not None)
-        return sum(scores) / max(len(scores), 1)
+        return float(sum(scores)), len(scores)
+
+    def test_accuracy(self, records: list[dict]) -> float:
+        """Greedy-decoding accuracy (math-verify) on held-out prompts; unscorable golds are excluded."""
+        correct, scored = self.accuracy_counts(records)
+        return correct / max(scored, 1)
 
     def evaluate_and_log(self, when: str) -> float | None:
-        """Measure test accuracy now, log it as ``eval/test_accuracy`` and keep it for ``results.json``."""
+        """Measure test accuracy now, log it as ``eval/test_accuracy`` and keep it for ``results.json``.
+
+        Under DDP each rank decodes every ``world_size``-th test prompt and the counts are summed across
+        ranks, so the test set is decoded once in all, not once per rank.
+        """
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None or not hasattr(datamodule, "test_records"):
             return None
-        accuracy = self.test_accuracy(datamodule.test_records())
-        self.eval_history.append({"when": when, "step": self.global_step, "accuracy": accuracy})
+        shard = datamodule.test_records()[self.global_rank :: self.trainer.world_size]
+        counts = torch.tensor(self.accuracy_counts(shard), dtype=torch.float64, device=self.device)
+        correct, scored = self.trainer.strategy.reduce(counts, reduce_op="sum").tolist()
+        accuracy = correct / max(scored, 1)
+        self.eval_history.append({"when": when, "step": self.global_step, "accuracy": accuracy, "scored": int(scored)})
         for logger in self.trainer.loggers:
             logger.log_metrics({"eval/test_accuracy": accuracy}, step=self.global_step)
         rank_zero_info(f"[corrpo] test accuracy at {when} (step {self.global_step}): {accuracy:.3f}")

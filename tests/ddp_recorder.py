@@ -2,7 +2,8 @@
 
 Imported by the DDP subprocesses (``PYTHONPATH=tests``); ``GroupRecorder`` writes
 ``<run_dir>/steps-rank<r>.jsonl`` rows ``{step, phase, rank, prompts, completion_prompts}``, where
-``completion_prompts`` is the prompt of every completion this rank sampled in an RL step.
+``completion_prompts`` is the prompt of every completion this rank sampled in an RL step. It also writes
+``<run_dir>/eval-rank<r>.jsonl``, one line per test-accuracy evaluation: how many prompts this rank decoded.
 """
 
 import json
@@ -13,6 +14,16 @@ from corrpo.run_dir import run_dir
 
 
 class GroupRecorder(L.Callback):
+    def setup(self, trainer, pl_module, stage) -> None:
+        count = pl_module.accuracy_counts
+
+        def counted(records):
+            with (run_dir(trainer) / f"eval-rank{trainer.global_rank}.jsonl").open("a") as handle:
+                handle.write(json.dumps({"decoded": len(records)}) + "\n")
+            return count(records)
+
+        pl_module.accuracy_counts = counted
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         row = {"step": batch["step"], "phase": batch["phase"], "rank": trainer.global_rank, "prompts": batch["prompt"]}
         if batch["phase"] == "rl":

@@ -117,3 +117,18 @@ def test_accuracy_before_rl_equals_the_single_process_run(runs):
     ]
     assert acc[1]["start"] == acc[0]["start"] and acc[1]["sft_end"] == acc[0]["sft_end"]
     assert set(acc[1]) == {"start", "sft_end", "end"}
+
+
+def test_each_rank_decodes_its_own_half_of_the_test_set_and_the_counts_add_up(runs):
+    single, ddp = runs
+    decoded = [
+        [json.loads(line)["decoded"] for line in (ddp / f"eval-rank{rank}.jsonl").read_text().splitlines()]
+        for rank in (0, 1)
+    ]
+    (whole,) = {json.loads(line)["decoded"] for line in (single / "eval-rank0.jsonl").read_text().splitlines()}
+    assert len(decoded[0]) == len(decoded[1]) == 3  # start, sft_end, end
+    assert all(a + b == whole and abs(a - b) <= 1 for a, b in zip(*decoded, strict=True))
+    scored = [
+        [e["scored"] for e in json.loads((run / "results.json").read_text())["test_accuracy"]] for run in (single, ddp)
+    ]
+    assert scored[0] == scored[1] and scored[0][0] > 0
