@@ -1,16 +1,22 @@
-"""Wall time and exactness of the gradient-strength methods (loop | vmap | onepass) vs sequence length.
+"""Wall time and exactness of the gradient-strength methods (loop | vmap | onepass | sketch) vs sequence length.
 
 All methods score the SAME parameter set -- by default the last layer's q, v, o and MLP (gate/up/down)
-weights; ``--projections q k v o mlp`` adds W_k, whose O(T^2 d) closed form costs more -- on one random
-sequence of length T with every token scored. The loop is the reference. It costs one backward (and, for
-the nuclear norm, one SVD per matrix) per token, so with
-``--loop-max-tokens N`` it (and vmap) is run on N evenly spaced tokens only and its time is extrapolated
-linearly per token to all T-1 tokens (marked ``*``); errors are then checked on that subset.
+weights; ``--projections q k v o mlp`` adds W_k, whose O(T^2 d) closed form costs more -- on ``--batch``
+random sequences (default 1) of length T with every token scored. The loop is the reference. It costs one
+backward (and, for the nuclear norm, one SVD per matrix) per token, so with ``--loop-max-tokens N`` it (and
+vmap) is run on N evenly spaced tokens only and its time is extrapolated linearly per token to all
+``batch * (T - 1)`` tokens (marked ``*``); errors are then checked on that subset. ``sketch`` costs
+``sketch_dim`` batched JVPs per matrix whatever the token count, so it gains with ``--batch``.
 
     python benchmarks/inversion_methods.py                 # CPU, ~4M-param 4-layer Qwen2, T in 64 256 1024
     python benchmarks/inversion_methods.py --gpu           # Qwen2-0.5B-shaped bf16 model on CUDA
+    python benchmarks/inversion_methods.py --measure frobenius --layers all --methods loop vmap sketch
 
-The last line is ``RESULT onepass_speedup=<x> onepass_max_rel_err=<y>`` for T=256 (or the nearest T).
+``sketch`` (frobenius only) is an estimate, not exact: its rows also show the median relative error and the
+inversion it gives, ``spearman`` = Spearman(entropy, strength) over the checked tokens, next to the loop's.
+
+The last line is ``RESULT onepass_speedup=<x> onepass_max_rel_err=<y>`` for T=256 (or the nearest T); without
+onepass in ``--methods``, ``RESULT sketch_speedup=<x> sketch_median_rel_err=<y> sketch_spearman_gap=<z>``.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, Qwen2Config  # noqa: E402
 
-from corrpo.inversion.strength import StrengthConfig, logit_grad_strength  # noqa: E402
+from corrpo.inversion.correlation import batched_spearman  # noqa: E402
+from corrpo.inversion.strength import StrengthConfig, score_tokens  # noqa: E402
 from corrpo.inversion.strength_common import max_relative_error  # noqa: E402
 
 CPU_SHAPE = dict(
@@ -79,30 +86,43 @@ def timed(fn, device: torch.device, repeats: int) -> tuple[float, torch.Tensor]:
 
 def run_length(model, seq_len: int, args, device: torch.device) -> list[dict]:
     gen = torch.Generator().manual_seed(seq_len)
-    ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=gen).to(device)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, seq_len), generator=gen).to(device)
     attn = torch.ones_like(ids)
     full = torch.ones_like(ids, dtype=torch.bool)
-    n_all = seq_len - 1
+    full[:, 0] = False  # nothing predicts the first token
+    n_all = int(full.sum())
     subset = full.clone()
     n_sub = n_all
     if args.loop_max_tokens and args.loop_max_tokens < n_all:
-        keep = torch.linspace(1, seq_len - 1, args.loop_max_tokens).round().long().unique()
-        subset = torch.zeros_like(full)
-        subset[0, keep.to(device)] = True
+        flat = full.flatten().nonzero().squeeze(1)
+        keep = flat[torch.linspace(0, n_all - 1, args.loop_max_tokens).round().long().unique().to(flat.device)]
+        subset = torch.zeros_like(full).flatten()
+        subset[keep] = True
+        subset = subset.view_as(full)
         n_sub = int(subset.sum())
     rows, ref = [], None
-    for method in ("loop", "vmap", "onepass"):
-        cfg = StrengthConfig(args.measure, projections=tuple(args.projections), method=method, chunk_size=args.chunk)
-        mask = full if method == "onepass" else subset
+    for method in args.methods:
+        cfg = StrengthConfig(
+            args.measure, layers=args.layers, projections=tuple(args.projections), method=method,
+            chunk_size=args.chunk, sketch_dim=args.sketch_dim,
+        )  # fmt: skip
+        mask = subset if method in ("loop", "vmap") else full
         reps = 1 if method == "loop" else args.repeats
-        secs, out = timed(lambda m=mask, c=cfg: logit_grad_strength(model, ids, attn, m, c), device, reps)
+        secs, (entropy, out) = timed(lambda m=mask, c=cfg: score_tokens(model, ids, attn, m, c), device, reps)
         scored = n_all if mask is full else n_sub
         extrapolated = scored < n_all
         total = secs * n_all / scored
         if method == "loop":
             ref = out
-        err = max_relative_error(out[subset], ref[subset])
-        rows.append(dict(method=method, T=seq_len, tokens=scored, secs=total, extrap=extrapolated, err=err))
+        checked = subset & torch.isfinite(ref)
+        relative = ((out[checked] - ref[checked]) / ref[checked]).abs()
+        rows.append(
+            dict(
+                method=method, T=seq_len, tokens=scored, secs=total, extrap=extrapolated,
+                err=max_relative_error(out[subset], ref[subset]), median_err=relative.median().item(),
+                spearman=batched_spearman(entropy[checked], out[checked]).item(),
+            )
+        )  # fmt: skip
     loop_secs = rows[0]["secs"]
     for row in rows:
         row["speedup"] = loop_secs / row["secs"]
@@ -115,11 +135,17 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="Qwen2-0.5B-shaped bf16 model on CUDA")
     parser.add_argument("--loop-max-tokens", type=int, default=None, help="time loop/vmap on N tokens, extrapolate")
     parser.add_argument("--measure", default="nuclear", choices=["nuclear", "frobenius", "l1"])
+    parser.add_argument("--layers", default="last", choices=["last", "all"], help="all: not with onepass")
+    parser.add_argument("--methods", nargs="+", default=["loop", "vmap", "onepass"], help="loop first (reference)")
+    parser.add_argument("--sketch-dim", type=int, default=32, help="random directions per matrix for sketch")
+    parser.add_argument("--batch", type=int, default=1, help="sequences scored per call (a probe batch)")
     parser.add_argument("--projections", nargs="+", default=["q", "v", "o", "mlp"], help="add k to include W_k")
-    parser.add_argument("--chunk", type=int, default=64, help="chunk_size for vmap / onepass k,v blocks")
+    parser.add_argument("--chunk", type=int, default=64, help="chunk_size: vmap tokens, onepass blocks, sketch dirs")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU (1: stable on a shared box)")
     args = parser.parse_args()
+    if args.methods[0] != "loop":
+        parser.error("--methods must start with loop: it is the reference every row is compared with")
     if args.threads and not args.gpu:
         torch.set_num_threads(args.threads)
     if args.loop_max_tokens is None:
@@ -135,10 +161,14 @@ def main() -> None:
         f"{next(model.parameters()).dtype}, {where}"
     )
     print(
-        f"parameter set: last layer {args.projections}, measure={args.measure}; '*' = time extrapolated "
+        f"{args.batch} sequence(s) per call; parameter set: {args.layers} layer(s) {args.projections}, "
+        f"measure={args.measure}; '*' = time extrapolated "
         f"per token from {args.loop_max_tokens} evenly spaced tokens (errors checked on those tokens)"
     )
-    header = f"{'method':8} {'T':>5} {'tokens':>6} {'time_s':>10} {'vs_loop':>9} {'max_rel_err':>12}"
+    header = (
+        f"{'method':8} {'T':>5} {'tokens':>6} {'time_s':>10} {'vs_loop':>9} {'max_rel_err':>12} {'med_rel_err':>12} "
+        f"{'spearman':>9}"
+    )
     print(header)
     print("-" * len(header))
     results = []
@@ -148,11 +178,18 @@ def main() -> None:
             star = "*" if row["extrap"] else " "
             print(
                 f"{row['method']:8} {row['T']:>5} {row['tokens']:>6} {row['secs']:>9.3f}{star} "
-                f"{row['speedup']:>8.1f}x {row['err']:>12.2e}"
+                f"{row['speedup']:>8.1f}x {row['err']:>12.2e} {row['median_err']:>12.2e} {row['spearman']:>9.4f}"
             )
     target = min(args.lengths, key=lambda t: abs(t - 256))
-    one = next(r for r in results if r["method"] == "onepass" and r["T"] == target)
-    print(f"RESULT onepass_speedup={one['speedup']:.1f} onepass_max_rel_err={one['err']:.2e}")
+    at = {r["method"]: r for r in results if r["T"] == target}
+    if "onepass" in at:
+        print(f"RESULT onepass_speedup={at['onepass']['speedup']:.1f} onepass_max_rel_err={at['onepass']['err']:.2e}")
+    elif "sketch" in at:
+        gap = abs(at["sketch"]["spearman"] - at["loop"]["spearman"])
+        print(
+            f"RESULT sketch_speedup={at['sketch']['speedup']:.1f} "
+            f"sketch_median_rel_err={at['sketch']['median_err']:.2e} sketch_spearman_gap={gap:.4f}"
+        )
 
 
 if __name__ == "__main__":

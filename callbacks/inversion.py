@@ -42,7 +42,8 @@ class InversionTracker(L.Callback):
     Args:
         every_n_steps: measure after every this many train batches (plus start, boundary, end).
         source: ``reference`` (teacher-forced probe traces) or ``generated`` (the policy's greedy completions).
-        measure / layers / projections / method / chunk_size: the gradient-strength definition, see
+        measure / layers / projections / method / chunk_size / sketch_dim / sketch_seed: the gradient-strength
+            definition, see
             :class:`corrpo.inversion.strength.StrengthConfig`.
         batch_size: probe sequences scored per call.
         max_tokens: cap of the metric's token buffer (memory = 16 bytes x max_tokens on the device).
@@ -58,6 +59,8 @@ class InversionTracker(L.Callback):
         projections: list[str] | None = None,
         method: str = "onepass",
         chunk_size: int = 64,
+        sketch_dim: int = 32,
+        sketch_seed: int = 0,
         batch_size: int = 8,
         max_tokens: int = 65536,
         log_tables: bool = True,
@@ -68,7 +71,10 @@ class InversionTracker(L.Callback):
             raise ValueError("InversionTracker.every_n_steps must be >= 1")
         self.every_n_steps = every_n_steps
         self.source = source
-        kwargs = dict(measure=measure, layers=layers, method=method, chunk_size=chunk_size)
+        kwargs = dict(
+            measure=measure, layers=layers, method=method, chunk_size=chunk_size, sketch_dim=sketch_dim,
+            sketch_seed=sketch_seed,
+        )  # fmt: skip
         if projections is not None:
             kwargs["projections"] = tuple(projections)
         self.strength_config = StrengthConfig(**kwargs)

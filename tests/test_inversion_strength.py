@@ -15,6 +15,7 @@ from corrpo.inversion.strength_common import (
     max_relative_error,
     position_ids_from_mask,
 )
+from corrpo.inversion.strength_sketch import rademacher_directions, sketch_squared_norms
 
 VOCAB, T = 64, 12
 _SHAPE = dict(
@@ -216,3 +217,79 @@ def test_config_errors() -> None:
         logit_grad_strength(_tiny("qwen2"), ids, attn, token_mask, StrengthConfig(method="onepass", layers=[0]))
     with pytest.raises(ValueError, match="out of range"):
         logit_grad_strength(_tiny("qwen2"), ids, attn, token_mask, StrengthConfig(method="vmap", layers=[5]))
+
+
+# ------------------------------------------------------------------------------------------- sketch
+def test_sketch_with_the_standard_basis_as_directions_is_exact(model: torch.nn.Module) -> None:
+    """Summing <dz/dW, E_ij>^2 over every basis matrix E_ij is ||dz/dW||_F^2 exactly: the JVP machinery."""
+    ids, attn, token_mask = _batch("left")
+    batch = ScoringBatch.build(ids, attn, token_mask)
+    # layer 0's K: its tangent passes RoPE, the attention mixing and every later layer
+    for layer, projection in ((0, "k"), (0, "o"), (1, "q"), (1, "v")):
+        config = StrengthConfig("frobenius", [layer], (projection,), "loop")
+        ref = logit_grad_strength(model, ids, attn, token_mask, config)
+        ((_, weight),) = select_weights(model, [layer], (projection,))
+        basis = torch.eye(weight.numel()).view(weight.numel(), *weight.shape)
+        _close(batch.scatter(sketch_squared_norms(model, batch, weight, basis, chunk_size=256).sqrt()), ref)
+
+
+def test_sketch_squared_norm_estimates_are_unbiased(model: torch.nn.Module) -> None:
+    ids, attn, token_mask = _batch("right")
+    batch = ScoringBatch.build(ids, attn, token_mask)
+    ((_, weight),) = select_weights(model, "last", ("v",))
+    exact = sketch_squared_norms(model, batch, weight, torch.eye(weight.numel()).view(-1, *weight.shape))
+    k = 400
+    directions = rademacher_directions(weight, k, torch.Generator().manual_seed(7))
+    ratio = sketch_squared_norms(model, batch, weight, directions) / k / exact
+    # each token's estimate has relative std <= sqrt(2/k) = 0.07; their mean over ~20 tokens is tighter still
+    assert (ratio - 1).abs().max() < 5 * (2 / k) ** 0.5
+    assert abs(ratio.mean().item() - 1) < 2 * (2 / k) ** 0.5
+
+
+def test_sketch_tracks_loop_frobenius_over_all_layers_and_is_reproducible(model: torch.nn.Module) -> None:
+    ids, attn, token_mask = _batch("left")
+    kw = dict(measure="frobenius", layers="all", projections=("q", "k", "v", "o", "mlp"))
+    ref = logit_grad_strength(model, ids, attn, token_mask, StrengthConfig(**kw, method="loop"))
+    got = logit_grad_strength(model, ids, attn, token_mask, StrengthConfig(**kw, method="sketch", sketch_dim=64))
+    scored = ~ref.isnan()
+    assert torch.equal(scored, ~got.isnan())
+    # each matrix's sqrt(estimate) has relative std ~ sqrt(1 / (2k)); S averages 14 of them
+    error = ((got[scored] - ref[scored]) / ref[scored]).abs()
+    assert error.median() < (1 / (2 * 64)) ** 0.5 and error.max() < 4 * (1 / (2 * 64)) ** 0.5
+    again = logit_grad_strength(model, ids, attn, token_mask, StrengthConfig(**kw, method="sketch", sketch_dim=64))
+    other = StrengthConfig(**kw, method="sketch", sketch_dim=64, sketch_seed=1)
+    assert torch.equal(got[scored], again[scored])
+    assert not torch.equal(got[scored], logit_grad_strength(model, ids, attn, token_mask, other)[scored])
+
+
+def test_sketch_restores_the_model_and_refuses_other_measures() -> None:
+    model = _tiny("llama").train()
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    ids, attn, token_mask = _batch("left")
+    entropy, _ = score_tokens(model, ids, attn, token_mask, StrengthConfig("frobenius", method="sketch", sketch_dim=2))
+    ref, _ = score_tokens(model, ids, attn, token_mask, StrengthConfig(method="onepass"))
+    assert torch.equal(entropy.isnan(), ref.isnan()) and torch.allclose(entropy, ref, equal_nan=True)
+    assert model.training and {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(ValueError, match="measure='frobenius'"):
+        StrengthConfig(method="sketch")
+    with pytest.raises(ValueError, match="sketch_dim"):
+        StrengthConfig("frobenius", method="sketch", sketch_dim=0)
+
+
+def test_sketch_falls_back_to_one_jvp_per_direction_with_the_same_result(monkeypatch) -> None:
+    import corrpo.inversion.strength_sketch as sketch
+
+    model = _tiny("qwen2")
+    ids, attn, token_mask = _batch("left")
+    config = StrengthConfig("frobenius", projections=("q", "v"), method="sketch", sketch_dim=8, chunk_size=3)
+    batched = logit_grad_strength(model, ids, attn, token_mask, config)
+
+    def no_batching_rule(*args, **kwargs):
+        raise RuntimeError("no batching rule for this op")
+
+    monkeypatch.setattr(sketch, "vmap", lambda fn: no_batching_rule)
+    monkeypatch.setattr(sketch, "_warned_fallback", False)
+    with pytest.warns(UserWarning, match="one JVP per direction"):
+        one_by_one = logit_grad_strength(model, ids, attn, token_mask, config)
+    _close(one_by_one, batched, tol=1e-5)

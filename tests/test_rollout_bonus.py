@@ -78,6 +78,8 @@ def test_strength_config_round_trip():
     strength = InversionRewardConfig(measure="l1", layers=[-1], projections=["q", "o"], chunk_size=7).strength_config()
     assert (strength.measure, strength.layers, strength.projections) == ("l1", (-1,), ("q", "o"))
     assert (strength.method, strength.chunk_size) == ("onepass", 7)
+    sketch = InversionRewardConfig(measure="frobenius", layers="all", method="sketch", sketch_dim=5).strength_config()
+    assert (sketch.method, sketch.layers, sketch.sketch_dim) == ("sketch", "all", 5)
 
 
 @pytest.mark.parametrize(
@@ -95,6 +97,8 @@ def test_strength_config_round_trip():
         ({"chunk_size": 0}, "chunk_size"),
         ({"min_tokens": 1}, "min_tokens"),
         ({"layers": "all"}, "method"),  # onepass is last-layer only
+        ({"method": "sketch"}, "method / measure"),  # sketch estimates Frobenius norms only
+        ({"sketch_dim": 0}, "sketch_dim"),
     ],
 )
 def test_config_validation_names_the_key(kwargs, key):

@@ -49,7 +49,7 @@ class InversionRewardConfig:
         coef: ``lambda``, the bonus weight; 0 = plain GRPO (no scoring pass at all).
         warmup_steps: ``lambda`` ramps linearly from 0 to ``coef`` over the first ``warmup_steps`` RL steps.
         correlation: ``spearman`` (the headline) or ``pearson``.
-        measure / layers / projections / method / chunk_size: the gradient strength ``S_t``, see
+        measure / layers / projections / method / chunk_size / sketch_dim: the gradient strength ``S_t``, see
             :class:`corrpo.inversion.strength.StrengthConfig`.
         min_tokens: responses with fewer scored completion tokens get no bonus (too noisy a correlation).
         center: subtract the mean bonus over each group's valid members (invalid stay 0).
@@ -66,6 +66,7 @@ class InversionRewardConfig:
     # all four. Set [q, k, v, o] for the paper's full set.
     method: str = "onepass"
     chunk_size: int = 64
+    sketch_dim: int = 32
     min_tokens: int = 8
     center: bool = False
 
@@ -74,7 +75,7 @@ class InversionRewardConfig:
             raise ValueError(f"rl.inversion.coef must be a finite number, got {self.coef!r}")
         if self.coef < 0:
             raise ValueError(f"rl.inversion.coef must be >= 0 (0 = plain GRPO), got {self.coef!r}")
-        for key in ("warmup_steps", "min_tokens", "chunk_size"):
+        for key in ("warmup_steps", "min_tokens", "chunk_size", "sketch_dim"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"rl.inversion.{key} must be an int, got {value!r}")
@@ -84,8 +85,9 @@ class InversionRewardConfig:
             raise ValueError(
                 f"rl.inversion.min_tokens must be >= 2 (a correlation needs 2 tokens), got {self.min_tokens}"
             )
-        if self.chunk_size < 1:
-            raise ValueError(f"rl.inversion.chunk_size must be >= 1, got {self.chunk_size}")
+        for key in ("chunk_size", "sketch_dim"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"rl.inversion.{key} must be >= 1, got {getattr(self, key)}")
         if self.correlation not in CORRELATIONS:
             raise ValueError(f"rl.inversion.correlation must be one of {CORRELATIONS}, got {self.correlation!r}")
         if self.measure not in MEASURES:
@@ -102,19 +104,20 @@ class InversionRewardConfig:
         try:
             self.strength_config()
         except ValueError as error:
-            raise ValueError(f"rl.inversion.method / rl.inversion.layers: {error}") from None
+            raise ValueError(f"rl.inversion.method / measure / layers: {error}") from None
         if not isinstance(self.layers, str):
             self.layers = list(self.layers)
         self.projections = [self.projections] if isinstance(self.projections, str) else list(self.projections)
 
     def strength_config(self) -> StrengthConfig:
-        """The :class:`StrengthConfig` of ``S_t`` (measure, layers, projections, method, chunk_size)."""
+        """The :class:`StrengthConfig` of ``S_t`` (measure, layers, projections, method, chunk_size, sketch_dim)."""
         return StrengthConfig(
             measure=self.measure,
             layers=self.layers,
             projections=self.projections,
             method=self.method,
             chunk_size=self.chunk_size,
+            sketch_dim=self.sketch_dim,
         )
 
     def coef_at(self, rl_step: int) -> float:

@@ -7,12 +7,15 @@ raw logit is ``z_j = logits[b, j-1, y]`` (not a log-prob, not a loss). For each 
     S_j = mean_W  measure(dz_j / dW),   measure in {nuclear, frobenius, l1}.
 
 The average over matrices is our choice: the paper does not publish how the Q/K/V/O norms combine.
-Methods (all exact; ``loop`` is the reference every other method is tested against):
+Exact methods (``loop`` is the reference every other method is tested against):
 
 * ``loop``    -- one backward per token (``strength_loop.loop_strength``);
 * ``vmap``    -- batched per-token VJPs, any layers (``strength_loop.vmap_strength``);
 * ``onepass`` -- ONE backward for the last layer's q, k, v, o and MLP weights via rank-1 / closed forms
   (``strength_onepass``); the default, ~O(1) backwards instead of O(T).
+
+And one estimator: ``sketch`` -- unbiased per-token squared Frobenius norms from random-sign forward-mode
+JVPs, any layers, cost independent of T (``strength_sketch``); tested exact with basis directions.
 
 Outputs are ``[B, T]`` fp32 aligned to TOKEN positions with NaN where a position is not scored (including
 tokens whose predecessor is padding). The model is run in eval mode with ``position_ids`` from the
@@ -34,6 +37,7 @@ from corrpo.inversion.strength_common import ScoringBatch
 from corrpo.inversion.strength_config import StrengthConfig
 from corrpo.inversion.strength_loop import loop_strength, vmap_strength
 from corrpo.inversion.strength_onepass import onepass_strength
+from corrpo.inversion.strength_sketch import sketch_strength
 
 __all__ = ["StrengthConfig", "logit_grad_strength", "score_tokens"]
 
@@ -41,6 +45,7 @@ _METHODS: dict[str, Callable[[nn.Module, ScoringBatch, StrengthConfig], tuple[Te
     "loop": loop_strength,
     "vmap": vmap_strength,
     "onepass": onepass_strength,
+    "sketch": sketch_strength,
 }
 
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 MEASURES = ("nuclear", "frobenius", "l1")
-METHODS = ("loop", "onepass", "vmap")
+METHODS = ("loop", "onepass", "vmap", "sketch")
 PROJECTIONS = ("q", "k", "v", "o", "mlp")
 
 
@@ -23,8 +23,15 @@ class StrengthConfig:
         projections: which matrices of each selected layer: any of ``"q", "k", "v", "o"`` (default all four)
             and ``"mlp"`` (= gate, up and down weights). Weights only: biases (Qwen2 q/k/v) are ignored.
         method: ``"loop"`` one backward per token (the reference), ``"onepass"`` exact closed forms from
-            ONE backward (last layer only), ``"vmap"`` batched per-token VJPs (exact, any layers).
-        chunk_size: tokens per batched VJP (vmap) / per closed-form block (onepass); bounds memory.
+            ONE backward (last layer only), ``"vmap"`` batched per-token VJPs (exact, any layers),
+            ``"sketch"`` an unbiased estimate of every token's squared Frobenius norm from ``sketch_dim``
+            forward-mode JVPs per matrix (``measure="frobenius"`` only; any layers; cost independent of the
+            number of tokens).
+        chunk_size: tokens per batched VJP (vmap) / per closed-form block (onepass) / directions per batched JVP
+            (sketch); bounds memory.
+        sketch_dim: random sign directions per matrix (``sketch``); relative std of each squared-norm estimate
+            is at most ``sqrt(2 / sketch_dim)``.
+        sketch_seed: seed of those directions: a fixed seed gives the same estimate for the same model and probe.
 
     ``S_j`` is the MEAN of the per-matrix measures over all selected matrices: the paper does not publish how
     the Q/K/V/O (or per-layer) norms are combined, so we average them and say so.
@@ -35,6 +42,8 @@ class StrengthConfig:
     projections: Sequence[str] = ("q", "k", "v", "o")
     method: str = "onepass"
     chunk_size: int = 64
+    sketch_dim: int = 32
+    sketch_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.measure not in MEASURES:
@@ -60,6 +69,15 @@ class StrengthConfig:
         self.projections = projections
         if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int, got {self.chunk_size!r}")
+        if isinstance(self.sketch_dim, bool) or not isinstance(self.sketch_dim, int) or self.sketch_dim < 1:
+            raise ValueError(f"sketch_dim must be a positive int, got {self.sketch_dim!r}")
+        if isinstance(self.sketch_seed, bool) or not isinstance(self.sketch_seed, int) or self.sketch_seed < 0:
+            raise ValueError(f"sketch_seed must be a non-negative int, got {self.sketch_seed!r}")
+        if self.method == "sketch" and self.measure != "frobenius":
+            raise ValueError(
+                "method='sketch' estimates squared Frobenius norms only: set measure='frobenius' "
+                f"(got {self.measure!r})"
+            )
         if self.method == "onepass" and self.layers == "all":
             raise ValueError(
                 "method='onepass' is exact only for the LAST layer (layers='last' or [-1]); "
