@@ -88,6 +88,26 @@ def test_strength_is_on_the_effective_weights_for_every_method(family):
         _close(logit_grad_strength(model, ids, attn, token_mask, StrengthConfig(**cfg, method="vmap")), ref)
 
 
+@pytest.mark.parametrize("family", ["tiny-qwen2", "tiny-llama"])
+def test_sketch_is_on_the_effective_weights_too(family):
+    from corrpo.inversion.architectures import select_weights
+    from corrpo.inversion.strength_common import ScoringBatch
+    from corrpo.inversion.strength_sketch import sketch_squared_norms
+
+    model, _ = _lora_policy(family)
+    ids, attn, token_mask = _batch()
+    batch = ScoringBatch.build(ids, attn, token_mask)
+    for layer, projection in ((0, "v"), (1, "q")):
+        config = StrengthConfig("frobenius", [layer], (projection,), "loop")
+        ref = logit_grad_strength(model, ids, attn, token_mask, config)
+        ((_, weight),) = select_weights(model, [layer], (projection,))  # the frozen base W under the adapter
+        basis = torch.eye(weight.numel()).view(weight.numel(), *weight.shape)
+        _close(batch.scatter(sketch_squared_norms(model, batch, weight, basis, chunk_size=256).sqrt()), ref)
+    cfg = StrengthConfig("frobenius", "all", ("q", "v"), "sketch", sketch_dim=2)
+    logit_grad_strength(model, ids, attn, token_mask, cfg)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+
+
 def test_loop_on_lora_is_the_brute_force_gradient_of_the_merged_weight():
     model, _ = _lora_policy()
     merged = merged_copy(model).requires_grad_(True)
