@@ -79,6 +79,9 @@ class RLConfig(OptimConfig):
     """KL coefficient to the frozen reference (the policy at the start of RL); 0 loads no reference."""
     mask_truncated_completions: bool = False
     """Exclude completions that hit ``max_new_tokens`` from the loss (DAPO)."""
+    top_entropy_quantile: float = 1.0
+    """Train only on the completion tokens in this top fraction by entropy, threshold over the whole batch (all
+    ranks); 1.0 trains on every token (TRL's ``top_entropy_quantile``; 0.2 in "Beyond the 80/20 rule")."""
     num_iterations: int = 1
     """Optimizer updates per rollout batch (mu); old log-probs are stored for the ratio when > 1."""
 
@@ -94,6 +97,8 @@ class RLConfig(OptimConfig):
             raise ValueError(f"rl.scale_rewards must be one of {REWARD_SCALES}, got {self.scale_rewards!r}")
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"rl.loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if not 0.0 < self.top_entropy_quantile <= 1.0:
+            raise ValueError(f"rl.top_entropy_quantile must be in (0, 1], got {self.top_entropy_quantile!r}")
         if not (0 <= self.epsilon_low < 1 and self.epsilon_high >= 0):
             raise ValueError("rl.epsilon_low must be in [0, 1) and rl.epsilon_high >= 0")
         if not self.rewards:

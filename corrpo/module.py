@@ -29,6 +29,7 @@ import warnings
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 
 from corrpo.batching import encode_prompts, encode_sft_batch, position_ids_from_mask
@@ -40,6 +41,7 @@ from corrpo.models import TinyArchitecture, export_policy, load_policy
 from corrpo.objectives import (
     clipped_policy_loss,
     group_advantages,
+    high_entropy_mask,
     masked_mean,
     token_log_probs,
     zero_std_fraction,
@@ -308,6 +310,12 @@ class CorrPOModule(L.LightningModule):
         _, rl_opt = self.optimizers()
         for iteration in range(self.rl.num_iterations):
             log_probs, logits = self._completion_log_probs(rollout)
+            token_entropy = None
+            if iteration == 0 or self.rl.top_entropy_quantile < 1.0:
+                with torch.no_grad():
+                    token_entropy = token_entropy_bits(logits, rollout.completion_mask)
+            if iteration == 0:
+                entropy = masked_mean(token_entropy, rollout.completion_mask)
             out = clipped_policy_loss(
                 log_probs,
                 old_log_probs if old_log_probs is not None else log_probs.detach(),
@@ -320,15 +328,28 @@ class CorrPOModule(L.LightningModule):
                 ref_log_probs,
                 self.rl.beta,
                 num_tokens=self._tokens_per_rank(loss_mask) if self.rl.loss_type == "dapo" else None,
+                train_mask=self._high_entropy_tokens(token_entropy, loss_mask),
             )
-            if iteration == 0:
-                with torch.no_grad():
-                    entropy = masked_mean(token_entropy_bits(logits, rollout.completion_mask), rollout.completion_mask)
             rl_step = (batch["step"] - self.sft.steps) * self.rl.num_iterations + iteration
             self._apply_update(out.loss, rl_opt, self.rl, rl_step)
         timings["update"] = time.perf_counter() - t0
 
         self._log_rl(batch, rewards, scores, rollout, out, entropy, timings)
+
+    def _high_entropy_tokens(self, token_entropy: torch.Tensor | None, loss_mask: torch.Tensor) -> torch.Tensor | None:
+        """``rl.top_entropy_quantile < 1``: the loss tokens in the top fraction by entropy, the threshold taken
+        over every rank's tokens (:func:`corrpo.objectives.high_entropy_mask`); else None (train on all)."""
+        quantile = self.rl.top_entropy_quantile
+        if quantile >= 1.0:
+            return None
+        if self.trainer.world_size == 1:
+            return high_entropy_mask(token_entropy, loss_mask, quantile)
+        # ranks' completions differ in width: pad to max_new_tokens so all_gather sees one shape
+        pad = (0, self.rl.sampling.max_new_tokens - token_entropy.shape[1])
+        every_entropy = self.all_gather(F.pad(token_entropy, pad))
+        every_mask = self.all_gather(F.pad(loss_mask.float(), pad))
+        keep = high_entropy_mask(every_entropy, every_mask, quantile)[self.global_rank]
+        return keep[:, : token_entropy.shape[1]]
 
     def _inversion_reward(self, rollout: Rollout, rl_step: int, scores) -> tuple[torch.Tensor, torch.Tensor]:
         """CorR-PO: ``coef * clip(-rho_i, -1, 1)`` per response, on the policy that sampled it; returns (bonus, rho).

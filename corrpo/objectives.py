@@ -125,6 +125,24 @@ class PolicyLossOutput:
     clip_high: torch.Tensor
 
 
+def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, top_quantile: float) -> torch.Tensor:
+    """The tokens among ``mask`` whose entropy is in the top ``top_quantile`` fraction (TRL's
+    ``top_entropy_quantile``, after "Beyond the 80/20 rule", arXiv 2506.01939: train on the forking tokens).
+
+    ``threshold = quantile(entropy[mask], 1 - top_quantile)`` (linear interpolation, as ``torch.quantile``);
+    keep ``entropy >= threshold``. ``top_quantile = 1`` keeps every token of ``mask``. ``entropy`` and
+    ``mask`` may carry a leading rank dimension (all ranks' tokens gathered): the threshold is then global.
+    Masked-out entries may hold anything, NaN included.
+    """
+    if not 0.0 < top_quantile <= 1.0:
+        raise ValueError(f"top_quantile must be in (0, 1], got {top_quantile!r}")
+    mask = mask.bool()
+    if top_quantile == 1.0 or not mask.any():
+        return mask
+    threshold = torch.quantile(entropy[mask].float(), 1.0 - top_quantile)
+    return mask & (entropy.float() >= threshold)
+
+
 def clipped_policy_loss(
     log_probs: torch.Tensor,
     old_log_probs: torch.Tensor,
@@ -137,6 +155,7 @@ def clipped_policy_loss(
     ref_log_probs: torch.Tensor | None = None,
     beta: float = 0.0,
     num_tokens: torch.Tensor | float | None = None,
+    train_mask: torch.Tensor | None = None,
 ) -> PolicyLossOutput:
     """The clipped surrogate, per token, aggregated.
 
@@ -147,7 +166,9 @@ def clipped_policy_loss(
 
     Clip statistics follow TRL: a token is low-clipped when ``ratio < 1 - eps_low`` and ``A < 0`` (the
     clip is what stops the gradient), high-clipped when ``ratio > 1 + eps_high`` and ``A > 0``.
-    ``num_tokens``: see :func:`aggregate_token_loss`.
+    ``num_tokens``: see :func:`aggregate_token_loss`. ``train_mask`` (e.g. :func:`high_entropy_mask`) zeroes
+    the loss of the other tokens while the normaliser still counts every token of ``mask``, as TRL does: a
+    smaller kept set means a smaller step, not a rescaled one.
     """
     if beta > 0 and ref_log_probs is None:
         raise ValueError("beta > 0 needs ref_log_probs")
@@ -161,6 +182,8 @@ def clipped_policy_loss(
         kl = masked_mean(kl_tok.detach(), mask)
         if beta > 0:
             per_token = per_token + beta * kl_tok
+    if train_mask is not None:
+        per_token = per_token * train_mask.to(per_token.dtype)
     length = max_completion_length if max_completion_length is not None else mask.shape[-1]
     loss = aggregate_token_loss(per_token, mask, loss_type, length, num_tokens)
     with torch.no_grad():

@@ -8,6 +8,9 @@ from conftest import run_tiny
 
 from corrpo.models import load_policy
 
+# a reward that differs within groups, so GRPO's advantages are non-zero and RL moves the weights
+SHAPED = ("--model.rl.rewards=[accuracy, format, shaped_rewards:length]", "--model.rl.reward_weights=[1.0, 0.2, 1.0]")
+
 
 def final_weights(cli) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in cli.model.policy.state_dict().items()}
@@ -15,7 +18,7 @@ def final_weights(cli) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def grpo_weights(tmp_path_factory):
-    return final_weights(run_tiny(tmp_path_factory.mktemp("grpo"), "--trainer.logger=false"))
+    return final_weights(run_tiny(tmp_path_factory.mktemp("grpo"), "--trainer.logger=false", *SHAPED))
 
 
 def test_lambda_zero_is_exactly_the_grpo_baseline(grpo_weights, tmp_path):
@@ -26,9 +29,13 @@ def test_lambda_zero_is_exactly_the_grpo_baseline(grpo_weights, tmp_path):
         "--model.rl.inversion.coef=0",
         "--model.rl.inversion.min_tokens=2",
         "--model.rl.inversion.center=true",
+        *SHAPED,
     )
     weights = final_weights(cli)
     assert all(torch.equal(weights[k], grpo_weights[k]) for k in grpo_weights)
+    # ... and the comparison can fail: GRPO's RL steps did move the weights away from the SFT-only policy
+    sft_only = final_weights(run_tiny(tmp_path / "sft", "--trainer.logger=false", "--model.rl.steps=0"))
+    assert any(not torch.equal(sft_only[k], grpo_weights[k]) for k in grpo_weights)
 
 
 def test_lambda_positive_scores_rollouts_and_changes_the_update(grpo_weights, tmp_path):
@@ -39,6 +46,7 @@ def test_lambda_positive_scores_rollouts_and_changes_the_update(grpo_weights, tm
         "--trainer.log_every_n_steps=1",
         "--model.rl.inversion.coef=1.0",
         "--model.rl.inversion.min_tokens=2",
+        *SHAPED,
     )
     weights = final_weights(cli)
     assert any(not torch.equal(weights[k], grpo_weights[k]) for k in grpo_weights)
@@ -96,3 +104,10 @@ def test_the_sketch_estimator_drives_the_tracker_and_the_reward_over_all_layers(
     metrics = list(csv.DictReader(next(tmp_path.rglob("metrics.csv")).open()))
     nan_frac = [float(r["inversion/rollout_nan_frac"]) for r in metrics if r.get("inversion/rollout_nan_frac")]
     assert nan_frac and min(nan_frac) < 1.0  # some responses got a sketched rho_i
+
+
+def test_top_entropy_quantile_trains_on_fewer_tokens_and_changes_the_update(grpo_weights, tmp_path):
+    cli = run_tiny(tmp_path, "--trainer.logger=false", *SHAPED, "--model.rl.top_entropy_quantile=0.2")
+    weights = final_weights(cli)
+    assert all(torch.isfinite(w).all() for w in weights.values()) and cli.model.skipped_updates == 0
+    assert any(not torch.equal(weights[k], grpo_weights[k]) for k in grpo_weights)

@@ -21,6 +21,7 @@ G = 4
 ARGS = [
     *TINY_FAST_ARGS,
     "--data.rl_batch_size=4",  # 2 prompts (2 whole groups) per rank
+    "--model.rl.top_entropy_quantile=0.5",  # its threshold gathers every rank's token entropies
     "--trainer.enable_progress_bar=false",
     "--trainer.log_every_n_steps=1",
     "--trainer.callbacks+=ddp_recorder.GroupRecorder",

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -9,6 +10,7 @@ from corrpo.objectives import (
     aggregate_token_loss,
     clipped_policy_loss,
     group_advantages,
+    high_entropy_mask,
     kl_k3,
     token_log_probs,
     zero_std_fraction,
@@ -113,3 +115,41 @@ def test_ratio_one_gives_policy_gradient_and_kl_term():
     assert with_kl.loss.item() == pytest.approx(out.loss.item() + 0.5 * expected_kl, rel=1e-4)
     with pytest.raises(ValueError, match="ref_log_probs"):
         clipped_policy_loss(logp, logp, adv, mask, beta=0.1)
+
+
+def test_high_entropy_mask_keeps_the_top_fraction_by_numpys_quantile():
+    gen = torch.Generator().manual_seed(0)
+    entropy = torch.rand(6, 9, generator=gen) * 5
+    mask = torch.rand(6, 9, generator=gen) > 0.3
+    entropy[~mask] = float("nan")  # padding may hold anything
+    for q in (0.2, 0.5, 0.9):
+        threshold = np.quantile(entropy[mask].numpy(), 1 - q)  # linear interpolation, numpy's default
+        expected = mask & (entropy >= torch.tensor(threshold, dtype=torch.float32))
+        got = high_entropy_mask(entropy, mask, q)
+        assert torch.equal(got, expected)
+        assert abs(got.sum().item() - q * mask.sum().item()) <= 1
+    assert torch.equal(high_entropy_mask(entropy, mask, 1.0), mask)
+    assert not high_entropy_mask(entropy, torch.zeros_like(mask), 0.2).any()
+
+
+def test_high_entropy_mask_over_gathered_ranks_uses_one_global_threshold():
+    # rank 0 holds only low entropies: with a global top-50% it keeps nothing
+    entropy = torch.stack([torch.tensor([[0.1, 0.2, 0.3]]), torch.tensor([[2.0, 3.0, 4.0]])])
+    mask = torch.ones_like(entropy, dtype=torch.bool)
+    keep = high_entropy_mask(entropy, mask, 0.5)
+    assert keep[0].sum() == 0 and keep[1].tolist() == [[True, True, True]]
+    with pytest.raises(ValueError, match="top_quantile"):
+        high_entropy_mask(entropy, mask, 0.0)
+
+
+def test_train_mask_zeroes_the_other_tokens_but_keeps_the_normaliser():
+    log_probs = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -0.7, -1.1]], requires_grad=True)
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    train = torch.tensor([[True, False, True], [False, True, False]])
+    advantages = torch.tensor([1.0, -2.0])
+    out = clipped_policy_loss(log_probs, log_probs.detach(), advantages, mask, loss_type="dapo", train_mask=train)
+    # ratio 1: per-token loss -A; kept tokens: row 0 twice (A=1), row 1 once (A=-2); 5 tokens in the mask
+    assert out.loss.item() == pytest.approx((-1.0 - 1.0 + 2.0) / 5)
+    out.loss.backward()
+    expected = -(advantages.unsqueeze(1) * train) / 5
+    torch.testing.assert_close(log_probs.grad, expected)

@@ -1,0 +1,11 @@
+"""Test-only reward resolved by import path (``shaped_rewards:length``).
+
+The tiny test runs are too short for the accuracy and format rewards to differ within a group, so every
+advantage would be 0 and RL would leave the weights as they were: a comparison of two RL runs would then
+prove nothing. This reward differs between almost any two completions.
+"""
+
+
+def length(prompts, completions, **kwargs):
+    """``len(completion) / 100`` per sample."""
+    return [len(c) / 100 for c in completions]
