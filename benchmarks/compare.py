@@ -1,4 +1,5 @@
-"""Plain GRPO vs CorR-PO from one shared SFT policy, on the embedded tiny arithmetic task, over a few seeds.
+"""Plain GRPO vs CorR-PO (and the 80/20 entropy baseline) from one shared SFT policy, on the embedded tiny
+arithmetic task, over a few seeds.
 
 What it does:
 
@@ -6,9 +7,12 @@ What it does:
    names an existing policy folder. Both methods start RL from this same policy.
 2. For each seed and each method, one RL-only run from that policy (``--model.sft.steps 0``), with the seed
    setting ``seed_everything`` (sampling) and ``data.seed`` (batch order). ``grpo`` uses
-   ``--model.rl.inversion.coef 0``, ``corrpo`` uses ``--coef``. Everything else is the config's. The test set
+   ``--model.rl.inversion.coef 0``, ``corrpo`` uses ``--coef``, ``top_entropy`` is GRPO trained only on the
+   top ``--top-entropy-quantile`` tokens by entropy ("Beyond the 80/20 rule", TRL's ``top_entropy_quantile``),
+   the closest published entropy-aware baseline. Everything else is the config's. The test set
    (``data.n_test`` problems, fixed by ``data.arithmetic.seed``) is the same for every run. Each run's
-   ``results.json`` gets ``method``, ``coef`` and ``seed`` keys so ``corrpo.analysis`` labels it.
+   ``results.json`` gets ``method``, ``coef`` and ``seed`` keys so ``corrpo.analysis`` labels it. With
+   ``--reuse`` a method/seed that already has a finished run under ``<out>`` is collected, not trained again.
 3. Collects per run: test accuracy at the start of RL (the SFT policy) and at the end, the last row of
    ``emergence.csv`` (Spearman rho of the inversion tracker; strength = -rho) and wall time; writes a
    markdown report (``--report``) with per-run and per-method (mean +- std) tables, two plots next to it
@@ -23,11 +27,13 @@ indicative only.
 
 Usage::
 
-    python benchmarks/compare.py [--seeds 0 1 2] [--coef 0.1] [--rl-steps N] [--sft-policy DIR]
-                                 [--out runs/compare] [--report docs/results.md] [--jobs 1] [--collect-only]
+    python benchmarks/compare.py [--seeds 0 1 2] [--methods grpo corrpo top_entropy] [--coef 0.1]
+                                 [--top-entropy-quantile 0.2] [--rl-steps N] [--sft-policy DIR]
+                                 [--out runs/compare] [--report docs/results.md] [--jobs 1]
+                                 [--collect-only | --reuse]
 
 The last printed line is ``RESULT grpo_acc=<m> corrpo_acc=<m> grpo_strength=<m> corrpo_strength=<m>``
-(means over seeds).
+(means over seeds), followed by ``top_entropy_acc=<m> top_entropy_strength=<m>`` when that method ran.
 """
 
 from __future__ import annotations
@@ -47,7 +53,8 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("grpo", "corrpo")
+METHODS = ("grpo", "corrpo", "top_entropy")
+LABELS = {"grpo": "GRPO", "corrpo": "CorR-PO", "top_entropy": "80/20 (top-entropy tokens)"}
 # The fields the report's tables show per run, in order.
 RUN_FIELDS = ("method", "seed", "coef", "start_acc", "end_acc", "spearman", "strength", "rl_steps", "wall_s")
 
@@ -168,14 +175,16 @@ def _pm(pair: tuple[float, float], digits: int = 3) -> str:
     return _fmt(mean, digits) if math.isnan(std) else f"{_fmt(mean, digits)} ± {_fmt(std, digits)}"
 
 
-def _difference_sentence(name: str, diffs: list[float], digits: int = 3) -> tuple[str, bool | None]:
+def _difference_sentence(
+    name: str, diffs: list[float], digits: int = 3, label: str = "CorR-PO minus GRPO"
+) -> tuple[str, bool | None]:
     """A sentence on the paired difference and whether it exceeds two standard errors (None: cannot tell)."""
     if not diffs:
-        return f"No seed has both methods, so no paired {name} difference can be computed.", None
+        return f"No seed has both methods of {label}, so no paired {name} difference can be computed.", None
     mean = statistics.fmean(diffs)
     if len(diffs) < 2:
         return (
-            f"CorR-PO minus GRPO {name}: {_fmt(mean, digits)} from a single seed; with one seed there is no "
+            f"{label} {name}: {_fmt(mean, digits)} from a single seed; with one seed there is no "
             "estimate of the seed-to-seed spread, so this is not evidence either way.",
             None,
         )
@@ -193,7 +202,7 @@ def _difference_sentence(name: str, diffs: list[float], digits: int = 3) -> tupl
         verdict = "beyond the 95% t-interval, i.e. consistent across these seeds"
     per_seed = ", ".join(f"{d:+.{digits}f}" for d in diffs)
     return (
-        f"CorR-PO minus GRPO {name}, paired by seed: {mean:+.{digits}f} (per seed {per_seed}; standard error "
+        f"{label} {name}, paired by seed: {mean:+.{digits}f} (per seed {per_seed}; standard error "
         f"{se:.{digits}f} over {len(diffs)} seeds): {verdict}.",
         significant,
     )
@@ -212,9 +221,13 @@ def interpret(runs: list[dict], summary: dict[str, dict], n_test: int | None) ->
     """The report's "shows" and "does not show" bullets, computed from the numbers."""
     shows, not_shown = [], []
     seeds = sorted({r["seed"] for r in runs}, key=str)
-    acc_sentence, acc_sig = _difference_sentence("end test accuracy", paired_differences(runs, "end_acc"))
-    str_sentence, str_sig = _difference_sentence("final inversion strength", paired_differences(runs, "strength"))
-    shows += [acc_sentence, str_sentence]
+    verdicts = []
+    for method in [m for m in summary if m != "grpo"] or ["corrpo"]:
+        label = f"{LABELS.get(method, method)} minus GRPO"
+        for name, key in (("end test accuracy", "end_acc"), ("final inversion strength", "strength")):
+            sentence, significant = _difference_sentence(name, paired_differences(runs, key, a=method), label=label)
+            shows.append(sentence)
+            verdicts.append(significant)
     if n_test:
         p = statistics.fmean([r["end_acc"] for r in runs if not math.isnan(r["end_acc"])] or [math.nan])
         if not math.isnan(p):
@@ -228,7 +241,7 @@ def interpret(runs: list[dict], summary: dict[str, dict], n_test: int | None) ->
         gains = {m: mean_std([r["end_acc"] - r["start_acc"] for r in runs if r["method"] == m]) for m in summary}
         text = "; ".join(f"{m} {_fmt(g[0], 3)}" for m, g in gains.items())
         shows.append(
-            f"Both methods start RL from the same SFT policy (test accuracy {statistics.fmean(starts):.3f}); mean "
+            f"All methods start RL from the same SFT policy (test accuracy {statistics.fmean(starts):.3f}); mean "
             f"accuracy change over RL: {text}."
         )
     finals = [r["spearman"] for r in runs if not math.isnan(r["spearman"])]
@@ -240,12 +253,12 @@ def interpret(runs: list[dict], summary: dict[str, dict], n_test: int | None) ->
                 f"{min(finals):.3f} to {max(finals):.3f}): in this tiny model higher-entropy tokens have *larger* "
                 "logit-gradient norms (rank correlation over the probe tokens), so the inversion (rho < 0) has "
                 "not emerged and the strength (-rho) is negative for "
-                "both methods."
+                "every method."
             )
         elif positive == 0:
             shows.append(
                 f"The tracker's final Spearman rho is negative in all {len(finals)} runs (range "
-                f"{min(finals):.3f} to {max(finals):.3f}): the inversion is present for both methods."
+                f"{min(finals):.3f} to {max(finals):.3f}): the inversion is present for every method."
             )
         else:
             shows.append(
@@ -254,13 +267,13 @@ def interpret(runs: list[dict], summary: dict[str, dict], n_test: int | None) ->
             )
         changes = "; ".join(f"{m} {_fmt(s['rho_change'][0], 3)}" for m, s in summary.items())
         shows.append(f"Mean change of rho over the RL phase (last row minus first row): {changes}.")
-    if acc_sig is not None and str_sig is not None and not acc_sig and not str_sig:
-        shows.append("Overall: on this setup the two methods are indistinguishable at this number of seeds.")
+    if verdicts and all(v is False for v in verdicts):
+        shows.append("Overall: on this setup the methods are indistinguishable at this number of seeds.")
 
     not_shown.append(
         f"Anything about larger models, other tasks or longer training: {len(seeds)} seed(s), one tiny model "
         "trained from scratch, one synthetic arithmetic task, one CorR-PO coefficient "
-        f"({', '.join(_fmt(float(s['coef']), 3) for m, s in summary.items() if m != 'grpo') or 'n/a'}), "
+        f"({', '.join(_fmt(float(s['coef']), 3) for m, s in summary.items() if m == 'corrpo') or 'n/a'}), "
         f"{max((r['rl_steps'] for r in runs), default=0)} RL steps."
     )
     not_shown.append(
@@ -384,8 +397,9 @@ def write_report(
     make_plots(runs, emergence_png, accuracy_png)
     summary = summarize(runs)
     shows, not_shown = interpret(runs, summary, n_test)
+    title = " vs ".join(LABELS.get(m, m) for m in summary)
     lines = [
-        "# GRPO vs CorR-PO on the tiny arithmetic task",
+        f"# {title} on the tiny arithmetic task",
         "",
         f"Generated by `benchmarks/compare.py` on {time.strftime('%Y-%m-%d %H:%M')}; every number below is "
         "computed from the run folders listed in the per-run table.",
@@ -414,7 +428,8 @@ def write_report(
         "",
         "Each RL run: `corrpo fit --config <config> --model.policy <sft policy> --model.sft.steps 0 "
         "--seed_everything <seed> --data.seed <seed> --model.rl.inversion.coef <coef> --model.rl.steps <RL steps>`"
-        " (coef 0 = plain GRPO). Accuracy is greedy test accuracy; rho is the InversionTracker's Spearman "
+        " (coef 0 = plain GRPO; `top_entropy` adds `--model.rl.top_entropy_quantile <q>` to plain GRPO)."
+        " Accuracy is greedy test accuracy; rho is the InversionTracker's Spearman "
         "correlation (last row of `emergence.csv`), strength = -rho (higher = stronger inversion).",
         "",
         "## Per run",
@@ -448,10 +463,14 @@ def result_line(summary: dict[str, dict]) -> str:
         value = summary.get(method, {}).get(key, (math.nan, math.nan))[0]
         return "nan" if math.isnan(value) else f"{value:.4f}"
 
-    return (
+    line = (
         f"RESULT grpo_acc={mean('grpo', 'end_acc')} corrpo_acc={mean('corrpo', 'end_acc')} "
         f"grpo_strength={mean('grpo', 'strength')} corrpo_strength={mean('corrpo', 'strength')}"
     )
+    if "top_entropy" in summary:
+        acc, strength = mean("top_entropy", "end_acc"), mean("top_entropy", "strength")
+        line += f" top_entropy_acc={acc} top_entropy_strength={strength}"
+    return line
 
 
 def print_summary(runs: list[dict], summary: dict[str, dict]) -> None:
@@ -477,7 +496,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--config", default="configs/tiny.yaml", help="the fit config (default: %(default)s)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="RL seeds (default: 0 1 2)")
+    parser.add_argument(
+        "--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to run; grpo is the baseline"
+    )
     parser.add_argument("--coef", type=float, default=0.1, help="CorR-PO's inversion coef (default: %(default)s)")
+    parser.add_argument(
+        "--top-entropy-quantile", type=float, default=0.2, help="top_entropy's kept token fraction (default: 0.2)"
+    )
     parser.add_argument("--rl-steps", type=int, default=None, help="RL steps (default: the config's model.rl.steps)")
     parser.add_argument("--sft-policy", default=None, help="existing SFT policy folder; skips the SFT run")
     parser.add_argument("--out", default="runs/compare", help="root of all run folders (default: %(default)s)")
@@ -493,7 +518,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="train nothing: report on the newest run under <out>/<method>/seed<seed> (wall times unknown)",
     )
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="collect the newest finished run under <out> (SFT, each method/seed) instead of training it again",
+    )
+    args = parser.parse_args(argv)
+    if "grpo" not in args.methods:
+        parser.error("--methods must include grpo: every other method is compared with it, seed by seed")
+    return args
 
 
 def _abs(path: str) -> Path:
@@ -514,7 +547,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     if args.sft_policy:
         policy = _abs(args.sft_policy)
         sft = {"policy": policy, "run_dir": policy.parent, "wall_s": math.nan}
-    elif args.collect_only:
+    elif args.collect_only or (args.reuse and find_run_dir(out / "sft") is not None):
         run_dir = find_run_dir(out / "sft")
         if run_dir is None:
             raise SystemExit(f"--collect-only: no SFT run under {out / 'sft'}")
@@ -525,10 +558,16 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     if (Path(sft["run_dir"]) / "results.json").is_file():
         sft["end_acc"] = _accuracy(json.loads((Path(sft["run_dir"]) / "results.json").read_text()), "end")
 
-    plan = [(seed, method, 0.0 if method == "grpo" else args.coef) for seed in args.seeds for method in METHODS]
+    methods = [m for m in METHODS if m in args.methods]
+    plan = [(seed, method, args.coef if method == "corrpo" else 0.0) for seed in args.seeds for method in methods]
 
     def one(seed: int, method: str, coef: float) -> dict | None:
         root = out / method / f"seed{seed}"
+        if args.reuse and find_run_dir(root) is not None:
+            run_dir = find_run_dir(root)
+            print(f"[compare] --reuse: {run_dir}", flush=True)
+            results = json.loads((run_dir / "results.json").read_text())
+            return collect_run(run_dir, float(results.get("wall_s", math.nan)), method=method, coef=coef, seed=seed)
         if args.collect_only:
             run_dir, wall = find_run_dir(root), math.nan
             if run_dir is None:
@@ -543,8 +582,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
                 "--data.seed", str(seed),
                 "--model.rl.inversion.coef", str(coef),
             ]  # fmt: skip
+            tags = {}
+            if method == "top_entropy":
+                extra += ["--model.rl.top_entropy_quantile", str(args.top_entropy_quantile)]
+                tags["top_entropy_quantile"] = args.top_entropy_quantile
             run_dir, wall = run_fit(config, extra, root)
-            tag_results(run_dir, method=method, coef=coef, seed=seed, wall_s=round(wall, 1))
+            tag_results(run_dir, method=method, coef=coef, seed=seed, wall_s=round(wall, 1), **tags)
         return collect_run(run_dir, wall, method=method, coef=coef, seed=seed)
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
@@ -556,7 +599,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     settings = {
         "config": os.path.relpath(config, ROOT),
         "seeds": " ".join(map(str, args.seeds)),
+        "methods": " ".join(methods),
         "CorR-PO coef": args.coef,
+        "top-entropy quantile (top_entropy)": args.top_entropy_quantile,
         "RL steps": rl_steps,
         "test problems": n_test,
         "run root": os.path.relpath(out, ROOT),

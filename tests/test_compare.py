@@ -143,3 +143,24 @@ def test_collect_only_main_on_fake_tree(compare, tmp_path, capsys):
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last == "RESULT grpo_acc=0.6850 corrpo_acc=0.6900 grpo_strength=-0.7000 corrpo_strength=-0.6900"
     assert (tmp_path / "r_emergence.png").is_file() and "--collect-only" in report.read_text()
+
+
+def test_three_methods_reuse_and_the_80_20_baseline_compared_with_grpo(compare, tmp_path, capsys):
+    out = tmp_path / "runs"
+    fake_run(out, "sft", 0.0, 0.65, [0.2, 0.7])
+    for seed in (0, 1):
+        fake_run(out, f"grpo/seed{seed}", 0.65, 0.68, [0.74, 0.7], {"method": "grpo", "seed": seed, "wall_s": 9.0})
+        fake_run(out, f"corrpo/seed{seed}", 0.65, 0.69, [0.74, 0.69], {"method": "corrpo", "seed": seed})
+        top = {"method": "top_entropy", "seed": seed, "top_entropy_quantile": 0.2}
+        fake_run(out, f"top_entropy/seed{seed}", 0.65, 0.60 + 0.02 * seed, [0.74, 0.6], top)
+    report = tmp_path / "r.md"
+    # every method/seed has a finished run, so --reuse trains nothing (a training run would fail here)
+    summary = compare.main(["--out", str(out), "--report", str(report), "--seeds", "0", "1", "--reuse"])
+    assert list(summary) == ["grpo", "corrpo", "top_entropy"] and summary["grpo"]["wall_s"][0] == 9.0
+    text = report.read_text()
+    assert text.startswith("# GRPO vs CorR-PO vs 80/20 (top-entropy tokens) on the tiny arithmetic task")
+    assert "80/20 (top-entropy tokens) minus GRPO end test accuracy, paired by seed: -0.070" in text
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.endswith("top_entropy_acc=0.6100 top_entropy_strength=-0.6000")
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--methods", "corrpo", "top_entropy"])
