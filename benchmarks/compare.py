@@ -97,6 +97,21 @@ def run_fit(config: Path, extra: list[str], root: Path) -> tuple[Path, float]:
     return run_dir, wall
 
 
+def wall_from_log(run_dir: Path) -> float:
+    """Wall seconds of a finished run from the log :func:`run_fit` wrote beside it: the log is named after the
+    run's start (``fit-<YYYYmmdd-HHMMSS>.log``, created just before the run folder) and last written at its end.
+    NaN when no such log exists. For runs made before ``results.json`` carried ``wall_s``."""
+    started = [
+        (time.mktime(time.strptime(log.stem[4:], "%Y%m%d-%H%M%S")), log)
+        for log in Path(run_dir).parent.glob("fit-*.log")
+        if log.stem[4:] <= Path(run_dir).name[:15]
+    ]
+    if not started:
+        return math.nan
+    start, log = max(started)
+    return round(log.stat().st_mtime - start, 1)
+
+
 def tag_results(run_dir: Path, **tags) -> None:
     """Add ``tags`` (e.g. method, coef, seed) to the run's ``results.json``."""
     path = Path(run_dir) / "results.json"
@@ -474,16 +489,16 @@ def result_line(summary: dict[str, dict]) -> str:
 
 
 def print_summary(runs: list[dict], summary: dict[str, dict]) -> None:
-    print(f"{'method':8} {'seed':>4} {'acc0':>6} {'acc':>6} {'rho':>7} {'strength':>8} {'wall s':>7}")
+    print(f"{'method':11} {'seed':>4} {'acc0':>6} {'acc':>6} {'rho':>7} {'strength':>8} {'wall s':>7}")
     for r in runs:
         print(
-            f"{r['method']:8} {r['seed']!s:>4} {_fmt(r['start_acc']):>6} {_fmt(r['end_acc']):>6} "
+            f"{r['method']:11} {r['seed']!s:>4} {_fmt(r['start_acc']):>6} {_fmt(r['end_acc']):>6} "
             f"{_fmt(r['spearman']):>7} {_fmt(r['strength']):>8} {_fmt(r['wall_s'], 0):>7}"
         )
     print()
     for m, s in summary.items():
         print(
-            f"{m:8} n={s['n']} acc={_pm(s['end_acc'])} rho={_pm(s['spearman'])} strength={_pm(s['strength'])} "
+            f"{m:11} n={s['n']} acc={_pm(s['end_acc'])} rho={_pm(s['spearman'])} strength={_pm(s['strength'])} "
             f"wall={_pm(s['wall_s'], 0)} s"
         )
     print(result_line(summary), flush=True)
@@ -559,6 +574,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         sft["end_acc"] = _accuracy(json.loads((Path(sft["run_dir"]) / "results.json").read_text()), "end")
 
     methods = [m for m in METHODS if m in args.methods]
+    reused: list[Path] = []
     plan = [(seed, method, args.coef if method == "corrpo" else 0.0) for seed in args.seeds for method in methods]
 
     def one(seed: int, method: str, coef: float) -> dict | None:
@@ -566,8 +582,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         if args.reuse and find_run_dir(root) is not None:
             run_dir = find_run_dir(root)
             print(f"[compare] --reuse: {run_dir}", flush=True)
+            reused.append(run_dir)
             results = json.loads((run_dir / "results.json").read_text())
-            return collect_run(run_dir, float(results.get("wall_s", math.nan)), method=method, coef=coef, seed=seed)
+            wall = float(results.get("wall_s", wall_from_log(run_dir)))
+            return collect_run(run_dir, wall, method=method, coef=coef, seed=seed)
         if args.collect_only:
             run_dir, wall = find_run_dir(root), math.nan
             if run_dir is None:
@@ -608,6 +626,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         "RL runs at a time (--jobs)": args.jobs,
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "unset"),
     }
+    if reused:
+        settings["runs reused (--reuse)"] = (
+            f"{len(reused)} of {len(runs)}, trained by an earlier invocation: their wall times were measured then, "
+            "beside other runs, so compare wall times only between runs trained together"
+        )
     summary = write_report(report, runs, settings, command, sft=sft, n_test=n_test)
     print(f"[compare] report: {report}", flush=True)
     print_summary(runs, summary)

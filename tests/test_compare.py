@@ -164,3 +164,19 @@ def test_three_methods_reuse_and_the_80_20_baseline_compared_with_grpo(compare, 
     assert last.endswith("top_entropy_acc=0.6100 top_entropy_strength=-0.6000")
     with pytest.raises(SystemExit):
         compare.parse_args(["--methods", "corrpo", "top_entropy"])
+
+
+def test_wall_from_log_reads_the_log_named_after_the_runs_start(compare, tmp_path):
+    import os
+    import time
+
+    run_dir = tmp_path / "grpo" / "seed0" / "20261127-082332"
+    run_dir.mkdir(parents=True)
+    assert math.isnan(compare.wall_from_log(run_dir))
+    for name, seconds in (("fit-20261127-080000.log", 50), ("fit-20261127-082322.log", 140)):
+        log = run_dir.parent / name
+        log.write_text("...")
+        start = time.mktime(time.strptime(name[4:-4], "%Y%m%d-%H%M%S"))
+        os.utime(log, (start + seconds, start + seconds))
+    (run_dir.parent / "fit-20261127-090000.log").write_text("a later run's log")
+    assert compare.wall_from_log(run_dir) == 140.0
