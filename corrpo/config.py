@@ -70,7 +70,8 @@ class RLConfig(OptimConfig):
     scale_rewards: str = "group"
     """Advantage normalisation: ``group`` (GRPO), ``batch``, or ``none`` (Dr. GRPO)."""
     loss_type: str = "dapo"
-    """Loss aggregation: ``grpo`` (per-sequence mean), ``dr_grpo`` (constant normaliser), ``dapo`` (token mean)."""
+    """Loss aggregation: ``grpo`` (per-sequence mean), ``dr_grpo`` (constant normaliser), ``dapo`` (token mean
+    over the whole batch, all ranks), ``bnpo`` (token mean of each rank's own batch)."""
     epsilon_low: float = 0.2
     """Lower clip: the ratio is clipped at ``1 - epsilon_low``."""
     epsilon_high: float = 0.2

@@ -19,9 +19,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-LossType = Literal["grpo", "dr_grpo", "dapo"]
+LossType = Literal["grpo", "dr_grpo", "dapo", "bnpo"]
 RewardScale = Literal["group", "batch", "none"]
-LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
 REWARD_SCALES = ("group", "batch", "none")
 
 
@@ -100,9 +100,12 @@ def aggregate_token_loss(
       token: the length bias Dr. GRPO points out).
     - ``dr_grpo``: sum over all tokens / (N * max_completion_length): a constant normaliser, no length bias.
     - ``dapo``: sum over all tokens / number of tokens (token-level mean across the batch).
+    - ``bnpo``: the token mean of this process's batch alone (TRL's ``bnpo``). On one process it is ``dapo``;
+      under DDP the ranks' means are averaged, so a rank with fewer tokens weighs each of them more.
 
     ``num_tokens`` replaces the ``dapo`` denominator; under DDP pass the global token count / world size, so
-    that DDP's average of the ranks' gradients is the single-process token mean (what TRL does).
+    that DDP's average of the ranks' gradients is the single-process token mean (what TRL does). ``bnpo``
+    ignores it.
     """
     mask = mask.to(per_token.dtype)
     masked = per_token * mask
@@ -112,6 +115,8 @@ def aggregate_token_loss(
         return masked.sum() / (per_token.shape[0] * max_completion_length)
     if loss_type == "dapo":
         return masked.sum() / (mask.sum().clamp(min=1.0) if num_tokens is None else num_tokens)
+    if loss_type == "bnpo":
+        return masked.sum() / mask.sum().clamp(min=1.0)
     raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
 
 

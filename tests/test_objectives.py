@@ -74,10 +74,17 @@ MASK = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
         ("grpo", ((1 + 2 + 3) / 3 + 4 / 1) / 2),  # per-sequence mean, then mean
         ("dapo", (1 + 2 + 3 + 4) / 4),  # token mean over the batch
         ("dr_grpo", (1 + 2 + 3 + 4) / (2 * 8)),  # constant normaliser N * max_len
+        ("bnpo", (1 + 2 + 3 + 4) / 4),  # this process's token mean
     ],
 )
 def test_loss_aggregations_by_hand(loss_type, expected):
     assert aggregate_token_loss(PER_TOKEN, MASK, loss_type, max_completion_length=8).item() == pytest.approx(expected)
+
+
+def test_dapo_takes_the_global_token_count_and_bnpo_keeps_its_own():
+    # a rank holding 4 of 10 tokens under 2-process DDP: dapo divides by 10 / 2 = 5, bnpo by its own 4
+    assert aggregate_token_loss(PER_TOKEN, MASK, "dapo", 8, num_tokens=5.0).item() == pytest.approx(10 / 5)
+    assert aggregate_token_loss(PER_TOKEN, MASK, "bnpo", 8, num_tokens=5.0).item() == pytest.approx(10 / 4)
 
 
 def test_unknown_loss_type():
