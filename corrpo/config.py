@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from corrpo.covariance_tokens import POLICY_LOSSES
 from corrpo.inversion.rollout_bonus import InversionRewardConfig
 from corrpo.objectives import LOSS_TYPES, REWARD_SCALES
 from corrpo.rollout import SamplingConfig
@@ -80,6 +81,17 @@ class RLConfig(OptimConfig):
     """KL coefficient to the frozen reference (the policy at the start of RL); 0 loads no reference."""
     mask_truncated_completions: bool = False
     """Exclude completions that hit ``max_new_tokens`` from the loss (DAPO)."""
+    policy_loss: str = "clip"
+    """The surrogate: ``clip`` (PPO/GRPO), ``clip_cov`` or ``kl_cov`` (Cui et al. 2025, verl's loss modes:
+    restrain the few tokens whose log-prob/advantage covariance is largest; :mod:`corrpo.covariance_tokens`)."""
+    cov_ratio: float = 2e-4
+    """Clip-Cov / KL-Cov: the fraction of loss tokens selected (at least one)."""
+    clip_cov_lb: float = 1.0
+    """Clip-Cov: only tokens with covariance above this ..."""
+    clip_cov_ub: float = 5.0
+    """... and below this are candidates."""
+    kl_cov_coef: float = 1.0
+    """KL-Cov: weight of ``|logp - logp_old|`` on the selected tokens (0 unless ``num_iterations > 1``)."""
     top_entropy_quantile: float = 1.0
     """Train only on the completion tokens in this top fraction by entropy, threshold over the whole batch (all
     ranks); 1.0 trains on every token (TRL's ``top_entropy_quantile``; 0.2 in "Beyond the 80/20 rule")."""
@@ -98,6 +110,13 @@ class RLConfig(OptimConfig):
             raise ValueError(f"rl.scale_rewards must be one of {REWARD_SCALES}, got {self.scale_rewards!r}")
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"rl.loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if self.policy_loss not in POLICY_LOSSES:
+            raise ValueError(f"rl.policy_loss must be one of {POLICY_LOSSES}, got {self.policy_loss!r}")
+        if not 0.0 < self.cov_ratio <= 1.0:
+            raise ValueError(f"rl.cov_ratio must be in (0, 1], got {self.cov_ratio!r}")
+        if not self.clip_cov_lb < self.clip_cov_ub:
+            raise ValueError(f"rl.clip_cov_lb ({self.clip_cov_lb}) must be below rl.clip_cov_ub ({self.clip_cov_ub})")
+        _check_non_negative("rl", kl_cov_coef=self.kl_cov_coef)
         if not 0.0 < self.top_entropy_quantile <= 1.0:
             raise ValueError(f"rl.top_entropy_quantile must be in (0, 1], got {self.top_entropy_quantile!r}")
         if not (0 <= self.epsilon_low < 1 and self.epsilon_high >= 0):

@@ -329,6 +329,10 @@ class CorrPOModule(L.LightningModule):
                 self.rl.beta,
                 num_tokens=self._tokens_per_rank(loss_mask) if self.rl.loss_type == "dapo" else None,
                 train_mask=self._high_entropy_tokens(token_entropy, loss_mask),
+                policy_loss=self.rl.policy_loss,
+                cov_ratio=self.rl.cov_ratio,
+                clip_cov_bounds=(self.rl.clip_cov_lb, self.rl.clip_cov_ub),
+                kl_cov_coef=self.rl.kl_cov_coef,
             )
             rl_step = (batch["step"] - self.sft.steps) * self.rl.num_iterations + iteration
             self._apply_update(out.loss, rl_opt, self.rl, rl_step)
@@ -388,6 +392,7 @@ class CorrPOModule(L.LightningModule):
             "kl": out.kl,
             "clip_ratio/low_mean": out.clip_low,
             "clip_ratio/high_mean": out.clip_high,
+            **({"clip_ratio/cov_selected": out.cov_selected} if out.cov_selected is not None else {}),
             "completions/mean_length": lengths.mean(),
             "completions/clipped_ratio": rollout.truncated.float().mean(),
         }

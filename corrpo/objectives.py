@@ -7,8 +7,9 @@ prompt-major order (rows ``g*G .. g*G+G-1`` are the completions of prompt ``g``)
 completion tokens that count in the loss.
 
 What this is and is not: the PPO-style clipped surrogate on group-normalised advantages (no value model,
-no GAE), as in DeepSeekMath's GRPO, with the DAPO asymmetric clip (``epsilon_high``), three loss
-aggregations (``grpo``, ``dr_grpo``, ``dapo``) and an optional k3 KL penalty to a frozen reference.
+no GAE), as in DeepSeekMath's GRPO, with the DAPO asymmetric clip (``epsilon_high``), four loss
+aggregations (``grpo``, ``dr_grpo``, ``dapo``, ``bnpo``), an optional k3 KL penalty to a frozen reference,
+an entropy-quantile token mask (the 80/20 baseline) and the Clip-Cov / KL-Cov variants of the surrogate.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+
+from corrpo.covariance_tokens import POLICY_LOSSES, clip_cov_tokens, kl_cov_tokens, token_covariance
 
 LossType = Literal["grpo", "dr_grpo", "dapo", "bnpo"]
 RewardScale = Literal["group", "batch", "none"]
@@ -128,6 +131,8 @@ class PolicyLossOutput:
     kl: torch.Tensor
     clip_low: torch.Tensor
     clip_high: torch.Tensor
+    cov_selected: torch.Tensor | None = None
+    """Clip-Cov / KL-Cov: the fraction of loss tokens the covariance selected (None for ``clip``)."""
 
 
 def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, top_quantile: float) -> torch.Tensor:
@@ -161,6 +166,10 @@ def clipped_policy_loss(
     beta: float = 0.0,
     num_tokens: torch.Tensor | float | None = None,
     train_mask: torch.Tensor | None = None,
+    policy_loss: str = "clip",
+    cov_ratio: float = 2e-4,
+    clip_cov_bounds: tuple[float, float] = (1.0, 5.0),
+    kl_cov_coef: float = 1.0,
 ) -> PolicyLossOutput:
     """The clipped surrogate, per token, aggregated.
 
@@ -174,6 +183,10 @@ def clipped_policy_loss(
     ``num_tokens``: see :func:`aggregate_token_loss`. ``train_mask`` (e.g. :func:`high_entropy_mask`) zeroes
     the loss of the other tokens while the normaliser still counts every token of ``mask``, as TRL does: a
     smaller kept set means a smaller step, not a rescaled one.
+
+    ``policy_loss``: ``clip`` (the above), ``clip_cov`` (the above with the gradient of a few high-covariance
+    tokens removed) or ``kl_cov`` (unclipped ``-ratio * A``, plus ``kl_cov_coef * |logp - logp_old|`` on the
+    highest-covariance tokens); see :mod:`corrpo.covariance_tokens` for the selection and its parameters.
     """
     if beta > 0 and ref_log_probs is None:
         raise ValueError("beta > 0 needs ref_log_probs")
@@ -181,6 +194,20 @@ def clipped_policy_loss(
     ratio = torch.exp(log_probs - old_log_probs)
     clipped = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
     per_token = -torch.minimum(ratio * adv, clipped * adv)
+    cov_selected = None
+    if policy_loss != "clip":
+        if policy_loss not in POLICY_LOSSES:
+            raise ValueError(f"policy_loss must be one of {POLICY_LOSSES}, got {policy_loss!r}")
+        cov = token_covariance(advantages, log_probs, mask)
+        if policy_loss == "clip_cov":
+            stopped = (clipped * adv < ratio * adv).detach()  # the clip is the active term there already
+            chosen = clip_cov_tokens(cov, mask, stopped, cov_ratio, *clip_cov_bounds)
+            per_token = per_token * (~chosen).to(per_token.dtype)
+        else:
+            chosen = kl_cov_tokens(cov, mask, cov_ratio)
+            penalty = kl_cov_coef * (log_probs - old_log_probs).abs() * chosen.to(log_probs.dtype)
+            per_token = -ratio * adv + penalty
+        cov_selected = masked_mean(chosen.float(), mask)
     kl = torch.zeros((), device=log_probs.device)
     if ref_log_probs is not None:
         kl_tok = kl_k3(log_probs, ref_log_probs)
@@ -196,4 +223,4 @@ def clipped_policy_loss(
         high = (ratio > 1.0 + epsilon_high) & (adv > 0)
         clip_low = masked_mean(low.float(), mask)
         clip_high = masked_mean(high.float(), mask)
-    return PolicyLossOutput(loss=loss, kl=kl, clip_low=clip_low, clip_high=clip_high)
+    return PolicyLossOutput(loss=loss, kl=kl, clip_low=clip_low, clip_high=clip_high, cov_selected=cov_selected)

@@ -111,3 +111,25 @@ def test_top_entropy_quantile_trains_on_fewer_tokens_and_changes_the_update(grpo
     weights = final_weights(cli)
     assert all(torch.isfinite(w).all() for w in weights.values()) and cli.model.skipped_updates == 0
     assert any(not torch.equal(weights[k], grpo_weights[k]) for k in grpo_weights)
+
+
+def test_clip_cov_and_kl_cov_train_and_log_the_selected_fraction(grpo_weights, tmp_path):
+    clip_cov = run_tiny(
+        tmp_path / "clip_cov",
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        f"--trainer.logger.save_dir={tmp_path / 'clip_cov'}",
+        "--trainer.log_every_n_steps=1",
+        *SHAPED,
+        "--model.rl.policy_loss=clip_cov",
+        "--model.rl.cov_ratio=0.2",
+        "--model.rl.clip_cov_lb=-100",
+    )
+    weights = final_weights(clip_cov)
+    assert any(not torch.equal(weights[k], grpo_weights[k]) for k in grpo_weights)
+    metrics = list(csv.DictReader(next((tmp_path / "clip_cov").rglob("metrics.csv")).open()))
+    selected = [float(r["clip_ratio/cov_selected"]) for r in metrics if r.get("clip_ratio/cov_selected")]
+    assert selected and all(0.0 < f <= 0.2 + 1e-6 for f in selected)
+    kl_cov = run_tiny(tmp_path / "kl_cov", "--trainer.logger=false", *SHAPED, "--model.rl.policy_loss=kl_cov",
+                      "--model.rl.num_iterations=2")  # fmt: skip
+    assert all(torch.isfinite(w).all() for w in final_weights(kl_cov).values())
+    assert kl_cov.model.skipped_updates == 0

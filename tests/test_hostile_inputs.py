@@ -213,6 +213,9 @@ def test_a_non_finite_loss_or_gradient_skips_the_update_counts_and_warns_and_tra
         ("--data.rl_batch_size=0", "rl_batch_size"),
         ("--trainer.callbacks.every_n_steps=0", "every_n_steps"),
         ("--trainer.callbacks.source=sampled", "source"),
+        ("--model.rl.policy_loss=ppo2", "policy_loss"),
+        ("--model.rl.clip_cov_lb=9", "clip_cov_lb"),
+        ("--model.rl.top_entropy_quantile=0", "top_entropy_quantile"),
     ],
 )
 def test_bad_config_keys_and_values_name_the_key_before_training(override, named, tmp_path, capsys):
