@@ -190,6 +190,7 @@ class InversionTracker(L.Callback):
     def _log_row(self, trainer: L.Trainer, row: dict) -> None:
         metrics = {f"inversion/{k}": float(row[k]) for k in ("spearman", "pearson", "strength", "n_tokens")}
         metrics["phase"] = {"init": 0.0, "sft": 0.0, "rl": 1.0}.get(row["phase"], -1.0)
+        metrics["batches"] = float(row["batches"])
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         rank_zero_info(

@@ -156,6 +156,9 @@ class CorrPOModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         self._log_step("phase", float(batch["phase"] == "rl"), prog_bar=True)
+        # train batches so far, emergence.csv's x-axis: differs from the global (optimizer) step when an RL
+        # batch makes rl.num_iterations updates; pick it as the x-axis in wandb to line both up
+        self._log_step("batches", float(batch["step"] + 1))
         if batch["phase"] == "sft":
             self._sft_step(batch)
         else:

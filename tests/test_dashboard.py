@@ -55,5 +55,9 @@ def test_inversion_and_phase_are_plotted_against_the_global_step(dashboard_run):
     history, _ = wandb_history(find_wandb_log(run))
     inversion = [h for h in history if "inversion/spearman" in h]
     assert len(inversion) >= 4 and all("trainer/global_step" in h for h in inversion)
+    # emergence.csv's x-axis rides along, so wandb can plot against it too
+    rows = list(csv.DictReader((run / "emergence.csv").open()))
+    assert sorted(h["batches"] for h in inversion) == sorted(float(r["batches"]) for r in rows)
+    assert any("batches" in h and "loss" in h for h in history)
     boundary = [h for h in history if h.get("phase/boundary") == 1]
     assert len(boundary) == 1 and boundary[0]["trainer/global_step"] == 6
