@@ -139,7 +139,8 @@ def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, top_quantile: f
     """The tokens among ``mask`` whose entropy is in the top ``top_quantile`` fraction (TRL's
     ``top_entropy_quantile``, after "Beyond the 80/20 rule", arXiv 2506.01939: train on the forking tokens).
 
-    ``threshold = quantile(entropy[mask], 1 - top_quantile)`` (linear interpolation, as ``torch.quantile``);
+    ``threshold = quantile(entropy[mask], 1 - top_quantile)`` (linear interpolation, as ``numpy.quantile``;
+    computed by sorting, so a batch of any size works);
     keep ``entropy >= threshold``. ``top_quantile = 1`` keeps every token of ``mask``. ``entropy`` and
     ``mask`` may carry a leading rank dimension (all ranks' tokens gathered): the threshold is then global.
     Masked-out entries may hold anything, NaN included.
@@ -149,7 +150,11 @@ def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, top_quantile: f
     mask = mask.bool()
     if top_quantile == 1.0 or not mask.any():
         return mask
-    threshold = torch.quantile(entropy[mask].float(), 1.0 - top_quantile)
+    values = entropy[mask].float().sort().values  # torch.quantile refuses inputs over 2**24 elements
+    position = (1.0 - top_quantile) * (values.numel() - 1)
+    below = int(position)
+    above = min(below + 1, values.numel() - 1)
+    threshold = values[below] + (position - below) * (values[above] - values[below])
     return mask & (entropy.float() >= threshold)
 
 

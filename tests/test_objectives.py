@@ -160,3 +160,10 @@ def test_train_mask_zeroes_the_other_tokens_but_keeps_the_normaliser():
     out.loss.backward()
     expected = -(advantages.unsqueeze(1) * train) / 5
     torch.testing.assert_close(log_probs.grad, expected)
+
+
+def test_high_entropy_mask_takes_batches_beyond_torch_quantiles_size_limit():
+    n = 2**24 + 1  # torch.quantile raises above 2**24 elements
+    entropy = torch.arange(n, dtype=torch.float32).view(1, n)
+    keep = high_entropy_mask(entropy, torch.ones_like(entropy, dtype=torch.bool), 0.5)
+    assert keep.sum().item() == 2**23 + 1  # the median is exactly 2**23; everything from it up is kept
