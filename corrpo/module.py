@@ -373,14 +373,23 @@ class CorrPOModule(L.LightningModule):
             rho, n_tokens, config.coef_at(rl_step), config.min_tokens, self.rl.num_generations, config.center
         )
         scores.per_function["inversion"] = bonus.detach().float().cpu()
-        finite = rho[valid]
         self._log_step(
             "inversion/rollout_spearman" if config.correlation == "spearman" else "inversion/rollout_pearson",
-            finite.mean().float() if finite.numel() else torch.tensor(float("nan")),
+            self._pooled_mean(rho[valid]),
         )
         self._log_step("inversion/rollout_nan_frac", 1.0 - valid.float().mean())
         self._log_step("rewards/inversion/std", bonus.float().std() if bonus.numel() > 1 else 0.0)
         return bonus.to(self.device, torch.float32), rho
+
+    def _pooled_mean(self, values: torch.Tensor) -> torch.Tensor:
+        """The mean over every rank's ``values`` (under DDP: not the mean of the ranks' means, which would weigh
+        a rank with few values like one with many, and be NaN if any rank had none); NaN when there are none."""
+        stats = torch.stack([values.double().sum(), torch.tensor(values.numel(), dtype=torch.float64)])
+        stats = stats.to(self.device)
+        if self.trainer.world_size > 1:
+            stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
+        total, count = stats.tolist()
+        return torch.tensor(total / count if count else float("nan"), dtype=torch.float32)
 
     def _log_rl(self, batch, rewards, scores, rollout, out, entropy, timings) -> None:
         lengths = rollout.completion_mask.sum(dim=1).float()

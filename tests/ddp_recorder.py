@@ -28,5 +28,7 @@ class GroupRecorder(L.Callback):
         row = {"step": batch["step"], "phase": batch["phase"], "rank": trainer.global_rank, "prompts": batch["prompt"]}
         if batch["phase"] == "rl":
             row["completion_prompts"] = [r["prompt"] for r in pl_module.last_completions]
+            row["rho"] = [r["rho"] for r in pl_module.last_completions]
+            row["bonus"] = [r.get("reward/inversion", 0.0) for r in pl_module.last_completions]
         with (run_dir(trainer) / f"steps-rank{trainer.global_rank}.jsonl").open("a") as handle:
             handle.write(json.dumps(row) + "\n")

@@ -9,6 +9,7 @@ values match in distribution only; SFT is deterministic and must match step by s
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -22,6 +23,8 @@ ARGS = [
     *TINY_FAST_ARGS,
     "--data.rl_batch_size=4",  # 2 prompts (2 whole groups) per rank
     "--model.rl.top_entropy_quantile=0.5",  # its threshold gathers every rank's token entropies
+    "--model.rl.inversion.coef=0.1",  # rollout_spearman pools every rank's responses
+    "--model.rl.inversion.min_tokens=12",  # some responses are too short to count
     "--trainer.enable_progress_bar=false",
     "--trainer.log_every_n_steps=1",
     "--trainer.callbacks+=ddp_recorder.GroupRecorder",
@@ -133,3 +136,37 @@ def test_each_rank_decodes_its_own_half_of_the_test_set_and_the_counts_add_up(ru
         [e["scored"] for e in json.loads((run / "results.json").read_text())["test_accuracy"]] for run in (single, ddp)
     ]
     assert scored[0] == scored[1] and scored[0][0] > 0
+
+
+def test_rollout_spearman_is_the_mean_over_both_ranks_responses_with_a_bonus(runs):
+    _, ddp = runs
+    metrics = _metrics(ddp)
+    rl_steps = [pair for pair in zip(_steps(ddp, 0), _steps(ddp, 1), strict=True) if pair[0]["phase"] == "rl"]
+    assert len(rl_steps) == 3
+    for pair in rl_steps:
+        # a response has a bonus exactly when its rho counts (min_tokens 12 leaves some out)
+        valid = [rho for row in pair for rho, bonus in zip(row["rho"], row["bonus"], strict=True) if bonus != 0]
+        assert 0 < len(valid) < 16
+        logged = metrics[pair[0]["step"]]["inversion/rollout_spearman"]
+        assert logged == pytest.approx(sum(valid) / len(valid), abs=1e-6)
+
+
+def test_pooled_mean_weighs_every_value_not_every_rank():
+    from types import SimpleNamespace
+
+    import torch
+
+    from corrpo.module import CorrPOModule
+
+    class TwoRanks:  # the other rank holds three values summing to 3.0
+        def reduce(self, stats, reduce_op):
+            assert reduce_op == "sum"
+            return stats + torch.tensor([3.0, 3.0], dtype=torch.float64)
+
+    fake = SimpleNamespace(world_size=2, strategy=TwoRanks(), device=torch.device("cpu"))
+    fake.trainer = fake
+    pooled = CorrPOModule._pooled_mean(fake, torch.tensor([0.0]))
+    assert pooled.item() == pytest.approx(3.0 / 4)  # the mean of the ranks' means would be 0.5
+    fake.world_size = 1
+    assert CorrPOModule._pooled_mean(fake, torch.tensor([0.2, 0.4])).item() == pytest.approx(0.3)
+    assert math.isnan(CorrPOModule._pooled_mean(fake, torch.tensor([])).item())
