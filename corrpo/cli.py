@@ -52,6 +52,7 @@ class CorrPOCLI(LightningCLI):
             root = Path(os.environ[RUN_DIR_ENV])  # a DDP child process: the folder rank 0 chose
         elif not os.environ.get("CORRPO_KEEP_RUN_DIR"):
             root = new_run_folder(root)
+            self._new_folder = root
         trainer.default_root_dir = str(root)
         os.environ[RUN_DIR_ENV] = str(root)  # inherited by the processes Lightning's DDP launcher starts
         loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
@@ -67,6 +68,17 @@ class CorrPOCLI(LightningCLI):
             if str(callback.class_path).endswith("Checkpoint") and init_args is not None:
                 if not init_args.get("dirpath"):
                     init_args.dirpath = str(root / "checkpoints")
+
+    def instantiate_classes(self) -> None:
+        """Lightning's, but a run that cannot even be built (a wrong ``model.policy`` path, a bad data file)
+        takes back the run folder it was given while that is still empty: no litter of empty timestamps."""
+        try:
+            super().instantiate_classes()
+        except BaseException:
+            folder = getattr(self, "_new_folder", None)
+            if folder is not None and folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+            raise
 
     def _finish_wandb(self) -> None:
         """Close wandb runs so that a second run in the same process gets its own (tests, notebooks)."""

@@ -130,6 +130,10 @@ def load_policy(
         tokenizer = build_char_tokenizer()
         model = build_tiny_policy(TINY_FAMILIES[policy], tokenizer, tiny or TinyArchitecture(), seed)
         return model.to(torch_dtype), tokenizer
+    if policy.startswith("~"):
+        policy = str(Path(policy).expanduser())
+    if policy.startswith(("/", "./", "../")) and not Path(policy).exists():
+        raise ValueError(f"model.policy: no such folder {policy!r}")
     kwargs = {"dtype": torch_dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation

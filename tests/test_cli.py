@@ -47,3 +47,11 @@ def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeyp
     folders = [new_run_folder(tmp_path / "runs") for _ in range(3)]
     assert [f.name for f in folders] == ["20261127-095031", "20261127-095031-1", "20261127-095031-2"]
     assert all(f.is_dir() for f in folders)
+
+
+def test_a_run_that_cannot_be_built_leaves_no_empty_run_folder(tmp_path, capsys):
+    root = tmp_path / "runs"
+    with pytest.raises(ValueError, match="model.policy: no such folder"):
+        build_cli(["fit", "--config", str(CONFIGS[0].parent / "tiny.yaml"), "--model.policy", str(tmp_path / "nope"),
+                   f"--trainer.default_root_dir={root}"])  # fmt: skip
+    assert root.is_dir() and not any(root.iterdir())
