@@ -381,14 +381,17 @@ class CorrPOModule(L.LightningModule):
         self._log_step("rewards/inversion/std", bonus.float().std() if bonus.numel() > 1 else 0.0)
         return bonus.to(self.device, torch.float32), rho
 
+    def _summed_over_ranks(self, *values: float) -> list[float]:
+        """Each of ``values`` summed over the DDP ranks (itself on one process), in float64."""
+        stats = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.trainer.world_size > 1:
+            stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
+        return stats.tolist()
+
     def _pooled_mean(self, values: torch.Tensor) -> torch.Tensor:
         """The mean over every rank's ``values`` (under DDP: not the mean of the ranks' means, which would weigh
         a rank with few values like one with many, and be NaN if any rank had none); NaN when there are none."""
-        stats = torch.stack([values.double().sum(), torch.tensor(values.numel(), dtype=torch.float64)])
-        stats = stats.to(self.device)
-        if self.trainer.world_size > 1:
-            stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
-        total, count = stats.tolist()
+        total, count = self._summed_over_ranks(values.double().sum().item(), values.numel())
         return torch.tensor(total / count if count else float("nan"), dtype=torch.float32)
 
     def _log_rl(self, batch, rewards, scores, rollout, out, entropy, timings) -> None:
@@ -445,8 +448,7 @@ class CorrPOModule(L.LightningModule):
         if datamodule is None or not hasattr(datamodule, "test_records"):
             return None
         shard = datamodule.test_records()[self.global_rank :: self.trainer.world_size]
-        counts = torch.tensor(self.accuracy_counts(shard), dtype=torch.float64, device=self.device)
-        correct, scored = self.trainer.strategy.reduce(counts, reduce_op="sum").tolist()
+        correct, scored = self._summed_over_ranks(*self.accuracy_counts(shard))
         accuracy = correct / max(scored, 1)
         self.eval_history.append({"when": when, "step": self.global_step, "accuracy": accuracy, "scored": int(scored)})
         for logger in self.trainer.loggers:

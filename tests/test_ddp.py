@@ -165,6 +165,7 @@ def test_pooled_mean_weighs_every_value_not_every_rank():
 
     fake = SimpleNamespace(world_size=2, strategy=TwoRanks(), device=torch.device("cpu"))
     fake.trainer = fake
+    fake._summed_over_ranks = lambda *values: CorrPOModule._summed_over_ranks(fake, *values)
     pooled = CorrPOModule._pooled_mean(fake, torch.tensor([0.0]))
     assert pooled.item() == pytest.approx(3.0 / 4)  # the mean of the ranks' means would be 0.5
     fake.world_size = 1
