@@ -559,11 +559,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     n_test = config_data.get("data", {}).get("n_test")
 
     sft: dict = {}
+    finished_sft = find_run_dir(out / "sft") if args.collect_only or args.reuse else None
     if args.sft_policy:
         policy = _abs(args.sft_policy)
         sft = {"policy": policy, "run_dir": policy.parent, "wall_s": math.nan}
-    elif args.collect_only or (args.reuse and find_run_dir(out / "sft") is not None):
-        run_dir = find_run_dir(out / "sft")
+    elif args.collect_only or finished_sft is not None:
+        run_dir = finished_sft
         if run_dir is None:
             raise SystemExit(f"--collect-only: no SFT run under {out / 'sft'}")
         sft = {"policy": run_dir / "policy", "run_dir": run_dir, "wall_s": math.nan}
@@ -579,15 +580,16 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
 
     def one(seed: int, method: str, coef: float) -> dict | None:
         root = out / method / f"seed{seed}"
-        if args.reuse and find_run_dir(root) is not None:
-            run_dir = find_run_dir(root)
+        finished = find_run_dir(root) if args.reuse or args.collect_only else None
+        if args.reuse and finished is not None:
+            run_dir = finished
             print(f"[compare] --reuse: {run_dir}", flush=True)
             reused.append(run_dir)
             results = json.loads((run_dir / "results.json").read_text())
             wall = float(results.get("wall_s", wall_from_log(run_dir)))
             return collect_run(run_dir, wall, method=method, coef=coef, seed=seed)
         if args.collect_only:
-            run_dir, wall = find_run_dir(root), math.nan
+            run_dir, wall = finished, math.nan
             if run_dir is None:
                 print(f"[compare] no run under {root}; skipped", flush=True)
                 return None

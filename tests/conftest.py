@@ -12,6 +12,12 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+from corrpo.models import TinyArchitecture  # noqa: E402
+
+# The 2-layer, 32-wide policy that the tests building a CorrPOModule directly (no CLI) share.
+TINY_ARCH = TinyArchitecture(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             intermediate_size=64, max_position_embeddings=256)  # fmt: skip
+
 REPO = Path(__file__).resolve().parents[1]
 
 # A shrunken configs/tiny.yaml: both phases in a few steps, every tracker hook exercised.

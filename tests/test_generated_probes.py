@@ -7,20 +7,17 @@ re-tokenise decoded text (which can split differently from what was sampled).
 from types import SimpleNamespace
 
 import torch
+from conftest import TINY_ARCH
 
 from callbacks.inversion import InversionTracker
 from corrpo.config import RLConfig, SamplingConfig
 from corrpo.data.arithmetic import ArithmeticTask
 from corrpo.data.datamodule import ReasoningDataModule
-from corrpo.models import TinyArchitecture
 from corrpo.module import CorrPOModule
-
-TINY = TinyArchitecture(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                        intermediate_size=64, max_position_embeddings=256)  # fmt: skip
 
 
 def test_generated_probes_are_the_sampled_tokens_with_no_eos_added_to_truncated_ones(one_thread):
-    module = CorrPOModule(tiny=TINY, rl=RLConfig(sampling=SamplingConfig(max_new_tokens=5)), seed=3)
+    module = CorrPOModule(tiny=TINY_ARCH, rl=RLConfig(sampling=SamplingConfig(max_new_tokens=5)), seed=3)
     data = ReasoningDataModule(arithmetic=ArithmeticTask(), n_train=40, n_test=4, n_probe=6)
     trainer = SimpleNamespace(datamodule=data, global_rank=0, world_size=1)
     tracker = InversionTracker(source="generated", batch_size=4)

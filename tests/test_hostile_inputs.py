@@ -17,7 +17,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import REPO, run_tiny
+from conftest import REPO, TINY_ARCH, run_tiny
 from fault_rewards import poisoned
 from hostile_completions import BOMBS
 
@@ -27,15 +27,11 @@ from corrpo.data.arithmetic import ArithmeticTask
 from corrpo.data.datamodule import ReasoningDataModule
 from corrpo.data.records import RecordError
 from corrpo.inversion.rollout_bonus import InversionRewardConfig, inversion_bonus, rollout_correlations
-from corrpo.models import TinyArchitecture
 from corrpo.module import CorrPOModule
 from corrpo.objectives import clipped_policy_loss, group_advantages, masked_mean
 from corrpo.rewards.accuracy import accuracy_reward
 from corrpo.rewards.combine import score_completions
 from corrpo.rewards.format import format_reward
-
-TINY = TinyArchitecture(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                        intermediate_size=64, max_position_embeddings=256)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------- data rows
@@ -133,7 +129,7 @@ def test_empty_completions_give_finite_losses_and_no_correlation():
 def _tiny_policy():
     from corrpo.models import load_policy
 
-    return load_policy("tiny-qwen2", TINY, "float32", None, 0)
+    return load_policy("tiny-qwen2", TINY_ARCH, "float32", None, 0)
 
 
 def test_a_constant_entropy_response_and_an_empty_one_get_rho_nan_bonus_zero_and_are_counted():
@@ -181,7 +177,7 @@ class _Saboteur(L.Callback):
 
 
 def test_a_non_finite_loss_or_gradient_skips_the_update_counts_and_warns_and_training_goes_on(tmp_path):
-    module = CorrPOModule(tiny=TINY, sft=SFTConfig(steps=4, lr=1e-3, warmup_steps=0, max_length=64))
+    module = CorrPOModule(tiny=TINY_ARCH, sft=SFTConfig(steps=4, lr=1e-3, warmup_steps=0, max_length=64))
     data = ReasoningDataModule(arithmetic=ArithmeticTask(), n_train=100, sft_steps=4, sft_batch_size=4, n_test=4,
                                n_probe=4)  # fmt: skip
     saboteur = _Saboteur()
