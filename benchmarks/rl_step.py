@@ -1,11 +1,11 @@
 """Time one RL step of plain GRPO and of CorR-PO (same config, same run), part by part.
 
-Per step: (a) rollout ``generate_rollout(prompts, G)``, (b) task rewards ``score_completions``, (c) CorR-PO
-only: ``rollout_correlations`` + ``inversion_bonus`` (one onepass scoring pass over all ``B * G`` responses),
-(d) the policy update: forward, ``clipped_policy_loss``, backward, AdamW step. The two methods run on two
-modules built from the same seed and are interleaved step by step (alternating who goes first), so
-machine load hits both alike; one
-untimed warm-up step each comes first. Usage::
+Both sides run :class:`corrpo.training.grpo.GRPOStep`, the very code ``corrpo fit`` runs, and read its
+per-stage timings: (a) ``generate``: G samples per prompt, (b) ``score``: task rewards, (c) CorR-PO only:
+``inversion``, the reward term (one onepass scoring pass over all ``B * G`` responses), (d) ``update``: forward,
+clipped loss, backward, AdamW step. The two methods run on two modules built from the same seed and are
+interleaved step by step (alternating who goes first), so machine load hits both alike; one untimed warm-up
+step each comes first. Usage::
 
     python benchmarks/rl_step.py --steps 10 --batch 8 --G 8 [--threads 1]
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -28,82 +27,32 @@ import yaml  # noqa: E402
 
 from corrpo.config import RLConfig  # noqa: E402
 from corrpo.data.arithmetic import ArithmeticTask  # noqa: E402
-from corrpo.inversion.rollout_bonus import InversionRewardConfig, inversion_bonus, rollout_correlations  # noqa: E402
 from corrpo.models import TinyArchitecture  # noqa: E402
 from corrpo.module import CorrPOModule  # noqa: E402
-from corrpo.objectives import clipped_policy_loss, group_advantages  # noqa: E402
-from corrpo.rewards.combine import score_completions  # noqa: E402
 
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
-PARTS = ("rollout", "rewards", "inversion", "update")
+PARTS = ("generate", "score", "inversion", "update")
 
 
-def build(G: int, seed: int) -> tuple[CorrPOModule, torch.optim.Optimizer]:
-    # the model and RL settings of configs/tiny.yaml itself, so the benchmark cannot drift from the default
+def build(G: int, seed: int, inversion: dict) -> tuple[CorrPOModule, torch.optim.Optimizer]:
+    """The model and RL settings of configs/tiny.yaml itself (so the benchmark cannot drift from the default),
+    with ``G`` completions per prompt and the CorR-PO term ``inversion`` (``coef 0`` = plain GRPO)."""
     model_cfg = yaml.safe_load(TINY_CONFIG.read_text())["model"]
-    rl = RLConfig(**{**model_cfg["rl"], "num_generations": G})
+    rl = RLConfig(**{**model_cfg["rl"], "num_generations": G, "inversion": inversion})
     tiny = TinyArchitecture(**model_cfg["tiny"])
     module = CorrPOModule(policy=model_cfg["policy"], tiny=tiny, rl=rl, seed=seed)
     optimizer = torch.optim.AdamW([p for p in module.policy.parameters() if p.requires_grad], lr=rl.lr)
     return module, optimizer
 
 
-def rl_step(
-    module: CorrPOModule,
-    optimizer: torch.optim.Optimizer,
-    records: list[dict],
-    inversion: InversionRewardConfig | None,
-    step: int,
-) -> dict[str, float]:
-    """One timed RL step; ``inversion=None`` is plain GRPO."""
-    G, times = module.rl.num_generations, {}
-    prompts = [r["prompt"] for r in records]
-
-    t0 = time.perf_counter()
-    rollout = module.generate_rollout(prompts, G)
-    times["rollout"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    completions = module.decode_completions(rollout)
-    scores = score_completions(
-        module.reward_fns,
-        module.reward_weights,
-        [p for p in prompts for _ in range(G)],
-        completions,
-        [r["answer"] for r in records for _ in range(G)],
+def rl_step(module: CorrPOModule, optimizer: torch.optim.Optimizer, records: list[dict], step: int) -> dict:
+    """One RL step of the pipeline; its stage timings, the total and the completion-token count."""
+    result = module.grpo(
+        module.rl_context(optimizer), [r["prompt"] for r in records], [r["answer"] for r in records], step
     )
-    rewards = scores.total
-    times["rewards"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    if inversion is not None and inversion.coef_at(step) > 0:
-        comp = torch.zeros_like(rollout.attention_mask, dtype=torch.bool)
-        comp[:, rollout.prompt_length :] = rollout.completion_mask
-        rho, n_tokens = rollout_correlations(module.policy, rollout.sequences, rollout.attention_mask, comp, inversion)
-        bonus, _ = inversion_bonus(rho, n_tokens, inversion.coef_at(step), inversion.min_tokens, G, inversion.center)
-        rewards = rewards + bonus.to(rewards.device)
-    times["inversion"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    advantages = group_advantages(rewards, G, module.rl.scale_rewards)
-    log_probs, _ = module._completion_log_probs(rollout)
-    out = clipped_policy_loss(
-        log_probs,
-        log_probs.detach(),
-        advantages,
-        rollout.completion_mask,
-        module.rl.epsilon_low,
-        module.rl.epsilon_high,
-        module.rl.loss_type,
-        module.rl.sampling.max_new_tokens,
-    )
-    optimizer.zero_grad(set_to_none=True)
-    out.loss.backward()
-    torch.nn.utils.clip_grad_norm_(module.policy.parameters(), module.rl.max_grad_norm)
-    optimizer.step()
-    times["update"] = time.perf_counter() - t0
+    times = {part: result.timings.get(part, 0.0) for part in PARTS}
     times["total"] = sum(times.values())
-    times["tokens"] = float(rollout.completion_mask.sum())
+    times["tokens"] = float(result.metrics["completions/mean_length"]) * len(records) * module.rl.num_generations
     return times
 
 
@@ -114,23 +63,26 @@ def main() -> None:
     parser.add_argument("--G", type=int, default=8, help="completions per prompt")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--coef", type=float, default=0.1, help="CorR-PO lambda")
-    parser.add_argument("--measure", default="nuclear", help="rl.inversion.measure")
-    parser.add_argument("--projections", default="q,v,o", help="rl.inversion.projections, comma-separated")
+    parser.add_argument("--measure", default="nuclear", help="rl.inversion.strength.measure")
+    parser.add_argument("--projections", default="q,v,o", help="rl.inversion.strength.projections, comma-separated")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     records = ArithmeticTask().records("train", args.batch * (args.steps + 1))
-    inversion = InversionRewardConfig(coef=args.coef, measure=args.measure, projections=args.projections.split(","))
-    methods = {"grpo": (None, *build(args.G, args.seed)), "corrpo": (inversion, *build(args.G, args.seed))}
+    strength = {"measure": args.measure, "projections": args.projections.split(",")}
+    methods = {
+        "grpo": build(args.G, args.seed, {"coef": 0.0, "strength": strength}),
+        "corrpo": build(args.G, args.seed, {"coef": args.coef, "strength": strength}),
+    }
     totals: dict[str, dict[str, list[float]]] = {m: defaultdict(list) for m in methods}
     for step in range(args.steps + 1):  # step 0 is the untimed warm-up
         batch = records[step * args.batch : (step + 1) * args.batch]
         order = list(methods) if step % 2 else list(methods)[::-1]  # alternate who goes first
         for name in order:
-            inv, module, optimizer = methods[name]
+            module, optimizer = methods[name]
             torch.manual_seed(args.seed * 100003 + step)  # same sampling noise for both methods
-            times = rl_step(module, optimizer, batch, inv, step)
+            times = rl_step(module, optimizer, batch, step)
             if step:
                 for key, value in times.items():
                     totals[name][key].append(value)

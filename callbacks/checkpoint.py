@@ -16,11 +16,13 @@ import warnings
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from corrpo.training.host import TrainingHost
+
 
 def _cut_short(pl_module: L.LightningModule) -> bool:
-    """True when the run stopped before its last step (a module without phases never counts as cut short)."""
-    total = getattr(pl_module, "total_steps", None)
-    return total is not None and getattr(pl_module, "steps_done", total) < total
+    """True when a corrpo run stopped before its last step. A module that is not a
+    :class:`corrpo.training.host.TrainingHost` has no phases (this callback is then a plain ModelCheckpoint)."""
+    return isinstance(pl_module, TrainingHost) and pl_module.steps_done < pl_module.schedule.total
 
 
 class ResumableCheckpoint(ModelCheckpoint):

@@ -21,6 +21,7 @@ import math
 import lightning as L
 
 from callbacks.inversion import InversionTracker
+from corrpo.training.host import require_host
 
 TEXT_CHARS = 2000  # long completions are cut in the table (the row count is the budget that matters)
 
@@ -45,8 +46,11 @@ class WandbDashboard(L.Callback):
         self.every_n_steps = every_n_steps
         self.max_rows = max_rows
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        require_host(pl_module, "WandbDashboard")
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        if batch["phase"] == "rl" and batch["step"] == pl_module.sft.steps and pl_module.sft.steps > 0:
+        if pl_module.schedule.is_boundary(batch["step"]):
             for logger in _wandb_loggers(trainer):
                 logger.log_metrics({"phase/boundary": 1.0}, step=trainer.global_step)
                 logger.experiment.summary["phase/boundary_step"] = trainer.global_step
@@ -54,10 +58,10 @@ class WandbDashboard(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if batch["phase"] != "rl":
             return
-        rl_step = batch["step"] - pl_module.sft.steps + 1  # 1-based count of finished RL steps
-        if rl_step % self.every_n_steps and rl_step != pl_module.rl.steps:
+        rl_step = pl_module.schedule.rl_index(batch["step"]) + 1  # 1-based count of finished RL steps
+        if rl_step % self.every_n_steps and rl_step != pl_module.schedule.rl_steps:
             return
-        rows = getattr(pl_module, "last_completions", [])[: self.max_rows]
+        rows = pl_module.last_completions[: self.max_rows]
         loggers = _wandb_loggers(trainer)
         if not rows or not loggers:
             return
@@ -72,8 +76,8 @@ class WandbDashboard(L.Callback):
         loggers = _wandb_loggers(trainer)
         if stage != "fit" or not loggers:
             return
-        summary = {f"final/test_accuracy_{e['when']}": e["accuracy"] for e in getattr(pl_module, "eval_history", [])}
-        summary["final/skipped_updates"] = getattr(pl_module, "skipped_updates", 0)
+        summary = {f"final/test_accuracy_{e['when']}": e["accuracy"] for e in pl_module.eval_history}
+        summary["final/skipped_updates"] = pl_module.skipped_updates
         for callback in trainer.callbacks:
             if isinstance(callback, InversionTracker):
                 for row in callback.rows:

@@ -29,8 +29,11 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from corrpo.batching import encode_sft_batch
 from corrpo.inversion.metric import InversionStrength
-from corrpo.inversion.strength import StrengthConfig, score_tokens
+from corrpo.inversion.strength import score_tokens
+from corrpo.inversion.strength_config import StrengthConfig, strength_spec
 from corrpo.run_dir import run_dir
+from corrpo.training.host import require_host
+from corrpo.training.phases import PhaseSchedule
 
 CSV_COLUMNS = ["step", "batches", "phase", "event", "source", "spearman", "pearson", "strength", "n_tokens"]
 TABLE_ROWS = 2000
@@ -42,9 +45,8 @@ class InversionTracker(L.Callback):
     Args:
         every_n_steps: measure after every this many train batches (plus start, boundary, end).
         source: ``reference`` (teacher-forced probe traces) or ``generated`` (the policy's greedy completions).
-        measure / layers / projections / method / chunk_size / sketch_dim / sketch_seed: the gradient-strength
-            definition, see
-            :class:`corrpo.inversion.strength.StrengthConfig`.
+        strength: the gradient-strength spec (:class:`corrpo.inversion.strength_config.StrengthConfig`, YAML
+            ``strength: {measure: nuclear, layers: last, ...}``); the paper's Q, K, V, O set by default.
         batch_size: probe sequences scored per call.
         max_tokens: cap of the metric's token buffer (memory = 16 bytes x max_tokens on the device).
         log_tables: log per-token wandb tables at the boundary and at the end.
@@ -54,13 +56,7 @@ class InversionTracker(L.Callback):
         self,
         every_n_steps: int = 50,
         source: str = "reference",
-        measure: str = "nuclear",
-        layers: str | list[int] = "last",
-        projections: list[str] | None = None,
-        method: str = "onepass",
-        chunk_size: int = 64,
-        sketch_dim: int = 32,
-        sketch_seed: int = 0,
+        strength: StrengthConfig = StrengthConfig(),
         batch_size: int = 8,
         max_tokens: int = 65536,
         log_tables: bool = True,
@@ -71,13 +67,7 @@ class InversionTracker(L.Callback):
             raise ValueError("InversionTracker.every_n_steps must be >= 1")
         self.every_n_steps = every_n_steps
         self.source = source
-        kwargs = dict(
-            measure=measure, layers=layers, method=method, chunk_size=chunk_size, sketch_dim=sketch_dim,
-            sketch_seed=sketch_seed,
-        )  # fmt: skip
-        if projections is not None:
-            kwargs["projections"] = tuple(projections)
-        self.strength_config = StrengthConfig(**kwargs)
+        self.strength = strength_spec(strength, "InversionTracker.strength")
         self.batch_size = batch_size
         self.log_tables = log_tables
         self.metric = InversionStrength(max_tokens=max_tokens)
@@ -88,22 +78,24 @@ class InversionTracker(L.Callback):
         return f"InversionTracker[source={self.source},every={self.every_n_steps}]"
 
     # ------------------------------------------------------------------------------------------ hooks
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        require_host(pl_module, "InversionTracker")
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.rows:
             self.measure(trainer, pl_module, event="start", batches=0)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         done = batch["step"] + 1
-        total = pl_module.total_steps
-        if done == total:
+        if done == pl_module.schedule.total:
             return  # the end is measured in on_train_end, after the last update
-        boundary = done == pl_module.sft.steps and pl_module.rl.steps > 0
+        boundary = pl_module.schedule.is_boundary(done)
         if boundary or done % self.every_n_steps == 0:
             self.measure(trainer, pl_module, event="boundary" if boundary else "periodic", batches=done)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # steps_done, not total_steps: a run stopped early (max_steps, max_time) ends where it stopped
-        self.measure(trainer, pl_module, event="end", batches=getattr(pl_module, "steps_done", pl_module.total_steps))
+        self.measure(trainer, pl_module, event="end", batches=pl_module.steps_done)
         self._log_curve_figure(trainer, pl_module)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -134,9 +126,7 @@ class InversionTracker(L.Callback):
                 }
                 continue
             completions = [r["completion"] for r in chunk]
-            enc = encode_sft_batch(
-                pl_module.tokenizer, prompts, completions, 10**9, getattr(pl_module, "use_chat_template", False)
-            )
+            enc = encode_sft_batch(pl_module.tokenizer, prompts, completions, 10**9, pl_module.use_chat_template)
             yield {k: v.to(pl_module.device) for k, v in enc.items()}
 
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule, event: str, batches: int) -> dict:
@@ -146,7 +136,7 @@ class InversionTracker(L.Callback):
         token_rows = []
         for enc in self._probe_batches(trainer, pl_module):
             entropy, strength = score_tokens(
-                pl_module.policy, enc["input_ids"], enc["attention_mask"], enc["loss_mask"], self.strength_config
+                pl_module.policy, enc["input_ids"], enc["attention_mask"], enc["loss_mask"], self.strength
             )
             self.metric.update(entropy, strength, enc["loss_mask"])
             if self.log_tables and event in ("boundary", "end", "validate") and len(token_rows) < TABLE_ROWS:
@@ -158,7 +148,7 @@ class InversionTracker(L.Callback):
                 f"left out; raise trainer.callbacks InversionTracker.max_tokens (now {self.metric.max_tokens})",
                 stacklevel=2,
             )
-        phase = "init" if batches == 0 and event != "validate" else pl_module.phase_at(max(batches - 1, 0))
+        phase = "init" if batches == 0 and event != "validate" else pl_module.schedule.phase_at(max(batches - 1, 0))
         row = {
             "step": trainer.global_step,
             "batches": batches,
@@ -220,13 +210,18 @@ class InversionTracker(L.Callback):
             return
         from corrpo.plotting import emergence_figure
 
-        figure = emergence_figure(self.rows, boundary_batches=pl_module.sft.steps if pl_module.rl.steps else None)
+        figure = emergence_figure(self.rows, boundary_batches=_boundary(pl_module.schedule))
         for logger in loggers:
             logger.log_image(key="inversion/emergence", images=[figure])
 
     # ------------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        return {"rows": list(self.rows), "strength_config": asdict(self.strength_config)}
+        return {"rows": list(self.rows), "strength_config": asdict(self.strength)}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.rows = list(state_dict.get("rows", []))
+
+
+def _boundary(schedule: PhaseSchedule) -> int | None:
+    """The boundary's batch index for the figure, None when the run has no SFT -> RL boundary."""
+    return schedule.sft_steps if schedule.is_boundary(schedule.sft_steps) else None

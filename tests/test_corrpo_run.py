@@ -87,19 +87,19 @@ def test_the_sketch_estimator_drives_the_tracker_and_the_reward_over_all_layers(
         "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
         f"--trainer.logger.save_dir={tmp_path}",
         "--trainer.log_every_n_steps=1",
-        "--trainer.callbacks.measure=frobenius",
-        "--trainer.callbacks.method=sketch",
-        "--trainer.callbacks.layers=all",
-        "--trainer.callbacks.sketch_dim=8",
+        "--trainer.callbacks.strength.measure=frobenius",
+        "--trainer.callbacks.strength.method=sketch",
+        "--trainer.callbacks.strength.layers=all",
+        "--trainer.callbacks.strength.sketch_dim=8",
         "--model.rl.inversion.coef=1.0",
         "--model.rl.inversion.min_tokens=2",
-        "--model.rl.inversion.measure=frobenius",
-        "--model.rl.inversion.method=sketch",
-        "--model.rl.inversion.layers=all",
-        "--model.rl.inversion.sketch_dim=8",
+        "--model.rl.inversion.strength.measure=frobenius",
+        "--model.rl.inversion.strength.method=sketch",
+        "--model.rl.inversion.strength.layers=all",
+        "--model.rl.inversion.strength.sketch_dim=8",
     )
     tracker = next(cb for cb in cli.trainer.callbacks if type(cb).__name__ == "InversionTracker")
-    assert tracker.strength_config.method == "sketch" and tracker.strength_config.layers == "all"
+    assert tracker.strength.method == "sketch" and tracker.strength.layers == "all"
     assert len(tracker.rows) == 6 and all(-1 <= r["spearman"] <= 1 and r["n_tokens"] > 0 for r in tracker.rows)
     metrics = list(csv.DictReader(next(tmp_path.rglob("metrics.csv")).open()))
     nan_frac = [float(r["inversion/rollout_nan_frac"]) for r in metrics if r.get("inversion/rollout_nan_frac")]

@@ -152,22 +152,17 @@ def test_rollout_spearman_is_the_mean_over_both_ranks_responses_with_a_bonus(run
 
 
 def test_pooled_mean_weighs_every_value_not_every_rank():
-    from types import SimpleNamespace
-
     import torch
 
-    from corrpo.module import CorrPOModule
+    from corrpo.training.collectives import SINGLE_PROCESS, Collectives
+    from corrpo.training.grpo import pooled_mean
 
-    class TwoRanks:  # the other rank holds three values summing to 3.0
-        def reduce(self, stats, reduce_op):
-            assert reduce_op == "sum"
-            return stats + torch.tensor([3.0, 3.0], dtype=torch.float64)
+    class TwoRanks(Collectives):  # the other rank holds three values summing to 3.0
+        world_size = 2
 
-    fake = SimpleNamespace(world_size=2, strategy=TwoRanks(), device=torch.device("cpu"))
-    fake.trainer = fake
-    fake._summed_over_ranks = lambda *values: CorrPOModule._summed_over_ranks(fake, *values)
-    pooled = CorrPOModule._pooled_mean(fake, torch.tensor([0.0]))
-    assert pooled.item() == pytest.approx(3.0 / 4)  # the mean of the ranks' means would be 0.5
-    fake.world_size = 1
-    assert CorrPOModule._pooled_mean(fake, torch.tensor([0.2, 0.4])).item() == pytest.approx(0.3)
-    assert math.isnan(CorrPOModule._pooled_mean(fake, torch.tensor([])).item())
+        def sum_floats(self, *values, device="cpu"):
+            return (torch.tensor(values, dtype=torch.float64) + torch.tensor([3.0, 3.0], dtype=torch.float64)).tolist()
+
+    assert pooled_mean(torch.tensor([0.0]), TwoRanks()).item() == pytest.approx(3.0 / 4)  # mean of means: 0.5
+    assert pooled_mean(torch.tensor([0.2, 0.4]), SINGLE_PROCESS).item() == pytest.approx(0.3)
+    assert math.isnan(pooled_mean(torch.tensor([]), SINGLE_PROCESS).item())

@@ -245,7 +245,7 @@ def test_a_reward_that_raises_on_some_samples_scores_them_zero_counts_logs_and_t
             f"--trainer.logger+={csv_logger}",
         )
     module = cli.model
-    assert module.steps_done == module.total_steps  # training went on to the end
+    assert module.steps_done == module.schedule.total  # training went on to the end
     rows = module.last_completions
     expected_failed = sum(poisoned(r["completion"]) for r in rows)
     assert expected_failed > 0, "the tiny policy should produce some poisoned completions"

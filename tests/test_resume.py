@@ -36,14 +36,14 @@ def test_the_stopped_run_checkpoints_where_it_stopped_inside_the_rl_phase(runs):
     _, first, checkpoint, _ = runs
     assert checkpoint["global_step"] == STOP_AT
     assert checkpoint["corrpo"]["steps_done"] == STOP_AT
-    assert first.model.phase_at(checkpoint["corrpo"]["steps_done"]) == "rl"
-    assert first.model.steps_done == STOP_AT < first.model.total_steps
+    assert first.model.schedule.phase_at(checkpoint["corrpo"]["steps_done"]) == "rl"
+    assert first.model.steps_done == STOP_AT < first.model.schedule.total
 
 
 def test_the_resumed_run_continues_in_the_same_folder_at_the_next_step(runs):
     _, first, _, second = runs
     assert second.trainer.default_root_dir == first.trainer.default_root_dir
-    assert second.model.steps_done == second.model.total_steps == 8
+    assert second.model.steps_done == second.model.schedule.total == 8
     assert second.trainer.global_step == 8
     assert [e["when"] for e in second.model.eval_history] == ["start", "sft_end", "end"]
     # one wandb run, continued: both offline folders carry the same run id

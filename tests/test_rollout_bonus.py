@@ -74,11 +74,12 @@ def test_warmup_schedule():
     assert InversionRewardConfig().coef_at(10) == 0.0
 
 
-def test_strength_config_round_trip():
-    strength = InversionRewardConfig(measure="l1", layers=[-1], projections=["q", "o"], chunk_size=7).strength_config()
-    assert (strength.measure, strength.layers, strength.projections) == ("l1", (-1,), ("q", "o"))
-    assert (strength.method, strength.chunk_size) == ("onepass", 7)
-    sketch = InversionRewardConfig(measure="frobenius", layers="all", method="sketch", sketch_dim=5).strength_config()
+def test_a_partial_strength_section_keeps_the_reward_defaults():
+    strength = InversionRewardConfig(strength={"measure": "l1", "layers": [-1], "chunk_size": 7}).strength
+    assert (strength.measure, strength.layers, strength.chunk_size) == ("l1", (-1,), 7)
+    assert strength.projections == ("q", "v", "o")  # REWARD_STRENGTH_DEFAULTS, not the tracker's q, k, v, o
+    given = {"measure": "frobenius", "layers": "all", "method": "sketch", "sketch_dim": 5}
+    sketch = InversionRewardConfig(strength=given).strength
     assert (sketch.method, sketch.layers, sketch.sketch_dim) == ("sketch", "all", 5)
 
 
@@ -89,16 +90,17 @@ def test_strength_config_round_trip():
         ({"coef": math.nan}, "coef"),
         ({"warmup_steps": -1}, "warmup_steps"),
         ({"correlation": "kendall"}, "correlation"),
-        ({"measure": "spectral"}, "measure"),
-        ({"method": "magic"}, "method"),
-        ({"layers": "first"}, "layers"),
-        ({"layers": []}, "layers"),
-        ({"projections": ["q", "x"]}, "projections"),
-        ({"chunk_size": 0}, "chunk_size"),
+        ({"strength": {"measure": "spectral"}}, "strength"),
+        ({"strength": {"method": "magic"}}, "strength"),
+        ({"strength": {"layers": "first"}}, "strength"),
+        ({"strength": {"layers": []}}, "strength"),
+        ({"strength": {"projections": ["q", "x"]}}, "strength"),
+        ({"strength": {"chunk_size": 0}}, "strength"),
         ({"min_tokens": 1}, "min_tokens"),
-        ({"layers": "all"}, "method"),  # onepass is last-layer only
-        ({"method": "sketch"}, "method / measure"),  # sketch estimates Frobenius norms only
-        ({"sketch_dim": 0}, "sketch_dim"),
+        ({"strength": {"layers": "all"}}, "strength"),  # onepass is last-layer only
+        ({"strength": {"method": "sketch"}}, "strength"),  # sketch estimates Frobenius norms only
+        ({"strength": {"measures": "l1"}}, "strength"),  # a misspelt field
+        ({"strength": {"sketch_dim": 0}}, "strength"),
     ],
 )
 def test_config_validation_names_the_key(kwargs, key):
@@ -138,7 +140,7 @@ def _left_padded_rollout(vocab: int, prompt_lens, completion_lens, pad: int = 0)
 def _reference(model, ids, mask, comp, config, i):
     """Response ``i`` alone, padding stripped: score_tokens then scipy."""
     real = mask[i].bool()
-    entropy, strength = score_tokens(model, ids[i, real][None], None, comp[i, real][None], config.strength_config())
+    entropy, strength = score_tokens(model, ids[i, real][None], None, comp[i, real][None], config.strength)
     e, s = entropy[0].double().numpy(), strength[0].double().numpy()
     keep = np.isfinite(e) & np.isfinite(s)
     if keep.sum() < 2:

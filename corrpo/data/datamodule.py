@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from corrpo.data.arithmetic import ArithmeticTask
 from corrpo.data.reasoning_gym_source import reasoning_gym_records, task_name
 from corrpo.data.records import load_records
+from corrpo.training.host import require_host
 
 EMBEDDED = "arithmetic"
 
@@ -283,7 +284,7 @@ class ReasoningDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """The step stream, from the module's ``steps_done`` on (0, or where a resumed run stopped)."""
         trainer = self.trainer
-        start = getattr(trainer.lightning_module, "steps_done", 0) if trainer is not None else 0
+        start = require_host(trainer.lightning_module, "ReasoningDataModule").steps_done if trainer is not None else 0
         rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         for key, size, steps in (("sft_batch_size", self.sft_batch_size, self.sft_steps),
                                  ("rl_batch_size", self.rl_batch_size, self.rl_steps)):  # fmt: skip

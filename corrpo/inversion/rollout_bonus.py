@@ -33,8 +33,8 @@ import torch
 from torch import Tensor, nn
 
 from corrpo.inversion.correlation import batched_pearson, batched_spearman
-from corrpo.inversion.strength import StrengthConfig, score_tokens
-from corrpo.inversion.strength_config import MEASURES, METHODS
+from corrpo.inversion.strength import score_tokens
+from corrpo.inversion.strength_config import REWARD_STRENGTH_DEFAULTS, StrengthConfig, strength_spec
 
 __all__ = ["CORRELATIONS", "InversionRewardConfig", "inversion_bonus", "rollout_correlations"]
 
@@ -43,39 +43,28 @@ CORRELATIONS = ("spearman", "pearson")
 
 @dataclass
 class InversionRewardConfig:
-    """``rl.inversion``: the CorR-PO reward term ``lambda * clip(-rho_i, -1, 1)``.
-
-    Attributes:
-        coef: ``lambda``, the bonus weight; 0 = plain GRPO (no scoring pass at all).
-        warmup_steps: ``lambda`` ramps linearly from 0 to ``coef`` over the first ``warmup_steps`` RL steps.
-        correlation: ``spearman`` (the headline) or ``pearson``.
-        measure / layers / projections / method / chunk_size / sketch_dim: the gradient strength ``S_t``, see
-            :class:`corrpo.inversion.strength.StrengthConfig`.
-        min_tokens: responses with fewer scored completion tokens get no bonus (too noisy a correlation).
-        center: subtract the mean bonus over each group's valid members (invalid stay 0).
-    """
+    """``rl.inversion``: the CorR-PO reward term ``lambda * clip(-rho_i, -1, 1)``."""
 
     coef: float = 0.0
+    """``lambda``, the bonus weight; 0 = plain GRPO (no scoring pass at all)."""
     warmup_steps: int = 0
+    """``lambda`` ramps linearly from 0 to ``coef`` over the first ``warmup_steps`` RL steps."""
     correlation: str = "spearman"
-    measure: str = "nuclear"
-    layers: str | list[int] = "last"
-    projections: list[str] = field(default_factory=lambda: ["q", "v", "o"])
-    # Default without K: the per-token K closed form costs O(T^2 d) plus an eigen-solve per token, which on the
-    # tiny CPU config makes the CorR-PO step ~1.8x a GRPO step instead of ~1.3x; the InversionTracker keeps
-    # all four. Set [q, k, v, o] for the paper's full set.
-    method: str = "onepass"
-    chunk_size: int = 64
-    sketch_dim: int = 32
+    """``spearman`` (the headline) or ``pearson``."""
+    strength: StrengthConfig = field(default_factory=lambda: StrengthConfig(**REWARD_STRENGTH_DEFAULTS))
+    """The gradient strength ``S_t`` (:class:`corrpo.inversion.strength_config.StrengthConfig`); its default
+    projections are ``[q, v, o]`` (``REWARD_STRENGTH_DEFAULTS``: K is the costly closed form)."""
     min_tokens: int = 8
+    """Responses with fewer scored completion tokens get no bonus (too noisy a correlation)."""
     center: bool = False
+    """Subtract the mean bonus over each group's valid members (invalid members stay 0)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.coef, bool) or not isinstance(self.coef, int | float) or not math.isfinite(self.coef):
             raise ValueError(f"rl.inversion.coef must be a finite number, got {self.coef!r}")
         if self.coef < 0:
             raise ValueError(f"rl.inversion.coef must be >= 0 (0 = plain GRPO), got {self.coef!r}")
-        for key in ("warmup_steps", "min_tokens", "chunk_size", "sketch_dim"):
+        for key in ("warmup_steps", "min_tokens"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"rl.inversion.{key} must be an int, got {value!r}")
@@ -85,40 +74,9 @@ class InversionRewardConfig:
             raise ValueError(
                 f"rl.inversion.min_tokens must be >= 2 (a correlation needs 2 tokens), got {self.min_tokens}"
             )
-        for key in ("chunk_size", "sketch_dim"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"rl.inversion.{key} must be >= 1, got {getattr(self, key)}")
         if self.correlation not in CORRELATIONS:
             raise ValueError(f"rl.inversion.correlation must be one of {CORRELATIONS}, got {self.correlation!r}")
-        if self.measure not in MEASURES:
-            raise ValueError(f"rl.inversion.measure must be one of {MEASURES}, got {self.measure!r}")
-        if self.method not in METHODS:
-            raise ValueError(f"rl.inversion.method must be one of {METHODS}, got {self.method!r}")
-        # layers / projections: StrengthConfig owns the rules; re-raise naming our key. method="vmap" isolates
-        # each field from the onepass-needs-the-last-layer rule, which is checked last.
-        for key in ("layers", "projections"):
-            try:
-                StrengthConfig(method="vmap", **{key: getattr(self, key)})
-            except (ValueError, TypeError) as error:
-                raise ValueError(f"rl.inversion.{key}: {error}") from None
-        try:
-            self.strength_config()
-        except ValueError as error:
-            raise ValueError(f"rl.inversion.method / measure / layers: {error}") from None
-        if not isinstance(self.layers, str):
-            self.layers = list(self.layers)
-        self.projections = [self.projections] if isinstance(self.projections, str) else list(self.projections)
-
-    def strength_config(self) -> StrengthConfig:
-        """The :class:`StrengthConfig` of ``S_t`` (measure, layers, projections, method, chunk_size, sketch_dim)."""
-        return StrengthConfig(
-            measure=self.measure,
-            layers=self.layers,
-            projections=self.projections,
-            method=self.method,
-            chunk_size=self.chunk_size,
-            sketch_dim=self.sketch_dim,
-        )
+        self.strength = strength_spec(self.strength, "rl.inversion.strength", REWARD_STRENGTH_DEFAULTS)
 
     def coef_at(self, rl_step: int) -> float:
         """``lambda`` at 0-based RL step ``rl_step``: ``coef * min(1, rl_step / warmup_steps)``.
@@ -171,7 +129,6 @@ def rollout_correlations(
             f"{tuple(sequences.shape)}, {tuple(attention_mask.shape)}, {tuple(completion_token_mask.shape)}"
         )
     correlate = batched_spearman if config.correlation == "spearman" else batched_pearson
-    strength_config = config.strength_config()
     n = sequences.shape[0]
     rho = torch.full((n,), float("nan"), dtype=torch.float64, device=sequences.device)
     n_tokens = torch.zeros(n, dtype=torch.long, device=sequences.device)
@@ -180,7 +137,7 @@ def rollout_correlations(
         first = _trim_left(attention_mask[rows])
         ids, mask = sequences[rows, first:], attention_mask[rows, first:]
         tokens = completion_token_mask[rows, first:].bool()
-        entropy, strength = score_tokens(model, ids, mask, tokens, strength_config)
+        entropy, strength = score_tokens(model, ids, mask, tokens, config.strength)
         pairs = tokens & entropy.isfinite() & strength.isfinite()
         rho[rows] = correlate(entropy, strength, pairs).to(rho.device)
         n_tokens[rows] = pairs.sum(-1).to(n_tokens.device)

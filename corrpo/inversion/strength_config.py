@@ -1,9 +1,15 @@
-"""Options of the per-token logit-gradient strength (what to measure, on which weights, how)."""
+"""The gradient-strength spec: what ``S_t`` measures, on which weights, and how. Declared once, here.
+
+Every user of a strength (the :class:`callbacks.inversion.InversionTracker`, the CorR-PO reward term
+``rl.inversion``, ``corrpo validate``, the benchmarks) nests this one dataclass as ``strength: {...}``, so a
+field, its default and its validation exist in exactly one place. The only default that differs between users is
+the reward term's ``projections`` (see :data:`REWARD_STRENGTH_DEFAULTS`).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 
 MEASURES = ("nuclear", "frobenius", "l1")
 METHODS = ("loop", "onepass", "vmap", "sketch")
@@ -12,38 +18,32 @@ PROJECTIONS = ("q", "k", "v", "o", "mlp")
 
 @dataclass
 class StrengthConfig:
-    """How ``S_j`` is computed.
+    """How ``S_t`` is computed: ``S_t = mean_W measure(dz_{t,y_t} / dW)`` over the selected matrices ``W``.
 
-    Attributes:
-        measure: matrix norm of each per-token gradient ``G = dz_j/dW``: ``"nuclear"`` (sum of singular
-            values, the paper's headline), ``"frobenius"`` or ``"l1"`` (sum of ``|G|``, the author's earlier
-            variant).
-        layers: ``"last"`` (default; the paper's "output layer"), ``"all"``, or a list of layer indices
-            (negative allowed).
-        projections: which matrices of each selected layer: any of ``"q", "k", "v", "o"`` (default all four)
-            and ``"mlp"`` (= gate, up and down weights). Weights only: biases (Qwen2 q/k/v) are ignored.
-        method: ``"loop"`` one backward per token (the reference), ``"onepass"`` exact closed forms from
-            ONE backward (last layer only), ``"vmap"`` batched per-token VJPs (exact, any layers),
-            ``"sketch"`` an unbiased estimate of every token's squared Frobenius norm from ``sketch_dim``
-            forward-mode JVPs per matrix (``measure="frobenius"`` only; any layers; cost independent of the
-            number of tokens).
-        chunk_size: tokens per batched VJP (vmap) / per closed-form block (onepass) / directions per batched JVP
-            (sketch); bounds memory.
-        sketch_dim: random sign directions per matrix (``sketch``); relative std of each squared-norm estimate
-            is at most ``sqrt(2 / sketch_dim)``.
-        sketch_seed: seed of those directions: a fixed seed gives the same estimate for the same model and probe.
-
-    ``S_j`` is the MEAN of the per-matrix measures over all selected matrices: the paper does not publish how
+    ``S_t`` is the MEAN of the per-matrix measures over all selected matrices: the paper does not publish how
     the Q/K/V/O (or per-layer) norms are combined, so we average them and say so.
     """
 
     measure: str = "nuclear"
-    layers: str | Sequence[int] = "last"
-    projections: Sequence[str] = ("q", "k", "v", "o")
+    """Matrix norm of each per-token gradient ``G = dz/dW``: ``nuclear`` (sum of singular values, the paper's
+    headline), ``frobenius``, or ``l1`` (sum of ``|G|``, the author's earlier variant)."""
+    layers: str | list[int] = "last"
+    """``last`` (the paper's "output layer"), ``all``, or a list of layer indices (negative allowed)."""
+    projections: list[str] = field(default_factory=lambda: ["q", "k", "v", "o"])
+    """Matrices of each selected layer: any of ``q, k, v, o`` and ``mlp`` (= gate, up and down). Weights only:
+    biases (Qwen2's q/k/v) are ignored."""
     method: str = "onepass"
+    """``loop`` (one backward per token, the reference), ``onepass`` (exact closed forms from ONE backward, last
+    layer only), ``vmap`` (batched per-token VJPs, exact, any layers), ``sketch`` (an unbiased estimate of each
+    token's squared Frobenius norm from ``sketch_dim`` forward-mode JVPs per matrix; cost independent of T)."""
     chunk_size: int = 64
+    """Tokens per batched VJP (vmap) / per closed-form block (onepass) / directions per batched JVP (sketch):
+    bounds memory."""
     sketch_dim: int = 32
+    """``sketch``: random sign directions per matrix; each squared-norm estimate has relative std at most
+    ``sqrt(2 / sketch_dim)``."""
     sketch_seed: int = 0
+    """``sketch``: seed of those directions (the same seed gives the same estimate for the same model and probe)."""
 
     def __post_init__(self) -> None:
         if self.measure not in MEASURES:
@@ -67,10 +67,10 @@ class StrengthConfig:
                 f"projections must be a non-empty, duplicate-free subset of {PROJECTIONS}, got {self.projections!r}"
             )
         self.projections = projections
-        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive int, got {self.chunk_size!r}")
-        if isinstance(self.sketch_dim, bool) or not isinstance(self.sketch_dim, int) or self.sketch_dim < 1:
-            raise ValueError(f"sketch_dim must be a positive int, got {self.sketch_dim!r}")
+        for key in ("chunk_size", "sketch_dim"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key} must be a positive int, got {value!r}")
         if isinstance(self.sketch_seed, bool) or not isinstance(self.sketch_seed, int) or self.sketch_seed < 0:
             raise ValueError(f"sketch_seed must be a non-negative int, got {self.sketch_seed!r}")
         if self.method == "sketch" and self.measure != "frobenius":
@@ -83,3 +83,30 @@ class StrengthConfig:
                 "method='onepass' is exact only for the LAST layer (layers='last' or [-1]); "
                 "use method='vmap' (or 'loop') for layers='all'"
             )
+
+
+REWARD_STRENGTH_DEFAULTS: dict = {"projections": ["q", "v", "o"]}
+"""Where ``rl.inversion.strength`` departs from :class:`StrengthConfig`'s defaults, and only there.
+
+Without K: the per-token K closed form costs ``O(T^2 d)`` plus an eigen-solve per token, which on the tiny CPU
+config makes a CorR-PO step ~1.8x a GRPO step instead of ~1.2x. The tracker keeps all four (the paper's set);
+``rl.inversion.strength.projections: [q, k, v, o]`` restores it for the reward too.
+"""
+
+
+def strength_spec(value: StrengthConfig | Mapping | None, key: str, defaults: Mapping | None = None) -> StrengthConfig:
+    """``value`` as a :class:`StrengthConfig`: itself, or built from a mapping over ``defaults``; errors name ``key``.
+
+    A mapping (a YAML section given in Python, or a checkpoint's saved dict) fills its missing fields from
+    ``defaults`` first, then from the dataclass, so a partial override keeps the owner's defaults.
+    """
+    if isinstance(value, StrengthConfig):
+        return value
+    given = dict(defaults or {}) | dict(value or {})
+    unknown = sorted(set(given) - {f.name for f in fields(StrengthConfig)})
+    if unknown:
+        raise ValueError(f"{key}: unknown field(s) {unknown}; expected {[f.name for f in fields(StrengthConfig)]}")
+    try:
+        return StrengthConfig(**given)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{key}: {error}") from None

@@ -1,0 +1,287 @@
+"""One GRPO-family RL step as plain code: rollout -> rewards -> CorR-PO term -> group advantages -> updates.
+
+This is the whole RL step, outside Lightning, so that the module (:class:`corrpo.module.CorrPOModule`), the
+benchmark (``benchmarks/rl_step.py``) and unit tests run exactly the same code:
+
+1. **rollout**: ``G`` sampled completions per prompt from the context's generator;
+2. **rewards**: every reward function (:func:`corrpo.rewards.combine.score_completions`), then the CorR-PO term
+   ``lambda * clip(-rho_i, -1, 1)`` as one more reward stage (:func:`inversion_term`) that returns its own values;
+   ``lambda = 0`` computes nothing and is plain GRPO bit for bit;
+3. **advantages**: group-normalised (:func:`corrpo.objectives.group_advantages`);
+4. **updates**: ``num_iterations`` steps of the clipped surrogate (+ optional k3 KL to a frozen reference), each
+   through :func:`corrpo.training.update.apply_update` (non-finite guard, clip, lr schedule).
+
+It returns an :class:`RLStepResult`: every number the module logs (TRL's metric names), the per-stage timings
+and one row per completion for the dashboard. The math itself lives in :mod:`corrpo.objectives` and
+:mod:`corrpo.inversion`; this file only orders it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from corrpo.config import RLConfig
+from corrpo.inversion.entropy import token_entropy_bits
+from corrpo.inversion.rollout_bonus import InversionRewardConfig, inversion_bonus, rollout_correlations
+from corrpo.objectives import (
+    PolicyLossOutput,
+    clipped_policy_loss,
+    group_advantages,
+    high_entropy_mask,
+    masked_mean,
+    zero_std_fraction,
+)
+from corrpo.rewards.combine import RewardFn, RewardScores, completion_rows, score_completions
+from corrpo.rollout import Rollout
+from corrpo.schedule import warmup_cosine_lr
+from corrpo.training.collectives import SINGLE_PROCESS, Collectives
+from corrpo.training.forward import completion_log_probs
+from corrpo.training.update import UpdateOutcome, apply_update
+
+
+@dataclass
+class RLContext:
+    """What an RL step acts on: the policy, its optimizer, how to sample and decode, and the ranks."""
+
+    policy: nn.Module
+    optimizer: torch.optim.Optimizer
+    generate: Callable[[list[str], int], Rollout]
+    """``generate(prompts, G)``: ``G`` sampled completions per prompt, prompt-major."""
+    decode: Callable[[Rollout], list[str]]
+    """Completion texts of a rollout (special tokens dropped)."""
+    ref_policy: nn.Module | None = None
+    """Frozen KL reference (``rl.beta > 0``)."""
+    collectives: Collectives = SINGLE_PROCESS
+    backward: Callable[[torch.Tensor], None] = torch.Tensor.backward
+    """Lightning's ``manual_backward`` inside a Trainer."""
+
+
+@dataclass
+class InversionTerm:
+    """The CorR-PO reward stage's values for one rollout batch (``N = B * G`` responses)."""
+
+    bonus: torch.Tensor
+    """``[N]`` float32 ``coef * clip(-rho_i, -1, 1)``, 0 for invalid responses."""
+    rho: torch.Tensor
+    """``[N]`` float64 per-response correlation (NaN where not computable)."""
+    valid: torch.Tensor
+    """``[N]`` bool: finite ``rho_i`` over at least ``min_tokens`` tokens."""
+    coef: float
+    """``lambda`` at this RL step (after the warm-up ramp)."""
+
+
+@dataclass
+class RLStepResult:
+    """Everything one RL step produced, for logging."""
+
+    metrics: dict[str, torch.Tensor | float]
+    """Scalars under TRL's names (``reward``, ``reward_std``, ``kl``, ``clip_ratio/*``, ``rewards/<f>/mean``, ...)."""
+    updates: list[UpdateOutcome]
+    """One per ``num_iterations`` update, applied or skipped."""
+    completions: list[dict]
+    """One row per completion: prompt, completion, each reward part, reward, advantage, rho."""
+    rewards: torch.Tensor
+    """``[N]`` total reward (task rewards + CorR-PO term)."""
+    advantages: torch.Tensor
+    """``[N]`` group advantages."""
+    scores: RewardScores
+    """Per-function scores, the CorR-PO term included as ``inversion``."""
+    inversion: InversionTerm | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds per stage: ``generate``, ``score``, ``inversion`` (when on), ``update``."""
+
+
+def inversion_term(
+    policy: nn.Module, rollout: Rollout, config: InversionRewardConfig, rl_index: int, group_size: int
+) -> InversionTerm:
+    """The CorR-PO reward stage: ``coef_at(rl_index) * clip(-rho_i, -1, 1)`` per response, on the policy that
+    sampled it (:mod:`corrpo.inversion.rollout_bonus`)."""
+    rho, n_tokens = rollout_correlations(policy, rollout.sequences, rollout.attention_mask, rollout.token_mask, config)
+    coef = config.coef_at(rl_index)
+    bonus, valid = inversion_bonus(rho, n_tokens, coef, config.min_tokens, group_size, config.center)
+    return InversionTerm(bonus=bonus, rho=rho, valid=valid, coef=coef)
+
+
+def with_reward_term(scores: RewardScores, name: str, values: torch.Tensor) -> RewardScores:
+    """A new :class:`RewardScores` with one more per-response term ``name`` added to the total (weight 1)."""
+    values = values.detach().float().cpu()
+    return RewardScores(
+        per_function={**scores.per_function, name: values}, total=scores.total + values, n_failed=dict(scores.n_failed)
+    )
+
+
+class GRPOStep:
+    """The RL step of a run: built once from ``rl`` and the reward functions, called once per rollout batch."""
+
+    def __init__(self, rl: RLConfig, reward_fns: dict[str, RewardFn], reward_weights: Sequence[float]) -> None:
+        self.rl = rl
+        self.reward_fns = reward_fns
+        self.reward_weights = list(reward_weights)
+
+    # ---------------------------------------------------------------------------------------- stages
+    def score(self, prompts: list[str], answers: list[str], completions: list[str]) -> RewardScores:
+        """Task rewards of the ``N = B * G`` completions (prompts and answers repeated per group member)."""
+        return score_completions(self.reward_fns, self.reward_weights, prompts, completions, answers)
+
+    def lr_at(self, update_index: int) -> float:
+        """RL learning rate at 0-based RL optimizer step ``update_index`` (warm-up + cosine over all updates)."""
+        rl = self.rl
+        return warmup_cosine_lr(rl.lr, update_index, rl.steps * rl.num_iterations, rl.warmup_steps, rl.min_lr_ratio)
+
+    def train_mask(
+        self, token_entropy: torch.Tensor | None, loss_mask: torch.Tensor, collectives: Collectives
+    ) -> torch.Tensor | None:
+        """``rl.top_entropy_quantile < 1``: the loss tokens in the top fraction by entropy, the threshold taken over
+        every rank's tokens (:func:`corrpo.objectives.high_entropy_mask`); else None (train on all)."""
+        quantile = self.rl.top_entropy_quantile
+        if quantile >= 1.0:
+            return None
+        if collectives.world_size == 1:
+            return high_entropy_mask(token_entropy, loss_mask, quantile)
+        # ranks' completions differ in width: pad to max_new_tokens so all_gather sees one shape
+        pad = (0, self.rl.sampling.max_new_tokens - token_entropy.shape[1])
+        every_entropy = collectives.all_gather(F.pad(token_entropy, pad))
+        every_mask = collectives.all_gather(F.pad(loss_mask.float(), pad))
+        keep = high_entropy_mask(every_entropy, every_mask, quantile)[collectives.rank]
+        return keep[:, : token_entropy.shape[1]]
+
+    # ------------------------------------------------------------------------------------------ step
+    def __call__(
+        self, ctx: RLContext, prompts: list[str], answers: list[str], rl_index: int, step: int | None = None
+    ) -> RLStepResult:
+        """One RL step on a batch of ``B`` prompts with their gold ``answers``.
+
+        Args:
+            ctx: policy, optimizer, sampling and the ranks.
+            prompts: ``B`` prompts; each gets ``rl.num_generations`` completions.
+            answers: their gold answers (passed to the reward functions as ``answer``).
+            rl_index: 0-based RL step (drives the lr schedule and the CorR-PO warm-up).
+            step: the run's batch index, written in the completion rows (default ``rl_index``).
+        """
+        rl, G = self.rl, self.rl.num_generations
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        rollout = ctx.generate(prompts, G)
+        timings["generate"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        completions = ctx.decode(rollout)
+        group_prompts = [p for p in prompts for _ in range(G)]
+        group_answers = [a for a in answers for _ in range(G)]
+        scores = self.score(group_prompts, group_answers, completions)
+        timings["score"] = time.perf_counter() - t0
+        device = rollout.sequences.device
+
+        term = None
+        if rl.inversion.coef > 0:
+            t0 = time.perf_counter()
+            term = inversion_term(ctx.policy, rollout, rl.inversion, rl_index, G)
+            scores = with_reward_term(scores, "inversion", term.bonus)
+            timings["inversion"] = time.perf_counter() - t0
+        rewards = scores.total.to(device)
+        advantages = group_advantages(rewards, G, rl.scale_rewards)
+        rows = completion_rows(
+            rl_index if step is None else step, group_prompts, completions, scores, rewards, advantages,
+            term.rho if term is not None else None,
+        )  # fmt: skip
+
+        t0 = time.perf_counter()
+        out, entropy, updates = self._updates(ctx, rollout, advantages, rl_index)
+        timings["update"] = time.perf_counter() - t0
+
+        metrics = self._metrics(ctx, rollout, rewards, scores, out, entropy, term)
+        metrics.update({f"time/{k}": v for k, v in timings.items()})
+        return RLStepResult(
+            metrics=metrics, updates=updates, completions=rows, rewards=rewards, advantages=advantages,
+            scores=scores, inversion=term, timings=timings,
+        )  # fmt: skip
+
+    def _updates(
+        self, ctx: RLContext, rollout: Rollout, advantages: torch.Tensor, rl_index: int
+    ) -> tuple[PolicyLossOutput, torch.Tensor, list[UpdateOutcome]]:
+        rl = self.rl
+        loss_mask = rollout.completion_mask
+        if rl.mask_truncated_completions:
+            loss_mask = loss_mask & ~rollout.truncated.unsqueeze(1)
+        old_log_probs = ref_log_probs = None
+        with torch.no_grad():
+            if rl.num_iterations > 1:
+                old_log_probs, _ = completion_log_probs(ctx.policy, rollout)
+            if ctx.ref_policy is not None:
+                ref_log_probs, _ = completion_log_probs(ctx.ref_policy, rollout)
+        num_tokens = ctx.collectives.mean(loss_mask.sum().float()).clamp(min=1.0) if rl.loss_type == "dapo" else None
+        updates = []
+        for iteration in range(rl.num_iterations):
+            log_probs, logits = completion_log_probs(ctx.policy, rollout)
+            token_entropy = None
+            if iteration == 0 or rl.top_entropy_quantile < 1.0:
+                with torch.no_grad():
+                    token_entropy = token_entropy_bits(logits, rollout.completion_mask)
+            if iteration == 0:
+                entropy = masked_mean(token_entropy, rollout.completion_mask)
+            out = clipped_policy_loss(
+                log_probs,
+                old_log_probs if old_log_probs is not None else log_probs.detach(),
+                advantages,
+                loss_mask,
+                rl.epsilon_low,
+                rl.epsilon_high,
+                rl.loss_type,
+                rl.sampling.max_new_tokens,
+                ref_log_probs,
+                rl.beta,
+                num_tokens=num_tokens,
+                train_mask=self.train_mask(token_entropy, loss_mask, ctx.collectives),
+                policy_loss=rl.policy_loss,
+                cov_ratio=rl.cov_ratio,
+                clip_cov_bounds=(rl.clip_cov_lb, rl.clip_cov_ub),
+                kl_cov_coef=rl.kl_cov_coef,
+            )
+            lr = self.lr_at(rl_index * rl.num_iterations + iteration)
+            updates.append(
+                apply_update(out.loss, ctx.optimizer, ctx.policy, lr, rl.max_grad_norm, ctx.collectives, ctx.backward)
+            )
+        return out, entropy, updates
+
+    def _metrics(self, ctx, rollout, rewards, scores, out, entropy, term) -> dict[str, torch.Tensor | float]:
+        G = self.rl.num_generations
+        metrics: dict[str, torch.Tensor | float] = {}
+        if term is not None:
+            key = "spearman" if self.rl.inversion.correlation == "spearman" else "pearson"
+            metrics[f"inversion/rollout_{key}"] = pooled_mean(term.rho[term.valid], ctx.collectives, rewards.device)
+            metrics["inversion/rollout_nan_frac"] = 1.0 - term.valid.float().mean()
+            metrics["rewards/inversion/std"] = term.bonus.float().std() if term.bonus.numel() > 1 else 0.0
+        lengths = rollout.completion_mask.sum(dim=1).float()
+        metrics.update(
+            {
+                "loss": out.loss.detach(),
+                "reward": rewards.mean(),
+                "reward_std": rewards.view(-1, G).std(dim=1).mean() if G > 1 else torch.zeros(()),
+                "frac_reward_zero_std": zero_std_fraction(rewards, G),
+                "entropy": entropy,
+                "kl": out.kl,
+                "clip_ratio/low_mean": out.clip_low,
+                "clip_ratio/high_mean": out.clip_high,
+                **({"clip_ratio/cov_selected": out.cov_selected} if out.cov_selected is not None else {}),
+                "completions/mean_length": lengths.mean(),
+                "completions/clipped_ratio": rollout.truncated.float().mean(),
+            }
+        )
+        for name, values in scores.per_function.items():
+            metrics[f"rewards/{name}/mean"] = torch.nanmean(values) if (~values.isnan()).any() else torch.zeros(())
+            if name in self.reward_fns:  # logged even when 0: under DDP every rank logs the same keys
+                metrics[f"rewards/{name}/failed"] = float(scores.n_failed.get(name, 0))
+        return metrics
+
+
+def pooled_mean(values: torch.Tensor, collectives: Collectives, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The mean over every rank's ``values`` (under DDP: not the mean of the ranks' means, which would weigh a rank
+    with few values like one with many, and be NaN if any rank had none); NaN when there are none."""
+    total, count = collectives.sum_floats(values.double().sum().item(), values.numel(), device=device)
+    return torch.tensor(total / count if count else float("nan"), dtype=torch.float32)

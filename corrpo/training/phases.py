@@ -1,0 +1,43 @@
+"""The SFT -> RL phase schedule of a run, with the boundary predicate written once.
+
+Batch ``i`` of a run is SFT while ``i < sft_steps`` and RL after; either phase may be empty. The module, the
+callbacks and the data module all ask this object, so "is this the boundary" has one answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class PhaseSchedule:
+    """``sft_steps`` SFT batches, then ``rl_steps`` RL batches."""
+
+    sft_steps: int
+    rl_steps: int
+
+    @property
+    def total(self) -> int:
+        """Train batches in the whole run."""
+        return self.sft_steps + self.rl_steps
+
+    def phase_at(self, step: int) -> Literal["sft", "rl"]:
+        """The phase of 0-based batch ``step``."""
+        return "sft" if step < self.sft_steps else "rl"
+
+    def rl_index(self, step: int) -> int:
+        """0-based RL step of batch ``step`` (negative during SFT)."""
+        return step - self.sft_steps
+
+    def starts_rl(self, step: int) -> bool:
+        """Batch ``step`` is the first RL batch (also in an RL-only run)."""
+        return self.rl_steps > 0 and step == self.sft_steps
+
+    def is_boundary(self, step: int) -> bool:
+        """Batch ``step`` is the first RL batch of a run that trained SFT before it: the SFT -> RL boundary.
+
+        Asked before batch ``step`` runs (the SFT-end evaluation, the dashboard marker) or after batch
+        ``step - 1`` finished (the tracker's boundary probe): the same batch index either way.
+        """
+        return self.sft_steps > 0 and self.starts_rl(step)

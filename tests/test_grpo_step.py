@@ -1,0 +1,103 @@
+"""The RL step as plain code: one :class:`GRPOStep` on a tiny model, no Trainer, against a hand-wired step."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import TINY_ARCH
+
+from corrpo.config import RLConfig
+from corrpo.data.arithmetic import ArithmeticTask
+from corrpo.module import CorrPOModule
+from corrpo.rollout import SamplingConfig
+from corrpo.training.grpo import RLStepResult
+
+G = 4
+REWARDS = ["shaped_rewards:length"]  # differs within a group, so the advantages are not all 0
+
+
+def build(coef: float = 0.0) -> CorrPOModule:
+    rl = RLConfig(
+        steps=3, lr=1e-3, num_generations=G, sampling=SamplingConfig(max_new_tokens=12), rewards=REWARDS,
+        inversion={"coef": coef, "min_tokens": 2},
+    )  # fmt: skip
+    return CorrPOModule(policy="tiny-qwen2", tiny=TINY_ARCH, rl=rl, seed=0)
+
+
+def adam(module: CorrPOModule) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(module.policy.parameters(), lr=module.rl.lr, weight_decay=0.0)
+
+
+@pytest.fixture(scope="module")
+def records() -> list[dict]:
+    return ArithmeticTask().records("train", 3)
+
+
+def hand_wired_step(module: CorrPOModule, optimizer, records: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference: sample, score, GRPO advantages and the dapo token-mean surrogate written out by hand."""
+    prompts = [r["prompt"] for r in records]
+    rollout = module.generate_rollout(prompts, G)
+    completions = module.decode_completions(rollout)
+    rewards = torch.tensor([len(c) / 100 for c in completions])
+    grouped = rewards.view(-1, G)
+    centred = grouped - grouped.mean(1, keepdim=True)
+    advantages = torch.where(centred == 0, 0.0, centred / (grouped.std(1, keepdim=True) + 1e-4)).view(-1)
+    position_ids = (rollout.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = module.policy(rollout.sequences, attention_mask=rollout.attention_mask, position_ids=position_ids).logits
+    logits = logits[:, rollout.prompt_length - 1 : -1].float()
+    log_probs = logits.log_softmax(-1).gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
+    ratio = torch.exp(log_probs - log_probs.detach())  # one iteration: the ratio is 1, its gradient is not
+    mask = rollout.completion_mask.float()
+    loss = -(ratio * advantages[:, None] * mask).sum() / mask.sum()
+    optimizer.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(module.policy.parameters(), module.rl.max_grad_norm)
+    optimizer.step()
+    return rewards, advantages
+
+
+def test_one_rl_step_without_a_trainer_matches_a_hand_wired_step(records, one_thread):
+    pipeline_module, reference_module = build(), build()
+    pipeline_opt, reference_opt = adam(pipeline_module), adam(reference_module)
+    prompts, answers = [r["prompt"] for r in records], [r["answer"] for r in records]
+    torch.manual_seed(7)
+    result = pipeline_module.grpo(pipeline_module.rl_context(pipeline_opt), prompts, answers, rl_index=0)
+    torch.manual_seed(7)
+    rewards, advantages = hand_wired_step(reference_module, reference_opt, records)
+
+    assert isinstance(result, RLStepResult) and [u.applied for u in result.updates] == [True]
+    assert torch.allclose(result.rewards, rewards, atol=1e-6)
+    assert advantages.abs().max() > 0.1  # the step really moved the weights
+    assert torch.allclose(result.advantages, advantages, atol=1e-5)
+    moved = max(
+        (a - b).abs().max().item()
+        for a, b in zip(pipeline_module.policy.parameters(), build().policy.parameters(), strict=True)
+    )
+    assert moved > 1e-5
+    for a, b in zip(pipeline_module.policy.parameters(), reference_module.policy.parameters(), strict=True):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert len(result.completions) == len(records) * G and set(result.timings) == {"generate", "score", "update"}
+    assert result.metrics["reward"] == pytest.approx(rewards.mean().item(), abs=1e-6)
+    assert "rewards/inversion/mean" not in result.metrics  # coef 0: plain GRPO computes no CorR-PO term
+
+
+def test_the_corrpo_term_is_a_reward_stage_with_its_own_values(records, one_thread):
+    module = build(coef=0.5)
+    prompts, answers = [r["prompt"] for r in records], [r["answer"] for r in records]
+    torch.manual_seed(7)
+    result = module.grpo(module.rl_context(adam(module)), prompts, answers, rl_index=0)
+    term = result.inversion
+    assert term is not None and term.coef == 0.5 and term.valid.any()
+    expected = torch.where(term.valid, 0.5 * (-term.rho).clamp(-1, 1), 0.0).float()
+    assert torch.allclose(term.bonus, expected, atol=1e-6)
+    task_total = sum(torch.nan_to_num(v) for k, v in result.scores.per_function.items() if k != "inversion")
+    assert torch.allclose(result.rewards, task_total + term.bonus, atol=1e-6)  # the term adds, nothing else changes
+    assert torch.equal(result.scores.per_function["inversion"], term.bonus)
+    rho_rows = [row["rho"] for row in result.completions]
+    assert all(
+        math.isnan(a) and math.isnan(b) or a == pytest.approx(b)
+        for a, b in zip(rho_rows, term.rho.tolist(), strict=True)
+    )
+    assert "inversion" in result.timings and "inversion/rollout_spearman" in result.metrics
