@@ -23,6 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from conftest import run_tiny  # noqa: E402
 
+from corrpo.run_folder import RunFolder  # noqa: E402
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -38,8 +40,8 @@ def main() -> None:
         split = run_tiny(Path(tmp) / "split", *steps, "--ckpt_path=last")
         a, b = whole.model.policy.state_dict(), split.model.policy.state_dict()
         diff = max((a[k] - b[k]).abs().max().item() for k in a)
-        csv_a = (Path(whole.trainer.default_root_dir) / "emergence.csv").read_text()
-        csv_b = (Path(split.trainer.default_root_dir) / "emergence.csv").read_text()
+        csv_a = RunFolder(whole.trainer.default_root_dir).emergence.read_text()
+        csv_b = RunFolder(split.trainer.default_root_dir).emergence.read_text()
     print(f"steps: {args.sft} SFT + {args.rl} RL; stopped after {args.stop}, resumed with --ckpt_path last")
     print(f"{'quantity':32s} value")
     print(f"{'max |w_whole - w_split|':32s} {diff:.3e}")

@@ -18,8 +18,6 @@ that is the fingerprint of any checkpoint.
 
 from __future__ import annotations
 
-import csv
-import json
 import warnings
 from dataclasses import asdict
 
@@ -31,11 +29,10 @@ from corrpo.batching import encode_sft_batch
 from corrpo.inversion.metric import InversionStrength
 from corrpo.inversion.strength import score_tokens
 from corrpo.inversion.strength_config import StrengthConfig, strength_spec
-from corrpo.run_dir import run_dir
+from corrpo.run_folder import run_folder
 from corrpo.training.host import require_host
 from corrpo.training.phases import PhaseSchedule
 
-CSV_COLUMNS = ["step", "batches", "phase", "event", "source", "spearman", "pearson", "strength", "n_tokens"]
 TABLE_ROWS = 2000
 
 
@@ -102,7 +99,7 @@ class InversionTracker(L.Callback):
         if trainer.state.fn == "validate":
             row = self.measure(trainer, pl_module, event="validate", batches=0)
             if trainer.is_global_zero:  # the fingerprint, kept next to the run's config.yaml
-                (run_dir(trainer) / "fingerprint.json").write_text(json.dumps(row, indent=2))
+                run_folder(trainer).write_fingerprint(row)
             print(
                 f"inversion/spearman={row['spearman']:.4f} inversion/pearson={row['pearson']:.4f} "
                 f"n_tokens={row['n_tokens']}"
@@ -190,10 +187,7 @@ class InversionTracker(L.Callback):
         if trainer.is_global_zero and trainer.state.fn != "validate":
             # Rewritten whole from the rows (restored from the checkpoint on resume), so that a resumed run's
             # file holds no row measured after the checkpoint it resumed from.
-            with (run_dir(trainer) / "emergence.csv").open("w", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
-                writer.writeheader()
-                writer.writerows(r for r in self.rows if r["event"] != "validate")
+            run_folder(trainer).write_emergence(r for r in self.rows if r["event"] != "validate")
 
     def _wandb_loggers(self, trainer: L.Trainer) -> list:
         from lightning.pytorch.loggers import WandbLogger

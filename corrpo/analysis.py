@@ -7,7 +7,6 @@ A run folder holds ``emergence.csv`` (one row per probe measurement: ``batches``
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -20,6 +19,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+
+from corrpo.run_folder import RunFolder, find_runs  # noqa: E402
 
 __all__ = [
     "boundary_batches",
@@ -35,19 +36,9 @@ __all__ = [
 
 
 def expand_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
-    """Each path that holds an ``emergence.csv`` as is; any other folder -> every run folder below it, sorted.
-
-    So ``runs/tiny`` works as well as ``runs/tiny/<timestamp>``: the CLI puts each run in its own subfolder.
-    """
-    out: list[Path] = []
-    for path in map(Path, paths):
-        found = (
-            [path] if (path / "emergence.csv").is_file() else sorted({p.parent for p in path.glob("**/emergence.csv")})
-        )
-        if not found:
-            warnings.warn(f"no emergence.csv in or below {path}", stacklevel=2)
-        out.extend(d for d in found if d not in out)
-    return out
+    """Each path that holds an ``emergence.csv`` as is; any other folder -> every run folder below it, sorted
+    (:func:`corrpo.run_folder.find_runs`). So ``runs/tiny`` works as well as ``runs/tiny/<timestamp>``."""
+    return [run.path for run in find_runs(paths)]
 
 
 def run_dirs_from_env(default_root: str | Path = "runs", env: str = "CORRPO_RUNS") -> list[Path]:
@@ -61,12 +52,7 @@ def run_dirs_from_env(default_root: str | Path = "runs", env: str = "CORRPO_RUNS
 
 
 def _results(run_dir: Path) -> dict:
-    path = Path(run_dir) / "results.json"
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, json.JSONDecodeError) as error:
-        warnings.warn(f"unreadable {path}: {error}", stacklevel=2)
-        return {}
+    return RunFolder(run_dir).read_results()
 
 
 def method_of(run_dir: str | Path) -> str:
@@ -101,7 +87,7 @@ def load_emergence(run_dirs: Iterable[str | Path]) -> pd.DataFrame:
     run_dirs = expand_run_dirs(run_dirs)
     frames = []
     for label, run_dir in zip(_labels(run_dirs), run_dirs, strict=True):
-        frame = pd.read_csv(run_dir / "emergence.csv")
+        frame = RunFolder(run_dir).read_emergence()
         frame.insert(0, "run", label)
         frame.insert(1, "method", method_of(run_dir))
         frame["run_dir"] = str(run_dir)

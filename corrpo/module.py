@@ -24,7 +24,6 @@ before the first resumed batch, so N steps in one go and N/2 + resume + N/2 give
 
 from __future__ import annotations
 
-import json
 import warnings
 
 import lightning as L
@@ -39,7 +38,7 @@ from corrpo.rewards import reward_functions
 from corrpo.rewards.accuracy import accuracy_reward
 from corrpo.rng import restore_rng_states, rng_states
 from corrpo.rollout import Generator, HFGenerator, Rollout
-from corrpo.run_dir import run_dir
+from corrpo.run_folder import run_folder
 from corrpo.training.collectives import SINGLE_PROCESS, Collectives, LightningCollectives
 from corrpo.training.grpo import GRPOStep, RLContext
 from corrpo.training.phases import PhaseSchedule
@@ -158,9 +157,9 @@ class CorrPOModule(L.LightningModule):
     def on_train_end(self) -> None:
         self.evaluate_and_log("end")
         if self.trainer.is_global_zero:
-            folder = export_policy(self.policy, self.tokenizer, run_dir(self.trainer) / "policy")
-            results = {"test_accuracy": self.eval_history, "skipped_updates": self.skipped_updates}
-            (run_dir(self.trainer) / "results.json").write_text(json.dumps(results, indent=2))
+            run = run_folder(self.trainer)
+            folder = export_policy(self.policy, self.tokenizer, run.policy)
+            run.write_results({"test_accuracy": self.eval_history, "skipped_updates": self.skipped_updates})
             rank_zero_info(f"[corrpo] policy exported to {folder}")
 
     # -------------------------------------------------------------------------------------- updates

@@ -24,6 +24,7 @@ import matplotlib.pyplot as plt
 
 from corrpo import analysis
 from corrpo.plotting import emergence_figure
+from corrpo.run_folder import RunFolder
 from corrpo.wandb_segments import newest_run_logs
 
 EVENTS = ("start", "boundary", "end")
@@ -128,10 +129,7 @@ def _sparkline(values: list[float]) -> str:
 
 def _config(run_dir: Path) -> dict:
     """The run's resolved ``config.yaml`` as a dict; empty when absent."""
-    import yaml
-
-    path = run_dir / "config.yaml"
-    return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}
+    return RunFolder(run_dir).read_config()
 
 
 def _get(config: dict, dotted: str):
@@ -178,20 +176,21 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     Raises FileNotFoundError (with the path) without ``emergence.csv``, or without ``results.json`` when the run
     finished (``end`` row in emergence.csv); an interrupted run without results.json is reported as such.
     """
-    run_dir = Path(run_dir)
-    csv_path, results_path = run_dir / "emergence.csv", run_dir / "results.json"
+    run = RunFolder(run_dir)
+    run_dir = run.path
+    csv_path, results_path = run.emergence, run.results
     if not csv_path.is_file():
         raise FileNotFoundError(f"{csv_path} not found: not a corrpo run folder, or the run never started")
     frame = analysis.load_emergence([run_dir])
     finished = bool((frame["event"] == "end").any())
     if finished and not results_path.is_file():
         raise FileNotFoundError(f"{results_path} not found, though emergence.csv has the run's 'end' row")
-    results = json.loads(results_path.read_text(encoding="utf-8")) if results_path.is_file() else None
+    results = run.read_results() if results_path.is_file() else None
     config = _config(run_dir)
     boundary = analysis.boundary_batches(frame)
 
     figure = emergence_figure(frame.to_dict("records"), boundary_batches=boundary)
-    png_path = run_dir / "emergence.png"
+    png_path = run.emergence_png
     figure.savefig(png_path, dpi=120)
     plt.close(figure)
 
@@ -241,7 +240,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
             lines.append(f"| {when} | {r['step']} | {_num(float(r['accuracy']))} |" if r else f"| {when} | - | - |")
         lines += ["", f"Skipped updates: {results.get('skipped_updates', '-')}"]
     lines += ["", "## RL reward (wandb history)", *_reward_section(run_dir, config), ""]
-    md_path = run_dir / "summary.md"
+    md_path = run.summary_md
     md_path.write_text("\n".join(lines), encoding="utf-8")
     return png_path, md_path
 

@@ -1,4 +1,5 @@
-"""benchmarks/compare.py's collecting and reporting, on fake run folders (no training)."""
+"""corrpo.comparison (collecting, statistics, the report) and benchmarks/compare.py's driver, on fake run folders
+(no training)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import math
 from pathlib import Path
 
 import pytest
+
+from corrpo import comparison
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,14 +50,14 @@ def fake_runs(compare, tmp_path: Path) -> list[dict]:
     for seed, (g_acc, c_acc, g_rho, c_rho) in enumerate([(0.70, 0.71, 0.70, 0.68), (0.64, 0.69, 0.72, 0.70)]):
         g = fake_run(tmp_path, f"grpo/seed{seed}", 0.65, g_acc, [0.74, 0.72, g_rho], {"method": "grpo"})
         c = fake_run(tmp_path, f"corrpo/seed{seed}", 0.65, c_acc, [0.74, 0.71, c_rho])
-        runs.append(compare.collect_run(g, 10.0, method="grpo", coef=0.0, seed=seed))
-        runs.append(compare.collect_run(c, 12.0, method="corrpo", coef=0.1, seed=seed))
+        runs.append(comparison.collect_run(g, 10.0, method="grpo", coef=0.0, seed=seed))
+        runs.append(comparison.collect_run(c, 12.0, method="corrpo", coef=0.1, seed=seed))
     return runs
 
 
 def test_collect_run_reads_accuracy_and_last_emergence_row(compare, tmp_path):
     run_dir = fake_run(tmp_path, "corrpo/seed3", 0.6, 0.7, [0.5, 0.2, -0.1], {"method": "corrpo", "seed": 3})
-    run = compare.collect_run(run_dir, 5.0, method="grpo", coef=0.1, seed=9)
+    run = comparison.collect_run(run_dir, 5.0, method="grpo", coef=0.1, seed=9)
     assert run["method"] == "corrpo" and run["seed"] == 3  # results.json wins over the defaults
     assert run["coef"] == 0.1
     assert run["start_acc"] == pytest.approx(0.6) and run["end_acc"] == pytest.approx(0.7)
@@ -79,22 +82,24 @@ def test_find_run_dir_and_tag_results(compare, tmp_path):
 
 def test_summarize_and_paired_differences(compare, tmp_path):
     runs = fake_runs(compare, tmp_path)
-    summary = compare.summarize(runs)
+    summary = comparison.summarize(runs)
     assert list(summary) == ["grpo", "corrpo"]
     assert summary["grpo"]["n"] == 2
     mean, std = summary["corrpo"]["end_acc"]
     assert mean == pytest.approx(0.70) and std == pytest.approx(math.sqrt(2) * 0.01)
     assert summary["grpo"]["strength"][0] == pytest.approx(-0.71)
     assert summary["corrpo"]["rho_change"][0] == pytest.approx(0.69 - 0.74)
-    assert compare.paired_differences(runs, "end_acc") == pytest.approx([0.01, 0.05])
-    assert compare.mean_std([1.0]) == (1.0, compare.mean_std([1.0])[1]) and math.isnan(compare.mean_std([1.0])[1])
-    line = compare.result_line(summary)
+    assert comparison.paired_differences(runs, "end_acc") == pytest.approx([0.01, 0.05])
+    assert comparison.mean_std([1.0]) == (1.0, comparison.mean_std([1.0])[1]) and math.isnan(
+        comparison.mean_std([1.0])[1]
+    )
+    line = comparison.result_line(summary)
     assert line.startswith("RESULT grpo_acc=0.6700 corrpo_acc=0.7000 grpo_strength=-0.7100 corrpo_strength=")
 
 
 def test_interpret_is_computed_from_numbers(compare, tmp_path):
     runs = fake_runs(compare, tmp_path)
-    shows, not_shown = compare.interpret(runs, compare.summarize(runs), n_test=200)
+    shows, not_shown = comparison.interpret(runs, comparison.summarize(runs), n_test=200)
     text = " ".join(shows)
     assert "+0.030" in text  # paired accuracy difference
     assert "not evidence" in text  # 0.03 with per-seed 0.01, 0.05: SE 0.02, not > 2 SE
@@ -103,14 +108,14 @@ def test_interpret_is_computed_from_numbers(compare, tmp_path):
     assert any("2 seed(s)" in s for s in not_shown)
     # a single seed: no spread, no claim
     one = [r for r in runs if r["seed"] == 0]
-    shows, _ = compare.interpret(one, compare.summarize(one), n_test=None)
+    shows, _ = comparison.interpret(one, comparison.summarize(one), n_test=None)
     assert "single seed" in " ".join(shows)
 
 
 def test_write_report_writes_markdown_and_plots(compare, tmp_path):
     runs = fake_runs(compare, tmp_path)
     report = tmp_path / "docs" / "results.md"
-    summary = compare.write_report(
+    summary = comparison.write_report(
         report, runs, {"seeds": "0 1", "RL steps": 40}, "python benchmarks/compare.py --seeds 0 1", n_test=200
     )
     assert set(summary) == {"grpo", "corrpo"}

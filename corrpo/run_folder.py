@@ -1,0 +1,182 @@
+"""The run folder: the one owner of its layout, its writers and its readers.
+
+A corrpo run writes everything into one folder, so it can be read, reported on or resumed from that alone::
+
+    <run>/config.yaml       the resolved LightningCLI config (written by the CLI's SaveConfigCallback)
+    <run>/emergence.csv     the inversion curve, one tidy row per probe measurement (EMERGENCE_COLUMNS)
+    <run>/results.json      test accuracy at start / SFT end / end, skipped updates (+ tags such as method, seed)
+    <run>/fingerprint.json  ``corrpo validate``'s one measurement
+    <run>/checkpoints/      Lightning checkpoints (last.ckpt, ...)
+    <run>/policy/           the exported policy, a Hugging Face folder (``from_pretrained``)
+    <run>/wandb/            the wandb run (offline unless configured online)
+
+The module, the tracker, ``corrpo report``, the notebook helpers (:mod:`corrpo.analysis`) and
+``benchmarks/compare.py`` all go through :class:`RunFolder`, so a file's name and format live here only.
+
+:func:`run_dir` finds a trainer's folder without ``trainer.log_dir``: that property broadcasts from rank 0 (a
+collective), and the writers run on rank 0 only, so under DDP it would pair with whatever collective the other
+ranks run next and deadlock.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+EMERGENCE_COLUMNS = ["step", "batches", "phase", "event", "source", "spearman", "pearson", "strength", "n_tokens"]
+"""emergence.csv's columns: optimizer step, train batches done, phase (init|sft|rl), event (start|periodic|
+boundary|end), probe source, Spearman rho, Pearson r, strength = -rho, scored tokens."""
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """One run's folder and every file in it."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    # ------------------------------------------------------------------------------------------ paths
+    @property
+    def config(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def emergence(self) -> Path:
+        return self.path / "emergence.csv"
+
+    @property
+    def results(self) -> Path:
+        return self.path / "results.json"
+
+    @property
+    def fingerprint(self) -> Path:
+        return self.path / "fingerprint.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def policy(self) -> Path:
+        return self.path / "policy"
+
+    @property
+    def wandb(self) -> Path:
+        return self.path / "wandb"
+
+    @property
+    def emergence_png(self) -> Path:
+        """``corrpo report``'s figure."""
+        return self.path / "emergence.png"
+
+    @property
+    def summary_md(self) -> Path:
+        """``corrpo report``'s page."""
+        return self.path / "summary.md"
+
+    def is_run(self) -> bool:
+        """The folder holds a run's curve or results."""
+        return self.emergence.is_file() or self.results.is_file()
+
+    # ---------------------------------------------------------------------------------------- writers
+    def write_emergence(self, rows: Iterable[dict]) -> None:
+        """Rewrite emergence.csv whole from ``rows`` (a resumed run's file then holds no row measured after the
+        checkpoint it resumed from)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        with self.emergence.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=EMERGENCE_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def write_results(self, results: dict) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.results.write_text(json.dumps(results, indent=2))
+
+    def tag_results(self, **tags) -> None:
+        """Add ``tags`` (e.g. method, coef, seed, wall_s) to results.json."""
+        self.write_results({**self.read_results(), **tags})
+
+    def write_fingerprint(self, row: dict) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.fingerprint.write_text(json.dumps(row, indent=2))
+
+    # ---------------------------------------------------------------------------------------- readers
+    def read_results(self) -> dict:
+        """results.json as a dict; ``{}`` when absent, and with a warning when unreadable."""
+        try:
+            return json.loads(self.results.read_text(encoding="utf-8")) if self.results.is_file() else {}
+        except (OSError, json.JSONDecodeError) as error:
+            warnings.warn(f"unreadable {self.results}: {error}", stacklevel=2)
+            return {}
+
+    def read_emergence(self):
+        """emergence.csv as a pandas frame (FileNotFoundError naming the path when absent)."""
+        import pandas as pd
+
+        if not self.emergence.is_file():
+            raise FileNotFoundError(f"{self.emergence} not found: not a corrpo run folder, or the run never started")
+        return pd.read_csv(self.emergence)
+
+    def read_config(self) -> dict:
+        """The resolved config.yaml as a dict; ``{}`` when absent."""
+        import yaml
+
+        return (yaml.safe_load(self.config.read_text(encoding="utf-8")) or {}) if self.config.is_file() else {}
+
+    def test_accuracy(self, when: str) -> float:
+        """The last ``when`` (start | sft_end | end) test accuracy in results.json; NaN when not recorded."""
+        hits = [r for r in self.read_results().get("test_accuracy", []) if r.get("when") == when]
+        return float(hits[-1]["accuracy"]) if hits else float("nan")
+
+
+def find_runs(paths: Iterable[str | Path]) -> list[RunFolder]:
+    """Each path that is a run folder as is; any other folder -> every run folder below it, sorted.
+
+    So ``runs/tiny`` works as well as ``runs/tiny/<timestamp>``: the CLI puts each run in its own subfolder.
+    """
+    out: list[RunFolder] = []
+    for path in map(Path, paths):
+        if RunFolder(path).emergence.is_file():
+            found = [RunFolder(path)]
+        else:
+            found = [RunFolder(p) for p in sorted({p.parent for p in path.glob("**/emergence.csv")})]
+        if not found:
+            warnings.warn(f"no emergence.csv in or below {path}", stacklevel=2)
+        out.extend(run for run in found if run not in out)
+    return out
+
+
+def newest_finished_run(root: str | Path, exclude: Iterable[Path] = ()) -> RunFolder | None:
+    """The newest run folder directly under ``root`` that holds results.json (a finished fit), ignoring ``exclude``."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    excluded = {Path(p) for p in exclude}
+    runs = [d for d in root.iterdir() if d.is_dir() and RunFolder(d).results.is_file() and d not in excluded]
+    return RunFolder(max(runs, key=lambda d: d.name)) if runs else None  # timestamp names sort by time
+
+
+def run_dir(trainer) -> Path:
+    """A trainer's run folder (created if missing): the logger's folder when there is one, else the trainer's root
+    dir; the same rule as ``trainer.log_dir``, without its broadcast."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    logger = trainer.loggers[0] if trainer.loggers else None
+    if isinstance(logger, (CSVLogger, TensorBoardLogger)):
+        folder = logger.log_dir
+    else:
+        folder = (logger.save_dir if logger is not None else None) or trainer.default_root_dir
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def run_folder(trainer) -> RunFolder:
+    """:class:`RunFolder` of a trainer's run (see :func:`run_dir`)."""
+    return RunFolder(run_dir(trainer))
