@@ -1,0 +1,83 @@
+"""Tiny random configs of every decoder family the strength code supports (``tiny-<family>`` policies).
+
+Each is the family's own transformers config class, sized by :class:`corrpo.models.TinyArchitecture`, with
+the few defaults that would break a 2-layer, 32-64 wide model overridden: ``head_dim`` (Gemma/Qwen3 default
+to 128-256) and ``pad_token_id`` (Phi-3 defaults to 32000). Everything else (soft-capping, multipliers,
+partial rotary, window sizes) keeps the family default unless ``overrides`` says otherwise -- the strength
+tests shrink those to values that bite on a tiny model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import (
+    Gemma2Config,
+    Gemma3TextConfig,
+    GemmaConfig,
+    GPT2Config,
+    GPTNeoXConfig,
+    GraniteConfig,
+    LlamaConfig,
+    MistralConfig,
+    Olmo2Config,
+    Phi3Config,
+    PretrainedConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+_LLAMA_LIKE = {
+    "llama": LlamaConfig,
+    "mistral": MistralConfig,
+    "qwen2": Qwen2Config,
+    "qwen3": Qwen3Config,
+    "gemma": GemmaConfig,
+    "gemma2": Gemma2Config,
+    "gemma3": Gemma3TextConfig,
+    "olmo2": Olmo2Config,
+    "granite": GraniteConfig,
+    "phi3": Phi3Config,
+}
+TINY_FAMILY_NAMES = (*_LLAMA_LIKE, "gpt2", "gpt_neox")
+
+
+def tiny_config(
+    family: str,
+    vocab_size: int,
+    arch: Any,
+    pad_token_id: int,
+    bos_token_id: int,
+    eos_token_id: int,
+    **overrides: Any,
+) -> PretrainedConfig:
+    """The config of a tiny random ``family`` model (one of :data:`TINY_FAMILY_NAMES`); ``arch``: a TinyArchitecture."""
+    special = dict(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
+    if family == "gpt2":
+        kwargs = dict(
+            vocab_size=vocab_size,
+            n_embd=arch.hidden_size,
+            n_layer=arch.num_hidden_layers,
+            n_head=arch.num_attention_heads,
+            n_inner=arch.intermediate_size,
+            n_positions=arch.max_position_embeddings,
+            **special,
+        )
+        return GPT2Config(**{**kwargs, **overrides})
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=arch.hidden_size,
+        num_hidden_layers=arch.num_hidden_layers,
+        num_attention_heads=arch.num_attention_heads,
+        intermediate_size=arch.intermediate_size,
+        max_position_embeddings=arch.max_position_embeddings,
+        rope_theta=arch.rope_theta,
+        tie_word_embeddings=True,
+        **special,
+    )
+    if family == "gpt_neox":
+        return GPTNeoXConfig(**{**common, **overrides})
+    if family not in _LLAMA_LIKE:
+        raise ValueError(f"unknown tiny family {family!r}; expected one of {TINY_FAMILY_NAMES}")
+    common.update(num_key_value_heads=arch.num_key_value_heads, head_dim=arch.hidden_size // arch.num_attention_heads)
+    return _LLAMA_LIKE[family](**{**common, **overrides})
