@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from transformers import (
+    AutoModelForCausalLM,
     Gemma2Config,
     Gemma3TextConfig,
     GemmaConfig,
@@ -23,6 +25,7 @@ from transformers import (
     Olmo2Config,
     Phi3Config,
     PretrainedConfig,
+    PreTrainedModel,
     Qwen2Config,
     Qwen3Config,
 )
@@ -81,3 +84,33 @@ def tiny_config(
         raise ValueError(f"unknown tiny family {family!r}; expected one of {TINY_FAMILY_NAMES}")
     common.update(num_key_value_heads=arch.num_key_value_heads, head_dim=arch.hidden_size // arch.num_attention_heads)
     return _LLAMA_LIKE[family](**{**common, **overrides})
+
+
+# Family defaults that would not bite on a 12-64 token, 32-64 wide model, shrunk so that they do: sliding
+# windows shorter than the sequence, soft-caps near the score scale, Granite's multipliers away from 1,
+# partial RoPE on Phi-3. Used by the strength tests and benchmarks/families.py.
+BITING_OVERRIDES: dict[str, dict[str, Any]] = {
+    "mistral": dict(sliding_window=5),
+    "qwen2": dict(use_sliding_window=True, sliding_window=5, layer_types=["full_attention", "sliding_attention"]),
+    "gemma2": dict(attn_logit_softcapping=1.0, final_logit_softcapping=2.0),
+    "gemma3": dict(sliding_window=5, final_logit_softcapping=2.0),
+    "granite": dict(embedding_multiplier=4.0, residual_multiplier=0.5, attention_multiplier=0.3, logits_scaling=3.0),
+    "phi3": dict(sliding_window=5, partial_rotary_factor=0.5),
+}
+
+
+def random_family_model(family: str, vocab_size: int, arch: Any, seed: int = 0) -> PreTrainedModel:
+    """A random fp32 eval-mode ``family`` model with :data:`BITING_OVERRIDES`, for exactness checks.
+
+    Initialised with std 0.2 (not 0.02) so attention is far from uniform and soft-caps saturate, and every norm
+    weight perturbed by ``0.3 * N(0, 1)`` so a mix-up of normed and raw activations would show.
+    """
+    config = tiny_config(family, vocab_size, arch, 0, 1, 2, initializer_range=0.2, **BITING_OVERRIDES.get(family, {}))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config).float().eval()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name or ".ln_" in name:
+                    p.add_(0.3 * torch.randn_like(p))
+    return model

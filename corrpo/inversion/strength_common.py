@@ -74,7 +74,7 @@ class ScoringBatch:
 
 
 def forward_hidden_and_z(parts: DecoderParts, batch: ScoringBatch) -> tuple[Tensor, Tensor]:
-    """Final-normed hidden states ``[B, T, d]`` and the raw logits ``z [N]`` (fp32) of the scored tokens."""
+    """Final-normed hidden states ``[B, T, d]`` and the raw logits ``z [N]`` (fp32; fp64 for an fp64 model)."""
     out = parts.base(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
@@ -83,10 +83,11 @@ def forward_hidden_and_z(parts: DecoderParts, batch: ScoringBatch) -> tuple[Tens
     )
     hidden = out.last_hidden_state
     targets = batch.input_ids[batch.rows, batch.cols]
-    h = hidden[batch.rows, batch.cols - 1].float()
-    z = (h * parts.unembed.weight[targets].float()).sum(-1)
+    dtype = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 for an fp64 reference
+    h = hidden[batch.rows, batch.cols - 1].to(dtype)
+    z = (h * parts.unembed.weight[targets].to(dtype)).sum(-1)
     if parts.unembed.bias is not None:
-        z = z + parts.unembed.bias[targets].float()
+        z = z + parts.unembed.bias[targets].to(dtype)
     return hidden, parts.logit_map(z)
 
 
@@ -104,7 +105,8 @@ def check_generic_logits(model: nn.Module, parts: DecoderParts, batch: ScoringBa
         ids, mask = batch.input_ids, batch.attention_mask
         logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
         ref = logits[batch.rows, batch.cols - 1, ids[batch.rows, batch.cols]].float()
-    if not torch.allclose(z, ref, rtol=1e-3, atol=1e-3 * ref.abs().max().item()):
+    tol = 1e-3 if logits.dtype in (torch.float32, torch.float64) else 5e-2  # bf16/fp16 logits: 8-11 mantissa bits
+    if not torch.allclose(z.float(), ref, rtol=tol, atol=tol * ref.abs().max().item()):
         raise ValueError(
             f"gradient strength: {type(model).__name__} is not a listed family and its logits are not "
             "unembed(get_decoder()(...)); add its layout to corrpo/inversion/families.py"

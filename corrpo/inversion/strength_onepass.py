@@ -33,7 +33,7 @@ Family variants (``corrpo.inversion.families``), each exact:
   form is unchanged (``delta`` is the cotangent at q_proj's OUTPUT, before the norm). The queries and keys
   entering ``P`` are the normed ones, and K's gradient is pulled back through the k-norm: ``gk_raw =
   J_norm(k_s)^T gk_s``, computed exactly as a VJP of the layer's own norm module at the captured ``k_s``
-  (a position-wise map, so one batched VJP serves every token chunk).
+  (a position-wise map: one batched VJP per token chunk).
 * partial RoPE (GPT-NeoX ``rotary_pct``, Phi-3 ``partial_rotary_factor``): only the first ``cos.shape[-1]``
   dims of each head rotate; no RoPE (GPT-2, learned absolute positions): the rotation is the identity.
 * attention-score soft-capping (Gemma 2: ``s = c tanh(r / c)`` of the scaled raw score ``r``): ``P`` is the
