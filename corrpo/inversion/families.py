@@ -4,22 +4,22 @@ The strength code speaks of LOGICAL matrices -- ``q``, ``k``, ``v``, ``o`` and t
 ``down`` -- each a ``[d_out, d_in]`` map. A :class:`FamilyLayout` says, for one family, which module holds
 each one and, for a FUSED module, which of its output features belong to it:
 
-============  ================================  =================================================================
-family        attention matrices                notes read from ``transformers/models/<family>/modeling_*.py``
-============  ================================  =================================================================
-llama         ``self_attn.{q,k,v,o}_proj``      RoPE after the projections
-mistral       as llama                          ``config.sliding_window`` applies to every layer
-qwen2         as llama                          q/k/v biases; per-layer sliding window (``layer_types``)
-qwen3         as llama                          RMSNorm over each HEAD of q and k, after the projection
-gemma         as llama                          embeddings scaled by ``sqrt(d)``; ``(1 + w)`` RMSNorms
-gemma2        as llama                          attention-score AND final-logit tanh soft-capping; post-norms
-gemma3        as llama                          per-head q/k norms; local layers: own RoPE base + window
-olmo2         as llama                          RMSNorm over the WHOLE q and k vectors; post-norms
-granite       as llama                          embedding/residual/attention multipliers; logits / scaling
-phi3          fused ``self_attn.qkv_proj``      rows ``[Q | K | V]``; MLP fused ``gate_up_proj`` = ``[gate | up]``
-gpt2          fused Conv1D ``attn.c_attn``      weight stored ``[in, out]``; columns ``[Q | K | V]``; no RoPE
-gpt_neox      fused ``attention.query_key_value``  INTERLEAVED per head: rows ``[q_h | k_h | v_h]`` for each h
-============  ================================  =================================================================
+==========  ================================  ==================================================================
+family      attention matrices                notes read from ``transformers/models/<family>/modeling_*.py``
+==========  ================================  ==================================================================
+llama       ``self_attn.{q,k,v,o}_proj``      RoPE after the projections
+mistral     as llama                          ``config.sliding_window`` applies to every layer
+qwen2       as llama                          q/k/v biases; per-layer sliding window (``layer_types``)
+qwen3       as llama                          RMSNorm over each HEAD of q and k, after the projection
+gemma       as llama                          embeddings scaled by ``sqrt(d)``; ``(1 + w)`` RMSNorms
+gemma2      as llama                          attention-score AND final-logit tanh soft-capping; post-norms
+gemma3      as llama                          per-head q/k norms; local layers: own RoPE base + window
+olmo2       as llama                          RMSNorm over the WHOLE q and k vectors; post-norms
+granite     as llama                          embedding/residual/attention multipliers; logits / scaling
+phi3        fused ``self_attn.qkv_proj``      rows ``[Q | K | V]``; MLP fused ``gate_up_proj`` = ``[gate | up]``
+gpt2        fused Conv1D ``attn.c_attn``      weight stored ``[in, out]``; columns ``[Q | K | V]``; no RoPE
+gpt_neox    fused ``query_key_value``         INTERLEAVED per head: rows ``[q_h | k_h | v_h]`` for each h
+==========  ================================  ==================================================================
 
 GPT-NeoX really is interleaved: its forward views the fused output as ``[..., heads, 3 * head_dim]`` and
 chunks the last axis, so Q's rows are ``{h * 3 hd + i : i < hd}`` -- not the first third. A fused matrix's
