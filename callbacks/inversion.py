@@ -139,6 +139,11 @@ class InversionTracker(L.Callback):
             if self.log_tables and event in ("boundary", "end", "validate") and len(token_rows) < TABLE_ROWS:
                 token_rows.extend(self._token_rows(pl_module, enc, entropy, strength))
         result = {k: v.item() for k, v in self.metric.compute().items()}
+        if result["n_tokens"] == 0:  # a correlation of nothing is NaN: never log or save that as a fingerprint
+            raise ValueError(
+                "InversionTracker: the probe set scored 0 tokens (empty completions, or a tokenizer that maps "
+                "everything to one token?); check model.policy's tokenizer and data.probe_source / data.n_probe"
+            )
         if result.get("n_dropped", 0) > 0:
             warnings.warn(
                 f"InversionTracker: {int(result['n_dropped'])} probe tokens did not fit the metric buffer and were "

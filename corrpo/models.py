@@ -1,10 +1,12 @@
 """Policies and tokenizers: Hugging Face names or folders, or a tiny offline architecture.
 
 ``load_policy("Qwen/Qwen2.5-0.5B-Instruct")`` or ``load_policy("/path/to/folder")`` goes through
-``AutoModelForCausalLM`` / ``AutoTokenizer``. ``load_policy("tiny-qwen2")`` / ``"tiny-llama"`` builds a
-small random model of that family from a config, with a character-level tokenizer built locally by the
-``tokenizers`` library: no hub, no download, so the embedded default and the tests run anywhere. Both
-kinds round-trip through ``save_pretrained`` / ``from_pretrained``.
+``AutoModelForCausalLM`` / ``AutoTokenizer``. ``load_policy("tiny-qwen2")`` / ``"tiny-llama"`` (or any
+``tiny-<family>`` of :data:`corrpo.tiny_families.TINY_FAMILY_NAMES`: mistral, qwen3, gemma, gemma2, gemma3,
+olmo2, granite, phi3, gpt2, gpt_neox) builds a small random model of that family from a config, with a
+character-level tokenizer built locally by the ``tokenizers`` library: no hub, no download, so the embedded
+default and the tests run anywhere. A folder without tokenizer files is an error naming it. Both kinds
+round-trip through ``save_pretrained`` / ``from_pretrained``.
 """
 
 from __future__ import annotations
@@ -19,16 +21,24 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
-    LlamaConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
-    Qwen2Config,
 )
 
 from corrpo.lora import is_peft_model, merged_copy, save_adapter
+from corrpo.tiny_families import TINY_FAMILY_NAMES, tiny_config
 
-TINY_FAMILIES = {"tiny-qwen2": "qwen2", "tiny-llama": "llama"}
+TINY_FAMILIES = {f"tiny-{family}": family for family in TINY_FAMILY_NAMES}
+# Any of these in a folder means it carries its own tokenizer (fast, BPE vocab, sentencepiece, WordPiece).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "vocab.txt",
+)
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 # The reasoning tags are single tokens, as in real reasoning tokenizers: shorter sequences, and the model
 # does not have to learn to spell them.
@@ -83,23 +93,12 @@ def build_char_tokenizer(alphabet: str | None = None) -> PreTrainedTokenizerFast
 def build_tiny_policy(
     family: str, tokenizer: PreTrainedTokenizerBase, arch: TinyArchitecture, seed: int = 0
 ) -> PreTrainedModel:
-    """A random ``Qwen2ForCausalLM`` or ``LlamaForCausalLM`` sized by ``arch`` for ``tokenizer``."""
-    common = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=arch.hidden_size,
-        num_hidden_layers=arch.num_hidden_layers,
-        num_attention_heads=arch.num_attention_heads,
-        num_key_value_heads=arch.num_key_value_heads,
-        intermediate_size=arch.intermediate_size,
-        max_position_embeddings=arch.max_position_embeddings,
-        rope_theta=arch.rope_theta,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+    """A random model of ``family`` (``qwen2``, ``llama``, ... :mod:`corrpo.tiny_families`) sized by ``arch``."""
+    config = tiny_config(
+        family, len(tokenizer), arch, tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id
     )
-    config = Qwen2Config(**common) if family == "qwen2" else LlamaConfig(**common)
-    config._attn_implementation = "sdpa"
+    if family != "gemma2":  # Gemma 2's attention soft-capping has no SDPA kernel: transformers picks eager
+        config._attn_implementation = "sdpa"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
@@ -156,7 +155,14 @@ def load_tokenizer(name_or_folder: str) -> PreTrainedTokenizerBase:
     transformers 5 picks the tokenizer class from the *model* type for some families (Qwen2), which
     would turn a saved character tokenizer into a byte-level Qwen2 one; honour the folder's own class.
     """
-    config_file = Path(name_or_folder) / "tokenizer_config.json"
+    folder = Path(name_or_folder)
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        # transformers would silently build a one-token tokenizer here: every probe then scores 0 tokens
+        raise ValueError(
+            f"model.policy: folder {name_or_folder!r} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); "
+            "save the tokenizer next to the weights (tokenizer.save_pretrained(folder))"
+        )
+    config_file = folder / "tokenizer_config.json"
     if config_file.is_file():
         declared = json.loads(config_file.read_text()).get("tokenizer_class")
         if declared in GENERIC_TOKENIZER_CLASSES:

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, BloomConfig, LlamaConfig, Qwen2Config
 
 from corrpo.inversion.architectures import decoder_parts, select_weights
 from corrpo.inversion.entropy import scored_token_entropy_bits
@@ -192,11 +192,12 @@ def test_eager_attention_gives_same_result() -> None:
 
 
 def test_unsupported_architecture_raises() -> None:
+    """Bloom is no listed family and fuses q/k/v under a name the generic layout does not read."""
     torch.manual_seed(0)
-    gpt2 = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2))
+    bloom = AutoModelForCausalLM.from_config(BloomConfig(vocab_size=VOCAB, hidden_size=16, n_layer=1, n_head=2))
     ids, attn, token_mask = _batch("left")
-    with pytest.raises(ValueError, match="GPT2LMHeadModel"):
-        logit_grad_strength(gpt2, ids, attn, token_mask, StrengthConfig(method="loop"))
+    with pytest.raises(ValueError, match="BloomForCausalLM"):
+        logit_grad_strength(bloom, ids, attn, token_mask, StrengthConfig(method="loop"))
 
 
 def test_config_errors() -> None:

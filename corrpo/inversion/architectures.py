@@ -1,10 +1,10 @@
-"""Where the decoder layers, attention projections, MLP weights and unembedding live in supported models.
+"""Where the decoder layers, attention projections, MLP weights and unembedding live in a supported model.
 
-Supported: HF ``Qwen2ForCausalLM`` and ``LlamaForCausalLM`` (and subclasses). Both are
-``model.model.layers[i].self_attn.{q,k,v,o}_proj`` / ``.mlp.{gate,up,down}_proj``, a final RMSNorm inside
-``model.model`` and an ``lm_head`` Linear, with RoPE applied to q and k after the projections (no q/k norm).
-Anything else raises a ``ValueError`` naming the model class: the closed forms in ``strength_onepass``
-depend on exactly this layout, so silently guessing would produce wrong numbers.
+The per-family tables live in :mod:`corrpo.inversion.families` (Llama, Mistral, Qwen2, Qwen3, Gemma 1/2/3,
+OLMo 2, Granite, Phi-3, GPT-2, GPT-NeoX, plus a generic layout for unlisted models with separate q/k/v/o
+Linears). This module turns a model and a layout into what the methods use: :class:`DecoderParts` (the base
+decoder, its layers, the unembedding and the family's logit map) and :class:`Matrix` (one logical
+``[d_out, d_in]`` weight matrix, possibly a row block of a fused parameter).
 
 LoRA (PEFT): a ``PeftModel`` is unwrapped to the model it adapts (``base_model.model``), whose layers then hold
 ``lora.Linear`` wrappers in place of the targeted projections. :func:`projection` returns the WRAPPER: its
@@ -21,23 +21,41 @@ model is large.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from torch import nn
+from torch import Tensor, nn
 
-SUPPORTED_CLASSES = ("Qwen2ForCausalLM", "LlamaForCausalLM")
-ATTENTION_PROJECTIONS = ("q", "k", "v", "o")
-MLP_PROJECTIONS = ("gate", "up", "down")
-_PROJECTION_PATHS = {
-    "q": ("self_attn", "q_proj"),
-    "k": ("self_attn", "k_proj"),
-    "v": ("self_attn", "v_proj"),
-    "o": ("self_attn", "o_proj"),
-    "gate": ("mlp", "gate_proj"),
-    "up": ("mlp", "up_proj"),
-    "down": ("mlp", "down_proj"),
-}
+from corrpo.inversion.families import (
+    ATTENTION_PROJECTIONS,
+    MLP_PROJECTIONS,
+    FamilyLayout,
+    find_layout,
+    supported_families,
+)
+
+__all__ = [
+    "ATTENTION_PROJECTIONS",
+    "MLP_PROJECTIONS",
+    "DecoderParts",
+    "Matrix",
+    "Projection",
+    "decoder_parts",
+    "expand_projections",
+    "projection",
+    "resolve_layers",
+    "select_matrices",
+    "select_weights",
+    "supported_families",
+    "unique_weights",
+    "unwrap_adapters",
+]
+
+
+def _get(obj: object, dotted: str) -> object:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 @dataclass(frozen=True)
@@ -45,12 +63,19 @@ class DecoderParts:
     """The pieces of a supported causal LM the strength code needs.
 
     ``base(input_ids, attention_mask, position_ids)`` returns the FINAL-NORMED hidden states, and
-    ``logits = unembed(hidden)`` exactly as the HF ``*ForCausalLM.forward`` does it.
+    ``logits = logit_map(unembed(hidden))`` exactly as the HF ``*ForCausalLM.forward`` does it (:meth:`logits`);
+    ``logit_map`` is the identity except for Gemma 2/3's final soft-capping and Granite's ``/ logits_scaling``.
     """
 
     base: nn.Module
     layers: nn.ModuleList
     unembed: nn.Linear
+    layout: FamilyLayout
+    config: object
+    logit_map: Callable[[Tensor], Tensor]
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return self.logit_map(self.unembed(hidden))
 
 
 def unwrap_adapters(model: nn.Module) -> nn.Module:
@@ -66,55 +91,100 @@ def unwrap_adapters(model: nn.Module) -> nn.Module:
     return model
 
 
-def _supported_class_name(model: nn.Module) -> str | None:
-    for cls in type(model).__mro__:
-        if cls.__name__ in SUPPORTED_CLASSES:
-            return cls.__name__
-    return None
-
-
 def decoder_parts(model: nn.Module) -> DecoderParts:
-    """Return the base decoder, its layer list and the unembedding of a supported model, else ValueError.
+    """The base decoder, layers, unembedding and logit map of a supported model, else ValueError.
 
     A PEFT-wrapped model is unwrapped first (:func:`unwrap_adapters`).
     """
     model = unwrap_adapters(model)
-    if _supported_class_name(model) is None:
-        raise ValueError(
-            f"gradient strength supports {', '.join(SUPPORTED_CLASSES)} only; got {type(model).__name__}. "
-            "Add its layer/projection layout to corrpo/inversion/architectures.py to support it."
-        )
-    base = model.model
-    unembed = model.lm_head
+    layout = find_layout(model)
+    unembed = _get(model, layout.unembed)
     if not isinstance(unembed, nn.Linear):
-        raise ValueError(f"{type(model).__name__}.lm_head must be nn.Linear, got {type(unembed).__name__}")
-    return DecoderParts(base=base, layers=base.layers, unembed=unembed)
+        raise ValueError(f"{type(model).__name__}.{layout.unembed} must be nn.Linear, got {type(unembed).__name__}")
+    base = _get(model, layout.base)
+    return DecoderParts(
+        base=base,
+        layers=_get(base, layout.layers),
+        unembed=unembed,
+        layout=layout,
+        config=model.config,
+        logit_map=layout.logit_map(model.config),
+    )
 
 
-def expand_projections(projections: Sequence[str]) -> tuple[str, ...]:
-    """Turn config projections into matrix names: ``"mlp"`` becomes ``gate``, ``up``, ``down``."""
+def expand_projections(projections: Sequence[str], layout: FamilyLayout | None = None) -> tuple[str, ...]:
+    """Turn config projections into matrix names: ``"mlp"`` becomes the family's MLP matrices.
+
+    ``gate, up, down`` for gated MLPs; ``up, down`` for GPT-2 / GPT-NeoX (no gate).
+    """
+    mlp = layout.mlp_names if layout is not None else MLP_PROJECTIONS
     out: list[str] = []
     for name in projections:
-        out.extend(MLP_PROJECTIONS if name == "mlp" else (name,))
+        out.extend(mlp if name == "mlp" else (name,))
     return tuple(out)
 
 
-def projection(layer: nn.Module, name: str) -> nn.Module:
-    """The module for projection ``name`` (q|k|v|o|gate|up|down) of one decoder layer.
+@dataclass(frozen=True)
+class Projection:
+    """One logical matrix's module in one layer: an ``nn.Linear``, a LoRA wrapper of one, or a ``Conv1D``.
 
-    An ``nn.Linear``, or a LoRA ``lora.Linear`` wrapping one (module docstring): either way its forward input
-    and output are those of the effective linear map and ``.weight`` is a parameter whose gradient is
-    ``dz/dW_eff``.
+    ``features``: its output features inside a fused module (``None`` = all); ``transposed``: the weight is
+    stored ``[in, out]`` (Conv1D). The module's forward input is the matrix's input ``a``; its output restricted
+    to ``features`` is the matrix's output, so ``dz/dW = delta a^T`` with ``delta`` that output's cotangent.
     """
-    if name not in _PROJECTION_PATHS:
-        raise ValueError(f"unknown projection {name!r}; expected one of {sorted(_PROJECTION_PATHS)}")
-    parent, child = _PROJECTION_PATHS[name]
-    module = getattr(getattr(layer, parent), child)
-    if len(getattr(module, "lora_magnitude_vector", ())):
+
+    module: nn.Module
+    features: Tensor | None
+    transposed: bool
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.module.weight
+
+    def output(self, full: Tensor) -> Tensor:
+        """The matrix's output features ``[..., d_out]`` from the module's full output."""
+        if self.features is None:
+            return full
+        return full.index_select(-1, self.features.to(full.device))
+
+
+def projection(parts: DecoderParts, layer: nn.Module, name: str) -> Projection:
+    """Projection ``name`` (q|k|v|o|gate|up|down) of one decoder layer of the family ``parts.layout``."""
+    slot = parts.layout.slots.get(name)
+    if slot is None:
         raise ValueError(
-            f"{name}_proj uses DoRA: its gradient strength is not defined here (use plain LoRA, model.lora)"
+            f"{parts.layout.name} has no {name!r} matrix; it has {sorted(parts.layout.slots)} ('mlp' = "
+            f"{', '.join(parts.layout.mlp_names)})"
         )
-    return module
+    module = layer
+    for attr in slot.path:
+        module = getattr(module, attr)
+    if len(getattr(module, "lora_magnitude_vector", ())):
+        raise ValueError(f"{name} uses DoRA: its gradient strength is not defined here (use plain LoRA, model.lora)")
+    features = None if slot.features is None else slot.features(parts.config)
+    return Projection(module, features, parts.layout.conv1d)
+
+
+@dataclass(frozen=True)
+class Matrix:
+    """A selected logical weight matrix: ``name`` (``layers.3.q``), its stored parameter and how to read it."""
+
+    name: str
+    weight: nn.Parameter
+    features: Tensor | None
+    transposed: bool
+
+    def gradient(self, grad: Tensor) -> Tensor:
+        """``dz/dW`` as ``[..., d_out, d_in]`` from the stored parameter's gradient (batched or not).
+
+        Conv1D stores ``[in, out]``, so its gradient is transposed first; a fused parameter's gradient is then
+        restricted to this matrix's rows. Every measure (nuclear, Frobenius, l1) is transpose-invariant.
+        """
+        if self.transposed:
+            grad = grad.mT
+        if self.features is not None:
+            grad = grad.index_select(-2, self.features.to(grad.device))
+        return grad
 
 
 def resolve_layers(layers: str | Sequence[int], num_layers: int) -> list[int]:
@@ -131,14 +201,30 @@ def resolve_layers(layers: str | Sequence[int], num_layers: int) -> list[int]:
     return sorted(out)
 
 
+def select_matrices(model: nn.Module, layers: str | Sequence[int], projections: Sequence[str]) -> list[Matrix]:
+    """The selected logical weight matrices (weights only, never biases), fused ones as row blocks."""
+    parts = decoder_parts(model)
+    out = []
+    for i in resolve_layers(layers, len(parts.layers)):
+        for name in expand_projections(projections, parts.layout):
+            proj = projection(parts, parts.layers[i], name)
+            out.append(Matrix(f"layers.{i}.{name}", proj.weight, proj.features, proj.transposed))
+    return out
+
+
 def select_weights(
     model: nn.Module, layers: str | Sequence[int], projections: Sequence[str]
 ) -> list[tuple[str, nn.Parameter]]:
-    """The selected weight matrices as ``(name, parameter)``; weights only, never biases."""
-    parts = decoder_parts(model)
-    names = expand_projections(projections)
-    return [
-        (f"layers.{i}.{name}", projection(parts.layers[i], name).weight)
-        for i in resolve_layers(layers, len(parts.layers))
-        for name in names
-    ]
+    """``(name, stored parameter)`` of each selected matrix; for a fused family the parameter is the fused one.
+
+    Use :func:`select_matrices` to read a fused matrix's own gradient block.
+    """
+    return [(m.name, m.weight) for m in select_matrices(model, layers, projections)]
+
+
+def unique_weights(matrices: Sequence[Matrix]) -> list[nn.Parameter]:
+    """The distinct stored parameters behind ``matrices`` (a fused qkv weight once), in first-seen order."""
+    seen: dict[int, nn.Parameter] = {}
+    for m in matrices:
+        seen.setdefault(id(m.weight), m.weight)
+    return list(seen.values())

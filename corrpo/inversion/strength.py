@@ -1,8 +1,10 @@
 """Per-token gradient strength ``S_j`` of the raw chosen-token logit, and entropy from the same forward.
 
 For a scored token ``j`` (``token_mask[b, j]``, ``j >= 1``) with chosen token ``y = input_ids[b, j]``, the
-raw logit is ``z_j = logits[b, j-1, y]`` (not a log-prob, not a loss). For each selected weight matrix
-``W`` (config: layers x projections, weights only -- Qwen2's q/k/v biases are ignored)
+raw logit is ``z_j = logits[b, j-1, y]`` (not a log-prob, not a loss): the logit the model OUTPUTS, i.e.
+after Gemma 2/3's final soft-capping and Granite's ``/ logits_scaling`` (``families``). For each selected weight matrix
+``W`` (config: layers x projections, weights only -- q/k/v biases are ignored; a fused qkv weight counts as its
+Q, K and V row blocks)
 
     S_j = mean_W  measure(dz_j / dW),   measure in {nuclear, frobenius, l1}.
 
@@ -33,7 +35,7 @@ from torch import Tensor, nn
 
 from corrpo.inversion.architectures import decoder_parts
 from corrpo.inversion.entropy import entropy_bits_from_logits
-from corrpo.inversion.strength_common import ScoringBatch
+from corrpo.inversion.strength_common import ScoringBatch, check_generic_logits
 from corrpo.inversion.strength_config import StrengthConfig
 from corrpo.inversion.strength_loop import loop_strength, vmap_strength
 from corrpo.inversion.strength_onepass import onepass_strength
@@ -57,13 +59,14 @@ def _run(
     config: StrengthConfig | None,
 ) -> tuple[ScoringBatch, Tensor, Tensor]:
     config = config or StrengthConfig()
-    decoder_parts(model)  # architecture check before any work
+    parts = decoder_parts(model)  # architecture check before any work
     # Lightning validation runs under inference_mode, where autograd is impossible: leave it locally and
     # clone the (possibly inference-) input tensors into normal ones.
     with torch.inference_mode(False):
         input_ids = input_ids.clone()
         attention_mask = None if attention_mask is None else attention_mask.clone()
         batch = ScoringBatch.build(input_ids, attention_mask, token_mask.clone())
+        check_generic_logits(model, parts, batch)
         values, hidden = _METHODS[config.method](model, batch, config)
         return batch, batch.scatter(values), hidden
 
@@ -78,7 +81,7 @@ def logit_grad_strength(
     """``S [B, T]`` fp32: gradient strength of each scored token's raw logit, NaN where not scored.
 
     Args:
-        model: a ``Qwen2ForCausalLM`` or ``LlamaForCausalLM`` (any dtype/device, frozen or not).
+        model: a causal LM of a supported family (``corrpo.inversion.families``; any dtype/device, frozen or not).
         input_ids: ``[B, T]`` token ids.
         attention_mask: ``[B, T]`` 1 for real tokens (left or right padding); ``None`` = all real.
         token_mask: ``[B, T]`` bool, True at the tokens to score (their logits come from position ``j-1``).
@@ -101,12 +104,12 @@ def score_tokens(
     grad, ``slice_len`` positions at a time, so no full ``[B, T, V]`` logits tensor is ever kept.
     """
     batch, strength, hidden = _run(model, input_ids, attention_mask, token_mask, config)
-    unembed = decoder_parts(model).unembed
+    parts = decoder_parts(model)
     with torch.inference_mode(False), torch.no_grad():
         entropy = torch.full_like(strength, float("nan"))
         for start in range(0, hidden.shape[1] - 1, slice_len):
             stop = min(start + slice_len, hidden.shape[1] - 1)
-            ent = entropy_bits_from_logits(unembed(hidden[:, start:stop]), slice_len=slice_len)
+            ent = entropy_bits_from_logits(parts.logits(hidden[:, start:stop]), slice_len=slice_len)
             scored = batch.mask[:, start + 1 : stop + 1]
             entropy[:, start + 1 : stop + 1] = torch.where(scored, ent, entropy[:, start + 1 : stop + 1])
     return entropy, strength

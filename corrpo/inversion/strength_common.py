@@ -1,10 +1,12 @@
 """Pieces every strength method shares: the scored-token index, the forward, the grad-state guard, norms.
 
-The forward runs the base decoder (``model.model``) with ``position_ids = cumsum(attention_mask) - 1`` so
-left padding is exact, and forms the raw logit of each scored token directly from the final hidden state:
-``z_j = <h_{j-1}, W_U[y_j]> (+ b_U[y_j])`` -- the very number ``model(...).logits[b, j-1, y_j]`` holds, in
-fp32, but without materialising a ``[B, T, V]`` logits tensor in the autograd graph (a 150k vocabulary
-would otherwise cost a ``[B, T, V]`` gradient buffer per backward).
+The forward runs the base decoder (``model.model``, ``model.transformer``, ...: the family layout) with
+``position_ids = cumsum(attention_mask) - 1`` so left padding is exact, and forms the raw logit of each
+scored token directly from the final hidden state: ``z_j = <h_{j-1}, W_U[y_j]> (+ b_U[y_j])`` -- the very
+number ``model(...).logits[b, j-1, y_j]`` holds, in fp32, but without materialising a ``[B, T, V]`` logits
+tensor in the autograd graph (a 150k vocabulary would otherwise cost a ``[B, T, V]`` gradient buffer per
+backward). The family's logit map is applied to that number (Gemma 2/3: ``c tanh(z / c)``; Granite:
+``z / logits_scaling``), so ``z`` is the logit the model outputs.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ class ScoringBatch:
 
 
 def forward_hidden_and_z(parts: DecoderParts, batch: ScoringBatch) -> tuple[Tensor, Tensor]:
-    """Final-normed hidden states ``[B, T, d]`` and the raw logits ``z [N]`` (fp32) of the scored tokens."""
+    """Final-normed hidden states ``[B, T, d]`` and the raw logits ``z [N]`` (fp32; fp64 for an fp64 model)."""
     out = parts.base(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
@@ -81,11 +83,34 @@ def forward_hidden_and_z(parts: DecoderParts, batch: ScoringBatch) -> tuple[Tens
     )
     hidden = out.last_hidden_state
     targets = batch.input_ids[batch.rows, batch.cols]
-    h = hidden[batch.rows, batch.cols - 1].float()
-    z = (h * parts.unembed.weight[targets].float()).sum(-1)
+    dtype = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 for an fp64 reference
+    h = hidden[batch.rows, batch.cols - 1].to(dtype)
+    z = (h * parts.unembed.weight[targets].to(dtype)).sum(-1)
     if parts.unembed.bias is not None:
-        z = z + parts.unembed.bias[targets].float()
-    return hidden, z
+        z = z + parts.unembed.bias[targets].to(dtype)
+    return hidden, parts.logit_map(z)
+
+
+def check_generic_logits(model: nn.Module, parts: DecoderParts, batch: ScoringBatch) -> None:
+    """For a GENERIC layout only: ValueError unless ``z`` equals the model's own ``logits[b, j-1, y_j]``.
+
+    A listed family's logit path is read from its source (and tested); an unlisted one's is guessed from
+    ``get_decoder()`` / ``get_output_embeddings()``, so it is checked on the batch at the cost of one
+    no-grad forward.
+    """
+    if not parts.layout.name.startswith("generic:") or batch.num_scored == 0:
+        return
+    with torch.no_grad():
+        _, z = forward_hidden_and_z(parts, batch)
+        ids, mask = batch.input_ids, batch.attention_mask
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+        ref = logits[batch.rows, batch.cols - 1, ids[batch.rows, batch.cols]].float()
+    tol = 1e-3 if logits.dtype in (torch.float32, torch.float64) else 5e-2  # bf16/fp16 logits: 8-11 mantissa bits
+    if not torch.allclose(z.float(), ref, rtol=tol, atol=tol * ref.abs().max().item()):
+        raise ValueError(
+            f"gradient strength: {type(model).__name__} is not a listed family and its logits are not "
+            "unembed(get_decoder()(...)); add its layout to corrpo/inversion/families.py"
+        )
 
 
 @contextmanager

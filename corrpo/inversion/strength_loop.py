@@ -14,7 +14,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from corrpo.inversion.architectures import decoder_parts, select_weights
+from corrpo.inversion.architectures import Matrix, decoder_parts, select_matrices, unique_weights
 from corrpo.inversion.strength_common import (
     ScoringBatch,
     forward_hidden_and_z,
@@ -24,20 +24,25 @@ from corrpo.inversion.strength_common import (
 from corrpo.inversion.strength_config import StrengthConfig
 
 
-def _mean_measure(grads: tuple[Tensor, ...], measure: str) -> Tensor:
-    return torch.stack([matrix_measure(g, measure) for g in grads]).mean(0)
+def _mean_measure(
+    matrices: list[Matrix], params: list[nn.Parameter], grads: tuple[Tensor, ...], measure: str
+) -> Tensor:
+    """Mean over the logical matrices of ``measure(dz/dW)``; a fused parameter's grad is split into its blocks."""
+    by_param = {id(p): g for p, g in zip(params, grads, strict=True)}
+    return torch.stack([matrix_measure(m.gradient(by_param[id(m.weight)]), measure) for m in matrices]).mean(0)
 
 
 def loop_strength(model: nn.Module, batch: ScoringBatch, config: StrengthConfig) -> tuple[Tensor, Tensor]:
     """Reference ``S_n = mean_W measure(dz_n / dW)``, one backward per scored token -> (S [N], hidden)."""
     parts = decoder_parts(model)
-    params = [p for _, p in select_weights(model, config.layers, config.projections)]
+    matrices = select_matrices(model, config.layers, config.projections)
+    params = unique_weights(matrices)
     with scoring_mode(model, params):
         hidden, z = forward_hidden_and_z(parts, batch)
         out = torch.empty(z.shape[0], dtype=torch.float32, device=z.device)
         for n in range(z.shape[0]):
             grads = torch.autograd.grad(z[n], params, retain_graph=n + 1 < z.shape[0])
-            out[n] = _mean_measure(grads, config.measure)
+            out[n] = _mean_measure(matrices, params, grads, config.measure)
     return out, hidden.detach()
 
 
@@ -52,7 +57,8 @@ def vmap_strength(model: nn.Module, batch: ScoringBatch, config: StrengthConfig)
     """
     global _warned_fallback
     parts = decoder_parts(model)
-    params = [p for _, p in select_weights(model, config.layers, config.projections)]
+    matrices = select_matrices(model, config.layers, config.projections)
+    params = unique_weights(matrices)
     with scoring_mode(model, params):
         hidden, z = forward_hidden_and_z(parts, batch)
         n_tok = z.shape[0]
@@ -64,12 +70,12 @@ def vmap_strength(model: nn.Module, batch: ScoringBatch, config: StrengthConfig)
             cot[idx - start, idx] = 1.0
             try:
                 grads = torch.autograd.grad(z, params, grad_outputs=cot, is_grads_batched=True, retain_graph=True)
-                out[start:stop] = _mean_measure(grads, config.measure)
+                out[start:stop] = _mean_measure(matrices, params, grads, config.measure)
             except RuntimeError as err:
                 if not _warned_fallback:
                     warnings.warn(f"batched VJP failed ({err}); falling back to per-token backward", stacklevel=2)
                     _warned_fallback = True
                 for n in range(start, stop):
                     grads = torch.autograd.grad(z[n], params, retain_graph=True)
-                    out[n] = _mean_measure(grads, config.measure)
+                    out[n] = _mean_measure(matrices, params, grads, config.measure)
     return out, hidden.detach()

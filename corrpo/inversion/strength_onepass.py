@@ -18,24 +18,45 @@ one backward of ``Z`` yields every per-token cotangent at once. The same holds f
   q~_{t,h}``; undoing RoPE (its transpose: ``y cos - rotate_half(y sin)``) gives ``gk_{t,s}`` and
   ``dz_t/dW_k = sum_s gk_{t,s} x_s^T``. Cost O(T^2 d) per token block; built in chunks.
 
-``P`` is recomputed from the captured q, k and RoPE cos/sin with the causal + key-padding mask, so the
-result does not depend on the attention backend (eager/SDPA). GQA is handled by grouping query heads by
-their kv head. Biases are not scored (weights only); q/k/v biases enter only through the captured outputs.
+``P`` is recomputed from the captured q, k and RoPE cos/sin with the causal + key-padding mask (and the
+layer's sliding window, ``s > t - window`` in sequence indices as transformers' mask has it), so the result
+does not depend on the attention backend (eager/SDPA). GQA is handled by grouping query heads by their kv
+head. Biases are not scored (weights only); q/k/v biases enter only through the captured outputs.
+
+Family variants (``corrpo.inversion.families``), each exact:
+
+* fused q/k/v (Phi-3 ``qkv_proj``, GPT-2 ``c_attn``, GPT-NeoX ``query_key_value``) and fused gate/up (Phi-3):
+  the hooks capture the fused module's input and output; a matrix's output is its block of output features,
+  and its cotangent the same block of the fused output's cotangent. GPT-2's Conv1D stores ``W`` as
+  ``[in, out]``: the gradient is ``a delta^T``, the transpose, with the same norms.
+* q/k norms after the projection (Qwen3, Gemma 3: per head; OLMo 2: over the whole vector): Q's rank-1
+  form is unchanged (``delta`` is the cotangent at q_proj's OUTPUT, before the norm). The queries and keys
+  entering ``P`` are the normed ones, and K's gradient is pulled back through the k-norm: ``gk_raw =
+  J_norm(k_s)^T gk_s``, computed exactly as a VJP of the layer's own norm module at the captured ``k_s``
+  (a position-wise map: one batched VJP per token chunk).
+* partial RoPE (GPT-NeoX ``rotary_pct``, Phi-3 ``partial_rotary_factor``): only the first ``cos.shape[-1]``
+  dims of each head rotate; no RoPE (GPT-2, learned absolute positions): the rotation is the identity.
+* attention-score soft-capping (Gemma 2: ``s = c tanh(r / c)`` of the scaled raw score ``r``): ``P`` is the
+  softmax of the capped scores and the softmax backward is multiplied by ``ds/dr = 1 - tanh^2(r / c)``.
+* scaling multipliers (Granite's ``attention_multiplier``, Gemma's ``query_pre_attn_scalar``): the
+  attention module's own ``scaling``. Embedding/residual multipliers, post-norms, parallel residuals and the
+  final soft-capping act position-wise after the attention and are inside the one backward.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 from corrpo.inversion.architectures import (
+    DecoderParts,
+    Projection,
     decoder_parts,
     expand_projections,
     projection,
     resolve_layers,
 )
+from corrpo.inversion.families import head_counts
 from corrpo.inversion.strength_common import (
     ScoringBatch,
     forward_hidden_and_z,
@@ -45,7 +66,7 @@ from corrpo.inversion.strength_common import (
 )
 from corrpo.inversion.strength_config import StrengthConfig
 
-_ALL_LAST_LAYER = ("q", "k", "v", "o", "gate", "up", "down")
+_RANK1 = ("q", "o", "gate", "up", "down")
 
 
 def _rotate_half(x: Tensor) -> Tensor:
@@ -53,77 +74,126 @@ def _rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-class _Capture:
-    """Forward hooks that keep the inputs/outputs of the last layer's Linears and the RoPE cos/sin."""
+def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE on the first ``cos.shape[-1]`` dims of each head (all of them unless partial), as transformers."""
+    rot = cos.shape[-1]
+    head, rest = x[..., :rot], x[..., rot:]
+    return torch.cat((head * cos + _rotate_half(head) * sin, rest), dim=-1)
 
-    def __init__(self, layer: nn.Module) -> None:
-        self.io: dict[str, tuple[Tensor, Tensor]] = {}
+
+def _rope_transpose(y: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """The transpose of :func:`_rope`: ``rotate_half`` is antisymmetric, so ``R^T y = y cos - rotate_half(y sin)``."""
+    rot = cos.shape[-1]
+    head, rest = y[..., :rot], y[..., rot:]
+    return torch.cat((head * cos - _rotate_half(head * sin), rest), dim=-1)
+
+
+class _Capture:
+    """Forward hooks keeping the input and output of each last-layer projection module and the RoPE cos/sin."""
+
+    def __init__(self, parts: DecoderParts, layer: nn.Module) -> None:
+        self.proj: dict[str, Projection] = {n: projection(parts, layer, n) for n in parts.layout.slots}
+        self.io: dict[int, tuple[Tensor, Tensor]] = {}
         self.rope: tuple[Tensor, Tensor] | None = None
         self._handles = []
-        for name in _ALL_LAST_LAYER:
-            self._handles.append(projection(layer, name).register_forward_hook(self._linear_hook(name)))
-        self._handles.append(layer.self_attn.register_forward_pre_hook(self._attn_hook, with_kwargs=True))
+        for module in {id(p.module): p.module for p in self.proj.values()}.values():
+            self._handles.append(module.register_forward_hook(self._hook))
+        attn = getattr(layer, parts.layout.attention)
+        self._handles.append(attn.register_forward_pre_hook(self._attn_hook, with_kwargs=True))
 
-    def _linear_hook(self, name: str) -> Callable:
-        def hook(_module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            self.io[name] = (inputs[0], output)
-
-        return hook
+    def _hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        self.io[id(module)] = (inputs[0], output)
 
     def _attn_hook(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.rope = kwargs.get("position_embeddings")
+
+    def input(self, name: str) -> Tensor:
+        return self.io[id(self.proj[name].module)][0]
+
+    def full_output(self, name: str) -> Tensor:
+        return self.io[id(self.proj[name].module)][1]
+
+    def output(self, name: str) -> Tensor:
+        return self.proj[name].output(self.full_output(name))
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
 
 
-def _check_onepass(model: nn.Module, config: StrengthConfig) -> tuple[nn.Module, tuple[str, ...]]:
-    parts = decoder_parts(model)
+def _check_onepass(parts: DecoderParts, config: StrengthConfig) -> tuple[nn.Module, tuple[str, ...]]:
     n_layers = len(parts.layers)
     if resolve_layers(config.layers, n_layers) != [n_layers - 1]:
         raise ValueError(
             f"method='onepass' covers only the last layer; got layers={config.layers!r}. "
             "Use method='vmap' (exact, any layers) or 'loop'."
         )
+    if parts.layout.onepass is not None:
+        raise ValueError(
+            f"method='onepass' is not available: {parts.layout.onepass}. Use method='vmap' (exact) or 'loop'."
+        )
     layer = parts.layers[n_layers - 1]
-    names = expand_projections(config.projections)
-    if any(n in ("k", "v") for n in names) and getattr(layer.self_attn, "sliding_window", None):
-        raise ValueError("onepass k/v closed forms assume full causal attention; last layer uses a sliding window")
+    names = expand_projections(config.projections, parts.layout)
+    attn = getattr(layer, parts.layout.attention)
+    if any(n in ("k", "v") for n in names) and not getattr(attn, "is_causal", True):
+        raise ValueError(
+            "onepass k/v closed forms assume causal attention; the last layer is bidirectional. "
+            "Use method='vmap' (exact) or 'loop' for k and v."
+        )
     return layer, names
 
 
 def onepass_strength(model: nn.Module, batch: ScoringBatch, config: StrengthConfig) -> tuple[Tensor, Tensor]:
     """All per-token strengths of the last layer from one forward + one backward. Returns (S [N], hidden)."""
-    layer, names = _check_onepass(model, config)
     parts = decoder_parts(model)
-    weights = [projection(layer, n).weight for n in _ALL_LAST_LAYER]
-    cap = _Capture(layer)
+    layer, names = _check_onepass(parts, config)
+    cap = _Capture(parts, layer)
+    weights = list({id(p.weight): p.weight for p in cap.proj.values()}.values())
     try:
         with scoring_mode(model, weights):
             hidden, z = forward_hidden_and_z(parts, batch)
             if z.numel() == 0:
                 return z.detach().float(), hidden.detach()
-            # cotangents needed: q/gate/up/down/o outputs (rank-1 terms) and o_proj's input (g, for v and k)
-            want = {n: cap.io[n][1] for n in names if n in ("q", "o", "gate", "up", "down")}
+            # cotangents needed: the rank-1 matrices' (fused) module outputs, and o's input (g, for v and k)
+            want = {id(cap.full_output(n)): cap.full_output(n) for n in names if n in _RANK1}
+            ctx = cap.input("o")
             if "k" in names or "v" in names:
-                want["ctx"] = cap.io["o"][0]
+                want[id(ctx)] = ctx
             grads = dict(zip(want, torch.autograd.grad(z.sum(), list(want.values())), strict=True))
     finally:
         cap.remove()
     rows, pos = batch.rows, batch.cols - 1
     per_matrix: list[Tensor] = []
     for name in names:
-        if name in ("q", "o", "gate", "up", "down"):
-            act = cap.io[name][0].detach()[rows, pos]
-            per_matrix.append(rank1_measure(grads[name][rows, pos], act, config.measure))
+        if name in _RANK1:
+            delta = cap.proj[name].output(grads[id(cap.full_output(name))])
+            act = cap.input(name).detach()[rows, pos]
+            per_matrix.append(rank1_measure(delta[rows, pos], act, config.measure))
     if "k" in names or "v" in names:
-        kv = _kv_strengths(layer.self_attn, cap, grads["ctx"], batch, config, names)
+        kv = _kv_strengths(parts, getattr(layer, parts.layout.attention), cap, grads[id(ctx)], batch, config, names)
         per_matrix.extend(kv[n] for n in names if n in kv)
     return torch.stack(per_matrix).mean(0), hidden.detach()
 
 
+def _normed(norm: nn.Module | None, x: Tensor, flat: bool) -> Tensor:
+    """Apply the family's q/k norm to heads ``x [..., heads, hd]`` (per head, or over the flattened vector)."""
+    if norm is None:
+        return x
+    return norm(x.flatten(-2)).view_as(x) if flat else norm(x)
+
+
+def _norm_transpose(norm: nn.Module | None, x: Tensor, cot: Tensor, flat: bool) -> Tensor:
+    """``J_norm(x)^T cot``: the exact VJP of the (position-wise) norm module at ``x``."""
+    if norm is None:
+        return cot
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        (out,) = torch.autograd.grad(_normed(norm, x, flat), x, cot)
+    return out
+
+
 def _kv_strengths(
+    parts: DecoderParts,
     attn: nn.Module,
     cap: _Capture,
     ctx_grad: Tensor,
@@ -131,41 +201,57 @@ def _kv_strengths(
     config: StrengthConfig,
     names: tuple[str, ...],
 ) -> dict[str, Tensor]:
-    """Per-token v_proj / k_proj measures by the closed forms of the module docstring, token-chunked."""
-    n_heads = attn.config.num_attention_heads
-    n_kv = attn.config.num_key_value_heads
-    hd, rep, scale = attn.head_dim, n_heads // n_kv, attn.scaling
-    x = cap.io["q"][0].detach().float()  # [B, T, d] normed layer input (shared by q, k, v)
-    bsz, seq, _ = x.shape
-    cos, sin = (t.detach().float() for t in cap.rope)  # [B, T, hd]
-    q = cap.io["q"][1].detach().float().view(bsz, seq, n_kv, rep, hd)
-    k = cap.io["k"][1].detach().float().view(bsz, seq, n_kv, hd)
-    v = cap.io["v"][1].detach().float().view(bsz, seq, n_kv, hd)
-    k_rot = k * cos[:, :, None] + _rotate_half(k) * sin[:, :, None]
+    """Per-token v / k measures by the closed forms of the module docstring, token-chunked."""
+    layout = parts.layout
+    n_heads, n_kv, hd = head_counts(parts.config)
+    rep, scale = n_heads // n_kv, attn.scaling
+    softcap = getattr(attn, "attn_logit_softcapping", None)
+    window = getattr(parts.config if layout.window_from_config else attn, "sliding_window", None)
+    flat = layout.qk_norm == "flat"
+    q_norm = getattr(attn, "q_norm", None) if layout.qk_norm else None
+    k_norm = getattr(attn, "k_norm", None) if layout.qk_norm else None
+    x_k, x_v = cap.input("k").detach().float(), cap.input("v").detach().float()  # [B, T, d]
+    bsz, seq, _ = x_k.shape
+    if layout.rope:
+        if cap.rope is None:
+            raise ValueError(f"{layout.name}: the last attention got no position_embeddings; use method='vmap'")
+        cos, sin = (t.detach().float() for t in cap.rope)  # [B, T, rot]
+    else:  # no rotation: cos = 1, sin = 0 on zero rotated dims
+        cos = sin = x_k.new_zeros(bsz, seq, 0)
+    with torch.no_grad():
+        q = _normed(q_norm, cap.output("q").detach().float().view(bsz, seq, n_heads, hd), flat)
+        k_raw = cap.output("k").detach().float().view(bsz, seq, n_kv, hd)
+        k = _normed(k_norm, k_raw, flat)
+    q = q.view(bsz, seq, n_kv, rep, hd)
+    v = cap.output("v").detach().float().view(bsz, seq, n_kv, hd)
+    k_rot = _rope(k, cos[:, :, None], sin[:, :, None])
     g_all = ctx_grad.float().view(bsz, seq, n_kv, rep, hd)
     key_ok = batch.attention_mask.bool()
-    arange = torch.arange(seq, device=x.device)
+    arange = torch.arange(seq, device=x_k.device)
     out: dict[str, list[Tensor]] = {"k": [], "v": []}
     for start in range(0, batch.num_scored, config.chunk_size):
         rows = batch.rows[start : start + config.chunk_size]
         pos = batch.cols[start : start + config.chunk_size] - 1
-        c_cos, c_sin = cos[rows, pos][:, None, None], sin[rows, pos][:, None, None]
-        q_rot = q[rows, pos] * c_cos + _rotate_half(q[rows, pos]) * c_sin  # [n, kv, rep, hd]
-        scores = torch.einsum("nkre,nske->nkrs", q_rot, k_rot[rows]) * scale
+        q_rot = _rope(q[rows, pos], cos[rows, pos][:, None, None], sin[rows, pos][:, None, None])  # [n, kv, rep, hd]
+        raw = torch.einsum("nkre,nske->nkrs", q_rot, k_rot[rows]) * scale
+        scores = raw if softcap is None else torch.tanh(raw / softcap) * softcap
         allowed = (arange[None, :] <= pos[:, None]) & key_ok[rows]  # [n, T]
+        if window is not None:
+            allowed &= arange[None, :] > pos[:, None] - window
         probs = scores.masked_fill(~allowed[:, None, None, :], float("-inf")).softmax(-1)
         g = g_all[rows, pos]  # [n, kv, rep, hd]
-        xr = x[rows]  # [n, T, d]
         if "v" in names:
-            c = torch.einsum("nkrs,nsd->nkrd", probs, xr)
+            c = torch.einsum("nkrs,nsd->nkrd", probs, x_v[rows])
             out["v"].append(_v_measure(g, c, config.measure))
         if "k" in names:
             gv = torch.einsum("nkre,nske->nkrs", g, v[rows])
             d_scores = probs * (gv - (probs * gv).sum(-1, keepdim=True))
+            if softcap is not None:
+                d_scores = d_scores * (1 - torch.tanh(raw / softcap).square())
             gk_rot = torch.einsum("nkrs,nkre->nske", d_scores, q_rot) * scale  # [n, T, kv, hd]
-            r_cos, r_sin = cos[rows][:, :, None], sin[rows][:, :, None]
-            gk = gk_rot * r_cos - _rotate_half(gk_rot * r_sin)
-            mat = torch.einsum("nske,nsd->nked", gk, xr).flatten(1, 2)
+            gk = _rope_transpose(gk_rot, cos[rows][:, :, None], sin[rows][:, :, None])
+            gk = _norm_transpose(k_norm, k_raw[rows], gk, flat)
+            mat = torch.einsum("nske,nsd->nked", gk, x_k[rows]).flatten(1, 2)
             out["k"].append(matrix_measure(mat, config.measure))
     return {n: torch.cat(vals) for n, vals in out.items() if vals}
 

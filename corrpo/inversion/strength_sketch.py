@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from corrpo.inversion.architectures import DecoderParts, decoder_parts, select_weights
+from corrpo.inversion.architectures import DecoderParts, Matrix, decoder_parts, select_matrices
 from corrpo.inversion.strength_common import ScoringBatch, forward_hidden_and_z, scoring_mode
 from corrpo.inversion.strength_config import StrengthConfig
 
@@ -48,18 +48,25 @@ class _ScoredLogits(nn.Module):
 
     def __init__(self, parts: DecoderParts) -> None:
         super().__init__()
-        self.base, self.unembed = parts.base, parts.unembed
+        self.base, self.unembed, self._parts = parts.base, parts.unembed, parts
 
     def forward(self, batch: ScoringBatch) -> Tensor:
-        parts = DecoderParts(base=self.base, layers=self.base.layers, unembed=self.unembed)
-        return forward_hidden_and_z(parts, batch)[1]
+        return forward_hidden_and_z(self._parts, batch)[1]
 
 
-def rademacher_directions(weight: Tensor, k: int, generator: torch.Generator) -> Iterable[Tensor]:
-    """``k`` independent random sign matrices shaped like ``weight`` (drawn one at a time: memory of one)."""
+def rademacher_directions(
+    weight: Tensor, k: int, generator: torch.Generator, support: Tensor | None = None
+) -> Iterable[Tensor]:
+    """``k`` independent random sign matrices shaped like ``weight`` (drawn one at a time: memory of one).
+
+    ``support`` (bool, ``weight``'s shape): signs only there, zeros elsewhere -- a fused weight's block, so that
+    ``<dz/dW, V>`` sees only that block's gradient.
+    """
     for _ in range(k):
-        signs = torch.randint(0, 2, weight.shape, generator=generator, device=generator.device)
-        yield (signs * 2 - 1).to(weight.dtype)
+        signs = (torch.randint(0, 2, weight.shape, generator=generator, device=generator.device) * 2 - 1).to(
+            weight.dtype
+        )
+        yield signs if support is None else signs * support.to(signs.device, signs.dtype)
 
 
 def _chunks(directions: Iterable[Tensor], size: int) -> Iterator[Tensor]:
@@ -109,16 +116,26 @@ def sketch_squared_norms(
     return total
 
 
+def _support(matrix: Matrix) -> Tensor | None:
+    """Where a fused matrix's block lies in its stored weight (``None``: the whole weight)."""
+    if matrix.features is None:
+        return None
+    weight = matrix.weight
+    rows = torch.zeros(weight.shape[-1 if matrix.transposed else -2], dtype=torch.bool, device=weight.device)
+    rows[matrix.features.to(weight.device)] = True
+    return rows[None, :].expand_as(weight) if matrix.transposed else rows[:, None].expand_as(weight)
+
+
 def sketch_strength(model: nn.Module, batch: ScoringBatch, config: StrengthConfig) -> tuple[Tensor, Tensor]:
     """``S_n = mean_W sqrt(mean_i <dz_n/dW, V_i>^2)`` with ``config.sketch_dim`` sign matrices per ``W``."""
     parts = decoder_parts(model)
-    weights = [p for _, p in select_weights(model, config.layers, config.projections)]
+    matrices = select_matrices(model, config.layers, config.projections)
     with scoring_mode(model, []), torch.no_grad():
         hidden, z = forward_hidden_and_z(parts, batch)
         generator = torch.Generator(device=z.device).manual_seed(config.sketch_seed)
         norms = []
-        for weight in weights:
-            directions = rademacher_directions(weight, config.sketch_dim, generator)
-            squared = sketch_squared_norms(model, batch, weight, directions, config.chunk_size)
+        for matrix in matrices:
+            directions = rademacher_directions(matrix.weight, config.sketch_dim, generator, _support(matrix))
+            squared = sketch_squared_norms(model, batch, matrix.weight, directions, config.chunk_size)
             norms.append((squared / config.sketch_dim).sqrt())
     return torch.stack(norms).mean(0), hidden

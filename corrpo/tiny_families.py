@@ -1,0 +1,116 @@
+"""Tiny random configs of every decoder family the strength code supports (``tiny-<family>`` policies).
+
+Each is the family's own transformers config class, sized by :class:`corrpo.models.TinyArchitecture`, with
+the few defaults that would break a 2-layer, 32-64 wide model overridden: ``head_dim`` (Gemma/Qwen3 default
+to 128-256) and ``pad_token_id`` (Phi-3 defaults to 32000). Everything else (soft-capping, multipliers,
+partial rotary, window sizes) keeps the family default unless ``overrides`` says otherwise -- the strength
+tests shrink those to values that bite on a tiny model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
+    GemmaConfig,
+    GPT2Config,
+    GPTNeoXConfig,
+    GraniteConfig,
+    LlamaConfig,
+    MistralConfig,
+    Olmo2Config,
+    Phi3Config,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+_LLAMA_LIKE = {
+    "llama": LlamaConfig,
+    "mistral": MistralConfig,
+    "qwen2": Qwen2Config,
+    "qwen3": Qwen3Config,
+    "gemma": GemmaConfig,
+    "gemma2": Gemma2Config,
+    "gemma3": Gemma3TextConfig,
+    "olmo2": Olmo2Config,
+    "granite": GraniteConfig,
+    "phi3": Phi3Config,
+}
+TINY_FAMILY_NAMES = (*_LLAMA_LIKE, "gpt2", "gpt_neox")
+
+
+def tiny_config(
+    family: str,
+    vocab_size: int,
+    arch: Any,
+    pad_token_id: int,
+    bos_token_id: int,
+    eos_token_id: int,
+    **overrides: Any,
+) -> PretrainedConfig:
+    """The config of a tiny random ``family`` model (one of :data:`TINY_FAMILY_NAMES`); ``arch``: a TinyArchitecture."""
+    special = dict(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
+    if family == "gpt2":
+        kwargs = dict(
+            vocab_size=vocab_size,
+            n_embd=arch.hidden_size,
+            n_layer=arch.num_hidden_layers,
+            n_head=arch.num_attention_heads,
+            n_inner=arch.intermediate_size,
+            n_positions=arch.max_position_embeddings,
+            **special,
+        )
+        return GPT2Config(**{**kwargs, **overrides})
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=arch.hidden_size,
+        num_hidden_layers=arch.num_hidden_layers,
+        num_attention_heads=arch.num_attention_heads,
+        intermediate_size=arch.intermediate_size,
+        max_position_embeddings=arch.max_position_embeddings,
+        rope_theta=arch.rope_theta,
+        tie_word_embeddings=True,
+        **special,
+    )
+    if family == "gpt_neox":
+        return GPTNeoXConfig(**{**common, **overrides})
+    if family not in _LLAMA_LIKE:
+        raise ValueError(f"unknown tiny family {family!r}; expected one of {TINY_FAMILY_NAMES}")
+    common.update(num_key_value_heads=arch.num_key_value_heads, head_dim=arch.hidden_size // arch.num_attention_heads)
+    return _LLAMA_LIKE[family](**{**common, **overrides})
+
+
+# Family defaults that would not bite on a 12-64 token, 32-64 wide model, shrunk so that they do: sliding
+# windows shorter than the sequence, soft-caps near the score scale, Granite's multipliers away from 1,
+# partial RoPE on Phi-3. Used by the strength tests and benchmarks/families.py.
+BITING_OVERRIDES: dict[str, dict[str, Any]] = {
+    "mistral": dict(sliding_window=5),
+    "qwen2": dict(use_sliding_window=True, sliding_window=5, layer_types=["full_attention", "sliding_attention"]),
+    "gemma2": dict(attn_logit_softcapping=1.0, final_logit_softcapping=2.0),
+    "gemma3": dict(sliding_window=5, final_logit_softcapping=2.0),
+    "granite": dict(embedding_multiplier=4.0, residual_multiplier=0.5, attention_multiplier=0.3, logits_scaling=3.0),
+    "phi3": dict(sliding_window=5, partial_rotary_factor=0.5),
+}
+
+
+def random_family_model(family: str, vocab_size: int, arch: Any, seed: int = 0) -> PreTrainedModel:
+    """A random fp32 eval-mode ``family`` model with :data:`BITING_OVERRIDES`, for exactness checks.
+
+    Initialised with std 0.2 (not 0.02) so attention is far from uniform and soft-caps saturate, and every norm
+    weight perturbed by ``0.3 * N(0, 1)`` so a mix-up of normed and raw activations would show.
+    """
+    config = tiny_config(family, vocab_size, arch, 0, 1, 2, initializer_range=0.2, **BITING_OVERRIDES.get(family, {}))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config).float().eval()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name or ".ln_" in name:
+                    p.add_(0.3 * torch.randn_like(p))
+    return model
