@@ -107,12 +107,23 @@ def test_bad_options_are_named():
         StepBatches([], [], sft_steps=0, rl_steps=1, sft_batch_size=1, rl_batch_size=1, seed=0)
 
 
+def host_stub(steps_done: int = 0):
+    """A module offering the TrainingHost contract the data module reads ``steps_done`` through."""
+    from types import SimpleNamespace
+
+    from corrpo.training.host import HOST_ATTRIBUTES
+    from corrpo.training.phases import PhaseSchedule
+
+    attributes = dict.fromkeys(HOST_ATTRIBUTES) | {"schedule": PhaseSchedule(3, 2), "steps_done": steps_done}
+    return SimpleNamespace(**attributes)
+
+
 def test_a_batch_size_that_does_not_split_across_processes_fails_before_the_first_step():
     from types import SimpleNamespace
 
     dm = small()  # sft_batch_size=4, rl_batch_size=2
-    dm.trainer = SimpleNamespace(lightning_module=None, global_rank=0, world_size=4)
+    dm.trainer = SimpleNamespace(lightning_module=host_stub(), global_rank=0, world_size=4)
     with pytest.raises(ValueError, match=r"data.rl_batch_size=2 must be divisible by the number of processes \(4\)"):
         dm.train_dataloader()
-    dm.trainer = SimpleNamespace(lightning_module=None, global_rank=1, world_size=2)
+    dm.trainer = SimpleNamespace(lightning_module=host_stub(), global_rank=1, world_size=2)
     assert [b["step"] for b in dm.train_dataloader()] == [0, 1, 2, 3, 4]
