@@ -48,7 +48,7 @@ from corrpo.objectives import (
 )
 from corrpo.rewards import reward_functions
 from corrpo.rewards.accuracy import accuracy_reward
-from corrpo.rewards.combine import completion_rows, score_completions
+from corrpo.rewards.combine import RewardFailureMonitor, completion_rows, score_completions
 from corrpo.rng import restore_rng_states, rng_states
 from corrpo.rollout import Generator, HFGenerator, Rollout
 from corrpo.run_dir import run_dir
@@ -94,12 +94,15 @@ class CorrPOModule(L.LightningModule):
         self.sft = sft
         self.rl = rl
         self.use_chat_template = use_chat_template
+        if eval_batch_size < 1:
+            raise ValueError(f"model.eval_batch_size must be >= 1, got {eval_batch_size}")
         self.eval_batch_size = eval_batch_size
         self.policy, self.tokenizer = load_policy(policy, tiny, dtype, attn_implementation, seed)
         if lora is not None:
             self.policy = apply_lora(self.policy, lora, seed)
         self.reward_fns = reward_functions(self.rl.rewards)
         self.reward_weights = self.rl.reward_weights or [1.0] * len(self.reward_fns)
+        self.reward_monitor = RewardFailureMonitor(self.rl.max_reward_failure_share, self.rl.reward_failure_patience)
         if len(self.reward_weights) != len(self.reward_fns):
             n_weights, n_rewards = len(self.reward_weights), len(self.reward_fns)
             raise ValueError(f"rl.reward_weights has {n_weights} entries for {n_rewards} rewards (rl.rewards)")
@@ -286,7 +289,9 @@ class CorrPOModule(L.LightningModule):
         completions = self.decode_completions(rollout)
         prompts = [p for p in batch["prompt"] for _ in range(G)]
         answers = [a for a in batch["answer"] for _ in range(G)]
-        scores = score_completions(self.reward_fns, self.reward_weights, prompts, completions, answers)
+        scores = score_completions(
+            self.reward_fns, self.reward_weights, prompts, completions, answers, monitor=self.reward_monitor
+        )
         rewards = scores.total.to(self.device)
         timings["score"] = time.perf_counter() - t0
 
@@ -412,9 +417,10 @@ class CorrPOModule(L.LightningModule):
             "completions/clipped_ratio": rollout.truncated.float().mean(),
         }
         for name, values in scores.per_function.items():
-            metrics[f"rewards/{name}/mean"] = torch.nanmean(values) if (~values.isnan()).any() else torch.zeros(())
+            metrics[f"rewards/{name}/mean"] = torch.nanmean(values)  # NaN, not a fake 0, when nothing was scored
             if name in self.reward_fns:  # logged even when 0: under DDP every rank logs the same keys
                 metrics[f"rewards/{name}/failed"] = float(scores.n_failed.get(name, 0))
+                metrics[f"rewards/{name}/unscored"] = float(scores.n_unscored.get(name, 0))
         metrics.update({f"time/{k}": v for k, v in timings.items()})
         for key, value in metrics.items():
             self._log_step(key, value, prog_bar=key in ("reward", "loss"))

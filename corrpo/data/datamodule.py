@@ -181,7 +181,10 @@ class ReasoningDataModule(L.LightningDataModule):
         super().__init__()
         if on_error not in ("raise", "skip"):
             raise ValueError(f"data.on_error must be 'raise' or 'skip', got {on_error!r}")
-        for key, value in dict(sft_batch_size=sft_batch_size, rl_batch_size=rl_batch_size, n_test=n_test).items():
+        sizes = dict(
+            sft_batch_size=sft_batch_size, rl_batch_size=rl_batch_size, n_test=n_test, eval_batch_size=eval_batch_size
+        )
+        for key, value in sizes.items():
             if value < 1:
                 raise ValueError(f"data.{key} must be >= 1, got {value}")
         self.sft_source, self.rl_source = sft_source, rl_source
