@@ -140,7 +140,7 @@ class RunConfigSaver(SaveConfigCallback):
         self.keep_existing = keep_existing
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if self.keep_existing and (Path(trainer.default_root_dir) / self.config_filename).is_file():
+        if self.keep_existing and (Path(trainer.log_dir) / self.config_filename).is_file():  # log_dir: all ranks
             self.already_saved = True
             return
         super().setup(trainer, pl_module, stage)

@@ -100,6 +100,15 @@ def config_differences(saved: dict, current: dict) -> list[tuple[str, Any, Any]]
     return out
 
 
+def saved_config_path(run: Path) -> Path | None:
+    """The run's config.yaml: in the run folder (wandb, no logger), else in its logger's folder (a CSV or
+    TensorBoard logger writes it under ``<run>/<name>/version_<n>/``; the newest one then)."""
+    if (run / CONFIG_FILE).is_file():
+        return run / CONFIG_FILE
+    nested = [p for p in run.glob(f"*/**/{CONFIG_FILE}") if p.is_file()]
+    return max(nested, key=lambda p: p.stat().st_mtime) if nested else None
+
+
 def _checkpoints_newest_first(run: Path) -> list[Path]:
     """A run folder's ``*.ckpt`` files, newest first; at equal mtime ``last*.ckpt`` first."""
     ckpts = [p for p in run.rglob("*.ckpt") if p.is_file()]
@@ -133,8 +142,8 @@ def resume_point(
     refused: list[tuple[Path, str]] = []
     for run in order:
         if config is not None:
-            saved_path = run / CONFIG_FILE
-            if not saved_path.is_file():
+            saved_path = saved_config_path(run)
+            if saved_path is None:
                 refused.append((run, f"it has no {CONFIG_FILE} to compare this command's config with"))
                 continue
             differences = config_differences(yaml.safe_load(saved_path.read_text()) or {}, config)

@@ -131,3 +131,15 @@ def test_where_and_how_long_keys_may_differ_on_resume_and_nothing_else():
     saved = config("runs/a/1", 4, "runs/a/1/checkpoints", "runs/a/1", "abc", seed=0)
     current = config("runs/a", -1, None, None, None, seed=1)
     assert config_differences(saved, current) == [("model.seed", 0, 1)]
+
+
+def test_a_config_saved_in_a_csv_loggers_version_folder_is_the_one_compared(tmp_path):
+    run = _run(tmp_path, "20260101-000000", config=None)
+    nested = run / "lightning_logs" / "version_0"
+    nested.mkdir(parents=True)
+    (nested / "config.yaml").write_text(yaml.safe_dump(CONFIG))
+    ckpt = _ckpt(run / "checkpoints" / "last.ckpt", 2, age=0)
+    assert resume_point(tmp_path, CONFIG) == (run, ckpt)
+    (nested / "config.yaml").write_text(yaml.safe_dump({**CONFIG, "seed_everything": 7}))
+    with pytest.raises(ResumeError, match="seed_everything: 7 in the run, '<unset>' in this command"):
+        resume_point(tmp_path, CONFIG)

@@ -124,6 +124,7 @@ def test_sigterm_saves_at_the_step_boundary_and_exits_143(tmp_path):
             f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false",
             _signal_at(1, signal.SIGTERM)]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), "OMP_NUM_THREADS": "1"}
+    env.pop("WANDB_SERVICE", None)  # its own wandb service, as a scheduler's job would have, not this process's
     done = subprocess.run([sys.executable, "-m", "corrpo.cli", *args], env=env, capture_output=True, text=True)
     assert done.returncode == 143, done.stderr[-2000:]
     assert "SIGTERM received: saving a checkpoint" in done.stdout
