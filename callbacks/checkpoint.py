@@ -1,4 +1,4 @@
-"""ResumableCheckpoint: a ModelCheckpoint whose ``last.ckpt`` always resumes exactly.
+"""ResumableCheckpoint: a ModelCheckpoint whose checkpoints always resume exactly, and survive crashes.
 
 A corrpo run is one epoch of ``sft.steps + rl.steps`` batches, so a run stopped early (``max_steps``,
 ``max_time``, a callback setting ``trainer.should_stop``) ends its epoch early too. Stock ModelCheckpoint
@@ -7,16 +7,90 @@ then saves at that epoch end, and Lightning resumes such a checkpoint as a *fini
 (Lightning resumes a batch-end checkpoint mid-epoch, at the next batch) and skips the epoch-end and
 train-end saves of a cut-short run. It also silences Lightning's manual-optimisation warning: saving the
 weights *after* the step is what resuming needs.
+
+Crash safety, which stock Lightning lacks:
+
+- **Atomic files.** Lightning's ``TorchCheckpointIO`` writes through an fsspec transaction: a temp file in
+  ``$TMPDIR`` that is *moved* onto the target at commit. When ``$TMPDIR`` is another filesystem (a tmpfs, runs
+  on NFS) that move is a truncating copy, so a kill during it leaves a 0-byte ``last.ckpt`` with the previous
+  good one gone, and each crash leaves an orphan of the checkpoint's size in ``$TMPDIR``.
+  :class:`AtomicCheckpointIO` writes a temp file beside the target (same folder, so same filesystem),
+  fsyncs it, ``os.replace``-s it onto the target (atomic on POSIX) and fsyncs the folder: the target is
+  always either the old checkpoint or the new one, whole. A failed write (disk full) removes its temp file;
+  a killed one leaves ``.<name>.partial-<pid>`` in the checkpoint folder, which the next run's setup removes.
+- **Signals.** SIGTERM (a scheduler's pre-emption) and SIGINT (Ctrl+C) set a flag; at the next step
+  boundary the checkpoint is saved and the process exits with ``128 + signal`` (143, 130), so a scheduler
+  sees a stopped run, not a finished one, and ``--ckpt_path last`` continues it exactly. A second Ctrl+C
+  interrupts at once. Under DDP the ranks agree on the flag each step (one all-reduce), since saving is a
+  collective.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import threading
 import warnings
+from pathlib import Path
 
 import lightning as L
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from corrpo.training.host import TrainingHost
+
+PARTIAL_MARK = ".partial-"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (a no-op where directories cannot be opened, e.g. Windows)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_torch_save(obj: object, path: str | os.PathLike) -> None:
+    """``torch.save(obj, path)`` that never leaves ``path`` partial: temp file beside it, fsync, ``os.replace``."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}{PARTIAL_MARK}{os.getpid()}")
+    try:
+        with partial.open("wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, target)
+    except BaseException:
+        partial.unlink(missing_ok=True)  # disk full, a bad object: the old target stays, no litter
+        raise
+    _fsync_dir(target.parent)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """TorchCheckpointIO for local paths whose save is :func:`atomic_torch_save` (remote URLs: Lightning's)."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if "://" in str(path) or storage_options is not None:
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        atomic_torch_save(checkpoint, path)
+
+
+def remove_partial_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temp files that killed saves left in ``folder``; returns them (they are never checkpoints)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    partial = [p for p in folder.iterdir() if p.name.startswith(".") and PARTIAL_MARK in p.name]
+    for path in partial:
+        path.unlink(missing_ok=True)
+    return partial
 
 
 def _cut_short(pl_module: L.LightningModule) -> bool:
@@ -26,18 +100,79 @@ def _cut_short(pl_module: L.LightningModule) -> bool:
 
 
 class ResumableCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint (same arguments) that also saves where a run stops early, never at a cut-short epoch end."""
+    """ModelCheckpoint (same arguments) that saves atomically, where a run stops early (never at a cut-short
+    epoch end), and at the step boundary after SIGTERM / SIGINT before exiting ``128 + signal``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.stop_signal: int | None = None
+        self._previous_handlers: dict[int, object] = {}
+
+    # ----------------------------------------------------------------------------------- atomic files
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # a user's own CheckpointIO is kept
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if trainer.is_global_zero and self.dirpath:
+            for path in remove_partial_files(self.dirpath):
+                warnings.warn(f"removed {path}: the temp file of a checkpoint save that was killed", stacklevel=2)
+
+    # ---------------------------------------------------------------------------------------- signals
+    def _on_signal(self, signum: int, frame) -> None:
+        if self.stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl+C: stop now, without waiting for the step to end
+        self.stop_signal = signum
+        name = signal.Signals(signum).name
+        print(f"[corrpo] {name} received: saving a checkpoint at the end of this step, then exiting", flush=True)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.stop_signal = None
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be installed from the main thread
+        for signum in STOP_SIGNALS:
+            self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+
+    def _restore_signal_handlers(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers.clear()
+
+    def _agreed_stop_signal(self, trainer) -> int | None:
+        """This rank's signal, or under DDP the largest any rank received (saving needs every rank)."""
+        if trainer.world_size == 1:
+            return self.stop_signal
+        flag = torch.tensor(float(self.stop_signal or 0), device=trainer.strategy.root_device)
+        agreed = int(trainer.strategy.reduce(flag, reduce_op="max").item())
+        return agreed or None
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._restore_signal_handlers()
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self._restore_signal_handlers()
+        super().teardown(trainer, pl_module, stage)
+
+    # ------------------------------------------------------------------------------------ where to save
+    def _save_here(self, trainer) -> None:
+        if self._should_skip_saving_checkpoint(trainer):
+            return
+        candidates = self._monitor_candidates(trainer)
+        self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*no pre-optimization state was saved.*")
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            signum = self._agreed_stop_signal(trainer) if self._previous_handlers or trainer.world_size > 1 else None
+            if signum is not None:
+                self._save_here(trainer)
+                self._restore_signal_handlers()
+                raise SystemExit(128 + signum)  # Lightning tears down and re-raises: the process exits 143 / 130
         max_steps_reached = trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps
         stopping = trainer.should_stop or max_steps_reached
-        if stopping and _cut_short(pl_module) and not self._should_skip_saving_checkpoint(trainer):
-            candidates = self._monitor_candidates(trainer)
-            self._save_topk_checkpoint(trainer, candidates)
-            self._save_last_checkpoint(trainer, candidates)
+        if stopping and _cut_short(pl_module):
+            self._save_here(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if _cut_short(pl_module):
@@ -47,5 +182,6 @@ class ResumableCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))  # last.ckpt = the finished run
 
     def on_train_end(self, trainer, pl_module) -> None:
+        self._restore_signal_handlers()
         if not _cut_short(pl_module):
             super().on_train_end(trainer, pl_module)

@@ -7,6 +7,7 @@ ones (exactly what ``generate`` does), which keeps old/new log-probs and inversi
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -44,7 +45,9 @@ def encode_sft_batch(
 
     ``loss_mask[:, j]`` marks token ``j`` as a target: it is predicted by the logits at ``j - 1``.
     Sequences longer than ``max_length`` are cut from the right; a completion cut away entirely leaves a
-    row with no targets (it contributes nothing to the loss rather than a NaN).
+    row with no targets (it contributes nothing to the loss rather than a NaN). Such rows are silent waste
+    (a prompt that fills ``sft.max_length`` trains nothing, loss 0), so they are warned about with their
+    count, and a batch in which *no* row has a target is an error: that step would train nothing at all.
     """
     if len(prompts) != len(completions):
         raise ValueError("prompts and completions differ in length")
@@ -56,6 +59,19 @@ def encode_sft_batch(
         ids = (p + c + [eos])[:max_length]
         targets = ([False] * len(p) + [True] * (len(c) + 1))[:max_length]
         rows.append((ids, targets))
+    empty = sum(not any(targets[1:]) for _, targets in rows)  # token 0 is never a target (no logits before it)
+    if empty:
+        longest = max(len(p) for p in prompt_ids)
+        what = f"{empty} of {len(rows)} SFT rows have prompts of >= {max_length} tokens (longest {longest})"
+        if empty == len(rows):
+            raise ValueError(
+                f"sft.max_length={max_length}: all {what}: no completion token is left to train on (0 loss tokens); "
+                "raise sft.max_length or shorten the prompts"
+            )
+        warnings.warn(
+            f"sft.max_length={max_length}: {what} and train nothing (0 loss tokens); raise sft.max_length",
+            stacklevel=2,
+        )
     width = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -74,6 +90,8 @@ def encode_prompts(
     use_chat_template: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Left-padded prompt ids; prompts over ``max_prompt_length`` keep their last tokens."""
+    if max_prompt_length is not None and max_prompt_length < 1:  # row[-(-5):] would drop 5 tokens of each
+        raise ValueError(f"rl.max_prompt_length must be None or > 0, got {max_prompt_length!r}")
     ids = _ids(tokenizer, [format_prompt(tokenizer, p, use_chat_template) for p in prompts])
     for i, row in enumerate(ids):
         if not row:

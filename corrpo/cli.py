@@ -7,9 +7,13 @@ Beyond stock LightningCLI:
 - every run gets its own folder ``<trainer.default_root_dir>/<YYYYmmdd-HHMMSS>``, and a logger whose
   ``save_dir`` is unset writes there too: the resolved config, the wandb offline run, emergence.csv,
   results.json, checkpoints (``<run>/checkpoints``) and the exported policy sit side by side;
-- ``--ckpt_path last`` resumes the newest run under ``default_root_dir``: its newest checkpoint, its folder
-  and its wandb run id (so the curves continue in the same wandb run); with no checkpoint there it starts
-  fresh, as Lightning does;
+- ``--ckpt_path last`` resumes the newest run under ``default_root_dir`` whose saved config.yaml matches the
+  command's (:mod:`corrpo.resume`): its newest checkpoint that loads, its folder and its wandb run id (so
+  the curves continue in the same wandb run); checkpoints of other configs are refused with the differing
+  keys, a corrupt one is skipped with its reason; with no checkpoint there it starts fresh, as Lightning
+  does. ``--ckpt_path <run folder>`` names the run explicitly. A resumed run's config.yaml is never rewritten;
+- a run stopped by SIGTERM / SIGINT saves a checkpoint at the step boundary and exits 143 / 130
+  (:class:`callbacks.checkpoint.ResumableCheckpoint`); ``fit`` with both phases at 0 steps is an error;
 - wandb runs offline unless the user configured it online (``WANDB_MODE`` or ``WANDB_API_KEY`` set).
 """
 
@@ -20,11 +24,16 @@ import time
 import warnings
 from pathlib import Path
 
-from lightning.pytorch.cli import LightningCLI
+import yaml
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from corrpo.data.datamodule import ReasoningDataModule
 from corrpo.module import CorrPOModule
+from corrpo.resume import ResumeError, checkpoint_problem, resume_point
+from corrpo.run_folder import CONFIG_FILE, RunFolder
 from corrpo.wandb_segments import newest_run_id
+
+__all__ = ["CorrPOCLI", "ResumeError", "build_cli", "main", "new_run_folder", "resume_point"]
 
 RUN_DIR_ENV = "CORRPO_RUN_DIR"
 
@@ -38,14 +47,27 @@ class CorrPOCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if self.subcommand == "fit":
+            _check_something_to_train(config)
         trainer = config.trainer
         root = Path(trainer.default_root_dir or "runs")
         resume = None
-        if config.get("ckpt_path") == "last":
-            resume = resume_point(root)
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path == "last" or (ckpt_path and Path(ckpt_path).is_dir()):
+            # compared before the CLI fills in this run's folders, as the saved config was before it ran
+            command = yaml.safe_load(self._parser(self.subcommand).dump(config, skip_none=False))
+            runs = None if ckpt_path == "last" else [Path(ckpt_path)]
+            resume = resume_point(root, command, runs)
             if resume is None:
-                warnings.warn(f"--ckpt_path last: no checkpoint under {root}/*/; starting a fresh run", stacklevel=2)
+                where = f"{root}/*/" if runs is None else ckpt_path
+                warnings.warn(f"--ckpt_path {ckpt_path}: no checkpoint in {where}; starting a fresh run", stacklevel=2)
             config.ckpt_path = str(resume[1]) if resume else None
+        elif ckpt_path:
+            problem = checkpoint_problem(ckpt_path)
+            if problem is not None:
+                raise ResumeError(f"--ckpt_path {ckpt_path} {problem}")
+        # a resumed run keeps the config.yaml it was started with (equal up to where/how-long keys)
+        self.save_config_kwargs["keep_existing"] = resume is not None
         if resume is not None:
             root = resume[0]
         elif os.environ.get("LOCAL_RANK", "0") != "0" and os.environ.get(RUN_DIR_ENV):
@@ -67,7 +89,15 @@ class CorrPOCLI(LightningCLI):
             init_args = getattr(callback, "init_args", None)
             if str(callback.class_path).endswith("Checkpoint") and init_args is not None:
                 if not init_args.get("dirpath"):
-                    init_args.dirpath = str(root / "checkpoints")
+                    init_args.dirpath = str(RunFolder(root).checkpoints)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Lightning's, but a run stopped by a signal (``SystemExit(143)``) still closes its wandb run."""
+        try:
+            super()._run_subcommand(subcommand)
+        except SystemExit:
+            self._finish_wandb()
+            raise
 
     def instantiate_classes(self) -> None:
         """Lightning's, but a run that cannot even be built (a wrong ``model.policy`` path, a bad data file)
@@ -98,21 +128,36 @@ class CorrPOCLI(LightningCLI):
         self._finish_wandb()
 
 
-def resume_point(root: Path) -> tuple[Path, Path] | None:
-    """``(run folder, checkpoint)`` of the newest checkpoint in any run folder under ``root``, or None.
+class RunConfigSaver(SaveConfigCallback):
+    """Lightning's SaveConfigCallback, except that a resumed run (``keep_existing``) keeps its config.yaml.
 
-    ``last*.ckpt`` wins over other checkpoints of the same folder; folders are compared by that file's mtime.
+    The CLI has already checked that the saved config matches the command's; rewriting it would replace the
+    run's own record with the resuming command's (another ``max_steps``), and before that check existed it
+    replaced another run's config outright.
     """
-    best = None
-    for ckpt in root.glob("*/**/*.ckpt"):
-        key = (ckpt.stat().st_mtime, ckpt.name.startswith("last"))
-        if best is None or key > best[0]:
-            best = (key, ckpt)
-    if best is None:
-        return None
-    ckpt = best[1]
-    run = root / ckpt.relative_to(root).parts[0]
-    return run, ckpt
+
+    def __init__(self, *args, keep_existing: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.keep_existing = keep_existing
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.keep_existing and (Path(trainer.log_dir) / self.config_filename).is_file():  # log_dir: all ranks
+            self.already_saved = True
+            return
+        super().setup(trainer, pl_module, stage)
+
+
+def _check_something_to_train(config) -> None:
+    """``corrpo fit`` with both phases at 0 steps used to "train" nothing and exit 0 (e.g. no --config)."""
+    model = config.get("model")
+    sft, rl = (model.get("sft"), model.get("rl")) if model is not None else (None, None)
+    sft_steps = sft.get("steps", 0) if sft is not None else 0
+    rl_steps = rl.get("steps", 0) if rl is not None else 0
+    if not sft_steps and not rl_steps:
+        raise ValueError(
+            "corrpo fit: both phases have 0 steps (model.sft.steps=0, model.rl.steps=0), so nothing would be "
+            "trained; pass a recipe (--config configs/tiny.yaml) or set model.sft.steps / model.rl.steps"
+        )
 
 
 def new_run_folder(root: Path) -> Path:
@@ -142,7 +187,8 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> CorrPOCLI:
         CorrPOModule,
         ReasoningDataModule,
         parser_kwargs={"parser_mode": "omegaconf"},
-        save_config_kwargs={"overwrite": True},
+        save_config_callback=RunConfigSaver,
+        save_config_kwargs={"overwrite": True, "config_filename": CONFIG_FILE},
         args=args,
         run=run,
     )

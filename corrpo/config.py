@@ -97,6 +97,12 @@ class RLConfig(OptimConfig):
     ranks); 1.0 trains on every token (TRL's ``top_entropy_quantile``; 0.2 in "Beyond the 80/20 rule")."""
     num_iterations: int = 1
     """Optimizer updates per rollout batch (mu); old log-probs are stored for the ratio when > 1."""
+    max_reward_failure_share: float = 0.5
+    """Abort the run when a reward function fails (raises, or returns +-inf) on more than this share of a
+    step's samples for ``reward_failure_patience`` consecutive RL steps; 1.0 never aborts."""
+    reward_failure_patience: int = 3
+    """Consecutive RL steps over ``max_reward_failure_share`` before the abort (a broken verifier, not one bad
+    completion)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.sampling, dict):
@@ -106,6 +112,17 @@ class RLConfig(OptimConfig):
         self._check("rl")
         _check_non_negative("rl", beta=self.beta)
         _check_positive("rl", num_generations=self.num_generations, num_iterations=self.num_iterations)
+        if self.num_generations == 1 and self.steps > 0:
+            # a group of one is its own mean: every advantage is 0, so RL would leave the weights untouched
+            raise ValueError(
+                f"rl.num_generations=1 with rl.steps={self.steps}: GRPO advantages are reward minus the group "
+                "mean, all 0 for a group of one, so the RL phase would train nothing; use rl.num_generations >= 2"
+            )
+        if self.max_prompt_length is not None and not self.max_prompt_length > 0:
+            raise ValueError(f"rl.max_prompt_length must be None (keep all) or > 0, got {self.max_prompt_length!r}")
+        if not 0.0 < self.max_reward_failure_share <= 1.0:
+            raise ValueError(f"rl.max_reward_failure_share must be in (0, 1], got {self.max_reward_failure_share!r}")
+        _check_positive("rl", reward_failure_patience=self.reward_failure_patience)
         if self.scale_rewards not in REWARD_SCALES:
             raise ValueError(f"rl.scale_rewards must be one of {REWARD_SCALES}, got {self.scale_rewards!r}")
         if self.loss_type not in LOSS_TYPES:

@@ -85,6 +85,8 @@ class CorrPOModule(L.LightningModule):
         self.sft = sft
         self.rl = rl
         self.use_chat_template = use_chat_template
+        if eval_batch_size < 1:
+            raise ValueError(f"model.eval_batch_size must be >= 1, got {eval_batch_size}")
         self.eval_batch_size = eval_batch_size
         self.policy, self.tokenizer = load_policy(policy, tiny, dtype, attn_implementation, seed)
         if lora is not None:

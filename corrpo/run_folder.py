@@ -27,6 +27,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+CONFIG_FILE = "config.yaml"
+"""The resolved config's file name (the CLI's SaveConfigCallback writes it; resume compares against it)."""
+
 EMERGENCE_COLUMNS = ["step", "batches", "phase", "event", "source", "spearman", "pearson", "strength", "n_tokens"]
 """emergence.csv's columns: optimizer step, train batches done, phase (init|sft|rl), event (start|periodic|
 boundary|end), probe source, Spearman rho, Pearson r, strength = -rho, scored tokens."""
@@ -44,7 +47,7 @@ class RunFolder:
     # ------------------------------------------------------------------------------------------ paths
     @property
     def config(self) -> Path:
-        return self.path / "config.yaml"
+        return self.path / CONFIG_FILE
 
     @property
     def emergence(self) -> Path:

@@ -89,7 +89,9 @@ def test_user_files_with_field_mapping_and_held_out_splits(tmp_path):
 
 
 def test_malformed_row_names_file_and_line_or_is_skipped_and_counted(tmp_path):
-    rows = [{"prompt": "a", "completion": "b"}] * 10 + ["{not json"] + [{"prompt": "c", "completion": "d"}] * 10
+    # distinct prompts: two repeated ones would all be held out as probes, leaving no SFT record (an error)
+    rows = [{"prompt": f"a{i}", "completion": "b"} for i in range(10)] + ["{not json"]
+    rows += [{"prompt": f"c{i}", "completion": "d"} for i in range(10)]
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
     with pytest.raises(ValueError, match=r"bad\.jsonl:11"):
         small(sft_source=str(path)).pools()

@@ -182,7 +182,10 @@ class ReasoningDataModule(L.LightningDataModule):
         super().__init__()
         if on_error not in ("raise", "skip"):
             raise ValueError(f"data.on_error must be 'raise' or 'skip', got {on_error!r}")
-        for key, value in dict(sft_batch_size=sft_batch_size, rl_batch_size=rl_batch_size, n_test=n_test).items():
+        sizes = dict(
+            sft_batch_size=sft_batch_size, rl_batch_size=rl_batch_size, n_test=n_test, eval_batch_size=eval_batch_size
+        )
+        for key, value in sizes.items():
             if value < 1:
                 raise ValueError(f"data.{key} must be >= 1, got {value}")
         self.sft_source, self.rl_source = sft_source, rl_source
@@ -213,6 +216,13 @@ class ReasoningDataModule(L.LightningDataModule):
             return reasoning_gym_records(name, n, seed=self.seed, split=split)
         result = load_records(source, kind=kind, fields=self.fields[kind], on_error=self.on_error)
         self.n_skipped += result.n_skipped
+        if not result.records:
+            why = (
+                f"all {result.n_skipped} rows are malformed (data.on_error=skip); first: {result.errors[0]}"
+                if result.n_skipped
+                else "it is empty"
+            )
+            raise ValueError(f"data.{key}: {source} holds no records: {why}")
         if result.n_skipped:
             shown = "; ".join(result.errors[:3])
             warnings.warn(
@@ -222,10 +232,14 @@ class ReasoningDataModule(L.LightningDataModule):
             )
         return result.records
 
-    def _hold_out(self, records: list[dict], n: int, salt: str) -> tuple[list[dict], list[dict]]:
-        """Split off ``n`` records by a seeded shuffle: (kept, held_out)."""
+    def _hold_out(self, records: list[dict], n: int, salt: str, key: str) -> tuple[list[dict], list[dict]]:
+        """Split off ``n`` records of ``data.<key>`` by a seeded shuffle: (kept, held_out)."""
         if n >= len(records):
-            raise ValueError(f"data: cannot hold out {n} {salt} records from {len(records)}")
+            source = getattr(self, key)
+            raise ValueError(
+                f"data.{key}: cannot hold out {n} {salt} records from the {len(records)} of {source} and keep any to "
+                f"train on; give it more records, lower data.n_{salt}, or name a data.{salt}_source"
+            )
         order = list(range(len(records)))
         random.Random(f"{self.seed}-holdout-{salt}").shuffle(order)
         held = [records[i] for i in order[:n]]
@@ -245,7 +259,7 @@ class ReasoningDataModule(L.LightningDataModule):
         elif self.sft_source == EMBEDDED:
             probe = task.records("probe", self.n_probe)
         else:
-            sft, probe = self._hold_out(sft, self.n_probe, "probe")
+            sft, probe = self._hold_out(sft, self.n_probe, "probe", "sft_source")
         if self.test_source is not None:
             test = self._load(self.test_source, "rl", "test_source", test=True)[: self.n_test]
         elif self.rl_source == EMBEDDED:
@@ -253,12 +267,21 @@ class ReasoningDataModule(L.LightningDataModule):
         elif task_name(self.rl_source) is not None:
             test = self._load(self.rl_source, "rl", "rl_source", test=True)
         else:
-            rl, test = self._hold_out(rl, self.n_test, "test")
+            rl, test = self._hold_out(rl, self.n_test, "test", "rl_source")
         # One source for SFT and RL (the HF recipes) holds its test prompts out of RL only and its probe traces
         # out of SFT only: drop every held-out prompt from both training pools so that none is trained on.
         held = {r["prompt"] for r in probe} | {r["prompt"] for r in test}
-        sft = [r for r in sft if r["prompt"] not in held]
-        rl = [r for r in rl if r["prompt"] not in held]
+        pools = {}
+        for key, records, steps in (("sft", sft, self.sft_steps), ("rl", rl, self.rl_steps)):
+            pools[key] = [r for r in records if r["prompt"] not in held]
+            if steps and records and not pools[key]:  # else StepBatches would say "no records" of a full file
+                source = getattr(self, f"{key}_source")
+                raise ValueError(
+                    f"data.{key}_source: {len(records)} read from {source}, all {len(records)} duplicate probe/test "
+                    "prompts (held out, so never trained on); use training data distinct from "
+                    "data.probe_source / data.test_source"
+                )
+        sft, rl = pools["sft"], pools["rl"]
         self._pools = {"sft": sft, "rl": rl, "probe": probe, "test": test}
         return self._pools
 

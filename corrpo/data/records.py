@@ -29,6 +29,9 @@ from corrpo.data.transforms import TransformError, parse_field
 CANONICAL_FIELDS: tuple[str, ...] = ("prompt", "completion", "answer")
 REQUIRED: dict[str, tuple[str, ...]] = {"sft": ("prompt", "completion"), "rl": ("prompt", "answer")}
 FILE_SUFFIXES: tuple[str, ...] = (".jsonl", ".json", ".parquet")
+# Suffixes that make a source a local path even when the file is missing: "no such file", not a Hugging Face
+# dataset lookup of "data/train.csv" (a hub name never ends like a file).
+PATH_SUFFIXES: tuple[str, ...] = (*FILE_SUFFIXES, ".csv", ".tsv", ".txt", ".arrow", ".gz", ".zip", ".xlsx", ".pkl")
 MAX_ERRORS_KEPT = 10
 _HF_SOURCE = re.compile(r"^(?P<name>[^:\[\]\s]+)(?::(?P<config>[^:\[\]\s]+))?(?:\[(?P<split>.+)\])?$")
 
@@ -46,13 +49,26 @@ class LoadResult:
     errors: list[str] = field(default_factory=list)
 
 
+def _not_utf8(where: str, err: UnicodeDecodeError) -> RecordError:
+    byte = err.object[err.start : err.start + 1].hex()
+    return RecordError(
+        f"{where}: not UTF-8 text (byte 0x{byte} at column {err.start + 1}); re-encode the file as UTF-8"
+    )
+
+
 def _rows_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    """``(location, row)`` per non-blank line; a line that is not a JSON object yields a RecordError."""
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    """``(location, row)`` per non-blank line; a line that is not UTF-8 or not a JSON object yields a RecordError
+    (read as bytes and decoded line by line, so a bad byte names its line and ``on_error="skip"`` can skip it)."""
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield where, _not_utf8(where, err)
+                continue
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
@@ -63,7 +79,14 @@ def _rows_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
 
 def _rows_json(path: Path) -> Iterator[tuple[str, Any]]:
     """A ``.json`` file holding one JSON array of objects, or (like jsonl) one object per line."""
-    text = path.read_text(encoding="utf-8")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        start = data.rfind(b"\n", 0, err.start) + 1
+        err = UnicodeDecodeError(err.encoding, data[start : err.end], err.start - start, err.end - start, err.reason)
+        raise _not_utf8(f"{path}:{line}", err) from None
     if not text.lstrip().startswith("["):
         yield from _rows_jsonl(path)
         return
@@ -115,9 +138,10 @@ def _rows(source: str, split: str) -> Iterator[tuple[str, Any]]:
         )
     path = Path(source).expanduser()
     suffix = path.suffix.lower()
-    if path.is_file() or suffix in FILE_SUFFIXES:
+    if path.is_file() or suffix in PATH_SUFFIXES or source.startswith(("./", "../", "/", "~")):
         if not path.is_file():
-            raise FileNotFoundError(f"data file {source!r} does not exist")
+            kind = "is a folder, not a file" if path.is_dir() else "no such file"
+            raise FileNotFoundError(f"data file {source!r}: {kind} (resolved to {path.resolve()})")
         if suffix not in FILE_SUFFIXES:
             raise ValueError(f"data file {source!r}: unsupported suffix {suffix!r}; use one of {FILE_SUFFIXES}")
         reader = {".jsonl": _rows_jsonl, ".json": _rows_json, ".parquet": _rows_parquet}[suffix]

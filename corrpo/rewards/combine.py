@@ -1,10 +1,24 @@
 """Score a rollout batch with several reward functions and combine them, never losing a sample.
 
 Each reward function has TRL's signature ``fn(prompts, completions, answer, **kwargs) -> list[float|None]``.
-``None`` means "this function cannot score this sample" (TRL: NaN): the total is the weighted sum over
-the functions that did score it, and 0 when none did. A function that raises on the batch is retried
-sample by sample; a sample on which it still raises scores 0 and is counted in ``n_failed`` (logged as
-``rewards/<name>/failed``) so that one bad completion never kills a run.
+``None`` (or NaN) means "this function cannot score this sample" (TRL's convention): the total is the
+weighted sum over the functions that did score it, and 0 when none did.
+
+What is a fault, and what happens to it (each used to be masked):
+
+- **Raising** on the batch: retried sample by sample; a sample on which it still raises scores 0 and is
+  counted in ``n_failed`` (logged as ``rewards/<name>/failed``), with one warning per call, so one bad
+  completion never kills a run.
+- **Returning +-inf**: counted in ``n_failed`` and scored 0 like a raise (it is a broken verifier, not an
+  unscorable sample), and warned.
+- **Returning the wrong number of values, a non-sequence or a non-number**: a :class:`RewardError` naming
+  the function and the counts, at once: a shape bug does not go away sample by sample, and retrying it used
+  to pick element 0 of each call silently.
+- **Scoring no sample at all** (all None / NaN): counted in ``n_unscored`` and warned; its mean is NaN,
+  never a fake 0.
+- **Failing on most samples, step after step**: :class:`RewardFailureMonitor` (``rl.max_reward_failure_share``
+  over ``rl.reward_failure_patience`` consecutive RL steps) stops the run with a :class:`RewardError` naming
+  the function, rather than training for hours on a reward that is really a constant 0.
 """
 
 from __future__ import annotations
@@ -19,47 +33,116 @@ import torch
 RewardFn = Callable[..., list]
 
 
+class RewardError(ValueError):
+    """A reward function is broken, not a sample: the message names the function and what it did."""
+
+
 @dataclass
 class RewardScores:
     """Per-function scores (NaN where unscored) and their weighted total."""
 
     per_function: dict[str, torch.Tensor]
-    """name -> ``[N]`` float tensor, NaN where the function returned None."""
+    """name -> ``[N]`` float tensor, NaN where the function returned None/NaN, 0 where it failed."""
     total: torch.Tensor
     """``[N]`` weighted sum of the finite per-function scores."""
     n_failed: dict[str, int] = field(default_factory=dict)
-    """name -> samples on which the function raised (scored 0)."""
+    """name -> samples on which the function raised or returned +-inf (scored 0)."""
+    n_unscored: dict[str, int] = field(default_factory=dict)
+    """name -> samples the function could not score (None / NaN)."""
+
+
+@dataclass
+class _Call:
+    """One function's scores over the batch and its fault counts."""
+
+    scores: list[float]
+    failed: int = 0
+    infinite: int = 0
 
 
 def _as_float(value: object, name: str, index: int) -> float:
+    """A sample's score: NaN for None/NaN (unscored); +-inf stays infinite for the caller to count."""
     if value is None:
         return math.nan
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
     try:
-        out = float(value)
+        return float(value)
     except (TypeError, ValueError) as err:
-        raise TypeError(f"reward {name!r} returned {value!r} for sample {index}; expected a number or None") from err
-    return out if math.isfinite(out) else math.nan
+        raise RewardError(
+            f"reward {name!r} returned {value!r:.60} for sample {index}; expected a number or None"
+        ) from err
 
 
-def _call_safely(name: str, fn: RewardFn, prompts, completions, answers, kwargs) -> tuple[list[float], int]:
+def _checked_values(name: str, values: object, expected: int) -> list:
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
+        raise RewardError(f"reward {name!r} returned {type(values).__name__}, expected a list of {expected} values")
+    if len(values) != expected:
+        raise RewardError(f"reward {name!r} returned {len(values)} values for {expected} samples")
+    return list(values)
+
+
+def _call_safely(name: str, fn: RewardFn, prompts, completions, answers, kwargs) -> _Call:
     try:
         values = fn(list(prompts), list(completions), answer=list(answers), **kwargs)
-        if len(values) != len(completions):
-            raise ValueError(f"reward {name!r} returned {len(values)} values for {len(completions)} samples")
-        return [_as_float(v, name, i) for i, v in enumerate(values)], 0
     except Exception as batch_error:  # noqa: BLE001 - retried per sample below, then counted
-        scores, failed = [], 0
+        scores, failures = [], []
         for i in range(len(completions)):
             try:
-                value = fn([prompts[i]], [completions[i]], answer=[answers[i]], **kwargs)[0]
-                scores.append(_as_float(value, name, i))
+                value = fn([prompts[i]], [completions[i]], answer=[answers[i]], **kwargs)
             except Exception as err:  # noqa: BLE001 - one bad sample must not stop training
-                failed += 1
-                scores.append(0.0)
-                warnings.warn(f"reward {name!r} raised on sample {i} ({err!r}); scored 0", stacklevel=2)
-        if failed == 0:
-            warnings.warn(f"reward {name!r} raised on the batch ({batch_error!r}) but not per sample", stacklevel=2)
-        return scores, failed
+                failures.append((i, err))
+                scores.append(math.inf)  # counted as failed below, with the infinite values
+                continue
+            scores.append(_as_float(_checked_values(name, value, 1)[0], name, i))
+        if failures:
+            i, err = failures[0]
+            warnings.warn(
+                f"reward {name!r} raised on sample {i} ({err!r}) and {len(failures) - 1} more: "
+                f"{len(failures)} of {len(completions)} samples scored 0",
+                stacklevel=3,
+            )
+        else:
+            warnings.warn(f"reward {name!r} raised on the batch ({batch_error!r}) but not per sample", stacklevel=3)
+        call = _Call(scores, failed=len(failures))
+        call.infinite = sum(math.isinf(v) for v in scores) - call.failed
+    else:
+        values = _checked_values(name, values, len(completions))
+        call = _Call([_as_float(v, name, i) for i, v in enumerate(values)])
+        call.infinite = sum(math.isinf(v) for v in call.scores)
+    if call.infinite:
+        warnings.warn(
+            f"reward {name!r} returned +-inf for {call.infinite} of {len(completions)} samples: counted as failed, "
+            "scored 0",
+            stacklevel=3,
+        )
+    call.failed += call.infinite
+    call.scores = [0.0 if math.isinf(v) else v for v in call.scores]
+    return call
+
+
+class RewardFailureMonitor:
+    """Stops a run whose reward function fails on most samples step after step (a broken verifier).
+
+    ``update`` after each RL step: a function whose failed share (raised or +-inf) exceeds ``max_share`` for
+    ``patience`` consecutive calls raises :class:`RewardError` naming it. One bad step resets nothing but its
+    own streak: a function that recovers starts counting from 0 again.
+    """
+
+    def __init__(self, max_share: float = 0.5, patience: int = 3) -> None:
+        self.max_share, self.patience = max_share, patience
+        self.streak: dict[str, int] = {}
+
+    def update(self, scores: RewardScores, n_samples: int) -> None:
+        for name, failed in scores.n_failed.items():
+            share = failed / max(n_samples, 1)
+            self.streak[name] = self.streak.get(name, 0) + 1 if share > self.max_share else 0
+            if self.streak[name] >= self.patience:
+                raise RewardError(
+                    f"reward {name!r} failed on {failed} of {n_samples} samples ({share:.0%}), over "
+                    f"rl.max_reward_failure_share={self.max_share} for {self.streak[name]} consecutive RL steps "
+                    "(rl.reward_failure_patience); fix the reward function (the warnings above show its errors)"
+                )
 
 
 def score_completions(
@@ -68,20 +151,34 @@ def score_completions(
     prompts: Sequence[str],
     completions: Sequence[str],
     answers: Sequence[str],
+    monitor: RewardFailureMonitor | None = None,
     **kwargs,
 ) -> RewardScores:
-    """Run every reward function and combine: ``total_i = sum_k w_k * r_k,i`` over finite ``r_k,i``."""
+    """Run every reward function and combine: ``total_i = sum_k w_k * r_k,i`` over finite ``r_k,i``.
+
+    ``monitor`` (optional) sees the fault counts and may stop the run; ``kwargs`` go to the reward functions.
+    """
     if len(weights) != len(reward_fns):
         raise ValueError(f"rl.reward_weights has {len(weights)} entries for {len(reward_fns)} rewards")
-    per_function, n_failed = {}, {}
+    per_function, n_failed, n_unscored = {}, {}, {}
     total = torch.zeros(len(completions), dtype=torch.float32)
     for (name, fn), weight in zip(reward_fns.items(), weights, strict=True):
-        scores, failed = _call_safely(name, fn, prompts, completions, answers, kwargs)
-        values = torch.tensor(scores, dtype=torch.float32)
+        call = _call_safely(name, fn, prompts, completions, answers, kwargs)
+        values = torch.tensor(call.scores, dtype=torch.float32)
         per_function[name] = values
-        n_failed[name] = failed
+        n_failed[name] = call.failed
+        n_unscored[name] = int(values.isnan().sum())
+        if completions and n_unscored[name] == len(completions):
+            warnings.warn(
+                f"reward {name!r} scored none of the {len(completions)} samples (all None/NaN): it adds nothing to "
+                f"this step's rewards; its logged mean is NaN",
+                stacklevel=2,
+            )
         total += weight * torch.nan_to_num(values, nan=0.0)
-    return RewardScores(per_function=per_function, total=total, n_failed=n_failed)
+    scores = RewardScores(per_function=per_function, total=total, n_failed=n_failed, n_unscored=n_unscored)
+    if monitor is not None:
+        monitor.update(scores, len(completions))
+    return scores
 
 
 def completion_rows(

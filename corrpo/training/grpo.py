@@ -37,7 +37,7 @@ from corrpo.objectives import (
     masked_mean,
     zero_std_fraction,
 )
-from corrpo.rewards.combine import RewardFn, RewardScores, completion_rows, score_completions
+from corrpo.rewards.combine import RewardFailureMonitor, RewardFn, RewardScores, completion_rows, score_completions
 from corrpo.rollout import Rollout
 from corrpo.schedule import warmup_cosine_lr
 from corrpo.training.collectives import SINGLE_PROCESS, Collectives
@@ -112,7 +112,10 @@ def with_reward_term(scores: RewardScores, name: str, values: torch.Tensor) -> R
     """A new :class:`RewardScores` with one more per-response term ``name`` added to the total (weight 1)."""
     values = values.detach().float().cpu()
     return RewardScores(
-        per_function={**scores.per_function, name: values}, total=scores.total + values, n_failed=dict(scores.n_failed)
+        per_function={**scores.per_function, name: values},
+        total=scores.total + values,
+        n_failed=dict(scores.n_failed),
+        n_unscored=dict(scores.n_unscored),
     )
 
 
@@ -123,11 +126,15 @@ class GRPOStep:
         self.rl = rl
         self.reward_fns = reward_fns
         self.reward_weights = list(reward_weights)
+        # stops a run whose reward fails on most samples for rl.reward_failure_patience steps in a row
+        self.reward_monitor = RewardFailureMonitor(rl.max_reward_failure_share, rl.reward_failure_patience)
 
     # ---------------------------------------------------------------------------------------- stages
     def score(self, prompts: list[str], answers: list[str], completions: list[str]) -> RewardScores:
         """Task rewards of the ``N = B * G`` completions (prompts and answers repeated per group member)."""
-        return score_completions(self.reward_fns, self.reward_weights, prompts, completions, answers)
+        return score_completions(
+            self.reward_fns, self.reward_weights, prompts, completions, answers, monitor=self.reward_monitor
+        )
 
     def lr_at(self, update_index: int) -> float:
         """RL learning rate at 0-based RL optimizer step ``update_index`` (warm-up + cosine over all updates)."""
@@ -274,9 +281,10 @@ class GRPOStep:
             }
         )
         for name, values in scores.per_function.items():
-            metrics[f"rewards/{name}/mean"] = torch.nanmean(values) if (~values.isnan()).any() else torch.zeros(())
+            metrics[f"rewards/{name}/mean"] = torch.nanmean(values)  # NaN, not a fake 0, when nothing was scored
             if name in self.reward_fns:  # logged even when 0: under DDP every rank logs the same keys
                 metrics[f"rewards/{name}/failed"] = float(scores.n_failed.get(name, 0))
+                metrics[f"rewards/{name}/unscored"] = float(scores.n_unscored.get(name, 0))
         return metrics
 
 

@@ -1,0 +1,169 @@
+"""Which checkpoint ``--ckpt_path last`` resumes: the newest one that loads, of a run made by the same config.
+
+Two failures this guards against, both seen on real machines:
+
+- **A corrupt newest checkpoint.** A kill during a non-atomic save, or a full disk, leaves a 0-byte or
+  truncated ``.ckpt`` that is the newest by mtime; resuming it dies with a bare ``EOFError`` or
+  "PytorchStreamReader failed reading zip archive" although an intact older checkpoint sits beside it. Each
+  candidate is checked first (:func:`checkpoint_problem`: a torch zip archive whose every member's CRC
+  matches, which reads the file once but unpickles nothing) and a bad one is skipped with a warning saying why.
+- **Another run's checkpoint.** Runs share ``trainer.default_root_dir``; the newest checkpoint there may be
+  a different experiment's. Resuming it trains the wrong thing, and used to overwrite that run's
+  config.yaml and extend its wandb run. A run is only resumed when its saved ``config.yaml`` equals the
+  command's config, up to :data:`RESUME_MAY_DIFFER` (keys that say where or how long, not what).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import warnings
+import zipfile
+import zlib
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from corrpo.run_folder import CONFIG_FILE
+
+# Keys a resuming command may set differently from the run it resumes: where the files go (filled in by the
+# CLI from the run folder), how far to train this time, the progress bar, and the --config file names.
+RESUME_MAY_DIFFER: tuple[str, ...] = (
+    "ckpt_path",
+    "config",
+    "config[*]",
+    "trainer.default_root_dir",
+    "trainer.max_steps",
+    "trainer.max_time",
+    "trainer.enable_progress_bar",
+    "trainer.logger*.init_args.save_dir",
+    "trainer.logger*.init_args.id",
+    "trainer.logger*.init_args.version",
+    "trainer.callbacks[*].init_args.dirpath",
+)
+
+
+class ResumeError(ValueError):
+    """``--ckpt_path`` names no run this command may resume; the message says why and what to run instead."""
+
+
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be a checkpoint to resume (empty, truncated, corrupt), or None when it is whole.
+
+    A torch checkpoint is a zip archive: a truncated file has no central directory, a damaged one fails a
+    member's CRC. Nothing is unpickled, so this is safe on any file and costs one read.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as err:
+        return f"cannot be read ({err.strerror})"
+    if size == 0:
+        return "is empty (0 bytes)"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            if not any(name.endswith("data.pkl") for name in names):
+                return f"is a zip archive but not a torch checkpoint ({size} bytes, no data.pkl)"
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as err:
+        return f"is truncated or corrupt ({size} bytes: {err})"
+    if bad is not None:
+        return f"is corrupt ({size} bytes: CRC mismatch in {bad})"
+    return None
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": [1]}}`` -> ``{"a.b[0]": 1}``: every leaf of a config under its dotted key."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    if isinstance(value, list):
+        out = {}
+        for i, item in enumerate(value):
+            out.update(flatten(item, f"{prefix}[{i}]"))
+        return out or {prefix: []}
+    return {prefix: value}
+
+
+def config_differences(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
+    """``(key, saved value, current value)`` for every leaf that differs, except :data:`RESUME_MAY_DIFFER`."""
+    a, b = flatten(saved or {}), flatten(current or {})
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if any(fnmatch.fnmatchcase(key, pattern.replace("[*]", "[[]*[]]")) for pattern in RESUME_MAY_DIFFER):
+            continue
+        if a.get(key, "<unset>") != b.get(key, "<unset>"):
+            out.append((key, a.get(key, "<unset>"), b.get(key, "<unset>")))
+    return out
+
+
+def saved_config_path(run: Path) -> Path | None:
+    """The run's config.yaml: in the run folder (wandb, no logger), else in its logger's folder (a CSV or
+    TensorBoard logger writes it under ``<run>/<name>/version_<n>/``; the newest one then)."""
+    if (run / CONFIG_FILE).is_file():
+        return run / CONFIG_FILE
+    nested = [p for p in run.glob(f"*/**/{CONFIG_FILE}") if p.is_file()]
+    return max(nested, key=lambda p: p.stat().st_mtime) if nested else None
+
+
+def _checkpoints_newest_first(run: Path) -> list[Path]:
+    """A run folder's ``*.ckpt`` files, newest first; at equal mtime ``last*.ckpt`` first."""
+    ckpts = [p for p in run.rglob("*.ckpt") if p.is_file()]
+    return sorted(ckpts, key=lambda p: (p.stat().st_mtime, p.name.startswith("last")), reverse=True)
+
+
+def _describe(differences: list[tuple[str, Any, Any]], limit: int = 8) -> str:
+    shown = [f"{key}: {old!r} in the run, {new!r} in this command" for key, old, new in differences[:limit]]
+    more = f"; and {len(differences) - limit} more" if len(differences) > limit else ""
+    return "; ".join(shown) + more
+
+
+def resume_point(
+    root: str | os.PathLike, config: dict | None = None, runs: list[Path] | None = None
+) -> tuple[Path, Path] | None:
+    """``(run folder, checkpoint)`` to resume under ``root``, or None when there is no checkpoint at all.
+
+    Run folders (``runs``, default every folder under ``root``) are tried newest checkpoint first. With
+    ``config`` (the command's, as a plain dict) a run whose saved config.yaml differs (or is missing) is
+    skipped; in a run, checkpoints that :func:`checkpoint_problem` rejects are skipped. Each skip warns with
+    its reason. Raises :class:`ResumeError` when checkpoints exist but none may be resumed, naming why.
+    """
+    root = Path(root)
+    if runs is None:
+        runs = [p for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
+    by_run = {run: _checkpoints_newest_first(run) for run in runs}
+    by_run = {run: ckpts for run, ckpts in by_run.items() if ckpts}
+    if not by_run:
+        return None
+    order = sorted(by_run, key=lambda run: by_run[run][0].stat().st_mtime, reverse=True)
+    refused: list[tuple[Path, str]] = []
+    for run in order:
+        if config is not None:
+            saved_path = saved_config_path(run)
+            if saved_path is None:
+                refused.append((run, f"it has no {CONFIG_FILE} to compare this command's config with"))
+                continue
+            differences = config_differences(yaml.safe_load(saved_path.read_text()) or {}, config)
+            if differences:
+                refused.append((run, f"its config differs: {_describe(differences)}"))
+                continue
+        for ckpt in by_run[run]:
+            problem = checkpoint_problem(ckpt)
+            if problem is None:
+                for other, why in refused:
+                    warnings.warn(f"--ckpt_path last: not resuming {other} ({why})", stacklevel=2)
+                return run, ckpt
+            warnings.warn(f"--ckpt_path last: skipping {ckpt}: it {problem}", stacklevel=2)
+        refused.append((run, "none of its checkpoints loads: " + ", ".join(p.name for p in by_run[run])))
+    reasons = "\n".join(f"  {run}: {why}" for run, why in refused)
+    newest = order[0]
+    raise ResumeError(
+        f"--ckpt_path last: no run under {root} can be resumed by this command:\n{reasons}\n"
+        f"To resume a run with its own settings: corrpo fit --config {newest / CONFIG_FILE} --ckpt_path {newest} "
+        "(--ckpt_path <run folder> names the run explicitly); to start a new run, drop --ckpt_path or use "
+        "another trainer.default_root_dir."
+    )
