@@ -50,7 +50,8 @@ class CorrPOModule(L.LightningModule):
     """SFT then GRPO-family RL on a Hugging Face causal LM.
 
     Args:
-        policy: ``tiny-qwen2`` / ``tiny-llama`` (built offline), a local folder, or a Hugging Face name.
+        policy: ``tiny-<family>`` (``tiny-qwen2``, ``tiny-llama``, ``tiny-qwen3``, ... built offline, see
+            :mod:`corrpo.tiny_families`), a local folder (with its tokenizer files), or a Hugging Face name.
         tiny: size of the tiny model (ignored for real models).
         dtype: parameter dtype (``float32``, ``bfloat16``); use Trainer ``precision`` for mixed precision.
         attn_implementation: attention kernel for real models (``sdpa``, ``eager``, ``flash_attention_2``).

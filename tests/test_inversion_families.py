@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 from conftest import TINY_ARCH
+from strength_checks import assert_close, padded_batch
 from torch.func import functional_call
 from transformers import AutoModelForCausalLM, FalconConfig, OPTConfig
 
@@ -32,22 +33,7 @@ def tiny_family_model(family: str) -> torch.nn.Module:
 
 
 def _batch(padding: str = "left") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, VOCAB, (2, T), generator=gen)
-    attn = torch.ones(2, T, dtype=torch.long)
-    if padding == "left":
-        attn[0, :4] = 0
-        attn[1, :1] = 0
-    else:
-        attn[0, -3:] = 0
-    token_mask = attn.bool().clone()
-    token_mask[1, 5] = False
-    return ids, attn, token_mask
-
-
-def _close(values: torch.Tensor, ref: torch.Tensor, tol: float = 1e-4) -> None:
-    err = max_relative_error(values, ref)
-    assert err <= tol, f"max relative error {err:.2e} > {tol:.0e}"
+    return padded_batch(VOCAB, T, padding)
 
 
 @pytest.fixture(scope="module", params=TINY_FAMILY_NAMES)
@@ -62,7 +48,7 @@ def test_every_method_matches_loop_for_every_matrix(model: torch.nn.Module) -> N
         assert torch.isfinite(ref).sum() > 10 and (ref[torch.isfinite(ref)] > 0).any()
         for method in ("vmap", "onepass"):
             cfg = StrengthConfig(projections=proj, method=method, chunk_size=5)
-            _close(logit_grad_strength(model, ids, attn, token_mask, cfg), ref)
+            assert_close(logit_grad_strength(model, ids, attn, token_mask, cfg), ref)
 
 
 @pytest.mark.parametrize("measure", ["frobenius", "l1"])
@@ -71,14 +57,16 @@ def test_every_method_matches_loop_other_measures_right_padding(model: torch.nn.
     kw = dict(measure=measure, projections=("q", "k", "v", "o", "mlp"))
     ref = logit_grad_strength(model, ids, attn, token_mask, StrengthConfig(**kw, method="loop"))
     for method in ("vmap", "onepass"):
-        _close(logit_grad_strength(model, ids, attn, token_mask, StrengthConfig(**kw, method=method)), ref)
+        assert_close(logit_grad_strength(model, ids, attn, token_mask, StrengthConfig(**kw, method=method)), ref)
 
 
 def test_vmap_matches_loop_over_all_layers(model: torch.nn.Module) -> None:
     ids, attn, token_mask = _batch("left")
     kw = dict(layers="all", projections=("q", "k", "v", "o", "mlp"))
     ref = logit_grad_strength(model, ids, attn, token_mask, StrengthConfig(**kw, method="loop"))
-    _close(logit_grad_strength(model, ids, attn, token_mask, StrengthConfig(**kw, method="vmap", chunk_size=7)), ref)
+    assert_close(
+        logit_grad_strength(model, ids, attn, token_mask, StrengthConfig(**kw, method="vmap", chunk_size=7)), ref
+    )
 
 
 def test_z_is_the_logit_the_model_outputs(model: torch.nn.Module) -> None:
@@ -181,7 +169,7 @@ def test_sketch_on_a_fused_block_with_its_basis_directions_is_exact() -> None:
         model, ids, attn, token_mask, StrengthConfig("frobenius", projections=("k",), method="loop")
     )
     got = batch.scatter(sketch_squared_norms(model, batch, matrix.weight, basis, chunk_size=256).sqrt())
-    _close(got, ref)
+    assert_close(got, ref)
 
 
 def test_mlp_means_the_matrices_the_family_has() -> None:
@@ -201,7 +189,7 @@ def test_an_unlisted_family_with_separate_projections_gets_loop_and_vmap() -> No
     ids, attn, token_mask = _batch("left")
     kw = dict(layers="all", projections=("q", "k", "v", "o", "mlp"))
     ref = logit_grad_strength(model, ids, attn, token_mask, StrengthConfig(**kw, method="loop"))
-    _close(logit_grad_strength(model, ids, attn, token_mask, StrengthConfig(**kw, method="vmap")), ref)
+    assert_close(logit_grad_strength(model, ids, attn, token_mask, StrengthConfig(**kw, method="vmap")), ref)
     # the loop itself against a backward of the model's own output logit
     b, j = 0, 8
     logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids_from_mask(attn)).logits
@@ -245,7 +233,7 @@ def test_bf16_onepass_stays_within_the_documented_bound_of_an_fp64_loop(family: 
     assert 1e-4 < err < 0.1  # bf16 is really in play, and within the bound
     assert abs(batched_spearman(h[scored], s[scored]).item() - rho_ref) < 1e-2
     upcast = copy.deepcopy(bf16).float()
-    _close(
+    assert_close(
         logit_grad_strength(upcast, ids, attn, token_mask, StrengthConfig(projections=proj, method="onepass")), s_ref
     )
 
@@ -264,4 +252,4 @@ def test_lora_on_fused_projections_every_method_matches_loop(family: str, target
     ids, attn, token_mask = _batch("left")
     ref = logit_grad_strength(model, ids, attn, token_mask, StrengthConfig(method="loop"))
     for method in ("vmap", "onepass"):
-        _close(logit_grad_strength(model, ids, attn, token_mask, StrengthConfig(method=method)), ref)
+        assert_close(logit_grad_strength(model, ids, attn, token_mask, StrengthConfig(method=method)), ref)

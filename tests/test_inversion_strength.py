@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from strength_checks import assert_close, padded_batch
 from transformers import AutoModelForCausalLM, BloomConfig, LlamaConfig, Qwen2Config
 
 from corrpo.inversion.architectures import decoder_parts, select_weights
@@ -12,7 +13,6 @@ from corrpo.inversion.strength import StrengthConfig, logit_grad_strength, score
 from corrpo.inversion.strength_common import (
     ScoringBatch,
     forward_hidden_and_z,
-    max_relative_error,
     position_ids_from_mask,
 )
 from corrpo.inversion.strength_sketch import rademacher_directions, sketch_squared_norms
@@ -51,22 +51,7 @@ def model(request: pytest.FixtureRequest) -> torch.nn.Module:
 
 
 def _batch(padding: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, VOCAB, (2, T), generator=gen)
-    attn = torch.ones(2, T, dtype=torch.long)
-    if padding == "left":
-        attn[0, :4] = 0
-        attn[1, :1] = 0
-    else:
-        attn[0, -3:] = 0
-    token_mask = attn.bool().clone()
-    token_mask[1, 5] = False  # an unscored real token
-    return ids, attn, token_mask
-
-
-def _close(values: torch.Tensor, ref: torch.Tensor, tol: float = 1e-4) -> None:
-    err = max_relative_error(values, ref)
-    assert err <= tol, f"max relative error {err:.2e} > {tol:.0e}"
+    return padded_batch(VOCAB, T, padding)
 
 
 @pytest.mark.parametrize("padding", ["left", "right"])
@@ -81,7 +66,7 @@ def test_fast_methods_match_loop_last_layer(model: torch.nn.Module, padding: str
         assert torch.isfinite(ref).sum() > 10
         for method in ("onepass", "vmap"):
             cfg = StrengthConfig(measure, projections=proj, method=method, chunk_size=5)
-            _close(logit_grad_strength(model, ids, attn, token_mask, cfg), ref)
+            assert_close(logit_grad_strength(model, ids, attn, token_mask, cfg), ref)
 
 
 @pytest.mark.parametrize("layers", ["all", [0], [-2, -1]])
@@ -91,7 +76,7 @@ def test_vmap_matches_loop_any_layers(model: torch.nn.Module, layers: object) ->
         kw = dict(measure=measure, layers=layers, projections=("q", "k", "v", "o", "mlp"))
         ref = logit_grad_strength(model, ids, attn, token_mask, StrengthConfig(**kw, method="loop"))
         got = logit_grad_strength(model, ids, attn, token_mask, StrengthConfig(**kw, method="vmap", chunk_size=7))
-        _close(got, ref)
+        assert_close(got, ref)
 
 
 def test_unscored_positions_are_nan_and_predecessor_padding_dropped() -> None:
@@ -173,22 +158,22 @@ def test_state_restored_no_grad_left_and_frozen_models_work() -> None:
         assert all(p.grad is None for p in model.parameters())
     frozen = _tiny("qwen2").requires_grad_(False)
     ref = logit_grad_strength(frozen, ids, attn, token_mask, StrengthConfig(method="loop"))
-    _close(logit_grad_strength(frozen, ids, attn, token_mask, StrengthConfig(method="onepass")), ref)
+    assert_close(logit_grad_strength(frozen, ids, attn, token_mask, StrengthConfig(method="onepass")), ref)
     assert not any(p.requires_grad for p in frozen.parameters())
     with torch.no_grad():  # callers inside no_grad still get gradients
-        _close(logit_grad_strength(frozen, ids, attn, token_mask, StrengthConfig(method="vmap")), ref)
+        assert_close(logit_grad_strength(frozen, ids, attn, token_mask, StrengthConfig(method="vmap")), ref)
     with torch.inference_mode():  # ... and so do callers inside inference_mode (Lightning validation)
         ids_inf, attn_inf, mask_inf = ids.clone(), attn.clone(), token_mask.clone()
         _, got = score_tokens(frozen, ids_inf, attn_inf, mask_inf, StrengthConfig(method="onepass"))
-    _close(got, ref)
+    assert_close(got, ref)
 
 
 def test_eager_attention_gives_same_result() -> None:
     ids, attn, token_mask = _batch("left")
     sdpa = logit_grad_strength(_tiny("qwen2"), ids, attn, token_mask, StrengthConfig(method="loop"))
     eager = _tiny("qwen2", attn="eager")
-    _close(logit_grad_strength(eager, ids, attn, token_mask, StrengthConfig(method="onepass")), sdpa)
-    _close(logit_grad_strength(eager, ids, attn, token_mask, StrengthConfig(method="vmap")), sdpa)
+    assert_close(logit_grad_strength(eager, ids, attn, token_mask, StrengthConfig(method="onepass")), sdpa)
+    assert_close(logit_grad_strength(eager, ids, attn, token_mask, StrengthConfig(method="vmap")), sdpa)
 
 
 def test_unsupported_architecture_raises() -> None:
@@ -231,7 +216,7 @@ def test_sketch_with_the_standard_basis_as_directions_is_exact(model: torch.nn.M
         ref = logit_grad_strength(model, ids, attn, token_mask, config)
         ((_, weight),) = select_weights(model, [layer], (projection,))
         basis = torch.eye(weight.numel()).view(weight.numel(), *weight.shape)
-        _close(batch.scatter(sketch_squared_norms(model, batch, weight, basis, chunk_size=256).sqrt()), ref)
+        assert_close(batch.scatter(sketch_squared_norms(model, batch, weight, basis, chunk_size=256).sqrt()), ref)
 
 
 def test_sketch_squared_norm_estimates_are_unbiased(model: torch.nn.Module) -> None:
@@ -293,4 +278,4 @@ def test_sketch_falls_back_to_one_jvp_per_direction_with_the_same_result(monkeyp
     monkeypatch.setattr(sketch, "_warned_fallback", False)
     with pytest.warns(UserWarning, match="one JVP per direction"):
         one_by_one = logit_grad_strength(model, ids, attn, token_mask, config)
-    _close(one_by_one, batched, tol=1e-5)
+    assert_close(one_by_one, batched, tol=1e-5)

@@ -10,6 +10,7 @@ import torch
 pytest.importorskip("peft")
 
 from conftest import run_tiny  # noqa: E402
+from strength_checks import assert_close  # noqa: E402
 
 from corrpo.inversion.strength import StrengthConfig, logit_grad_strength, score_tokens  # noqa: E402
 from corrpo.inversion.strength_common import max_relative_error  # noqa: E402
@@ -45,11 +46,6 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return ids, attn, token_mask
 
 
-def _close(values: torch.Tensor, ref: torch.Tensor, tol: float = 1e-4) -> None:
-    err = max_relative_error(values, ref)
-    assert err <= tol, f"max relative error {err:.2e} > {tol:.0e}"
-
-
 def test_only_adapters_require_grad_and_the_wrapped_policy_starts_as_its_base():
     base, tok = load_policy("tiny-qwen2", ARCH, seed=3)
     ids = torch.tensor([tok("3 +4 =", add_special_tokens=False)["input_ids"]])
@@ -74,18 +70,18 @@ def test_strength_is_on_the_effective_weights_for_every_method(family):
         assert torch.isfinite(ref).sum() > 10
         # the LoRA model and the merged model have the same effective weights, hence the same strengths
         on_merged = logit_grad_strength(merged, ids, attn, token_mask, StrengthConfig(projections=proj, method="loop"))
-        _close(on_merged, ref)
+        assert_close(on_merged, ref)
         for method in ("onepass", "vmap"):
             cfg = StrengthConfig(projections=proj, method=method, chunk_size=5)
-            _close(logit_grad_strength(model, ids, attn, token_mask, cfg), ref)
+            assert_close(logit_grad_strength(model, ids, attn, token_mask, cfg), ref)
         # ... and not those of the base model alone: the adapters are part of what is measured
         on_base = logit_grad_strength(base, ids, attn, token_mask, StrengthConfig(projections=proj, method="loop"))
         assert max_relative_error(on_base, ref) > 1e-2
     for layers in ("all", [0]):
         cfg = dict(layers=layers, projections=("q", "v", "mlp"))
         ref = logit_grad_strength(model, ids, attn, token_mask, StrengthConfig(**cfg, method="loop"))
-        _close(logit_grad_strength(merged, ids, attn, token_mask, StrengthConfig(**cfg, method="loop")), ref)
-        _close(logit_grad_strength(model, ids, attn, token_mask, StrengthConfig(**cfg, method="vmap")), ref)
+        assert_close(logit_grad_strength(merged, ids, attn, token_mask, StrengthConfig(**cfg, method="loop")), ref)
+        assert_close(logit_grad_strength(model, ids, attn, token_mask, StrengthConfig(**cfg, method="vmap")), ref)
 
 
 @pytest.mark.parametrize("family", ["tiny-qwen2", "tiny-llama"])
@@ -102,7 +98,7 @@ def test_sketch_is_on_the_effective_weights_too(family):
         ref = logit_grad_strength(model, ids, attn, token_mask, config)
         ((_, weight),) = select_weights(model, [layer], (projection,))  # the frozen base W under the adapter
         basis = torch.eye(weight.numel()).view(weight.numel(), *weight.shape)
-        _close(batch.scatter(sketch_squared_norms(model, batch, weight, basis, chunk_size=256).sqrt()), ref)
+        assert_close(batch.scatter(sketch_squared_norms(model, batch, weight, basis, chunk_size=256).sqrt()), ref)
     cfg = StrengthConfig("frobenius", "all", ("q", "v"), "sketch", sketch_dim=2)
     logit_grad_strength(model, ids, attn, token_mask, cfg)
     assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)

@@ -30,7 +30,8 @@ class StrengthConfig:
     layers: str | list[int] = "last"
     """``last`` (the paper's "output layer"), ``all``, or a list of layer indices (negative allowed)."""
     projections: list[str] = field(default_factory=lambda: ["q", "k", "v", "o"])
-    """Matrices of each selected layer: any of ``q, k, v, o`` and ``mlp`` (= gate, up and down). Weights only:
+    """Matrices of each selected layer: any of ``q, k, v, o`` and ``mlp`` (= the MLP weights: gate, up and down, or up
+    and down in GPT-2 and GPT-NeoX). Weights only:
     biases (Qwen2's q/k/v) are ignored."""
     method: str = "onepass"
     """``loop`` (one backward per token, the reference), ``onepass`` (exact closed forms from ONE backward, last
