@@ -40,6 +40,13 @@ def test_the_stopped_run_checkpoints_where_it_stopped_inside_the_rl_phase(runs):
     assert first.model.steps_done == STOP_AT < first.model.schedule.total
 
 
+def test_the_checkpoint_inside_the_rl_phase_holds_one_optimizer_state(runs):
+    _, _, checkpoint, _ = runs
+    sft_state, rl_state = (opt["state"] for opt in checkpoint["optimizer_states"])
+    assert sft_state == {}, "the SFT AdamW moments are released at the SFT -> RL boundary"
+    assert rl_state and all("exp_avg" in s for s in rl_state.values())
+
+
 def test_the_resumed_run_continues_in_the_same_folder_at_the_next_step(runs):
     _, first, _, second = runs
     assert second.trainer.default_root_dir == first.trainer.default_root_dir
