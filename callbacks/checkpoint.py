@@ -7,14 +7,24 @@ then saves at that epoch end, and Lightning resumes such a checkpoint as a *fini
 (Lightning resumes a batch-end checkpoint mid-epoch, at the next batch) and skips the epoch-end and
 train-end saves of a cut-short run. It also silences Lightning's manual-optimisation warning: saving the
 weights *after* the step is what resuming needs.
+
+It also installs :class:`StreamingCheckpointIO` in place of Lightning's default checkpoint writer, which first
+serialises the whole checkpoint into an in-memory buffer: weights + AdamW moments (12 bytes a parameter) a second
+time in RAM at every save, the peak of a 0.5B run (``benchmarks/memory.py``, row ``fit``).
 """
 
 from __future__ import annotations
 
+import os
 import warnings
+from pathlib import Path
 
 import lightning as L
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from corrpo.training.host import TrainingHost
 
@@ -25,8 +35,27 @@ def _cut_short(pl_module: L.LightningModule) -> bool:
     return isinstance(pl_module, TrainingHost) and pl_module.steps_done < pl_module.schedule.total
 
 
+class StreamingCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` straight into a temporary file beside the target, then an atomic rename (local paths): no
+    in-memory copy of the checkpoint. Other filesystems (object stores) keep Lightning's buffered write."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        torch.save(checkpoint, partial)
+        os.replace(partial, path)  # a reader never sees a half-written checkpoint
+
+
 class ResumableCheckpoint(ModelCheckpoint):
     """ModelCheckpoint (same arguments) that also saves where a run stops early, never at a cut-short epoch end."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # the default; a user's own IO is kept
+            trainer.strategy.checkpoint_io = StreamingCheckpointIO()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         with warnings.catch_warnings():

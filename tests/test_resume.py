@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import run_tiny
 
+from callbacks.checkpoint import StreamingCheckpointIO
 from corrpo.cli import resume_point
 from corrpo.wandb_segments import wandb_segments
 
@@ -41,7 +42,9 @@ def test_the_stopped_run_checkpoints_where_it_stopped_inside_the_rl_phase(runs):
 
 
 def test_the_checkpoint_inside_the_rl_phase_holds_one_optimizer_state(runs):
-    _, _, checkpoint, _ = runs
+    _, first, checkpoint, _ = runs
+    assert isinstance(first.trainer.strategy.checkpoint_io, StreamingCheckpointIO)  # no in-memory copy when saving
+    assert not list((Path(first.trainer.default_root_dir) / "checkpoints").glob("*.partial"))
     sft_state, rl_state = (opt["state"] for opt in checkpoint["optimizer_states"])
     assert sft_state == {}, "the SFT AdamW moments are released at the SFT -> RL boundary"
     assert rl_state and all("exp_avg" in s for s in rl_state.values())
