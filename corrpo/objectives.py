@@ -120,7 +120,8 @@ def token_log_probs_and_entropy(logits: torch.Tensor, targets: torch.Tensor) -> 
     if logits.shape[:-1] != targets.shape:
         raise ValueError(f"targets {tuple(targets.shape)} must be logits.shape[:-1] {tuple(logits.shape[:-1])}")
     rows = max(1, LOG_PROB_SLICE_ELEMENTS // logits.shape[-1])
-    return _TokenLogProbs.apply(logits, targets, rows)
+    log_probs, entropy = _TokenLogProbs.apply(logits, targets, rows)
+    return log_probs, entropy.detach()  # a diagnostic: no grad_fn, so keeping it never keeps the graph
 
 
 def token_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
