@@ -171,9 +171,11 @@ def measure_fit(folder: Path, device: str) -> dict:
     last = root / "checkpoints" / "last.ckpt"
     import torch
 
-    states = torch.load(last, map_location="cpu", weights_only=False)["optimizer_states"]
+    # the peak of the run itself, before this process reads the checkpoint back (mmap: its tensors stay on disk)
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss()
+    states = torch.load(last, map_location="cpu", weights_only=False, mmap=True)["optimizer_states"]
     out = {"shape": "1 SFT + 1 RL", "seconds": time.perf_counter() - start, "ckpt_bytes": last.stat().st_size,
-           "optimizer_states_kept": sum(bool(s["state"]) for s in states)}  # fmt: skip
+           "optimizer_states_kept": sum(bool(s["state"]) for s in states), "peak_bytes": peak}  # fmt: skip
     import shutil
 
     shutil.rmtree(root, ignore_errors=True)
@@ -210,7 +212,8 @@ def child(row: str, folder: Path, device: str) -> dict:
 
     config = AutoConfig.from_pretrained(folder)
     out["params"] = parameter_count(config)
-    out["peak_bytes"] = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss()
+    if "peak_bytes" not in out:
+        out["peak_bytes"] = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss()
     return out
 
 
