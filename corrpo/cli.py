@@ -50,6 +50,7 @@ class CorrPOCLI(LightningCLI):
         if self.subcommand == "fit":
             _check_something_to_train(config)
         trainer = config.trainer
+        check_no_automatic_accumulation(trainer.get("accumulate_grad_batches"))
         root = Path(trainer.default_root_dir or "runs")
         resume = None
         ckpt_path = config.get("ckpt_path")
@@ -126,6 +127,18 @@ class CorrPOCLI(LightningCLI):
 
     def after_test(self) -> None:
         self._finish_wandb()
+
+
+def check_no_automatic_accumulation(accumulate_grad_batches: int | None) -> None:
+    """corrpo optimises manually (an RL batch is several forwards and updates), so Lightning cannot accumulate
+    gradients over batches; the micro-batch keys do it inside each update, normalised as the whole batch."""
+    if accumulate_grad_batches not in (None, 1):
+        raise ValueError(
+            f"trainer.accumulate_grad_batches={accumulate_grad_batches} is not supported (manual optimisation): set "
+            "model.sft.micro_batch_size and model.rl.micro_batch_size instead (gradient accumulation over "
+            "micro-batches inside each update, the same update as the whole batch), and model.rl.generation_batch_size "
+            "/ model.eval_batch_size for the generate calls"
+        )
 
 
 class RunConfigSaver(SaveConfigCallback):

@@ -31,10 +31,15 @@ class OptimConfig:
     """Cosine decay after warm-up to ``min_lr_ratio * lr`` at the last step; 1 keeps the lr constant."""
     max_grad_norm: float = 1.0
     """Gradient-norm clip; 0 disables it."""
+    micro_batch_size: int | None = None
+    """Rows per forward/backward; their gradients accumulate into the one update of the batch, normalised exactly
+    as the whole batch (the same update, less activation memory). None = the whole batch at once. This, not
+    ``trainer.accumulate_grad_batches``, is gradient accumulation under corrpo's manual optimisation."""
 
     def _check(self, section: str) -> None:
         _check_non_negative(section, steps=self.steps, warmup_steps=self.warmup_steps, max_grad_norm=self.max_grad_norm)
         _check_positive(section, lr=self.lr, min_lr_ratio=self.min_lr_ratio)
+        _check_optional_positive_int(section, micro_batch_size=self.micro_batch_size)
 
 
 @dataclass
@@ -103,6 +108,9 @@ class RLConfig(OptimConfig):
     reward_failure_patience: int = 3
     """Consecutive RL steps over ``max_reward_failure_share`` before the abort (a broken verifier, not one bad
     completion)."""
+    generation_batch_size: int | None = None
+    """Completions per generate call (whole groups: ``max(1, generation_batch_size // num_generations)`` prompts a
+    call); None = the whole batch in one call. Bounds the rollout's KV cache and logits."""
 
     def __post_init__(self) -> None:
         if isinstance(self.sampling, dict):
@@ -110,6 +118,7 @@ class RLConfig(OptimConfig):
         if isinstance(self.inversion, dict):
             self.inversion = InversionRewardConfig(**self.inversion)
         self._check("rl")
+        _check_optional_positive_int("rl", generation_batch_size=self.generation_batch_size)
         _check_non_negative("rl", beta=self.beta)
         _check_positive("rl", num_generations=self.num_generations, num_iterations=self.num_iterations)
         if self.num_generations == 1 and self.steps > 0:
@@ -156,3 +165,9 @@ def _check_non_negative(section: str, **values: float) -> None:
     for key, value in values.items():
         if not value >= 0:
             raise ValueError(f"{section}.{key} must be >= 0, got {value!r}")
+
+
+def _check_optional_positive_int(section: str, **values: int | None) -> None:
+    for key, value in values.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{section}.{key} must be a positive int or null (the whole batch), got {value!r}")

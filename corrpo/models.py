@@ -149,6 +149,17 @@ def load_policy(
     return model, tokenizer
 
 
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """Hugging Face's activation (gradient) checkpointing of every decoder layer, non-reentrant: works with frozen
+    inputs, LoRA and forward hooks. ``activation_checkpointing_enable`` in transformers >= 5.2 (the old name warns),
+    ``gradient_checkpointing_enable`` before; both set ``gradient_checkpointing`` on each layer."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def load_tokenizer(name_or_folder: str) -> PreTrainedTokenizerBase:
     """``AutoTokenizer``, except for folders saved from a generic fast tokenizer (our char tokenizer).
 

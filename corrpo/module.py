@@ -12,7 +12,9 @@ Both steps are plain code in :mod:`corrpo.training` (the benchmarks and tests ca
 file keeps Lightning's concerns only: optimizers, logging, phases, evaluation points, checkpoint state.
 
 Manual optimisation because an RL step is not one forward/backward: it generates, scores and then may
-update several times on the same rollouts. Two optimizers (SFT, RL) so RL starts with fresh moments.
+update several times on the same rollouts. Two optimizers (SFT, RL) so RL starts with fresh moments; the SFT
+moments are released at the boundary, so one optimizer state is alive (and checkpointed) at a time. Gradient
+accumulation is ``sft.micro_batch_size`` / ``rl.micro_batch_size`` inside the one update of a batch.
 A non-finite loss or gradient skips the update (counted in ``skipped_updates``, warned): weights never
 become NaN.
 
@@ -33,17 +35,18 @@ from lightning.pytorch.utilities import rank_zero_info
 from corrpo.batching import encode_prompts
 from corrpo.config import RLConfig, SFTConfig
 from corrpo.lora import LoRAConfig, apply_lora
-from corrpo.models import TinyArchitecture, export_policy, load_policy
+from corrpo.models import TinyArchitecture, enable_gradient_checkpointing, export_policy, load_policy
 from corrpo.rewards import reward_functions
 from corrpo.rewards.accuracy import accuracy_reward
 from corrpo.rng import restore_rng_states, rng_states
-from corrpo.rollout import Generator, HFGenerator, Rollout
+from corrpo.rollout import Generator, HFGenerator, Rollout, concat_rollouts
 from corrpo.run_folder import run_folder
 from corrpo.training.collectives import SINGLE_PROCESS, Collectives, LightningCollectives
+from corrpo.training.forward import row_chunks
 from corrpo.training.grpo import GRPOStep, RLContext
 from corrpo.training.phases import PhaseSchedule
 from corrpo.training.sft import sft_step
-from corrpo.training.update import UpdateOutcome
+from corrpo.training.update import UpdateOutcome, adamw
 
 
 class CorrPOModule(L.LightningModule):
@@ -64,6 +67,9 @@ class CorrPOModule(L.LightningModule):
             inversion is measured on the effective weights ``W + (alpha / r) B A``; unset = full fine-tuning.
         generator: the rollout engine, a :class:`corrpo.rollout.Generator` (class path in a config); None =
             :class:`HFGenerator` (``model.generate``); :class:`corrpo.vllm_generator.VLLMGenerator` for vLLM.
+        gradient_checkpointing: recompute each decoder layer's activations in the backward (Hugging Face's, with
+            ``use_reentrant=False``): activation memory of one layer instead of all, about a third more compute.
+            The inversion scoring turns it off for its own pass (exact scores either way).
     """
 
     def __init__(
@@ -79,6 +85,7 @@ class CorrPOModule(L.LightningModule):
         seed: int = 0,
         lora: LoRAConfig | None = None,
         generator: Generator | None = None,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["generator"])  # an engine (vLLM) is not a hyperparameter to pickle
@@ -90,6 +97,8 @@ class CorrPOModule(L.LightningModule):
             raise ValueError(f"model.eval_batch_size must be >= 1, got {eval_batch_size}")
         self.eval_batch_size = eval_batch_size
         self.policy, self.tokenizer = load_policy(policy, tiny, dtype, attn_implementation, seed)
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(self.policy)
         if lora is not None:
             self.policy = apply_lora(self.policy, lora, seed)
         reward_fns = reward_functions(self.rl.rewards)
@@ -124,9 +133,16 @@ class CorrPOModule(L.LightningModule):
     def configure_optimizers(self):
         # with model.lora only the adapters require grad: the frozen base gets no AdamW state
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        sft_opt = torch.optim.AdamW(params, lr=self.sft.lr, weight_decay=self.sft.weight_decay)
-        rl_opt = torch.optim.AdamW(params, lr=self.rl.lr, weight_decay=self.rl.weight_decay)
+        sft_opt = adamw(params, lr=self.sft.lr, weight_decay=self.sft.weight_decay)
+        rl_opt = adamw(params, lr=self.rl.lr, weight_decay=self.rl.weight_decay)
         return [sft_opt, rl_opt]
+
+    def release_sft_optimizer(self) -> None:
+        """Drop the SFT AdamW moments (8 bytes a parameter) as RL starts: RL has its own optimizer, so one state is
+        alive at a time and a checkpoint holds one. A run resumed in the RL phase restores the empty SFT state, one
+        resumed before the boundary releases it at the same batch: exact resume holds on both sides."""
+        sft_opt, _ = self.optimizers(use_pl_optimizer=False)
+        sft_opt.state.clear()
 
     def on_train_start(self) -> None:
         if self.steps_done == 0:  # a resumed run measured its start already
@@ -143,8 +159,10 @@ class CorrPOModule(L.LightningModule):
             self._rng_to_restore = None
         if self.schedule.is_boundary(batch["step"]):
             self.evaluate_and_log("sft_end")
-        if self.schedule.starts_rl(batch["step"]) and self.ref_policy is not None:
-            self.ref_policy.load_state_dict(self.policy.state_dict())
+        if self.schedule.starts_rl(batch["step"]):
+            self.release_sft_optimizer()
+            if self.ref_policy is not None:
+                self.ref_policy.load_state_dict(self.policy.state_dict())
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         self._log_step("phase", float(batch["phase"] == "rl"), prog_bar=True)
@@ -192,20 +210,28 @@ class CorrPOModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------------------- RL
     def generate_rollout(self, prompts: list[str], num_generations: int, greedy: bool = False) -> Rollout:
+        """``num_generations`` completions per prompt, ``rl.generation_batch_size`` completions (whole groups) per
+        generate call; the prompts are encoded together, so every chunk shares one prompt width."""
         enc = encode_prompts(self.tokenizer, prompts, self.rl.max_prompt_length, self.use_chat_template)
         if self._generator_stale:  # e.g. vLLM holds its own copy of the weights: refresh it after updates
             self.generator.sync_weights(self.policy)
             self._generator_stale = False
-        return self.generator.generate(
-            self.policy,
-            enc["input_ids"].to(self.device),
-            enc["attention_mask"].to(self.device),
-            num_generations,
-            self.rl.sampling,
-            eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id,
-            greedy=greedy,
-        )
+        per_call = self.rl.generation_batch_size
+        prompts_per_call = len(prompts) if per_call is None else max(1, per_call // num_generations)
+        rollouts = [
+            self.generator.generate(
+                self.policy,
+                enc["input_ids"][rows].to(self.device),
+                enc["attention_mask"][rows].to(self.device),
+                num_generations,
+                self.rl.sampling,
+                eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=self.tokenizer.pad_token_id,
+                greedy=greedy,
+            )
+            for rows in row_chunks(len(prompts), prompts_per_call)
+        ]
+        return concat_rollouts(rollouts, self.tokenizer.pad_token_id)
 
     def decode_completions(self, rollout: Rollout) -> list[str]:
         ids = rollout.completion_ids.masked_fill(~rollout.completion_mask, self.tokenizer.pad_token_id)

@@ -14,11 +14,11 @@ an entropy-quantile token mask (the 80/20 baseline) and the Clip-Cov / KL-Cov va
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 from corrpo.covariance_tokens import POLICY_LOSSES, clip_cov_tokens, kl_cov_tokens, token_covariance
 
@@ -69,9 +69,65 @@ def zero_std_fraction(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return (grouped.max(dim=1).values == grouped.min(dim=1).values).float().mean()
 
 
+LOG_PROB_SLICE_ELEMENTS = 1 << 24
+"""fp32 working copy of one :class:`_TokenLogProbs` slice, in elements (64 MiB): the memory budget of a log-prob."""
+
+
+class _TokenLogProbs(torch.autograd.Function):
+    """``log_softmax(z_t)[y_t]`` and the entropy of ``softmax(z_t)`` (bits), slice by slice, bit for bit what
+    ``F.log_softmax(logits.float()).gather(...)`` and its autograd give.
+
+    That expression keeps an fp32 ``[N, L, V]`` copy alive for the backward (with a 150k vocabulary the largest
+    tensor of a step). Here each slice of rows is upcast, reduced and dropped; the backward recomputes the slice's
+    ``log_softmax`` from the saved logits (in their own dtype): ``d log p(y_t) / d z_t = onehot(y_t) - softmax(z_t)``.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, rows: int):
+        flat, flat_targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1, 1)
+        log_probs = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+        entropy = torch.empty_like(log_probs)
+        for start in range(0, flat.shape[0], rows):
+            part = slice(start, start + rows)
+            logp = torch.log_softmax(flat[part].float(), dim=-1)
+            log_probs[part] = logp.gather(-1, flat_targets[part]).squeeze(-1)
+            entropy[part] = -(logp.exp() * logp).sum(-1) / math.log(2.0)
+        ctx.save_for_backward(logits, targets)
+        ctx.rows = rows
+        ctx.mark_non_differentiable(entropy)
+        return log_probs.view(targets.shape), entropy.view(targets.shape)
+
+    @staticmethod
+    def backward(ctx, grad_log_probs: torch.Tensor, _grad_entropy: torch.Tensor):
+        logits, targets = ctx.saved_tensors
+        flat, flat_targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1, 1)
+        grad = grad_log_probs.reshape(-1, 1).float()
+        grad_logits = torch.empty_like(flat)
+        for start in range(0, flat.shape[0], ctx.rows):
+            part = slice(start, start + ctx.rows)
+            # log_softmax's own backward, ``g_onehot - exp(logp) * sum(g_onehot)``, on a zero-but-one gradient
+            onehot = torch.zeros(flat[part].shape, dtype=torch.float32, device=flat.device)
+            onehot.scatter_(-1, flat_targets[part], grad[part])
+            grad_logits[part] = torch._log_softmax_backward_data(
+                onehot, torch.log_softmax(flat[part].float(), dim=-1), -1, torch.float32
+            )
+        return grad_logits.view_as(logits), None, None
+
+
+def token_log_probs_and_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log p(targets[t] | logits[t]) [N, L] fp32, entropy bits [N, L] fp32 (no grad))`` from one pass over the
+    logits, never holding more than a :data:`LOG_PROB_SLICE_ELEMENTS` fp32 slice of them (any logits dtype)."""
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(f"targets {tuple(targets.shape)} must be logits.shape[:-1] {tuple(logits.shape[:-1])}")
+    rows = max(1, LOG_PROB_SLICE_ELEMENTS // logits.shape[-1])
+    log_probs, entropy = _TokenLogProbs.apply(logits, targets, rows)
+    return log_probs, entropy.detach()  # a diagnostic: no grad_fn, so keeping it never keeps the graph
+
+
 def token_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """``log p(targets[t] | logits[t])`` per position, in fp32: ``[N, L, V], [N, L] -> [N, L]``."""
-    return torch.gather(F.log_softmax(logits.float(), dim=-1), -1, targets.unsqueeze(-1)).squeeze(-1)
+    """``log p(targets[t] | logits[t])`` per position, in fp32: ``[N, L, V], [N, L] -> [N, L]``, without an fp32
+    ``[N, L, V]`` copy (:func:`token_log_probs_and_entropy`)."""
+    return token_log_probs_and_entropy(logits, targets)[0]
 
 
 def kl_k3(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
@@ -96,6 +152,8 @@ def aggregate_token_loss(
     loss_type: LossType,
     max_completion_length: int,
     num_tokens: torch.Tensor | float | None = None,
+    num_sequences: int | None = None,
+    local_tokens: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """Reduce a per-token loss ``[N, L]`` to a scalar.
 
@@ -109,17 +167,23 @@ def aggregate_token_loss(
     ``num_tokens`` replaces the ``dapo`` denominator; under DDP pass the global token count / world size, so
     that DDP's average of the ranks' gradients is the single-process token mean (what TRL does). ``bnpo``
     ignores it.
+
+    Micro-batches: ``per_token`` may be a chunk of rows of a larger batch. The chunk losses then sum to the whole
+    batch's loss when every normaliser is the whole batch's: ``num_sequences`` (``grpo``, ``dr_grpo``: its rows),
+    ``num_tokens`` (``dapo``: its token count, averaged over ranks) and ``local_tokens`` (``bnpo``: this rank's
+    token count). Each defaults to the chunk's own, i.e. the chunk is the batch.
     """
     mask = mask.to(per_token.dtype)
     masked = per_token * mask
+    rows = per_token.shape[0] if num_sequences is None else num_sequences
     if loss_type == "grpo":
-        return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).sum() / rows
     if loss_type == "dr_grpo":
-        return masked.sum() / (per_token.shape[0] * max_completion_length)
+        return masked.sum() / (rows * max_completion_length)
     if loss_type == "dapo":
         return masked.sum() / (mask.sum().clamp(min=1.0) if num_tokens is None else num_tokens)
     if loss_type == "bnpo":
-        return masked.sum() / mask.sum().clamp(min=1.0)
+        return masked.sum() / (mask.sum().clamp(min=1.0) if local_tokens is None else local_tokens)
     raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
 
 
@@ -158,6 +222,33 @@ def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, top_quantile: f
     return mask & (entropy.float() >= threshold)
 
 
+def covariance_selection(
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    epsilon_low: float,
+    epsilon_high: float,
+    policy_loss: str,
+    cov_ratio: float,
+    clip_cov_bounds: tuple[float, float] = (1.0, 5.0),
+) -> torch.Tensor:
+    """Clip-Cov / KL-Cov's restrained tokens ``[N, L]`` bool over a whole batch (detached): the covariance means,
+    the token count and Clip-Cov's random draw all span the batch, so a micro-batched step selects what the
+    full-batch step would and applies the selection chunk by chunk."""
+    with torch.no_grad():
+        cov = token_covariance(advantages, log_probs, mask)
+        if policy_loss == "clip_cov":
+            adv = advantages.unsqueeze(-1).to(log_probs.dtype)
+            ratio = torch.exp(log_probs - old_log_probs)
+            clipped = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
+            stopped = clipped * adv < ratio * adv  # the clip is the active term there already
+            return clip_cov_tokens(cov, mask, stopped, cov_ratio, *clip_cov_bounds)
+        if policy_loss == "kl_cov":
+            return kl_cov_tokens(cov, mask, cov_ratio)
+    raise ValueError(f"covariance_selection: policy_loss must be clip_cov or kl_cov, got {policy_loss!r}")
+
+
 def clipped_policy_loss(
     log_probs: torch.Tensor,
     old_log_probs: torch.Tensor,
@@ -175,6 +266,9 @@ def clipped_policy_loss(
     cov_ratio: float = 2e-4,
     clip_cov_bounds: tuple[float, float] = (1.0, 5.0),
     kl_cov_coef: float = 1.0,
+    cov_tokens: torch.Tensor | None = None,
+    num_sequences: int | None = None,
+    local_tokens: torch.Tensor | float | None = None,
 ) -> PolicyLossOutput:
     """The clipped surrogate, per token, aggregated.
 
@@ -192,6 +286,8 @@ def clipped_policy_loss(
     ``policy_loss``: ``clip`` (the above), ``clip_cov`` (the above with the gradient of a few high-covariance
     tokens removed) or ``kl_cov`` (unclipped ``-ratio * A``, plus ``kl_cov_coef * |logp - logp_old|`` on the
     highest-covariance tokens); see :mod:`corrpo.covariance_tokens` for the selection and its parameters.
+    ``cov_tokens``: that selection made already (:func:`covariance_selection`, over a whole batch of which these
+    rows are a micro-batch); ``num_sequences`` and ``local_tokens``: see :func:`aggregate_token_loss`.
     """
     if beta > 0 and ref_log_probs is None:
         raise ValueError("beta > 0 needs ref_log_probs")
@@ -203,13 +299,15 @@ def clipped_policy_loss(
     if policy_loss != "clip":
         if policy_loss not in POLICY_LOSSES:
             raise ValueError(f"policy_loss must be one of {POLICY_LOSSES}, got {policy_loss!r}")
-        cov = token_covariance(advantages, log_probs, mask)
+        chosen = cov_tokens
+        if chosen is None:
+            chosen = covariance_selection(
+                log_probs, old_log_probs, advantages, mask, epsilon_low, epsilon_high, policy_loss, cov_ratio,
+                clip_cov_bounds,
+            )  # fmt: skip
         if policy_loss == "clip_cov":
-            stopped = (clipped * adv < ratio * adv).detach()  # the clip is the active term there already
-            chosen = clip_cov_tokens(cov, mask, stopped, cov_ratio, *clip_cov_bounds)
             per_token = per_token * (~chosen).to(per_token.dtype)
         else:
-            chosen = kl_cov_tokens(cov, mask, cov_ratio)
             penalty = kl_cov_coef * (log_probs - old_log_probs).abs() * chosen.to(log_probs.dtype)
             per_token = -ratio * adv + penalty
         cov_selected = masked_mean(chosen.float(), mask)
@@ -222,7 +320,7 @@ def clipped_policy_loss(
     if train_mask is not None:
         per_token = per_token * train_mask.to(per_token.dtype)
     length = max_completion_length if max_completion_length is not None else mask.shape[-1]
-    loss = aggregate_token_loss(per_token, mask, loss_type, length, num_tokens)
+    loss = aggregate_token_loss(per_token, mask, loss_type, length, num_tokens, num_sequences, local_tokens)
     with torch.no_grad():
         low = (ratio < 1.0 - epsilon_low) & (adv < 0)
         high = (ratio > 1.0 + epsilon_high) & (adv > 0)

@@ -182,3 +182,30 @@ def rollout_from_token_lists(
         truncated=torch.tensor(truncated, dtype=torch.bool, device=device),
         prompt_length=ids.shape[1],
     )
+
+
+def concat_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
+    """One :class:`Rollout` from rollouts of consecutive prompt chunks sharing one prompt width (``P``): their
+    completions are right-padded to the widest (pad ids, mask False), so rows keep their prompt-major order."""
+    if len(rollouts) == 1:
+        return rollouts[0]
+    if len({r.prompt_length for r in rollouts}) != 1:
+        raise ValueError("concat_rollouts: the rollouts must share one prompt width")
+    width = max(r.completion_mask.shape[1] for r in rollouts)
+
+    def right_pad(t: torch.Tensor, value) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+    completions = [right_pad(r.completion_ids, pad_token_id) for r in rollouts]
+    masks = [right_pad(r.completion_mask, False) for r in rollouts]
+    P = rollouts[0].prompt_length
+    pairs = list(zip(rollouts, completions, masks, strict=True))
+    return Rollout(
+        sequences=torch.cat([torch.cat([r.sequences[:, :P], c], 1) for r, c, _ in pairs]),
+        attention_mask=torch.cat(
+            [torch.cat([r.attention_mask[:, :P], m.to(r.attention_mask.dtype)], 1) for r, _, m in pairs]
+        ),
+        completion_mask=torch.cat(masks),
+        truncated=torch.cat([r.truncated for r in rollouts]),
+        prompt_length=P,
+    )

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import run_tiny
 
 from corrpo.cli import build_cli, new_run_folder
 
@@ -55,3 +56,8 @@ def test_a_run_that_cannot_be_built_leaves_no_empty_run_folder(tmp_path, capsys)
         build_cli(["fit", "--config", str(CONFIGS[0].parent / "tiny.yaml"), "--model.policy", str(tmp_path / "nope"),
                    f"--trainer.default_root_dir={root}"])  # fmt: skip
     assert root.is_dir() and not any(root.iterdir())
+
+
+def test_accumulate_grad_batches_names_the_micro_batch_keys(tmp_path):
+    with pytest.raises(ValueError, match=r"model\.sft\.micro_batch_size and model\.rl\.micro_batch_size"):
+        run_tiny(tmp_path, "--trainer.accumulate_grad_batches=2")

@@ -1,5 +1,6 @@
 """Two-process DDP on the CPU (gloo): the tiny config through both phases, groups kept on one rank, and the
-SFT phase, the InversionStrength values and the accuracy equal to a single-process run on the same data.
+SFT phase, the InversionStrength values and the accuracy equal to a single-process run on the same data (the DDP
+run micro-batched, the single one not).
 
 Both runs are subprocesses of ``python -m corrpo.cli fit`` with the same arguments; the DDP one adds
 ``--trainer.strategy ddp --trainer.devices 2 --trainer.accelerator cpu`` (Lightning re-launches the
@@ -31,6 +32,9 @@ ARGS = [
     '--trainer.logger+={"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "csv"}}',
 ]
 DDP = ["--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu"]
+# The DDP run also micro-batches (each rank's 4 SFT rows as 3 + 1, its 8 RL rows as 3 + 3 + 2): the global token
+# count and the gathered entropy threshold span every chunk of every rank, so SFT still equals the single run.
+MICRO = ["--model.sft.micro_batch_size=3", "--model.rl.micro_batch_size=3"]
 
 
 def _fit(root: Path, *extra: str) -> Path:
@@ -47,7 +51,7 @@ def _fit(root: Path, *extra: str) -> Path:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     single = _fit(tmp_path_factory.mktemp("single"))
-    ddp = _fit(tmp_path_factory.mktemp("ddp"), *DDP)
+    ddp = _fit(tmp_path_factory.mktemp("ddp"), *DDP, *MICRO)
     return single, ddp
 
 

@@ -45,8 +45,14 @@ def hand_wired_step(module: CorrPOModule, optimizer, records: list[dict]) -> tup
     centred = grouped - grouped.mean(1, keepdim=True)
     advantages = torch.where(centred == 0, 0.0, centred / (grouped.std(1, keepdim=True) + 1e-4)).view(-1)
     position_ids = (rollout.attention_mask.cumsum(-1) - 1).clamp(min=0)
-    logits = module.policy(rollout.sequences, attention_mask=rollout.attention_mask, position_ids=position_ids).logits
-    logits = logits[:, rollout.prompt_length - 1 : -1].float()
+    # only the positions that predict completion tokens are unembedded (as the pipeline does, to save the prompt's
+    # logits): the lm_head matmul then has the pipeline's shape, so both round alike and AdamW's first step, which
+    # divides each gradient by its own magnitude, sees the same near-zero gradients
+    width = rollout.completion_ids.shape[1] + 1
+    logits = module.policy(
+        rollout.sequences, attention_mask=rollout.attention_mask, position_ids=position_ids, logits_to_keep=width
+    ).logits
+    logits = logits[:, :-1].float()
     log_probs = logits.log_softmax(-1).gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
     ratio = torch.exp(log_probs - log_probs.detach())  # one iteration: the ratio is 1, its gradient is not
     mask = rollout.completion_mask.float()

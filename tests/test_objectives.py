@@ -167,3 +167,25 @@ def test_high_entropy_mask_takes_batches_beyond_torch_quantiles_size_limit():
     entropy = torch.arange(n, dtype=torch.float32).view(1, n)
     keep = high_entropy_mask(entropy, torch.ones_like(entropy, dtype=torch.bool), 0.5)
     assert keep.sum().item() == 2**23 + 1  # the median is exactly 2**23; everything from it up is kept
+
+
+def test_sliced_log_probs_and_entropy_are_log_softmax_bit_for_bit(monkeypatch):
+    import corrpo.objectives as objectives
+
+    monkeypatch.setattr(objectives, "LOG_PROB_SLICE_ELEMENTS", 3 * 11)  # 3 rows a slice: 15 rows in 5 slices
+    logits = torch.randn(3, 5, 11, requires_grad=True)
+    targets = torch.randint(0, 11, (3, 5))
+    log_probs, entropy = objectives.token_log_probs_and_entropy(logits, targets)
+    reference = logits.float().log_softmax(-1)
+    expected = reference.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    assert torch.equal(log_probs, expected) and not entropy.requires_grad
+    torch.testing.assert_close(entropy, -(reference.exp() * reference).sum(-1).detach() / math.log(2.0))
+    weights = torch.randn(3, 5)
+    (grad,) = torch.autograd.grad((log_probs * weights).sum(), logits)
+    (grad_reference,) = torch.autograd.grad((expected * weights).sum(), logits)
+    assert torch.equal(grad, grad_reference)
+    half = logits.detach().bfloat16().requires_grad_()  # bf16 logits: fp32 math, a bf16 gradient
+    lp_half, _ = objectives.token_log_probs_and_entropy(half, targets)
+    assert lp_half.dtype == torch.float32
+    (grad_half,) = torch.autograd.grad(lp_half.sum(), half)
+    assert grad_half.dtype == torch.bfloat16

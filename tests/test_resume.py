@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import REPO, TINY_FAST_ARGS, run_tiny
 
+from callbacks.checkpoint import AtomicCheckpointIO
 from corrpo.cli import ResumeError, resume_point
 from corrpo.wandb_segments import wandb_segments
 
@@ -42,6 +43,15 @@ def test_the_stopped_run_checkpoints_where_it_stopped_inside_the_rl_phase(runs):
     assert checkpoint["corrpo"]["steps_done"] == STOP_AT
     assert first.model.schedule.phase_at(checkpoint["corrpo"]["steps_done"]) == "rl"
     assert first.model.steps_done == STOP_AT < first.model.schedule.total
+
+
+def test_the_checkpoint_inside_the_rl_phase_holds_one_optimizer_state(runs):
+    _, first, checkpoint, _ = runs
+    assert isinstance(first.trainer.strategy.checkpoint_io, AtomicCheckpointIO)  # no in-memory copy when saving
+    assert not list((Path(first.trainer.default_root_dir) / "checkpoints").glob("*.partial"))
+    sft_state, rl_state = (opt["state"] for opt in checkpoint["optimizer_states"])
+    assert sft_state == {}, "the SFT AdamW moments are released at the SFT -> RL boundary"
+    assert rl_state and all("exp_avg" in s for s in rl_state.values())
 
 
 def test_the_resumed_run_continues_in_the_same_folder_at_the_next_step(runs):

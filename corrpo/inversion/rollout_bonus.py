@@ -58,6 +58,9 @@ class InversionRewardConfig:
     """Responses with fewer scored completion tokens get no bonus (too noisy a correlation)."""
     center: bool = False
     """Subtract the mean bonus over each group's valid members (invalid members stay 0)."""
+    rows_per_chunk: int | None = None
+    """Responses per scoring forward/backward (bounds the scoring pass's memory: its logits are
+    ``rows x sequence x vocabulary``); None = ``rl.micro_batch_size``, or 64 when that is unset too."""
 
     def __post_init__(self) -> None:
         if isinstance(self.coef, bool) or not isinstance(self.coef, int | float) or not math.isfinite(self.coef):
@@ -76,6 +79,9 @@ class InversionRewardConfig:
             )
         if self.correlation not in CORRELATIONS:
             raise ValueError(f"rl.inversion.correlation must be one of {CORRELATIONS}, got {self.correlation!r}")
+        rows = self.rows_per_chunk
+        if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
+            raise ValueError(f"rl.inversion.rows_per_chunk must be a positive int or null, got {rows!r}")
         self.strength = strength_spec(self.strength, "rl.inversion.strength", REWARD_STRENGTH_DEFAULTS)
 
     def coef_at(self, rl_step: int) -> float:

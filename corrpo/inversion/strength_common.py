@@ -115,7 +115,12 @@ def check_generic_logits(model: nn.Module, parts: DecoderParts, batch: ScoringBa
 
 @contextmanager
 def scoring_mode(model: nn.Module, grad_params: Iterable[nn.Parameter]) -> Iterator[None]:
-    """Eval mode, grad enabled, ``requires_grad`` ONLY on ``grad_params``; everything restored on exit.
+    """Eval mode, grad enabled, ``requires_grad`` ONLY on ``grad_params``, gradient checkpointing off; everything
+    restored on exit.
+
+    Checkpointing (``model.gradient_checkpointing``) would re-run layers inside the backward, firing the onepass
+    forward hooks a second time and the per-token backwards through recomputation: scoring is its own forward
+    and keeps its activations (a last-layer score holds one layer's), so it is off here whatever the model's mode.
 
     Turning ``requires_grad`` off elsewhere makes the autograd graph start at the first selected weight (a
     last-layer score never stores activations of earlier layers) and lets frozen models be scored. No
@@ -125,8 +130,11 @@ def scoring_mode(model: nn.Module, grad_params: Iterable[nn.Parameter]) -> Itera
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     wanted = {id(p) for p in grad_params}
+    checkpointed = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
     try:
         model.eval()
+        for module in checkpointed:
+            module.gradient_checkpointing = False
         for p in params:
             p.requires_grad_(id(p) in wanted)
         with torch.enable_grad():
@@ -134,6 +142,8 @@ def scoring_mode(model: nn.Module, grad_params: Iterable[nn.Parameter]) -> Itera
     finally:
         for p, flag in zip(params, flags, strict=True):
             p.requires_grad_(flag)
+        for module in checkpointed:
+            module.gradient_checkpointing = True
         model.train(was_training)
 
 

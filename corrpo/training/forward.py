@@ -1,4 +1,9 @@
-"""Logits and completion log-probs of a batch, with positions taken from the attention mask."""
+"""Training forwards: logits and completion log-probs of a batch, positions from the attention mask, no KV cache.
+
+Every forward here passes ``use_cache=False`` (a training or scoring forward never reads a cache; building one
+costs memory) and computes log-probs and entropy without an fp32 ``[N, L, V]`` copy of the logits
+(:func:`corrpo.objectives.token_log_probs_and_entropy`). :func:`row_chunks` splits a batch into micro-batches.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +11,37 @@ import torch
 from torch import nn
 
 from corrpo.batching import position_ids_from_mask
-from corrpo.objectives import token_log_probs
+from corrpo.objectives import token_log_probs_and_entropy
 from corrpo.rollout import Rollout
 
 
-def forward_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """``[B, T, V]`` logits; ``position_ids`` from the mask so left padding never shifts positions."""
+def row_chunks(n_rows: int, micro_batch_size: int | None) -> list[slice]:
+    """The row slices of a batch of ``n_rows`` in micro-batches of ``micro_batch_size`` (None: one, the batch)."""
+    size = n_rows if micro_batch_size is None else max(1, micro_batch_size)
+    return [slice(start, min(start + size, n_rows)) for start in range(0, max(n_rows, 1), max(size, 1))]
+
+
+def forward_logits(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0
+) -> torch.Tensor:
+    """``[B, T, V]`` logits (the last ``logits_to_keep`` positions only when > 0); ``position_ids`` from the mask
+    so left padding never shifts positions."""
     position_ids = position_ids_from_mask(attention_mask)
-    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    keep = {"logits_to_keep": logits_to_keep} if logits_to_keep > 0 else {}
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **keep)
+    return out.logits
 
 
-def completion_log_probs(model: nn.Module, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs ``[N, L]`` of the completion tokens of ``rollout`` under ``model``, and the logits ``[N, L, V]``
-    that produced them (token ``P + j`` is predicted at column ``P + j - 1``)."""
-    logits = forward_logits(model, rollout.sequences, rollout.attention_mask)
-    logits = logits[:, rollout.prompt_length - 1 : -1]
-    return token_log_probs(logits, rollout.completion_ids), logits
+def completion_log_probs(
+    model: nn.Module, rollout: Rollout, rows: slice = slice(None)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs ``[n, L]`` (fp32, differentiable) of the completion tokens of ``rollout``'s ``rows`` under
+    ``model``, and their entropy in bits ``[n, L]`` (fp32, no grad; 0 off the completion mask).
+
+    Token ``P + j`` is predicted at column ``P + j - 1``: only the ``L + 1`` last positions are unembedded
+    (``logits_to_keep``), so the prompt costs no logits.
+    """
+    completion = rollout.completion_ids[rows]
+    logits = forward_logits(model, rollout.sequences[rows], rollout.attention_mask[rows], completion.shape[1] + 1)
+    log_probs, entropy = token_log_probs_and_entropy(logits[:, :-1], completion)
+    return log_probs, entropy.masked_fill(~rollout.completion_mask[rows].bool(), 0.0)

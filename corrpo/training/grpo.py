@@ -27,11 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from corrpo.config import RLConfig
-from corrpo.inversion.entropy import token_entropy_bits
 from corrpo.inversion.rollout_bonus import InversionRewardConfig, inversion_bonus, rollout_correlations
 from corrpo.objectives import (
     PolicyLossOutput,
     clipped_policy_loss,
+    covariance_selection,
     group_advantages,
     high_entropy_mask,
     masked_mean,
@@ -41,7 +41,7 @@ from corrpo.rewards.combine import RewardFailureMonitor, RewardFn, RewardScores,
 from corrpo.rollout import Rollout
 from corrpo.schedule import warmup_cosine_lr
 from corrpo.training.collectives import SINGLE_PROCESS, Collectives
-from corrpo.training.forward import completion_log_probs
+from corrpo.training.forward import completion_log_probs, row_chunks
 from corrpo.training.update import UpdateOutcome, apply_update
 
 
@@ -98,11 +98,18 @@ class RLStepResult:
 
 
 def inversion_term(
-    policy: nn.Module, rollout: Rollout, config: InversionRewardConfig, rl_index: int, group_size: int
+    policy: nn.Module,
+    rollout: Rollout,
+    config: InversionRewardConfig,
+    rl_index: int,
+    group_size: int,
+    rows_per_chunk: int = 64,
 ) -> InversionTerm:
     """The CorR-PO reward stage: ``coef_at(rl_index) * clip(-rho_i, -1, 1)`` per response, on the policy that
-    sampled it (:mod:`corrpo.inversion.rollout_bonus`)."""
-    rho, n_tokens = rollout_correlations(policy, rollout.sequences, rollout.attention_mask, rollout.token_mask, config)
+    sampled it (:mod:`corrpo.inversion.rollout_bonus`), ``rows_per_chunk`` responses per scoring pass."""
+    rho, n_tokens = rollout_correlations(
+        policy, rollout.sequences, rollout.attention_mask, rollout.token_mask, config, rows_per_chunk
+    )
     coef = config.coef_at(rl_index)
     bonus, valid = inversion_bonus(rho, n_tokens, coef, config.min_tokens, group_size, config.center)
     return InversionTerm(bonus=bonus, rho=rho, valid=valid, coef=coef)
@@ -188,7 +195,8 @@ class GRPOStep:
         term = None
         if rl.inversion.coef > 0:
             t0 = time.perf_counter()
-            term = inversion_term(ctx.policy, rollout, rl.inversion, rl_index, G)
+            rows = rl.inversion.rows_per_chunk or rl.micro_batch_size or 64
+            term = inversion_term(ctx.policy, rollout, rl.inversion, rl_index, G, rows)
             scores = with_reward_term(scores, "inversion", term.bonus)
             timings["inversion"] = time.perf_counter() - t0
         rewards = scores.total.to(device)
@@ -212,49 +220,94 @@ class GRPOStep:
     def _updates(
         self, ctx: RLContext, rollout: Rollout, advantages: torch.Tensor, rl_index: int
     ) -> tuple[PolicyLossOutput, torch.Tensor, list[UpdateOutcome]]:
+        """``num_iterations`` updates, each over the batch in micro-batches of ``rl.micro_batch_size`` rows.
+
+        Every normaliser and every selection spans the WHOLE batch (all ranks where the loss says so), so the
+        micro-batched update is the full-batch one: the token counts and row count are taken before the chunks;
+        the top-entropy threshold and the Clip-Cov / KL-Cov tokens come from the chunk's own forward when there
+        is one chunk, else from a no-grad pass over all chunks first (same weights, so the same values).
+        """
         rl = self.rl
         loss_mask = rollout.completion_mask
         if rl.mask_truncated_completions:
             loss_mask = loss_mask & ~rollout.truncated.unsqueeze(1)
+        chunks = row_chunks(loss_mask.shape[0], rl.micro_batch_size)
         old_log_probs = ref_log_probs = None
         with torch.no_grad():
             if rl.num_iterations > 1:
-                old_log_probs, _ = completion_log_probs(ctx.policy, rollout)
+                old_log_probs = _whole_batch(ctx.policy, rollout, chunks)[0]
             if ctx.ref_policy is not None:
-                ref_log_probs, _ = completion_log_probs(ctx.ref_policy, rollout)
-        num_tokens = ctx.collectives.mean(loss_mask.sum().float()).clamp(min=1.0) if rl.loss_type == "dapo" else None
-        updates = []
+                ref_log_probs = _whole_batch(ctx.ref_policy, rollout, chunks)[0]
+        local_tokens = loss_mask.sum().float().clamp(min=1.0)
+        normalisers = dict(
+            num_tokens=ctx.collectives.mean(local_tokens) if rl.loss_type == "dapo" else None,
+            num_sequences=loss_mask.shape[0],
+            local_tokens=local_tokens,
+        )
+        needs_whole_batch = rl.top_entropy_quantile < 1.0 or rl.policy_loss != "clip"
+        updates, entropy = [], None
         for iteration in range(rl.num_iterations):
-            log_probs, logits = completion_log_probs(ctx.policy, rollout)
-            token_entropy = None
-            if iteration == 0 or rl.top_entropy_quantile < 1.0:
+            selection = None
+            if needs_whole_batch and len(chunks) > 1:
                 with torch.no_grad():
-                    token_entropy = token_entropy_bits(logits, rollout.completion_mask)
-            if iteration == 0:
-                entropy = masked_mean(token_entropy, rollout.completion_mask)
-            out = clipped_policy_loss(
-                log_probs,
-                old_log_probs if old_log_probs is not None else log_probs.detach(),
-                advantages,
-                loss_mask,
-                rl.epsilon_low,
-                rl.epsilon_high,
-                rl.loss_type,
-                rl.sampling.max_new_tokens,
-                ref_log_probs,
-                rl.beta,
-                num_tokens=num_tokens,
-                train_mask=self.train_mask(token_entropy, loss_mask, ctx.collectives),
-                policy_loss=rl.policy_loss,
-                cov_ratio=rl.cov_ratio,
-                clip_cov_bounds=(rl.clip_cov_lb, rl.clip_cov_ub),
-                kl_cov_coef=rl.kl_cov_coef,
-            )
+                    selection = self._selection(ctx, *_whole_batch(ctx.policy, rollout, chunks), old_log_probs,
+                                                advantages, loss_mask)  # fmt: skip
+            stats = _LossStats()
+
+            def losses(selection=selection, stats=stats):
+                for rows in chunks:
+                    log_probs, token_entropy = completion_log_probs(ctx.policy, rollout, rows)
+                    if selection is None:  # one chunk: the batch itself
+                        selection = self._selection(ctx, log_probs.detach(), token_entropy, old_log_probs,
+                                                    advantages, loss_mask)  # fmt: skip
+                    train_mask, cov_tokens = (None if s is None else s[rows] for s in selection)
+                    out = clipped_policy_loss(
+                        log_probs,
+                        old_log_probs[rows] if old_log_probs is not None else log_probs.detach(),
+                        advantages[rows],
+                        loss_mask[rows],
+                        rl.epsilon_low,
+                        rl.epsilon_high,
+                        rl.loss_type,
+                        rl.sampling.max_new_tokens,
+                        ref_log_probs[rows] if ref_log_probs is not None else None,
+                        rl.beta,
+                        train_mask=train_mask,
+                        policy_loss=rl.policy_loss,
+                        cov_ratio=rl.cov_ratio,
+                        clip_cov_bounds=(rl.clip_cov_lb, rl.clip_cov_ub),
+                        kl_cov_coef=rl.kl_cov_coef,
+                        cov_tokens=cov_tokens,
+                        **normalisers,
+                    )
+                    stats.add(out, loss_mask[rows], token_entropy, rollout.completion_mask[rows])
+                    stats.cov_tokens = selection[1]
+                    yield out.loss
+
             lr = self.lr_at(rl_index * rl.num_iterations + iteration)
-            updates.append(
-                apply_update(out.loss, ctx.optimizer, ctx.policy, lr, rl.max_grad_norm, ctx.collectives, ctx.backward)
-            )
+            update = apply_update(losses(), ctx.optimizer, ctx.policy, lr, rl.max_grad_norm, ctx.collectives,
+                                  ctx.backward)  # fmt: skip
+            updates.append(update)
+            out = stats.output(update.loss, loss_mask)
+            if iteration == 0:
+                entropy = stats.entropy()
         return out, entropy, updates
+
+    def _selection(
+        self, ctx: RLContext, log_probs: torch.Tensor, token_entropy: torch.Tensor,
+        old_log_probs: torch.Tensor | None, advantages: torch.Tensor, loss_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+        """The whole batch's ``(train_mask, cov_tokens)``: the top-entropy tokens and Clip-Cov / KL-Cov's
+        restrained tokens (each None when off), from detached whole-batch log-probs and entropies."""
+        rl = self.rl
+        cov_tokens = None
+        if rl.policy_loss != "clip":
+            old = old_log_probs if old_log_probs is not None else log_probs
+            cov_tokens = covariance_selection(
+                log_probs, old, advantages, loss_mask, rl.epsilon_low, rl.epsilon_high, rl.policy_loss, rl.cov_ratio,
+                (rl.clip_cov_lb, rl.clip_cov_ub),
+            )  # fmt: skip
+        return self.train_mask(token_entropy, loss_mask, ctx.collectives), cov_tokens
 
     def _metrics(self, ctx, rollout, rewards, scores, out, entropy, term) -> dict[str, torch.Tensor | float]:
         G = self.rl.num_generations
@@ -293,3 +346,39 @@ def pooled_mean(values: torch.Tensor, collectives: Collectives, device: torch.de
     with few values like one with many, and be NaN if any rank had none); NaN when there are none."""
     total, count = collectives.sum_floats(values.double().sum().item(), values.numel(), device=device)
     return torch.tensor(total / count if count else float("nan"), dtype=torch.float32)
+
+
+def _whole_batch(model: nn.Module, rollout: Rollout, chunks: list[slice]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Completion log-probs and entropies ``[N, L]`` of the whole batch, computed chunk by chunk (call without grad)."""
+    parts = [completion_log_probs(model, rollout, rows) for rows in chunks]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+class _LossStats:
+    """The whole batch's loss statistics from its micro-batches: each chunk's masked means weighted by its token
+    count (what the full-batch masked mean is), and the entropy over the completion tokens."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.tokens = 0.0
+        self.entropy_sum = self.entropy_count = 0.0
+        self.cov_tokens: torch.Tensor | None = None
+
+    def add(self, out: PolicyLossOutput, loss_mask: torch.Tensor, token_entropy: torch.Tensor, mask: torch.Tensor):
+        n = loss_mask.sum().float()
+        for key in ("kl", "clip_low", "clip_high"):
+            value = getattr(out, key).detach() * n
+            self.sums[key] = value if key not in self.sums else self.sums[key] + value
+        self.tokens = self.tokens + n
+        self.entropy_sum = self.entropy_sum + (token_entropy * mask).sum()
+        self.entropy_count = self.entropy_count + mask.sum().float()
+
+    def output(self, loss: torch.Tensor, loss_mask: torch.Tensor) -> PolicyLossOutput:
+        tokens = self.tokens.clamp(min=1.0) if isinstance(self.tokens, torch.Tensor) else 1.0
+        means = {key: value / tokens for key, value in self.sums.items()}
+        cov = masked_mean(self.cov_tokens.float(), loss_mask) if self.cov_tokens is not None else None
+        return PolicyLossOutput(loss=loss, cov_selected=cov, **means)
+
+    def entropy(self) -> torch.Tensor:
+        count = self.entropy_count.clamp(min=1.0) if isinstance(self.entropy_count, torch.Tensor) else 1.0
+        return self.entropy_sum / count

@@ -1,8 +1,9 @@
 """One SFT step as plain code: mean NLL over the completion tokens of a batch of traces, then one update.
 
 Prompt tokens are context, not targets (``loss_mask`` from :func:`corrpo.batching.encode_sft_batch`). The mean
-is over every rank's completion tokens: each rank divides its token sum by the token count averaged over ranks,
-and DDP averages the gradients, so a step equals one process's token mean over the whole batch.
+is over every rank's completion tokens: each rank (and each of its micro-batches) divides its token sum by the token
+count averaged over ranks, and DDP averages the gradients, so a step equals one process's token mean over the whole
+batch.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from corrpo.config import SFTConfig
 from corrpo.objectives import token_log_probs
 from corrpo.schedule import warmup_cosine_lr
 from corrpo.training.collectives import SINGLE_PROCESS, Collectives
-from corrpo.training.forward import forward_logits
+from corrpo.training.forward import forward_logits, row_chunks
 from corrpo.training.update import UpdateOutcome, apply_update
 
 
@@ -41,15 +42,26 @@ def sft_step(
     collectives: Collectives = SINGLE_PROCESS,
     backward=torch.Tensor.backward,
 ) -> SFTStepResult:
-    """NLL of ``completions`` given ``prompts`` (token mean), one update at SFT step ``step``'s learning rate."""
+    """NLL of ``completions`` given ``prompts`` (token mean), one update at SFT step ``step``'s learning rate.
+
+    With ``config.micro_batch_size`` the rows go through forward/backward that many at a time (each cut to its
+    longest row) and the gradients accumulate; every chunk divides by the WHOLE batch's token count, so the
+    update is the full-batch one.
+    """
     device = next(policy.parameters()).device
     enc = encode_sft_batch(tokenizer, prompts, completions, config.max_length, use_chat_template)
     enc = {k: v.to(device) for k, v in enc.items()}
-    logits = forward_logits(policy, enc["input_ids"], enc["attention_mask"])
-    targets = enc["input_ids"][:, 1:]
     mask = enc["loss_mask"][:, 1:]
-    nll = -token_log_probs(logits[:, :-1], targets)
-    loss = (nll * mask).sum() / collectives.mean(mask.sum().float()).clamp(min=1.0)
+    num_tokens = collectives.mean(mask.sum().float()).clamp(min=1.0)
+
+    def losses():
+        for rows in row_chunks(len(prompts), config.micro_batch_size):
+            width = int(enc["attention_mask"][rows].sum(1).max())  # right padding: later columns change nothing
+            ids, attention = enc["input_ids"][rows, :width], enc["attention_mask"][rows, :width]
+            logits = forward_logits(policy, ids, attention)
+            nll = -token_log_probs(logits[:, :-1], ids[:, 1:])
+            yield (nll * mask[rows, : width - 1]).sum() / num_tokens
+
     lr = warmup_cosine_lr(config.lr, step, config.steps, config.warmup_steps, config.min_lr_ratio)
-    update = apply_update(loss, optimizer, policy, lr, config.max_grad_norm, collectives, backward)
-    return SFTStepResult(loss=loss.detach(), update=update)
+    update = apply_update(losses(), optimizer, policy, lr, config.max_grad_norm, collectives, backward)
+    return SFTStepResult(loss=update.loss, update=update)
