@@ -224,7 +224,10 @@ class CorrPOModule(L.LightningModule):
 
     def _rl_step(self, batch: dict) -> None:
         rl_index = self.schedule.rl_index(batch["step"])
-        result = self.grpo(self.rl_context(), batch["prompt"], batch["answer"], rl_index, batch["step"])
+        result = self.grpo(
+            self.rl_context(), batch["prompt"], batch["answer"], rl_index, batch["step"],
+            columns=batch.get("columns"), max_steps=self.schedule.total,
+        )  # fmt: skip
         self.last_completions = result.completions
         for update in result.updates:
             self._log_update(update)

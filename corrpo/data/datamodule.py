@@ -87,7 +87,15 @@ class StepBatches(Dataset):
             "step": index,
             "prompt": [r["prompt"] for r in rows],
             "answer": [str(r["answer"]) for r in rows],
+            "columns": dataset_columns(rows),
         }
+
+
+def dataset_columns(rows: list[dict]) -> dict[str, list]:
+    """The records' non-canonical columns (kept by ``load_records(keep_columns=True)``), one value per row (None
+    where a row lacks it): what a TRL-style reward gets by keyword besides ``prompts``/``completions``/``answer``."""
+    names = dict.fromkeys(key for row in rows for key in row if key not in ("prompt", "completion", "answer"))
+    return {name: [row.get(name) for row in rows] for name in names}
 
 
 def shard_batch(batch: dict, rank: int, world_size: int) -> dict:
@@ -105,7 +113,13 @@ def shard_batch(batch: dict, rank: int, world_size: int) -> dict:
         raise ValueError(f"data.{key}={rows} must be divisible by the number of processes ({world_size})")
     per_rank = rows // world_size
     lo, hi = rank * per_rank, (rank + 1) * per_rank
-    return {k: v[lo:hi] if isinstance(v, list) else v for k, v in batch.items()}
+
+    def share(value):
+        if isinstance(value, dict):  # the dataset columns: a list per column
+            return {name: share(values) for name, values in value.items()}
+        return value[lo:hi] if isinstance(value, list) else value
+
+    return {k: share(v) for k, v in batch.items()}
 
 
 class StepStream(IterableDataset):
@@ -211,7 +225,9 @@ class ReasoningDataModule(L.LightningDataModule):
                 )
             split, n = ("test", self.n_test) if test else ("train", self.n_train)
             return reasoning_gym_records(name, n, seed=self.seed, split=split)
-        result = load_records(source, kind=kind, fields=self.fields[kind], on_error=self.on_error)
+        result = load_records(
+            source, kind=kind, fields=self.fields[kind], on_error=self.on_error, keep_columns=kind == "rl"
+        )
         self.n_skipped += result.n_skipped
         if result.n_skipped:
             shown = "; ".join(result.errors[:3])

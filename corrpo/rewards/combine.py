@@ -1,10 +1,13 @@
 """Score a rollout batch with several reward functions and combine them, never losing a sample.
 
-Each reward function has TRL's signature ``fn(prompts, completions, answer, **kwargs) -> list[float|None]``.
+Each reward function is called as TRL calls it, by keyword (:mod:`corrpo.rewards.call`): ``prompts``,
+``completions``, ``completion_ids``, every dataset column (``answer``, ...), ``trainer_state``; it returns
+``list[float|None]``.
 ``None`` means "this function cannot score this sample" (TRL: NaN): the total is the weighted sum over
 the functions that did score it, and 0 when none did. A function that raises on the batch is retried
 sample by sample; a sample on which it still raises scores 0 and is counted in ``n_failed`` (logged as
-``rewards/<name>/failed``) so that one bad completion never kills a run.
+``rewards/<name>/failed``) so that one bad completion never kills a run. A function that raises on *every*
+sample is broken (a wrong signature, a column the data lacks): that is an error naming it, not a step of zeros.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+from corrpo.rewards.call import RewardInputs, RewardLog, StepInfo, call_reward
 
 RewardFn = Callable[..., list]
 
@@ -41,22 +46,27 @@ def _as_float(value: object, name: str, index: int) -> float:
     return out if math.isfinite(out) else math.nan
 
 
-def _call_safely(name: str, fn: RewardFn, prompts, completions, answers, kwargs) -> tuple[list[float], int]:
+def _call_safely(name: str, fn: RewardFn, inputs: RewardInputs) -> tuple[list[float], int]:
     try:
-        values = fn(list(prompts), list(completions), answer=list(answers), **kwargs)
-        if len(values) != len(completions):
-            raise ValueError(f"reward {name!r} returned {len(values)} values for {len(completions)} samples")
+        values = call_reward(fn, inputs)
         return [_as_float(v, name, i) for i, v in enumerate(values)], 0
     except Exception as batch_error:  # noqa: BLE001 - retried per sample below, then counted
-        scores, failed = [], 0
-        for i in range(len(completions)):
+        scores, failed, first_error = [], 0, None
+        for i in range(len(inputs)):
             try:
-                value = fn([prompts[i]], [completions[i]], answer=[answers[i]], **kwargs)[0]
+                value = call_reward(fn, inputs.sample(i))[0]
                 scores.append(_as_float(value, name, i))
             except Exception as err:  # noqa: BLE001 - one bad sample must not stop training
                 failed += 1
+                first_error = first_error or err
                 scores.append(0.0)
                 warnings.warn(f"reward {name!r} raised on sample {i} ({err!r}); scored 0", stacklevel=2)
+        if failed and failed == len(inputs):  # a broken function (wrong signature, missing column), not a bad sample
+            raise RuntimeError(
+                f"reward {name!r} raised on every one of the {failed} samples of this step (first: {first_error!r}); "
+                "rewards are called by keyword as in TRL: fn(prompts=, completions=, completion_ids=, <dataset "
+                "columns>, trainer_state=, **kwargs)"
+            ) from first_error
         if failed == 0:
             warnings.warn(f"reward {name!r} raised on the batch ({batch_error!r}) but not per sample", stacklevel=2)
         return scores, failed
@@ -67,16 +77,32 @@ def score_completions(
     weights: Sequence[float],
     prompts: Sequence[str],
     completions: Sequence[str],
-    answers: Sequence[str],
-    **kwargs,
+    answers: Sequence[str] | None = None,
+    *,
+    columns: dict[str, Sequence] | None = None,
+    completion_ids: list[list[int]] | None = None,
+    trainer_state: StepInfo | None = None,
+    log: RewardLog | None = None,
 ) -> RewardScores:
-    """Run every reward function and combine: ``total_i = sum_k w_k * r_k,i`` over finite ``r_k,i``."""
+    """Run every reward function and combine: ``total_i = sum_k w_k * r_k,i`` over finite ``r_k,i``.
+
+    Each function is called by keyword as TRL calls it (:mod:`corrpo.rewards.call`): ``prompts``,
+    ``completions``, ``completion_ids``, every dataset column (``columns``, one value per completion; ``answers``
+    is the ``answer`` column), ``trainer_state`` and the ``log_metric`` / ``log_extra`` hooks (into ``log``).
+    """
     if len(weights) != len(reward_fns):
         raise ValueError(f"rl.reward_weights has {len(weights)} entries for {len(reward_fns)} rewards")
+    columns = {name: list(values) for name, values in (columns or {}).items()}
+    if answers is not None:
+        columns["answer"] = list(answers)
+    inputs = RewardInputs(
+        prompts=list(prompts), completions=list(completions), columns=columns, completion_ids=completion_ids,
+        trainer_state=trainer_state, log=log,
+    )  # fmt: skip
     per_function, n_failed = {}, {}
     total = torch.zeros(len(completions), dtype=torch.float32)
     for (name, fn), weight in zip(reward_fns.items(), weights, strict=True):
-        scores, failed = _call_safely(name, fn, prompts, completions, answers, kwargs)
+        scores, failed = _call_safely(name, fn, inputs)
         values = torch.tensor(scores, dtype=torch.float32)
         per_function[name] = values
         n_failed[name] = failed
@@ -92,8 +118,12 @@ def completion_rows(
     rewards: torch.Tensor,
     advantages: torch.Tensor,
     rho: torch.Tensor | None = None,
+    *,
+    answers: Sequence[str] | None = None,
+    extra: dict[str, Sequence] | None = None,
 ) -> list[dict]:
-    """One row per completion (prompt, completion, each reward part, total reward, advantage, rho_i).
+    """One row per completion (prompt, gold answer, completion, each reward part, total reward, advantage, rho_i,
+    then any ``extra`` column a reward added through ``log_extra``).
 
     The dashboard's completions table and the tests read these; NaN (unscored, or rho of a too-short or
     constant response) is kept as NaN rather than dropped, so every sampled completion has its row.
@@ -102,9 +132,13 @@ def completion_rows(
     rho = rho.detach().float().cpu() if rho is not None else None
     rows = []
     for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
-        row = {"step": step, "prompt": prompt, "completion": completion}
+        row = {"step": step, "prompt": prompt}
+        if answers is not None:
+            row["answer"] = answers[i]
+        row["completion"] = completion
         row.update({f"reward/{name}": float(values[i]) for name, values in scores.per_function.items()})
         row.update({"reward": float(rewards[i]), "advantage": float(advantages[i])})
         row["rho"] = float(rho[i]) if rho is not None else math.nan
+        row.update({column: values[i] for column, values in (extra or {}).items() if len(values) == len(completions)})
         rows.append(row)
     return rows
