@@ -127,9 +127,7 @@ class GRPOStep:
         self.reward_weights = list(reward_weights)
 
     # ---------------------------------------------------------------------------------------- stages
-    def score(
-        self, prompts: list[str], answers: list[str], completions: list[str], **inputs: Any
-    ) -> RewardScores:
+    def score(self, prompts: list[str], answers: list[str], completions: list[str], **inputs: Any) -> RewardScores:
         """Task rewards of the ``N = B * G`` completions (prompts and answers repeated per group member); ``inputs``
         are :func:`corrpo.rewards.combine.score_completions`'s keywords (columns, completion_ids, trainer_state)."""
         return score_completions(self.reward_fns, self.reward_weights, prompts, completions, answers, **inputs)
