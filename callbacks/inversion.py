@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict
+from typing import Literal
 
 import lightning as L
 import torch
@@ -52,7 +53,7 @@ class InversionTracker(L.Callback):
     def __init__(
         self,
         every_n_steps: int = 50,
-        source: str = "reference",
+        source: Literal["reference", "generated"] = "reference",
         strength: StrengthConfig = StrengthConfig(),
         batch_size: int = 8,
         max_tokens: int = 65536,

@@ -29,8 +29,75 @@ from corrpo.wandb_segments import newest_run_id
 RUN_DIR_ENV = "CORRPO_RUN_DIR"
 
 
+SUBCOMMANDS: dict[str, str] = {
+    "fit": "Train: SFT, then GRPO / CorR-PO RL, into a new run folder (config, curves, results, policy).",
+    "validate": "Fingerprint a checkpoint: measure the entropy/logit-gradient inversion once on the probe set "
+    "(--ckpt_path; writes fingerprint.json).",
+    "test": "Greedy test accuracy of a checkpoint (--ckpt_path) on the data module's test split.",
+    "report": "Summarise run folders offline: emergence.png and summary.md (corrpo report <run|parent|latest>).",
+}
+"""Every subcommand of ``corrpo`` with its one-line help (``report`` is dispatched before LightningCLI)."""
+
+REFUSED_OPTIONS: dict[str, str] = {
+    "--optimizer": "each phase has its own AdamW: set model.sft.lr / model.rl.lr and .weight_decay",
+    "--lr_scheduler": "each phase has its own warm-up + cosine: set model.sft/rl.warmup_steps and .min_lr_ratio",
+    "--trainer.gradient_clip_val": "training is manual optimisation: set model.sft.max_grad_norm / "
+    "model.rl.max_grad_norm",
+    "--trainer.gradient_clip_algorithm": "clipping is by norm, per phase: model.sft/rl.max_grad_norm",
+    "--trainer.accumulate_grad_batches": "an RL step is one rollout batch; use data.rl_batch_size",
+}
+"""Lightning options that manual optimisation with one optimizer per phase cannot honour, and what to set instead."""
+
+
+def configure_parsing() -> None:
+    """Attribute docstrings become ``--help`` text (as litgpt's CLI does): every config dataclass field documents
+    itself, so ``corrpo fit --help`` explains every key."""
+    from jsonargparse import set_parsing_settings
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+
+
+def refuse_unsupported(args: list[str], trainer_config=None) -> None:
+    """Fail before anything is built when a command line (or the trainer section of a config) asks for an option in
+    :data:`REFUSED_OPTIONS`, saying what to set instead."""
+    for arg in args:
+        name = arg.split("=", 1)[0]
+        if name in REFUSED_OPTIONS:
+            raise SystemExit(f"corrpo: {name} is not supported: {REFUSED_OPTIONS[name]}")
+    if trainer_config is not None:
+        for key in ("gradient_clip_val", "gradient_clip_algorithm"):
+            if trainer_config.get(key) is not None:
+                raise SystemExit(f"corrpo: trainer.{key} is not supported: {REFUSED_OPTIONS['--trainer.' + key]}")
+        if (trainer_config.get("accumulate_grad_batches") or 1) != 1:
+            raise SystemExit(
+                f"corrpo: trainer.accumulate_grad_batches is not supported: "
+                f"{REFUSED_OPTIONS['--trainer.accumulate_grad_batches']}"
+            )
+
+
 class CorrPOCLI(LightningCLI):
     """LightningCLI with linked phase lengths and one folder per run."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit, validate (the fingerprint) and test; ``predict`` has nothing to predict here."""
+        skipped = LightningCLI.subcommands()
+        return {name: skipped[name] for name in ("fit", "validate", "test")}
+
+    def _add_subcommands(self, parser, **kwargs) -> None:
+        """Lightning's, with corrpo's one-line help per subcommand (not the Trainer method's docstring), and
+        ``report`` listed too."""
+        from jsonargparse import ArgumentParser
+
+        self._subcommand_parsers = {}
+        parser_subcommands = parser.add_subcommands()
+        for subcommand in self.subcommands():
+            subparser_kwargs = {**kwargs.get(subcommand, {}), "description": SUBCOMMANDS[subcommand]}
+            subcommand_parser = self._prepare_subcommand_parser(self.trainer_class, subcommand, **subparser_kwargs)
+            self._subcommand_parsers[subcommand] = subcommand_parser
+            parser_subcommands.add_subcommand(subcommand, subcommand_parser, help=SUBCOMMANDS[subcommand])
+        report = ArgumentParser(description=SUBCOMMANDS["report"])  # for the listing: main() runs report itself
+        parser_subcommands.add_subcommand("report", report, help=SUBCOMMANDS["report"])
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.sft.steps", "data.sft_steps")
@@ -38,6 +105,7 @@ class CorrPOCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        refuse_unsupported([], config.trainer)
         trainer = config.trainer
         root = Path(trainer.default_root_dir or "runs")
         resume = None
@@ -137,12 +205,17 @@ def _default_wandb_offline() -> None:
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> CorrPOCLI:
     """Parse ``args`` (default ``sys.argv``) and, with ``run``, execute the subcommand."""
+    import sys
+
     _default_wandb_offline()
+    configure_parsing()
+    refuse_unsupported(list(sys.argv[1:] if args is None else args))
     return CorrPOCLI(
         CorrPOModule,
         ReasoningDataModule,
-        parser_kwargs={"parser_mode": "omegaconf"},
+        parser_kwargs={"parser_mode": "omegaconf", "description": "corrpo: SFT then GRPO / CorR-PO on a causal LM."},
         save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,  # no --optimizer / --lr_scheduler: each phase owns its AdamW + schedule
         args=args,
         run=run,
     )

@@ -25,6 +25,7 @@ before the first resumed batch, so N steps in one go and N/2 + resume + N/2 give
 from __future__ import annotations
 
 import warnings
+from typing import Literal
 
 import lightning as L
 import torch
@@ -69,7 +70,7 @@ class CorrPOModule(L.LightningModule):
         self,
         policy: str = "tiny-qwen2",
         tiny: TinyArchitecture = TinyArchitecture(),
-        dtype: str = "float32",
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         attn_implementation: str | None = None,
         sft: SFTConfig = SFTConfig(),
         rl: RLConfig = RLConfig(),

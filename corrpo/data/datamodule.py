@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import random
 import warnings
+from typing import Literal
 
 import lightning as L
 from torch.utils.data import DataLoader, Dataset, IterableDataset
@@ -167,8 +168,10 @@ class ReasoningDataModule(L.LightningDataModule):
         n_train: training problems of a generated task: the embedded one (shared by SFT traces and RL
             prompts) or a reasoning-gym one.
         sft_steps / rl_steps: batches per phase (linked from the model's ``sft.steps`` / ``rl.steps``).
-        sft_batch_size: traces per SFT step. rl_batch_size: prompts per RL step (each sampled G times).
-        n_probe / n_test: sizes of the probe and test sets.
+        sft_batch_size: traces per SFT step.
+        rl_batch_size: prompts per RL step (each sampled G times).
+        n_probe: size of the probe set (held-out traces the inversion tracker measures on).
+        n_test: size of the test set (held-out prompts for accuracy).
         eval_batch_size: prompts per val/test batch.
         seed: seed of the batch order and of held-out splits of user data.
     """
@@ -181,7 +184,7 @@ class ReasoningDataModule(L.LightningDataModule):
         probe_source: str | None = None,
         sft_fields: dict[str, str] | None = None,
         rl_fields: dict[str, str] | None = None,
-        on_error: str = "raise",
+        on_error: Literal["raise", "skip"] = "raise",
         arithmetic: ArithmeticTask = ArithmeticTask(),
         n_train: int = 4000,
         sft_steps: int = 0,
