@@ -15,6 +15,7 @@ Beyond stock LightningCLI:
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import warnings
@@ -55,6 +56,28 @@ def configure_parsing() -> None:
     from jsonargparse import set_parsing_settings
 
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
+
+
+class _DropNotices(logging.Filter):
+    """Drop Lightning's product tips (litlogger, litmodels) and the model summary's "Total FLOPs: 0" line (FLOPs
+    are not counted without a forward pass on an example input, so it is 0 on every run)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith("💡 Tip:"):
+            return False
+        if "Total FLOPs" in message:
+            record.msg = "\n".join(line for line in message.splitlines() if "Total FLOPs" not in line)
+            record.args = None
+        return True
+
+
+def quiet_lightning_notices() -> None:
+    """Install :class:`_DropNotices` on the two Lightning loggers that print them (once per process)."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.callbacks.model_summary"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNotices) for f in logger.filters):
+            logger.addFilter(_DropNotices())
 
 
 def refuse_unsupported(args: list[str], trainer_config=None) -> None:
@@ -98,6 +121,19 @@ class CorrPOCLI(LightningCLI):
             parser_subcommands.add_subcommand(subcommand, subcommand_parser, help=SUBCOMMANDS[subcommand])
         report = ArgumentParser(description=SUBCOMMANDS["report"])  # for the listing: main() runs report itself
         parser_subcommands.add_subcommand("report", report, help=SUBCOMMANDS["report"])
+
+    def _instantiate_trainer(self, config: dict, callbacks: list):
+        """Lightning's, with :class:`corrpo.progress.PhaseProgressBar` (a bar per phase) as the progress bar unless
+        the config disables the bar or brings its own."""
+        from lightning.pytorch.callbacks import ProgressBar
+
+        from corrpo.progress import PhaseProgressBar
+
+        configured = config.get("callbacks") or []
+        configured = configured if isinstance(configured, list) else [configured]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in configured):
+            callbacks = [*callbacks, PhaseProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.sft.steps", "data.sft_steps")
@@ -209,6 +245,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> CorrPOCLI:
 
     _default_wandb_offline()
     configure_parsing()
+    quiet_lightning_notices()
     refuse_unsupported(list(sys.argv[1:] if args is None else args))
     return CorrPOCLI(
         CorrPOModule,
