@@ -80,6 +80,24 @@ def quiet_lightning_notices() -> None:
             logger.addFilter(_DropNotices())
 
 
+def tag_wandb_runs(config) -> None:
+    """Group each wandb run by method (grpo / corrpo / top_entropy, from ``model.rl``) and tag it with the method
+    and the seed, unless the config sets them: a sweep's runs then group and filter by method and seed."""
+    from corrpo.run_folder import method_name
+
+    method = method_name(config.model.rl)
+    seed = config.get("seed_everything")
+    loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
+    for logger in loggers:
+        init_args = getattr(logger, "init_args", None)
+        if init_args is None or not str(getattr(logger, "class_path", "")).endswith("WandbLogger"):
+            continue
+        if not init_args.get("group"):
+            init_args.group = method
+        if not init_args.get("tags"):
+            init_args.tags = [method, f"seed-{seed}"]
+
+
 def refuse_unsupported(args: list[str], trainer_config=None) -> None:
     """Fail before anything is built when a command line (or the trainer section of a config) asks for an option in
     :data:`REFUSED_OPTIONS`, saying what to set instead."""
@@ -142,6 +160,7 @@ class CorrPOCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         refuse_unsupported([], config.trainer)
+        tag_wandb_runs(config)
         trainer = config.trainer
         root = Path(trainer.default_root_dir or "runs")
         resume = None

@@ -199,16 +199,17 @@ class CorrPOModule(L.LightningModule):
         }
 
     # -------------------------------------------------------------------------------------- updates
-    def _log_update(self, update: UpdateOutcome) -> None:
-        """Count and warn about a skipped update; log the gradient norm and lr of an applied one."""
+    def _log_update(self, update: UpdateOutcome, section: str) -> None:
+        """Count and warn about a skipped update; log the gradient norm and lr of an applied one (``sft/`` or
+        ``rl/``)."""
         if not update.applied:
             self.skipped_updates += 1
             warnings.warn(f"update skipped at global step {self.global_step}: {update.skipped}", stacklevel=3)
             self._log_step("skipped_updates", float(self.skipped_updates))
             return
         self._generator_stale = True
-        self._log_step("grad_norm", update.grad_norm)
-        self._log_step("lr", update.lr)
+        self._log_step(f"{section}/grad_norm", update.grad_norm)
+        self._log_step(f"{section}/lr", update.lr)
 
     def _log_step(self, key: str, value, prog_bar: bool = False) -> None:
         """Log a per-step scalar; under DDP the mean over ranks (every rank logs the same keys in order)."""
@@ -220,8 +221,8 @@ class CorrPOModule(L.LightningModule):
             self.policy, self.tokenizer, sft_opt, self.sft, batch["prompt"], batch["completion"], batch["step"],
             self.use_chat_template, self.collectives, self.manual_backward,
         )  # fmt: skip
-        self._log_update(result.update)
-        self._log_step("loss", result.loss, prog_bar=True)
+        self._log_update(result.update, "sft")
+        self._log_step("sft/loss", result.loss, prog_bar=True)
 
     # ----------------------------------------------------------------------------------------- RL
     def generate_rollout(
@@ -268,9 +269,10 @@ class CorrPOModule(L.LightningModule):
         )  # fmt: skip
         self.last_completions = result.completions
         for update in result.updates:
-            self._log_update(update)
+            self._log_update(update, "rl")
+        # TRL's names (reward, rewards/<f>/mean, kl, ...) inside the rl/ section, apart from SFT's loss and lr
         for key, value in result.metrics.items():
-            self._log_step(key, value, prog_bar=key in ("reward", "loss"))
+            self._log_step(f"rl/{key}", value, prog_bar=key in ("reward", "loss"))
 
     # ------------------------------------------------------------------------------------- evaluation
     def eval_texts(self, prompts: list[str], n: int, greedy: bool) -> list[str]:

@@ -97,12 +97,21 @@ def run_history(logs: list[Path]) -> tuple[list[dict], str | None]:
     return history, " ".join(problems) or None
 
 
+REWARD_KEYS = ("rl/reward", "reward")
+"""The RL reward in wandb history: ``rl/reward`` (TRL's name in the ``rl/`` section), ``reward`` in older runs."""
+
+
+def _reward(row: dict) -> float | None:
+    value = next((row[key] for key in REWARD_KEYS if key in row), None)
+    return float(value) if isinstance(value, int | float) else None
+
+
 def reward_curve(history: list[dict]) -> list[tuple[int, float]]:
-    """``(trainer/global_step, reward)`` of every history row that logged ``reward`` (RL steps only)."""
+    """``(trainer/global_step, reward)`` of every history row that logged the reward (RL steps only)."""
     return [
-        (int(row.get("trainer/global_step", row.get("_step", -1))), float(row["reward"]))
+        (int(row.get("trainer/global_step", row.get("_step", -1))), _reward(row))
         for row in history
-        if isinstance(row.get("reward"), int | float)
+        if _reward(row) is not None
     ]
 
 

@@ -254,6 +254,6 @@ def test_a_reward_that_raises_on_some_samples_scores_them_zero_counts_logs_and_t
         assert math.isfinite(row["reward"])
     (metrics_path,) = (tmp_path / "csv").rglob("metrics.csv")
     logged = [
-        float(r["rewards/flaky/failed"]) for r in csv.DictReader(metrics_path.open()) if r.get("rewards/flaky/failed")
+        float(r["rl/rewards/flaky/failed"]) for r in csv.DictReader(metrics_path.open()) if r.get("rl/rewards/flaky/failed")
     ]
     assert len(logged) == 3 and logged[-1] == expected_failed

@@ -90,7 +90,7 @@ def test_report_of_a_tiny_run(tiny_run):
     history = history_independently(log)
     assert any("inversion/spearman" in row for row in history)
     assert report.wandb_history(log) == (history, None)
-    rewards = [(row["trainer/global_step"], row["reward"]) for row in history if "reward" in row]
+    rewards = [(row["trainer/global_step"], row["rl/reward"]) for row in history if "rl/reward" in row]
     assert report.reward_curve(history) == rewards
     if rewards:  # the shrunken run logs every 5 steps: its 3 RL steps may log no reward at all
         assert table(markdown, "| step | reward |") == {str(s): [f"{r:.4f}"] for s, r in report.downsample(rewards)}
