@@ -59,12 +59,13 @@ def configure_parsing() -> None:
 
 
 class _DropNotices(logging.Filter):
-    """Drop Lightning's product tips (litlogger, litmodels) and the model summary's "Total FLOPs: 0" line (FLOPs
-    are not counted without a forward pass on an example input, so it is 0 on every run)."""
+    """Drop Lightning's product tips (litlogger, litmodels), the notice that a model summary is configured (the CLI
+    configures it) and the summary's "Total FLOPs: 0" line (FLOPs are only counted with an example input, so it
+    is 0 on every run)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if message.startswith("💡 Tip:"):
+        if message.startswith(("💡 Tip:", "Trainer already configured with model summary callbacks")):
             return False
         if "Total FLOPs" in message:
             record.msg = "\n".join(line for line in message.splitlines() if "Total FLOPs" not in line)
@@ -143,7 +144,7 @@ class CorrPOCLI(LightningCLI):
     def _instantiate_trainer(self, config: dict, callbacks: list):
         """Lightning's, with :class:`corrpo.progress.PhaseProgressBar` (a bar per phase) as the progress bar unless
         the config disables the bar or brings its own."""
-        from lightning.pytorch.callbacks import ProgressBar
+        from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 
         from corrpo.progress import PhaseProgressBar
 
@@ -151,6 +152,9 @@ class CorrPOCLI(LightningCLI):
         configured = configured if isinstance(configured, list) else [configured]
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in configured):
             callbacks = [*callbacks, PhaseProgressBar()]
+        if config.get("enable_model_summary") is not False and not any(isinstance(c, ModelSummary) for c in configured):
+            # the plain summary (logged, so _DropNotices can take its "Total FLOPs: 0" line out), not the rich one
+            callbacks = [*callbacks, ModelSummary()]
         return super()._instantiate_trainer(config, callbacks)
 
     def add_arguments_to_parser(self, parser) -> None:
