@@ -42,12 +42,18 @@ class PhaseProgressBar(TQDMProgressBar):
             self._train_progress_bar.close()
         schedule = pl_module.schedule
         total, start = (schedule.sft_steps, 0) if phase == "sft" else (schedule.rl_steps, schedule.sft_steps)
-        bar = self.init_train_tqdm()
-        bar.reset(total=total)
-        bar.initial = batch["step"] - start  # a resumed run's bar starts where it stopped
-        bar.n = bar.initial
-        bar.set_description(phase.upper())
-        self.train_progress_bar = bar
+        self.train_progress_bar = Tqdm(
+            desc=phase.upper(),
+            total=total,
+            initial=batch["step"] - start,  # a resumed run's bar starts where it stopped
+            position=2 * self.process_position,
+            disable=self.is_disabled,
+            leave=True,
+            dynamic_ncols=True,
+            file=sys.stdout,
+            smoothing=0,
+            bar_format=self.BAR_FORMAT,
+        )
         self._phase, self._phase_start = phase, start
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
