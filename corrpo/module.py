@@ -351,11 +351,14 @@ class CorrPOModule(L.LightningModule):
                 entry["greedy_accuracy"] = counts[0] / max(counts[1], 1)
                 generations += [{**row, "split": name, "mode": "greedy"} for row in rows]
             if cfg.k:
+                # sampled on a copy of the RNG streams: turning eval@k on does not change the training run
+                states = rng_states()
                 with eval_progress(self.trainer, f"eval {when}: {name} pass@{cfg.k}", len(records)) as advance:
                     with torch.no_grad():
                         correct, rows = generate_and_score(
                             self.eval_texts, records, cfg.k, self.eval_batch_size, False, advance
                         )
+                restore_rng_states(states)
                 sums = sample_metrics(correct, cfg.k)
                 totals = self.collectives.sum_floats(*sums.values(), device=self.device)
                 scored = max(totals[-1], 1)

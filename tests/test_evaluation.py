@@ -86,3 +86,19 @@ def test_eval_at_k_writes_generations_and_the_pass_at_k_figures(eval_run):
     test_greedy_end = [r for r in rows if r["mode"] == "greedy" and r["split"] == "test" and r["when"] == "end"]
     end_accuracy = [e for e in results["test_accuracy"] if e["when"] == "end"][0]["accuracy"]
     assert sum(r["correct"] for r in test_greedy_end) / len(test_greedy_end) == pytest.approx(end_accuracy)
+
+
+def test_eval_at_k_does_not_change_the_training_run(eval_run, tmp_path):
+    """Sampling the k completions uses a copy of the RNG streams: the same run without model.eval ends with the
+    same weights."""
+    import torch
+
+    plain = run_tiny(tmp_path / "runs", "--data.n_test=8", "--trainer.logger=false")
+    with_eval = RunFolder(eval_run).policy
+    from safetensors.torch import load_file
+
+    (a,) = with_eval.glob("*.safetensors")
+    expected = load_file(str(a))
+    got = {k: v for k, v in plain.model.policy.state_dict().items() if k in expected}
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
