@@ -45,7 +45,8 @@ class RewardLog:
     """What rewards reported through ``log_metric`` / ``log_extra`` during one step."""
 
     metrics: dict[str, float] = field(default_factory=dict)
-    """``log_metric(name, value)``: scalars, logged by the module under ``rewards/extra/<name>``."""
+    """``log_metric(name, value)``: scalars, logged with the step's metrics as ``rl/<name>`` (under DDP every rank's
+    rewards must log the same names, as for any per-step key)."""
     extra: dict[str, list] = field(default_factory=dict)
     """``log_extra(column, values)``: one value per completion, added to the completions table."""
 
