@@ -147,7 +147,7 @@ def test_rollout_spearman_is_the_mean_over_both_ranks_responses_with_a_bonus(run
         # a response has a bonus exactly when its rho counts (min_tokens 12 leaves some out)
         valid = [rho for row in pair for rho, bonus in zip(row["rho"], row["bonus"], strict=True) if bonus != 0]
         assert 0 < len(valid) < 16
-        logged = metrics[pair[0]["step"]]["inversion/rollout_spearman"]
+        logged = metrics[pair[0]["step"]]["rl/inversion/rollout_spearman"]
         assert logged == pytest.approx(sum(valid) / len(valid), abs=1e-6)
 
 
