@@ -15,7 +15,8 @@ What it does:
    ``--reuse`` a method/seed that already has a finished run under ``<out>`` is collected, not trained again.
 3. Collects per run: test accuracy at the start of RL (the SFT policy) and at the end, the last row of
    ``emergence.csv`` (Spearman rho of the inversion tracker; strength = -rho) and wall time; writes a
-   markdown report (``--report``) with per-run and per-method (mean +- std) tables, two plots next to it
+   markdown report (``--report``, default ``<out>/results.md``: the committed docs/results.md is only
+   rewritten when asked for) with per-run and per-method (mean +- std) tables, two plots next to it
    (``<report>_emergence.png``, ``<report>_accuracy.png``) and a "What this shows / does not show" section
    whose statements are computed from the numbers.
 
@@ -29,7 +30,7 @@ Usage::
 
     python benchmarks/compare.py [--seeds 0 1 2] [--methods grpo corrpo top_entropy] [--coef 0.1]
                                  [--top-entropy-quantile 0.2] [--rl-steps N] [--sft-policy DIR]
-                                 [--out runs/compare] [--report docs/results.md] [--jobs 1]
+                                 [--out runs/compare] [--report <out>/results.md] [--jobs 1]
                                  [--collect-only | --reuse]
 
 The last printed line is ``RESULT grpo_acc=<m> corrpo_acc=<m> grpo_strength=<m> corrpo_strength=<m>``
@@ -145,7 +146,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rl-steps", type=int, default=None, help="RL steps (default: the config's model.rl.steps)")
     parser.add_argument("--sft-policy", default=None, help="existing SFT policy folder; skips the SFT run")
     parser.add_argument("--out", default="runs/compare", help="root of all run folders (default: %(default)s)")
-    parser.add_argument("--report", default="docs/results.md", help="markdown report (default: %(default)s)")
+    parser.add_argument(
+        "--report",
+        default=None,
+        help="markdown report, its two PNGs beside it (default: <out>/results.md, under runs/ and git-ignored; "
+        "pass docs/results.md to refresh the committed page)",
+    )
     parser.add_argument(
         "--jobs",
         type=int,
@@ -177,7 +183,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("WANDB_MODE", "offline")
-    config, out, report = _abs(args.config), _abs(args.out), _abs(args.report)
+    config, out = _abs(args.config), _abs(args.out)
+    report = _abs(args.report) if args.report else out / "results.md"
     config_data = yaml.safe_load(config.read_text())
     rl_steps = args.rl_steps if args.rl_steps is not None else int(config_data["model"]["rl"]["steps"])
     n_test = config_data.get("data", {}).get("n_test")
@@ -233,8 +240,20 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
             tag_results(run_dir, method=method, coef=coef, seed=seed, wall_s=round(wall, 1), **tags)
         return collect_run(run_dir, wall, method=method, coef=coef, seed=seed)
 
-    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        runs = [r for r in pool.map(lambda job: one(*job), plan) if r is not None]
+    from tqdm import tqdm
+
+    with (
+        ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool,
+        tqdm(total=len(plan), desc="[compare] RL runs", unit="run", file=sys.stderr, dynamic_ncols=True) as bar,
+    ):
+
+        def tracked(job):
+            try:
+                return one(*job)
+            finally:
+                bar.update(1)  # its ETA: RL runs cost about the same, whatever the method
+
+        runs = [r for r in pool.map(tracked, plan) if r is not None]
 
     if not runs:
         raise SystemExit("no runs to report")

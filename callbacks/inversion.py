@@ -18,8 +18,10 @@ that is the fingerprint of any checkpoint.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import asdict
+from typing import Literal
 
 import lightning as L
 import torch
@@ -29,6 +31,7 @@ from corrpo.batching import encode_sft_batch
 from corrpo.inversion.metric import InversionStrength
 from corrpo.inversion.strength import score_tokens
 from corrpo.inversion.strength_config import StrengthConfig, strength_spec
+from corrpo.progress import eval_progress
 from corrpo.run_folder import run_folder
 from corrpo.training.host import require_host
 from corrpo.training.phases import PhaseSchedule
@@ -52,7 +55,7 @@ class InversionTracker(L.Callback):
     def __init__(
         self,
         every_n_steps: int = 50,
-        source: str = "reference",
+        source: Literal["reference", "generated"] = "reference",
         strength: StrengthConfig = StrengthConfig(),
         batch_size: int = 8,
         max_tokens: int = 65536,
@@ -131,13 +134,16 @@ class InversionTracker(L.Callback):
         self.metric = self.metric.to(pl_module.device)
         self.metric.reset()
         token_rows = []
-        for enc in self._probe_batches(trainer, pl_module):
-            entropy, strength = score_tokens(
-                pl_module.policy, enc["input_ids"], enc["attention_mask"], enc["loss_mask"], self.strength
-            )
-            self.metric.update(entropy, strength, enc["loss_mask"])
-            if self.log_tables and event in ("boundary", "end", "validate") and len(token_rows) < TABLE_ROWS:
-                token_rows.extend(self._token_rows(pl_module, enc, entropy, strength))
+        n_probe = len(trainer.datamodule.probe_records()[trainer.global_rank :: trainer.world_size])
+        with eval_progress(trainer, f"inversion probe ({event})", n_probe) as advance:
+            for enc in self._probe_batches(trainer, pl_module):
+                entropy, strength = score_tokens(
+                    pl_module.policy, enc["input_ids"], enc["attention_mask"], enc["loss_mask"], self.strength
+                )
+                advance(enc["input_ids"].shape[0])
+                self.metric.update(entropy, strength, enc["loss_mask"])
+                if self.log_tables and event in ("boundary", "end", "validate") and len(token_rows) < TABLE_ROWS:
+                    token_rows.extend(self._token_rows(pl_module, enc, entropy, strength))
         result = {k: v.item() for k, v in self.metric.compute().items()}
         if result["n_tokens"] == 0:  # a correlation of nothing is NaN: never log or save that as a fingerprint
             raise ValueError(
@@ -164,6 +170,7 @@ class InversionTracker(L.Callback):
         }
         self.rows.append(row)
         self._log_row(trainer, row)
+        self._log_curve_chart(trainer, pl_module)
         if token_rows:
             self._log_table(trainer, f"inversion/tokens_{event}", token_rows[:TABLE_ROWS])
         return row
@@ -202,6 +209,28 @@ class InversionTracker(L.Callback):
     def _log_table(self, trainer: L.Trainer, key: str, rows: list[list]) -> None:
         for logger in self._wandb_loggers(trainer):
             logger.log_table(key=key, columns=["token", "entropy_bits", "strength", "position"], data=rows)
+
+    def _log_curve_chart(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The emergence curve so far as a wandb line chart (Spearman rho against train batches), redrawn at every
+        probe, with the SFT -> RL boundary as a vertical line."""
+        loggers = self._wandb_loggers(trainer)
+        rows = [r for r in self.rows if r["event"] != "validate" and math.isfinite(r["spearman"])]
+        if not loggers or not rows:
+            return
+        import wandb
+
+        xs, ys = [[r["batches"] for r in rows]], [[r["spearman"] for r in rows]]
+        keys = ["Spearman rho (probe set)"]
+        boundary = _boundary(pl_module.schedule)
+        if boundary is not None:
+            xs.append([boundary, boundary])
+            ys.append([min(min(ys[0]), -1.0), max(max(ys[0]), 0.0)])
+            keys.append("SFT -> RL boundary")
+        chart = wandb.plot.line_series(
+            xs=xs, ys=ys, keys=keys, title="Inversion emergence (Spearman rho; lower = stronger)", xname="batches"
+        )
+        for logger in loggers:
+            logger.experiment.log({"inversion/emergence_curve": chart, "trainer/global_step": trainer.global_step})
 
     def _log_curve_figure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         loggers = self._wandb_loggers(trainer)

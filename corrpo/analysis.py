@@ -14,13 +14,10 @@ import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt  # the backend is the caller's: inline in a notebook, Agg when headless
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from corrpo.run_folder import RunFolder, find_runs  # noqa: E402
+from corrpo.run_folder import RunFolder, find_runs
 
 __all__ = [
     "boundary_batches",
@@ -31,6 +28,7 @@ __all__ = [
     "method_of",
     "plot_accuracy_vs_inversion",
     "plot_emergence",
+    "repo_root",
     "run_dirs_from_env",
 ]
 
@@ -41,14 +39,31 @@ def expand_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
     return [run.path for run in find_runs(paths)]
 
 
-def run_dirs_from_env(default_root: str | Path = "runs", env: str = "CORRPO_RUNS") -> list[Path]:
+def repo_root(start: str | Path | None = None) -> Path:
+    """The checkout's root: the first of ``start`` (default the working directory) and its parents that holds
+    ``pyproject.toml`` and ``corrpo/``; ``start`` itself when none does. A notebook's kernel starts in notebooks/,
+    a shell in the root: both find the same folder."""
+    here = Path(start if start is not None else Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "pyproject.toml").is_file() and (folder / "corrpo").is_dir():
+            return folder
+    return here
+
+
+def run_dirs_from_env(
+    default_root: str | Path = "runs", env: str = "CORRPO_RUNS", base: str | Path | None = None
+) -> list[Path]:
     """Run folders from ``$CORRPO_RUNS`` (``os.pathsep``-separated), else every ``<root>/**/emergence.csv``.
 
-    Folders are expanded by :func:`expand_run_dirs`.
+    Relative paths are taken from ``base`` (the notebook passes the repository root, so ``CORRPO_RUNS=runs/tiny``
+    means the same folder whether the kernel starts in the root or in notebooks/). Folders are expanded by
+    :func:`expand_run_dirs`.
     """
     value = os.environ.get(env, "").strip()
     paths = [p for p in value.split(os.pathsep) if p] if value else [default_root]
-    return expand_run_dirs(paths) if value or Path(default_root).is_dir() else []
+    if base is not None:
+        paths = [Path(base) / p if not Path(p).is_absolute() else Path(p) for p in paths]
+    return expand_run_dirs(paths) if value or Path(paths[0]).is_dir() else []
 
 
 def _results(run_dir: Path) -> dict:

@@ -19,6 +19,7 @@ Beyond stock LightningCLI:
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import warnings
@@ -38,8 +39,130 @@ __all__ = ["CorrPOCLI", "ResumeError", "build_cli", "main", "new_run_folder", "r
 RUN_DIR_ENV = "CORRPO_RUN_DIR"
 
 
+SUBCOMMANDS: dict[str, str] = {
+    "fit": "Train: SFT, then GRPO / CorR-PO RL, into a new run folder (config, curves, results, policy).",
+    "validate": "Fingerprint a checkpoint: measure the entropy/logit-gradient inversion once on the probe set "
+    "(--ckpt_path; writes fingerprint.json).",
+    "test": "Greedy test accuracy of a checkpoint (--ckpt_path) on the data module's test split.",
+    "report": "Summarise run folders offline: emergence.png and summary.md (corrpo report <run|parent|latest>).",
+}
+"""Every subcommand of ``corrpo`` with its one-line help (``report`` is dispatched before LightningCLI)."""
+
+REFUSED_OPTIONS: dict[str, str] = {
+    "--optimizer": "each phase has its own AdamW: set model.sft.lr / model.rl.lr and .weight_decay",
+    "--lr_scheduler": "each phase has its own warm-up + cosine: set model.sft/rl.warmup_steps and .min_lr_ratio",
+    "--trainer.gradient_clip_val": "training is manual optimisation: set model.sft.max_grad_norm / "
+    "model.rl.max_grad_norm",
+    "--trainer.gradient_clip_algorithm": "clipping is by norm, per phase: model.sft/rl.max_grad_norm",
+    "--trainer.accumulate_grad_batches": "training is manual optimisation: set model.sft.micro_batch_size and "
+    "model.rl.micro_batch_size (gradient accumulation over micro-batches inside each update, the same update as the "
+    "whole batch), and model.rl.generation_batch_size / model.eval_batch_size for the generate calls",
+}
+"""Lightning options that manual optimisation with one optimizer per phase cannot honour, and what to set instead."""
+
+
+def configure_parsing() -> None:
+    """Attribute docstrings become ``--help`` text (as litgpt's CLI does): every config dataclass field documents
+    itself, so ``corrpo fit --help`` explains every key."""
+    from jsonargparse import set_parsing_settings
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+
+
+class _DropNotices(logging.Filter):
+    """Drop Lightning's product tips (litlogger, litmodels), the notice that a model summary is configured (the CLI
+    configures it) and the summary's "Total FLOPs: 0" line (FLOPs are only counted with an example input, so it
+    is 0 on every run)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith(("💡 Tip:", "Trainer already configured with model summary callbacks")):
+            return False
+        if "Total FLOPs" in message:
+            record.msg = "\n".join(line for line in message.splitlines() if "Total FLOPs" not in line)
+            record.args = None
+        return True
+
+
+def quiet_lightning_notices() -> None:
+    """Install :class:`_DropNotices` on the two Lightning loggers that print them (once per process)."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.callbacks.model_summary"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNotices) for f in logger.filters):
+            logger.addFilter(_DropNotices())
+
+
+def tag_wandb_runs(config) -> None:
+    """Group each wandb run by method (grpo / corrpo / top_entropy, from ``model.rl``) and tag it with the method
+    and the seed, unless the config sets them: a sweep's runs then group and filter by method and seed."""
+    from corrpo.run_folder import method_name
+
+    method = method_name(config.model.rl)
+    seed = config.get("seed_everything")
+    loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
+    for logger in loggers:
+        init_args = getattr(logger, "init_args", None)
+        if init_args is None or not str(getattr(logger, "class_path", "")).endswith("WandbLogger"):
+            continue
+        if not init_args.get("group"):
+            init_args.group = method
+        if not init_args.get("tags"):
+            init_args.tags = [method, f"seed-{seed}"]
+
+
+def refuse_unsupported(args: list[str], trainer_config=None) -> None:
+    """Fail before anything is built when a command line (or the trainer section of a config) asks for an option in
+    :data:`REFUSED_OPTIONS`, saying what to set instead."""
+    for arg in args:
+        name = arg.split("=", 1)[0]
+        if name in REFUSED_OPTIONS:
+            raise SystemExit(f"corrpo: {name} is not supported: {REFUSED_OPTIONS[name]}")
+    if trainer_config is not None:
+        for key in ("gradient_clip_val", "gradient_clip_algorithm"):
+            if trainer_config.get(key) is not None:
+                raise SystemExit(f"corrpo: trainer.{key} is not supported: {REFUSED_OPTIONS['--trainer.' + key]}")
+        check_no_automatic_accumulation(trainer_config.get("accumulate_grad_batches"))
+
+
 class CorrPOCLI(LightningCLI):
     """LightningCLI with linked phase lengths and one folder per run."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit, validate (the fingerprint) and test; ``predict`` has nothing to predict here."""
+        skipped = LightningCLI.subcommands()
+        return {name: skipped[name] for name in ("fit", "validate", "test")}
+
+    def _add_subcommands(self, parser, **kwargs) -> None:
+        """Lightning's, with corrpo's one-line help per subcommand (not the Trainer method's docstring), and
+        ``report`` listed too."""
+        from jsonargparse import ArgumentParser
+
+        self._subcommand_parsers = {}
+        parser_subcommands = parser.add_subcommands()
+        for subcommand in self.subcommands():
+            subparser_kwargs = {**kwargs.get(subcommand, {}), "description": SUBCOMMANDS[subcommand]}
+            subcommand_parser = self._prepare_subcommand_parser(self.trainer_class, subcommand, **subparser_kwargs)
+            self._subcommand_parsers[subcommand] = subcommand_parser
+            parser_subcommands.add_subcommand(subcommand, subcommand_parser, help=SUBCOMMANDS[subcommand])
+        report = ArgumentParser(description=SUBCOMMANDS["report"])  # for the listing: main() runs report itself
+        parser_subcommands.add_subcommand("report", report, help=SUBCOMMANDS["report"])
+
+    def _instantiate_trainer(self, config: dict, callbacks: list):
+        """Lightning's, with :class:`corrpo.progress.PhaseProgressBar` (a bar per phase) as the progress bar unless
+        the config disables the bar or brings its own."""
+        from lightning.pytorch.callbacks import ModelSummary, ProgressBar
+
+        from corrpo.progress import PhaseProgressBar
+
+        configured = config.get("callbacks") or []
+        configured = configured if isinstance(configured, list) else [configured]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in configured):
+            callbacks = [*callbacks, PhaseProgressBar()]
+        if config.get("enable_model_summary") is not False and not any(isinstance(c, ModelSummary) for c in configured):
+            # the plain summary (logged, so _DropNotices can take its "Total FLOPs: 0" line out), not the rich one
+            callbacks = [*callbacks, ModelSummary()]
+        return super()._instantiate_trainer(config, callbacks)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.sft.steps", "data.sft_steps")
@@ -49,8 +172,9 @@ class CorrPOCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         if self.subcommand == "fit":
             _check_something_to_train(config)
+        refuse_unsupported([], config.trainer)
+        tag_wandb_runs(config)
         trainer = config.trainer
-        check_no_automatic_accumulation(trainer.get("accumulate_grad_batches"))
         root = Path(trainer.default_root_dir or "runs")
         resume = None
         ckpt_path = config.get("ckpt_path")
@@ -134,10 +258,8 @@ def check_no_automatic_accumulation(accumulate_grad_batches: int | None) -> None
     gradients over batches; the micro-batch keys do it inside each update, normalised as the whole batch."""
     if accumulate_grad_batches not in (None, 1):
         raise ValueError(
-            f"trainer.accumulate_grad_batches={accumulate_grad_batches} is not supported (manual optimisation): set "
-            "model.sft.micro_batch_size and model.rl.micro_batch_size instead (gradient accumulation over "
-            "micro-batches inside each update, the same update as the whole batch), and model.rl.generation_batch_size "
-            "/ model.eval_batch_size for the generate calls"
+            f"trainer.accumulate_grad_batches={accumulate_grad_batches} is not supported: "
+            f"{REFUSED_OPTIONS['--trainer.accumulate_grad_batches']}"
         )
 
 
@@ -195,13 +317,19 @@ def _default_wandb_offline() -> None:
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> CorrPOCLI:
     """Parse ``args`` (default ``sys.argv``) and, with ``run``, execute the subcommand."""
+    import sys
+
     _default_wandb_offline()
+    configure_parsing()
+    quiet_lightning_notices()
+    refuse_unsupported(list(sys.argv[1:] if args is None else args))
     return CorrPOCLI(
         CorrPOModule,
         ReasoningDataModule,
-        parser_kwargs={"parser_mode": "omegaconf"},
+        parser_kwargs={"parser_mode": "omegaconf", "description": "corrpo: SFT then GRPO / CorR-PO on a causal LM."},
         save_config_callback=RunConfigSaver,
         save_config_kwargs={"overwrite": True, "config_filename": CONFIG_FILE},
+        auto_configure_optimizers=False,  # no --optimizer / --lr_scheduler: each phase owns its AdamW + schedule
         args=args,
         run=run,
     )

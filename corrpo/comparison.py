@@ -198,7 +198,7 @@ def interpret(runs: list[dict], summary: dict[str, dict], n_test: int | None) ->
     not_shown.append(
         "The rollout-level correlation CorR-PO rewards is not the tracked rho: the report's rho is the "
         "InversionTracker's (fixed probe set, reference responses); the per-response training signal is in the "
-        "runs' wandb logs (inversion/rollout_*), not summarized here."
+        "runs' wandb logs (rl/inversion/rollout_*), not summarized here."
     )
     not_shown.append(
         "Speed: wall times come from one run each on a shared CPU machine; use benchmarks/rl_step.py for the "

@@ -8,6 +8,7 @@ rejects bad values before any training starts, naming the key.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from corrpo.covariance_tokens import POLICY_LOSSES
 from corrpo.inversion.rollout_bonus import InversionRewardConfig
@@ -73,9 +74,9 @@ class RLConfig(OptimConfig):
     """One weight per reward; None = all 1."""
     inversion: InversionRewardConfig = field(default_factory=InversionRewardConfig)
     """CorR-PO's reward term ``coef * clip(-rho_i, -1, 1)``; ``coef = 0`` (default) is plain GRPO."""
-    scale_rewards: str = "group"
+    scale_rewards: Literal["group", "batch", "none"] = "group"
     """Advantage normalisation: ``group`` (GRPO), ``batch``, or ``none`` (Dr. GRPO)."""
-    loss_type: str = "dapo"
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "dapo"
     """Loss aggregation: ``grpo`` (per-sequence mean), ``dr_grpo`` (constant normaliser), ``dapo`` (token mean
     over the whole batch, all ranks), ``bnpo`` (token mean of each rank's own batch)."""
     epsilon_low: float = 0.2
@@ -86,7 +87,7 @@ class RLConfig(OptimConfig):
     """KL coefficient to the frozen reference (the policy at the start of RL); 0 loads no reference."""
     mask_truncated_completions: bool = False
     """Exclude completions that hit ``max_new_tokens`` from the loss (DAPO)."""
-    policy_loss: str = "clip"
+    policy_loss: Literal["clip", "clip_cov", "kl_cov"] = "clip"
     """The surrogate: ``clip`` (PPO/GRPO), ``clip_cov`` or ``kl_cov`` (Cui et al. 2025, verl's loss modes:
     restrain the few tokens whose log-prob/advantage covariance is largest; :mod:`corrpo.covariance_tokens`)."""
     cov_ratio: float = 2e-4

@@ -26,7 +26,10 @@ before the first resumed batch, so N steps in one go and N/2 + resume + N/2 give
 
 from __future__ import annotations
 
+import os
 import warnings
+from dataclasses import asdict, replace
+from typing import Literal
 
 import lightning as L
 import torch
@@ -34,13 +37,15 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from corrpo.batching import encode_prompts
 from corrpo.config import RLConfig, SFTConfig
+from corrpo.data.records import load_records
+from corrpo.evaluation import EvalConfig, eval_set_name, generate_and_score, sample_metrics
 from corrpo.lora import LoRAConfig, apply_lora
 from corrpo.models import TinyArchitecture, enable_gradient_checkpointing, export_policy, load_policy
+from corrpo.progress import eval_progress
 from corrpo.rewards import reward_functions
-from corrpo.rewards.accuracy import accuracy_reward
 from corrpo.rng import restore_rng_states, rng_states
-from corrpo.rollout import Generator, HFGenerator, Rollout, concat_rollouts
-from corrpo.run_folder import run_folder
+from corrpo.rollout import Generator, HFGenerator, Rollout, SamplingConfig, concat_rollouts
+from corrpo.run_folder import method_name, run_folder
 from corrpo.training.collectives import SINGLE_PROCESS, Collectives, LightningCollectives
 from corrpo.training.forward import row_chunks
 from corrpo.training.grpo import GRPOStep, RLContext
@@ -70,13 +75,15 @@ class CorrPOModule(L.LightningModule):
         gradient_checkpointing: recompute each decoder layer's activations in the backward (Hugging Face's, with
             ``use_reentrant=False``): activation memory of one layer instead of all, about a third more compute.
             The inversion scoring turns it off for its own pass (exact scores either way).
+        eval: when and how to evaluate (:class:`corrpo.evaluation.EvalConfig`): every N steps, pass@k / mean@k
+            from k samples at a temperature, greedy accuracy, your own eval files, saved generations.
     """
 
     def __init__(
         self,
         policy: str = "tiny-qwen2",
         tiny: TinyArchitecture = TinyArchitecture(),
-        dtype: str = "float32",
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         attn_implementation: str | None = None,
         sft: SFTConfig = SFTConfig(),
         rl: RLConfig = RLConfig(),
@@ -86,6 +93,7 @@ class CorrPOModule(L.LightningModule):
         lora: LoRAConfig | None = None,
         generator: Generator | None = None,
         gradient_checkpointing: bool = False,
+        eval: EvalConfig = EvalConfig(),  # noqa: B008 - the config key is model.eval
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["generator"])  # an engine (vLLM) is not a hyperparameter to pickle
@@ -120,6 +128,9 @@ class CorrPOModule(L.LightningModule):
             self.ref_policy.requires_grad_(False).eval()
         self.skipped_updates = 0
         self.eval_history: list[dict] = []
+        self.eval_config = eval
+        self.eval_results: list[dict] = []  # one entry per (evaluation point, eval set): pass@k, mean@k, greedy
+        self._eval_sets: dict[str, list[dict]] | None = None
         self.last_completions: list[dict] = []  # this rank's last RL batch, one row per completion
         self.steps_done = 0  # train batches finished; where a resumed run starts
         self._rng_to_restore: dict | None = None
@@ -175,25 +186,51 @@ class CorrPOModule(L.LightningModule):
             self._rl_step(batch)
         self.steps_done = batch["step"] + 1
 
+    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+        every, done = self.eval_config.every_n_steps, self.steps_done
+        # the boundary (sft_end) and the last step (end) have their own evaluation
+        if every and done % every == 0 and done not in (self.schedule.sft_steps, self.schedule.total):
+            self.evaluate_and_log("periodic")
+
     def on_train_end(self) -> None:
         self.evaluate_and_log("end")
         if self.trainer.is_global_zero:
             run = run_folder(self.trainer)
             folder = export_policy(self.policy, self.tokenizer, run.policy)
-            run.write_results({"test_accuracy": self.eval_history, "skipped_updates": self.skipped_updates})
+            run.write_results(
+                {
+                    "method": method_name(self.rl),
+                    "seeds": self.seeds(),
+                    "test_accuracy": self.eval_history,
+                    "eval": self.eval_results,
+                    "eval_settings": asdict(self.eval_config),
+                    "skipped_updates": self.skipped_updates,
+                }
+            )
             rank_zero_info(f"[corrpo] policy exported to {folder}")
 
+    def seeds(self) -> dict[str, int | None]:
+        """The seeds of this run: ``seed_everything`` (Lightning's global seed), the model's and the data's."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        global_seed = os.environ.get("PL_GLOBAL_SEED")
+        return {
+            "seed_everything": int(global_seed) if global_seed is not None else None,
+            "model": self.hparams.get("seed"),
+            "data": getattr(datamodule, "seed", None),
+        }
+
     # -------------------------------------------------------------------------------------- updates
-    def _log_update(self, update: UpdateOutcome) -> None:
-        """Count and warn about a skipped update; log the gradient norm and lr of an applied one."""
+    def _log_update(self, update: UpdateOutcome, section: str) -> None:
+        """Count and warn about a skipped update; log the gradient norm and lr of an applied one (``sft/`` or
+        ``rl/``)."""
         if not update.applied:
             self.skipped_updates += 1
             warnings.warn(f"update skipped at global step {self.global_step}: {update.skipped}", stacklevel=3)
             self._log_step("skipped_updates", float(self.skipped_updates))
             return
         self._generator_stale = True
-        self._log_step("grad_norm", update.grad_norm)
-        self._log_step("lr", update.lr)
+        self._log_step(f"{section}/grad_norm", update.grad_norm)
+        self._log_step(f"{section}/lr", update.lr)
 
     def _log_step(self, key: str, value, prog_bar: bool = False) -> None:
         """Log a per-step scalar; under DDP the mean over ranks (every rank logs the same keys in order)."""
@@ -205,13 +242,16 @@ class CorrPOModule(L.LightningModule):
             self.policy, self.tokenizer, sft_opt, self.sft, batch["prompt"], batch["completion"], batch["step"],
             self.use_chat_template, self.collectives, self.manual_backward,
         )  # fmt: skip
-        self._log_update(result.update)
-        self._log_step("loss", result.loss, prog_bar=True)
+        self._log_update(result.update, "sft")
+        self._log_step("sft/loss", result.loss, prog_bar=True)
 
     # ----------------------------------------------------------------------------------------- RL
-    def generate_rollout(self, prompts: list[str], num_generations: int, greedy: bool = False) -> Rollout:
-        """``num_generations`` completions per prompt, ``rl.generation_batch_size`` completions (whole groups) per
-        generate call; the prompts are encoded together, so every chunk shares one prompt width."""
+    def generate_rollout(
+        self, prompts: list[str], num_generations: int, greedy: bool = False, sampling: SamplingConfig | None = None
+    ) -> Rollout:
+        """``num_generations`` completions per prompt (``sampling``: default ``rl.sampling``),
+        ``rl.generation_batch_size`` completions (whole groups) per generate call; the prompts are encoded together,
+        so every chunk shares one prompt width."""
         enc = encode_prompts(self.tokenizer, prompts, self.rl.max_prompt_length, self.use_chat_template)
         if self._generator_stale:  # e.g. vLLM holds its own copy of the weights: refresh it after updates
             self.generator.sync_weights(self.policy)
@@ -224,7 +264,7 @@ class CorrPOModule(L.LightningModule):
                 enc["input_ids"][rows].to(self.device),
                 enc["attention_mask"][rows].to(self.device),
                 num_generations,
-                self.rl.sampling,
+                sampling if sampling is not None else self.rl.sampling,
                 eos_token_id=self.tokenizer.eos_token_id,
                 pad_token_id=self.tokenizer.pad_token_id,
                 greedy=greedy,
@@ -253,26 +293,32 @@ class CorrPOModule(L.LightningModule):
 
     def _rl_step(self, batch: dict) -> None:
         rl_index = self.schedule.rl_index(batch["step"])
-        result = self.grpo(self.rl_context(), batch["prompt"], batch["answer"], rl_index, batch["step"])
+        result = self.grpo(
+            self.rl_context(), batch["prompt"], batch["answer"], rl_index, batch["step"],
+            columns=batch.get("columns"), max_steps=self.schedule.total,
+        )  # fmt: skip
         self.last_completions = result.completions
         for update in result.updates:
-            self._log_update(update)
+            self._log_update(update, "rl")
+        # TRL's names (reward, rewards/<f>/mean, kl, ...) inside the rl/ section, apart from SFT's loss and lr
         for key, value in result.metrics.items():
-            self._log_step(key, value, prog_bar=key in ("reward", "loss"))
+            self._log_step(f"rl/{key}", value, prog_bar=key in ("reward", "loss"))
 
     # ------------------------------------------------------------------------------------- evaluation
+    def eval_texts(self, prompts: list[str], n: int, greedy: bool) -> list[str]:
+        """``n`` completions per prompt (prompt-major): greedy, or sampled at ``eval.temperature`` / ``eval.top_p``."""
+        cfg = self.eval_config
+        sampling = None if greedy else replace(self.rl.sampling, temperature=cfg.temperature, top_p=cfg.top_p)
+        return self.decode_completions(self.generate_rollout(prompts, n, greedy=greedy, sampling=sampling))
+
     @torch.no_grad()
-    def accuracy_counts(self, records: list[dict]) -> tuple[float, int]:
+    def accuracy_counts(self, records: list[dict], rows: list | None = None, progress=None) -> tuple[float, int]:
         """Greedy decoding, math-verify: ``(correct, scored)`` over held-out prompts; unscorable golds are
-        left out of both."""
-        scores = []
-        for i in range(0, len(records), self.eval_batch_size):
-            chunk = records[i : i + self.eval_batch_size]
-            rollout = self.generate_rollout([r["prompt"] for r in chunk], 1, greedy=True)
-            completions = self.decode_completions(rollout)
-            values = accuracy_reward([r["prompt"] for r in chunk], completions, answer=[r["answer"] for r in chunk])
-            scores.extend(v for v in values if v is not None)
-        return float(sum(scores)), len(scores)
+        left out of both. ``rows`` (a list) receives one row per completion."""
+        correct, generated = generate_and_score(self.eval_texts, records, 1, self.eval_batch_size, True, progress)
+        if rows is not None:
+            rows.extend(generated)
+        return float(sum(c[0] for c in correct)), len(correct)
 
     def test_accuracy(self, records: list[dict]) -> float:
         """Greedy-decoding accuracy (math-verify) on held-out prompts; unscorable golds are excluded."""
@@ -280,7 +326,8 @@ class CorrPOModule(L.LightningModule):
         return correct / max(scored, 1)
 
     def evaluate_and_log(self, when: str) -> float | None:
-        """Measure test accuracy now, log it as ``eval/test_accuracy`` and keep it for ``results.json``.
+        """Measure test accuracy now, log it as ``eval/test_accuracy`` and keep it for ``results.json``; then
+        the ``model.eval`` suite (pass@k / mean@k, the eval files) and the generations file.
 
         Under DDP each rank decodes every ``world_size``-th test prompt and the counts are summed across
         ranks, so the test set is decoded once in all, not once per rank.
@@ -289,13 +336,74 @@ class CorrPOModule(L.LightningModule):
         if datamodule is None or not hasattr(datamodule, "test_records"):
             return None
         shard = datamodule.test_records()[self.global_rank :: self.trainer.world_size]
-        correct, scored = self.collectives.sum_floats(*self.accuracy_counts(shard), device=self.device)
+        rows: list[dict] = []
+        with eval_progress(self.trainer, f"eval {when}: test", len(shard)) as advance:
+            correct, scored = self.collectives.sum_floats(
+                *self.accuracy_counts(shard, rows, advance), device=self.device
+            )
         accuracy = correct / max(scored, 1)
         self.eval_history.append({"when": when, "step": self.global_step, "accuracy": accuracy, "scored": int(scored)})
-        for logger in self.trainer.loggers:
-            logger.log_metrics({"eval/test_accuracy": accuracy}, step=self.global_step)
+        self._log_eval({"eval/test_accuracy": accuracy})
         rank_zero_info(f"[corrpo] test accuracy at {when} (step {self.global_step}): {accuracy:.3f}")
+        generations = [{**row, "split": "test", "mode": "greedy"} for row in rows]
+        self._eval_suite(when, shard, accuracy, generations)
         return accuracy
+
+    def _log_eval(self, metrics: dict[str, float]) -> None:
+        for logger in self.trainer.loggers:
+            logger.log_metrics(metrics, step=self.global_step)
+
+    def eval_sets(self) -> dict[str, list[dict]]:
+        """``model.eval.files`` loaded once (with ``data.rl_fields``), this rank's share of each."""
+        if self._eval_sets is None:
+            datamodule = getattr(self.trainer, "datamodule", None)
+            fields = getattr(datamodule, "fields", {}).get("rl") if datamodule is not None else None
+            self._eval_sets = {}
+            for source in self.eval_config.files:
+                records = load_records(source, kind="rl", fields=fields).records[: self.eval_config.max_records]
+                self._eval_sets[eval_set_name(source)] = records[self.global_rank :: self.trainer.world_size]
+        return self._eval_sets
+
+    def _eval_suite(self, when: str, test_shard: list[dict], test_accuracy: float, generations: list[dict]) -> None:
+        """pass@k / mean@k on the test split, greedy and pass@k on each eval file; logged as ``eval/<set>/<key>``,
+        kept for results.json (``eval``), every completion appended to eval_generations.jsonl."""
+        cfg = self.eval_config
+        sets = [("test", test_shard)] + list(self.eval_sets().items())
+        for name, records in sets:
+            entry: dict = {"when": when, "step": self.global_step, "split": name}
+            if name == "test":
+                entry["greedy_accuracy"] = test_accuracy
+            elif cfg.greedy:
+                rows: list[dict] = []
+                with eval_progress(self.trainer, f"eval {when}: {name} greedy", len(records)) as advance:
+                    counts = self.accuracy_counts(records, rows, advance)
+                counts = self.collectives.sum_floats(*counts, device=self.device)
+                entry["greedy_accuracy"] = counts[0] / max(counts[1], 1)
+                generations += [{**row, "split": name, "mode": "greedy"} for row in rows]
+            if cfg.k:
+                # sampled on a copy of the RNG streams: turning eval@k on does not change the training run
+                states = rng_states()
+                with eval_progress(self.trainer, f"eval {when}: {name} pass@{cfg.k}", len(records)) as advance:
+                    with torch.no_grad():
+                        correct, rows = generate_and_score(
+                            self.eval_texts, records, cfg.k, self.eval_batch_size, False, advance
+                        )
+                restore_rng_states(states)
+                sums = sample_metrics(correct, cfg.k)
+                totals = self.collectives.sum_floats(*sums.values(), device=self.device)
+                scored = max(totals[-1], 1)
+                entry.update({key: total / scored for key, total in zip(sums, totals[:-1], strict=False)})
+                entry["scored"] = int(totals[-1])
+                generations += [{**row, "split": name, "mode": f"T={cfg.temperature}"} for row in rows]
+            if len(entry) > 3:
+                self.eval_results.append(entry)
+                skip = ("when", "step", "split", "scored", "greedy_accuracy" if name == "test" else "")
+                metrics = {f"eval/{name}/{key}": value for key, value in entry.items() if key not in skip}
+                if metrics:  # the test split's greedy accuracy is eval/test_accuracy already
+                    self._log_eval(metrics)
+        if cfg.save_generations and generations:
+            stamped = [{"when": when, "step": self.global_step, **row} for row in generations]
+            run_folder(self.trainer).append_eval_generations(stamped, rank=self.global_rank)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         records = [{"prompt": p, "answer": a} for p, a in zip(batch["prompt"], batch["answer"], strict=True)]
@@ -310,6 +418,7 @@ class CorrPOModule(L.LightningModule):
         checkpoint["corrpo"] = {
             "skipped_updates": self.skipped_updates,
             "eval_history": self.eval_history,
+            "eval_results": self.eval_results,
             "steps_done": self.steps_done,
             "rng": rng_states(),
         }
@@ -318,6 +427,7 @@ class CorrPOModule(L.LightningModule):
         state = checkpoint.get("corrpo", {})
         self.skipped_updates = state.get("skipped_updates", 0)
         self.eval_history = state.get("eval_history", [])
+        self.eval_results = state.get("eval_results", [])
         self.steps_done = state.get("steps_done", 0)
         self._generator_stale = True  # the restored weights are not what a generator may have synced
         self._rng_to_restore = state.get("rng")

@@ -1,4 +1,4 @@
-"""``corrpo report <run_dir>``: one run folder -> ``emergence.png`` and ``summary.md``, offline.
+"""``corrpo report <run | parent | latest>``: each run folder -> ``emergence.png`` and ``summary.md``, offline.
 
 Why: a run's numbers sit in four files (``emergence.csv``, ``results.json``, ``config.yaml`` and the wandb
 offline run); this gathers them on one Markdown page, without network or wandb login. It imports no Lightning:
@@ -97,12 +97,21 @@ def run_history(logs: list[Path]) -> tuple[list[dict], str | None]:
     return history, " ".join(problems) or None
 
 
+REWARD_KEYS = ("rl/reward", "reward")
+"""The RL reward in wandb history: ``rl/reward`` (TRL's name in the ``rl/`` section), ``reward`` in older runs."""
+
+
+def _reward(row: dict) -> float | None:
+    value = next((row[key] for key in REWARD_KEYS if key in row), None)
+    return float(value) if isinstance(value, int | float) else None
+
+
 def reward_curve(history: list[dict]) -> list[tuple[int, float]]:
-    """``(trainer/global_step, reward)`` of every history row that logged ``reward`` (RL steps only)."""
+    """``(trainer/global_step, reward)`` of every history row that logged the reward (RL steps only)."""
     return [
-        (int(row.get("trainer/global_step", row.get("_step", -1))), float(row["reward"]))
+        (int(row.get("trainer/global_step", row.get("_step", -1))), _reward(row))
         for row in history
-        if isinstance(row.get("reward"), int | float)
+        if _reward(row) is not None
     ]
 
 
@@ -170,29 +179,40 @@ def _reward_section(run_dir: Path, config: dict) -> list[str]:
     return lines + [f"| {step} | {_num(reward)} |" for step, reward in downsample(curve)]
 
 
-def write_report(run_dir: str | Path) -> tuple[Path, Path]:
+def write_report(run_dir: str | Path) -> tuple[Path | None, Path]:
     """Write ``<run_dir>/emergence.png`` and ``<run_dir>/summary.md``; return their paths.
 
-    Raises FileNotFoundError (with the path) without ``emergence.csv``, or without ``results.json`` when the run
-    finished (``end`` row in emergence.csv); an interrupted run without results.json is reported as such.
+    A run without an inversion tracker (e.g. ``configs/grpo-baseline.yaml``: results.json but no emergence.csv)
+    gets accuracy and rewards only, and no figure (its png path is None).
+
+    Raises FileNotFoundError (with the path) with neither ``emergence.csv`` nor ``results.json``, or without
+    ``results.json`` when the run finished (``end`` row in emergence.csv); an interrupted run without
+    results.json is reported as such.
     """
     run = RunFolder(run_dir)
     run_dir = run.path
     csv_path, results_path = run.emergence, run.results
-    if not csv_path.is_file():
-        raise FileNotFoundError(f"{csv_path} not found: not a corrpo run folder, or the run never started")
-    frame = analysis.load_emergence([run_dir])
-    finished = bool((frame["event"] == "end").any())
+    tracked = csv_path.is_file()
+    if not tracked and not results_path.is_file():
+        raise FileNotFoundError(
+            f"{csv_path} not found (nor {results_path.name}): not a corrpo run folder, or the run never started"
+        )
+    frame = analysis.load_emergence([run_dir]) if tracked else None
+    finished = bool((frame["event"] == "end").any()) if tracked else True
     if finished and not results_path.is_file():
         raise FileNotFoundError(f"{results_path} not found, though emergence.csv has the run's 'end' row")
     results = run.read_results() if results_path.is_file() else None
     config = _config(run_dir)
-    boundary = analysis.boundary_batches(frame)
-
-    figure = emergence_figure(frame.to_dict("records"), boundary_batches=boundary)
-    png_path = run.emergence_png
-    figure.savefig(png_path, dpi=120)
-    plt.close(figure)
+    png_path = None
+    if tracked:
+        boundary = analysis.boundary_batches(frame)
+        figure = emergence_figure(frame.to_dict("records"), boundary_batches=boundary)
+        png_path = run.emergence_png
+        figure.savefig(png_path, dpi=120)
+        plt.close(figure)
+    else:  # no curve: the boundary is where the config puts it
+        sft, rl = _get(config, "model.sft.steps"), _get(config, "model.rl.steps")
+        boundary = sft if sft and rl else None
 
     sft_steps, rl_steps = _get(config, "model.sft.steps"), _get(config, "model.rl.steps")
     coef = _get(config, "model.rl.inversion.coef")
@@ -212,10 +232,35 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
         "## Phases",
         f"- SFT: {sft_steps if sft_steps is not None else '-'} steps, then RL: "
         f"{rl_steps if rl_steps is not None else '-'} steps (config.yaml)",
-        f"- SFT -> RL boundary at batch {int(boundary)} (emergence.csv)"
+        f"- SFT -> RL boundary at batch {int(boundary)} ({'emergence.csv' if tracked else 'config.yaml'})"
         if boundary is not None
         else "- SFT -> RL boundary: none (SFT only, or RL from the start)",
         "",
+    ]
+    lines += _inversion_section(frame) if tracked else [
+        "## Entropy-gradient inversion",
+        "Not measured: this run has no `callbacks.inversion.InversionTracker` (no emergence.csv); accuracy and "
+        "rewards only.",
+    ]  # fmt: skip
+    lines += ["", "## Test accuracy (results.json)"]
+    if results is None:
+        lines.append("Not recorded (no results.json).")
+    else:
+        lines += ["| when | step | accuracy |", "|---|---|---|"]
+        by_when = {r.get("when"): r for r in results.get("test_accuracy", [])}
+        for when in ("start", "sft_end", "end"):
+            r = by_when.get(when)
+            lines.append(f"| {when} | {r['step']} | {_num(float(r['accuracy']))} |" if r else f"| {when} | - | - |")
+        lines += ["", f"Skipped updates: {results.get('skipped_updates', '-')}"]
+        lines += _eval_section(results.get("eval", []))
+    lines += ["", "## RL reward (wandb history)", *_reward_section(run_dir, config), ""]
+    md_path = run.summary_md
+    md_path.write_text("\n".join(lines), encoding="utf-8")
+    return png_path, md_path
+
+
+def _inversion_section(frame) -> list[str]:
+    lines = [
         "## Entropy-gradient inversion (emergence.csv; strength = -spearman)",
         "| event | step | batches | phase | spearman | pearson | strength | n_tokens |",
         "|---|---|---|---|---|---|---|---|",
@@ -229,34 +274,71 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
         cells = [int(row["step"]), int(row["batches"]), row["phase"]]
         cells += [float(row[k]) for k in ("spearman", "pearson", "strength")] + [int(row["n_tokens"])]
         lines.append(f"| {event} | " + " | ".join(c if isinstance(c, str) else _num(c) for c in cells) + " |")
-    lines += ["", "![emergence curve](emergence.png)", "", "## Test accuracy (results.json)"]
-    if results is None:
-        lines.append("Not recorded (no results.json).")
-    else:
-        lines += ["| when | step | accuracy |", "|---|---|---|"]
-        by_when = {r.get("when"): r for r in results.get("test_accuracy", [])}
-        for when in ("start", "sft_end", "end"):
-            r = by_when.get(when)
-            lines.append(f"| {when} | {r['step']} | {_num(float(r['accuracy']))} |" if r else f"| {when} | - | - |")
-        lines += ["", f"Skipped updates: {results.get('skipped_updates', '-')}"]
-    lines += ["", "## RL reward (wandb history)", *_reward_section(run_dir, config), ""]
-    md_path = run.summary_md
-    md_path.write_text("\n".join(lines), encoding="utf-8")
-    return png_path, md_path
+    return lines + ["", "![emergence curve](emergence.png)"]
 
 
-def report_main(argv: list[str] | None = None) -> tuple[Path, Path]:
-    """``corrpo report <run_dir>``: write the report and print the two paths."""
-    parser = argparse.ArgumentParser(prog="corrpo report", description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path, help="a run folder, e.g. runs/tiny/<timestamp>")
+def _eval_section(entries: list[dict]) -> list[str]:
+    """The ``model.eval`` results (greedy, pass@k, mean@k per eval set and point), when the run measured them."""
+    keys = {k for e in entries for k in e if k.startswith(("pass@", "mean@"))}
+    keys = sorted(keys, key=lambda k: (k[:4] != "pass", int(k.split("@")[1])))
+    if not entries or (not keys and all(e.get("split") == "test" for e in entries)):
+        return []
+    header = ["when", "step", "eval set", "greedy", *keys]
+    lines = ["", "## Evaluation (results.json `eval`; generations in eval_generations.jsonl)",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]  # fmt: skip
+    for e in entries:
+        cells = [e.get("when"), str(e.get("step")), e.get("split"), _num(e.get("greedy_accuracy"))]
+        lines.append("| " + " | ".join(cells + [_num(e.get(k)) for k in keys]) + " |")
+    return lines
+
+
+REPORT_HELP = """\
+Summarise corrpo run folders offline: each run gets summary.md (phases, inversion at start / SFT end / end,
+test accuracy, eval@k, the RL reward from the wandb offline log) and emergence.png (the inversion curve).
+
+RUN may be a run folder (runs/tiny/20261201-101500), a parent folder (runs/tiny: every run below it), or
+"latest" (the newest run under ./runs) or PARENT/latest (the newest run under PARENT). Runs without an
+inversion tracker (configs/grpo-baseline.yaml) get accuracy and rewards only."""
+
+
+def report_targets(arg: str | Path, default_root: str | Path = "runs") -> list[RunFolder]:
+    """The run folders ``corrpo report ARG`` covers: ARG itself when it is a run, ``latest`` / ``PARENT/latest`` ->
+    the newest run (by folder name, i.e. start time) under ./runs / PARENT, any other folder -> every run below it.
+    A path that is none of these comes back as is, so that write_report names what is missing."""
+    path = Path(arg)
+    if path.name == "latest" and not path.is_dir():
+        parent = Path(default_root) if str(arg) == "latest" else path.parent
+        runs = _runs_below(parent)
+        return [max(runs, key=lambda r: (r.path.name, str(r.path)))] if runs else [RunFolder(path)]
+    if RunFolder(path).is_run() or not path.is_dir():
+        return [RunFolder(path)]
+    return _runs_below(path) or [RunFolder(path)]
+
+
+def _runs_below(parent: Path) -> list[RunFolder]:
+    """Every folder below ``parent`` holding emergence.csv or results.json, sorted."""
+    found = {p.parent for name in ("emergence.csv", "results.json") for p in Path(parent).glob(f"**/{name}")}
+    return [RunFolder(p) for p in sorted(found)]
+
+
+def report_main(argv: list[str] | None = None) -> list[Path]:
+    """``corrpo report RUN [RUN ...]``: write each run's report and print the paths written."""
+    parser = argparse.ArgumentParser(
+        prog="corrpo report", description=REPORT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="a run folder, a parent folder, or latest")
     args = parser.parse_args(argv)
-    try:
-        paths = write_report(args.run_dir)
-    except FileNotFoundError as error:
-        parser.exit(1, f"corrpo report: error: {error}\n")
-    for path in paths:
-        print(path)
-    return paths
+    written: list[Path] = []
+    for target in [run for arg in args.runs for run in report_targets(arg)]:
+        try:
+            paths = write_report(target.path)
+        except FileNotFoundError as error:
+            parser.exit(1, f"corrpo report: error: {error}\n")
+        for path in paths:
+            if path is not None:
+                print(path)
+                written.append(path)
+    return written
 
 
 if __name__ == "__main__":

@@ -4,8 +4,10 @@ A corrpo run writes everything into one folder, so it can be read, reported on o
 
     <run>/config.yaml       the resolved LightningCLI config (written by the CLI's SaveConfigCallback)
     <run>/emergence.csv     the inversion curve, one tidy row per probe measurement (EMERGENCE_COLUMNS)
-    <run>/results.json      test accuracy at start / SFT end / end, skipped updates (+ tags such as method, seed)
+    <run>/results.json      method, seeds, test accuracy at start / SFT end / end, eval@k results and settings,
+                            skipped updates (+ tags such as coef, wall_s)
     <run>/fingerprint.json  ``corrpo validate``'s one measurement
+    <run>/eval_generations.jsonl  every evaluated completion (``model.eval``), one JSON object per line
     <run>/checkpoints/      Lightning checkpoints (last.ckpt, ...)
     <run>/policy/           the exported policy, a Hugging Face folder (``from_pretrained``)
     <run>/wandb/            the wandb run (offline unless configured online)
@@ -61,6 +63,11 @@ class RunFolder:
     def fingerprint(self) -> Path:
         return self.path / "fingerprint.json"
 
+    def eval_generations(self, rank: int = 0) -> Path:
+        """Every evaluated completion, one JSON object per line (``model.eval.save_generations``); under DDP rank
+        ``r > 0`` writes ``eval_generations.rank<r>.jsonl`` (its share of the prompts)."""
+        return self.path / ("eval_generations.jsonl" if rank == 0 else f"eval_generations.rank{rank}.jsonl")
+
     @property
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
@@ -105,6 +112,20 @@ class RunFolder:
         """Add ``tags`` (e.g. method, coef, seed, wall_s) to results.json."""
         self.write_results({**self.read_results(), **tags})
 
+    def append_eval_generations(self, rows: Iterable[dict], rank: int = 0) -> None:
+        """Append rows (when, step, split, mode, prompt, answer, sample, completion, correct) to the jsonl."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        with self.eval_generations(rank).open("a", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    def read_eval_generations(self) -> list[dict]:
+        """Every row of eval_generations.jsonl (rank 0's file and any other rank's), ``[]`` when absent."""
+        rows = []
+        for path in sorted(self.path.glob("eval_generations*.jsonl")):
+            rows += [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return rows
+
     def write_fingerprint(self, row: dict) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         self.fingerprint.write_text(json.dumps(row, indent=2))
@@ -136,6 +157,16 @@ class RunFolder:
         """The last ``when`` (start | sft_end | end) test accuracy in results.json; NaN when not recorded."""
         hits = [r for r in self.read_results().get("test_accuracy", []) if r.get("when") == when]
         return float(hits[-1]["accuracy"]) if hits else float("nan")
+
+
+def method_name(rl) -> str:
+    """The method an RL config runs, as results.json records it: ``corrpo`` (the inversion reward is on),
+    ``top_entropy`` (80/20: only the top-entropy tokens train), else ``grpo``."""
+    if rl.inversion.coef > 0:
+        return "corrpo"
+    if rl.top_entropy_quantile < 1.0:
+        return "top_entropy"
+    return "grpo"
 
 
 def find_runs(paths: Iterable[str | Path]) -> list[RunFolder]:

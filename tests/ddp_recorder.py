@@ -17,10 +17,10 @@ class GroupRecorder(L.Callback):
     def setup(self, trainer, pl_module, stage) -> None:
         count = pl_module.accuracy_counts
 
-        def counted(records):
+        def counted(records, *args, **kwargs):
             with (run_dir(trainer) / f"eval-rank{trainer.global_rank}.jsonl").open("a") as handle:
                 handle.write(json.dumps({"decoded": len(records)}) + "\n")
-            return count(records)
+            return count(records, *args, **kwargs)
 
         pl_module.accuracy_counts = counted
 

@@ -59,5 +59,5 @@ def test_a_run_that_cannot_be_built_leaves_no_empty_run_folder(tmp_path, capsys)
 
 
 def test_accumulate_grad_batches_names_the_micro_batch_keys(tmp_path):
-    with pytest.raises(ValueError, match=r"model\.sft\.micro_batch_size and model\.rl\.micro_batch_size"):
+    with pytest.raises(SystemExit, match=r"model\.sft\.micro_batch_size and model\.rl\.micro_batch_size"):
         run_tiny(tmp_path, "--trainer.accumulate_grad_batches=2")

@@ -141,13 +141,13 @@ def test_collect_only_main_on_fake_tree(compare, tmp_path, capsys):
     for seed in (0, 1):
         fake_run(out, f"grpo/seed{seed}", 0.65, 0.68 + 0.01 * seed, [0.74, 0.7], {"method": "grpo", "seed": seed})
         fake_run(out, f"corrpo/seed{seed}", 0.65, 0.69, [0.74, 0.69], {"method": "corrpo", "seed": seed})
-    report = tmp_path / "r.md"
-    args = ["--out", str(out), "--report", str(report), "--seeds", "0", "1", "--collect-only"]
+    args = ["--out", str(out), "--seeds", "0", "1", "--collect-only"]
     summary = compare.main(args)
+    report = out / "results.md"  # the default: under the run root, never the committed docs/results.md
     assert summary["grpo"]["n"] == 2 and summary["corrpo"]["n"] == 2
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last == "RESULT grpo_acc=0.6850 corrpo_acc=0.6900 grpo_strength=-0.7000 corrpo_strength=-0.6900"
-    assert (tmp_path / "r_emergence.png").is_file() and "--collect-only" in report.read_text()
+    assert (out / "results_emergence.png").is_file() and "--collect-only" in report.read_text()
 
 
 def test_three_methods_reuse_and_the_80_20_baseline_compared_with_grpo(compare, tmp_path, capsys):

@@ -53,17 +53,17 @@ def test_lambda_positive_scores_rollouts_and_changes_the_update(grpo_weights, tm
     metrics = list(csv.DictReader(next(tmp_path.rglob("metrics.csv")).open()))
     logged = {k for row in metrics for k, v in row.items() if v != ""}
     for key in (
-        "rewards/inversion/mean",
-        "rewards/inversion/std",
-        "inversion/rollout_spearman",
-        "inversion/rollout_nan_frac",
-        "time/generate",
-        "time/score",
-        "time/inversion",
-        "time/update",
+        "rl/rewards/inversion/mean",
+        "rl/rewards/inversion/std",
+        "rl/inversion/rollout_spearman",
+        "rl/inversion/rollout_nan_frac",
+        "rl/time/generate",
+        "rl/time/score",
+        "rl/time/inversion",
+        "rl/time/update",
     ):
         assert key in logged, key
-    nan_frac = [float(r["inversion/rollout_nan_frac"]) for r in metrics if r.get("inversion/rollout_nan_frac")]
+    nan_frac = [float(r["rl/inversion/rollout_nan_frac"]) for r in metrics if r.get("rl/inversion/rollout_nan_frac")]
     assert all(0.0 <= f <= 1.0 for f in nan_frac)
 
 
@@ -102,7 +102,7 @@ def test_the_sketch_estimator_drives_the_tracker_and_the_reward_over_all_layers(
     assert tracker.strength.method == "sketch" and tracker.strength.layers == "all"
     assert len(tracker.rows) == 6 and all(-1 <= r["spearman"] <= 1 and r["n_tokens"] > 0 for r in tracker.rows)
     metrics = list(csv.DictReader(next(tmp_path.rglob("metrics.csv")).open()))
-    nan_frac = [float(r["inversion/rollout_nan_frac"]) for r in metrics if r.get("inversion/rollout_nan_frac")]
+    nan_frac = [float(r["rl/inversion/rollout_nan_frac"]) for r in metrics if r.get("rl/inversion/rollout_nan_frac")]
     assert nan_frac and min(nan_frac) < 1.0  # some responses got a sketched rho_i
 
 
@@ -127,7 +127,7 @@ def test_clip_cov_and_kl_cov_train_and_log_the_selected_fraction(grpo_weights, t
     weights = final_weights(clip_cov)
     assert any(not torch.equal(weights[k], grpo_weights[k]) for k in grpo_weights)
     metrics = list(csv.DictReader(next((tmp_path / "clip_cov").rglob("metrics.csv")).open()))
-    selected = [float(r["clip_ratio/cov_selected"]) for r in metrics if r.get("clip_ratio/cov_selected")]
+    selected = [float(r["rl/clip_ratio/cov_selected"]) for r in metrics if r.get("rl/clip_ratio/cov_selected")]
     assert selected and all(0.0 < f <= 0.2 + 1e-6 for f in selected)
     kl_cov = run_tiny(tmp_path / "kl_cov", "--trainer.logger=false", *SHAPED, "--model.rl.policy_loss=kl_cov",
                       "--model.rl.num_iterations=2")  # fmt: skip

@@ -94,11 +94,11 @@ def test_ranks_split_each_step_into_whole_prompts_and_keep_every_group_on_one_ra
 def test_sft_losses_and_inversion_values_equal_the_single_process_run(runs):
     single, ddp = runs
     m_single, m_ddp = _metrics(single), _metrics(ddp)
-    sft_steps = [s for s in m_single if "loss" in m_single[s] and m_single[s].get("phase") == 0.0]
+    sft_steps = [s for s in m_single if "sft/loss" in m_single[s] and m_single[s].get("phase") == 0.0]
     assert len(sft_steps) >= 5
     for step in sft_steps:
-        assert m_ddp[step]["loss"] == pytest.approx(m_single[step]["loss"], rel=1e-5), step
-        assert m_ddp[step]["grad_norm"] == pytest.approx(m_single[step]["grad_norm"], rel=1e-4), step
+        assert m_ddp[step]["sft/loss"] == pytest.approx(m_single[step]["sft/loss"], rel=1e-5), step
+        assert m_ddp[step]["sft/grad_norm"] == pytest.approx(m_single[step]["sft/grad_norm"], rel=1e-4), step
     rows_single = list(csv.DictReader((single / "emergence.csv").open()))
     rows_ddp = list(csv.DictReader((ddp / "emergence.csv").open()))
     assert [(r["step"], r["event"]) for r in rows_ddp] == [(r["step"], r["event"]) for r in rows_single]
@@ -151,7 +151,7 @@ def test_rollout_spearman_is_the_mean_over_both_ranks_responses_with_a_bonus(run
         # a response has a bonus exactly when its rho counts (min_tokens 12 leaves some out)
         valid = [rho for row in pair for rho, bonus in zip(row["rho"], row["bonus"], strict=True) if bonus != 0]
         assert 0 < len(valid) < 16
-        logged = metrics[pair[0]["step"]]["inversion/rollout_spearman"]
+        logged = metrics[pair[0]["step"]]["rl/inversion/rollout_spearman"]
         assert logged == pytest.approx(sum(valid) / len(valid), abs=1e-6)
 
 

@@ -54,8 +54,8 @@ def test_a_shrunk_corrpo_fit_trains_every_family(family, tmp_path):
                   "--trainer.log_every_n_steps=1"]  # fmt: skip
     run_tiny(tmp_path, f"--model.policy=tiny-{family}", *TWO_STEP_FIT, *csv_logger)
     metrics = list(csv.DictReader(next(tmp_path.rglob("metrics.csv")).open()))
-    bonus = [float(r["rewards/inversion/mean"]) for r in metrics if r.get("rewards/inversion/mean")]
-    rho = [float(r["inversion/rollout_spearman"]) for r in metrics if r.get("inversion/rollout_spearman")]
+    bonus = [float(r["rl/rewards/inversion/mean"]) for r in metrics if r.get("rl/rewards/inversion/mean")]
+    rho = [float(r["rl/inversion/rollout_spearman"]) for r in metrics if r.get("rl/inversion/rollout_spearman")]
     assert len(bonus) == 2 and all(math.isfinite(b) for b in bonus)  # both RL steps scored their rollouts
     assert rho and all(math.isfinite(r) for r in rho)
     (emergence,) = tmp_path.rglob("emergence.csv")

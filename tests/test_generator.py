@@ -63,9 +63,9 @@ def test_a_scripted_engine_drives_rollouts_and_evaluation_and_is_synced_after_ev
     assert [e["accuracy"] for e in module.eval_history] == [1.0, 1.0, 1.0]
     # RL: half of each group right, so accuracy is 0.5 and every group has reward variance
     (metrics,) = (tmp_path / "csv").rglob("metrics.csv")
-    rows = [r for r in csv.DictReader(metrics.open()) if r.get("rewards/accuracy/mean")]
-    assert len(rows) == 3 and all(float(r["rewards/accuracy/mean"]) == 0.5 for r in rows)
-    assert all(float(r["frac_reward_zero_std"]) == 0.0 for r in rows)
+    rows = [r for r in csv.DictReader(metrics.open()) if r.get("rl/rewards/accuracy/mean")]
+    assert len(rows) == 3 and all(float(r["rl/rewards/accuracy/mean"]) == 0.5 for r in rows)
+    assert all(float(r["rl/frac_reward_zero_std"]) == 0.0 for r in rows)
     # 3 evaluations + 3 RL steps; every generation after an update ran on the current weights
     assert engine.calls == 6 and engine.stale_calls == 0
     assert engine.syncs == 4  # before sft_end eval, RL steps 2 and 3, and the end eval (RL step 1 follows sft_end)

@@ -253,7 +253,6 @@ def test_a_reward_that_raises_on_some_samples_scores_them_zero_counts_logs_and_t
         assert row["reward/flaky"] == (0.0 if poisoned(row["completion"]) else 1.0)
         assert math.isfinite(row["reward"])
     (metrics_path,) = (tmp_path / "csv").rglob("metrics.csv")
-    logged = [
-        float(r["rewards/flaky/failed"]) for r in csv.DictReader(metrics_path.open()) if r.get("rewards/flaky/failed")
-    ]
+    key = "rl/rewards/flaky/failed"
+    logged = [float(r[key]) for r in csv.DictReader(metrics_path.open()) if r.get(key)]
     assert len(logged) == 3 and logged[-1] == expected_failed

@@ -35,16 +35,26 @@ def _kernel_name() -> str:
     return "python3"
 
 
-def test_notebook_runs_on_a_tiny_run(tiny_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kernel_dir", ["repo root", "notebooks"])
+def test_notebook_runs_on_a_tiny_run(kernel_dir, tiny_run, tmp_path, monkeypatch):
+    """``CORRPO_RUNS`` given relative to the repository root, as the README documents, whether the kernel
+    starts in the root or (as Jupyter starts it) in notebooks/; the figures show inline in the cells."""
     from nbclient import NotebookClient
 
     figures = tmp_path / "figures"
-    monkeypatch.setenv("CORRPO_RUNS", str(tiny_run))
+    monkeypatch.setenv("CORRPO_RUNS", os.path.relpath(tiny_run.parent, REPO))  # the parent: a folder of runs
     monkeypatch.setenv("CORRPO_FIGURES", str(figures))
     monkeypatch.delenv("CORRPO_WANDB_PROJECT", raising=False)
-    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.delenv("MPLBACKEND", raising=False)
     nb = nbformat.read(REPO / "notebooks" / "emergence.ipynb", as_version=4)
-    NotebookClient(nb, kernel_name=_kernel_name(), timeout=300, resources={"metadata": {"path": str(REPO)}}).execute()
+    cwd = REPO if kernel_dir == "repo root" else REPO / "notebooks"
+    NotebookClient(nb, kernel_name=_kernel_name(), timeout=300, resources={"metadata": {"path": str(cwd)}}).execute()
+    assert "1 run folder(s)" in "".join(o.get("text", "") for o in nb.cells[1].outputs)
+    images = [c for c in nb.cells if any("image/png" in o.get("data", {}) for o in c.get("outputs", []))]
+    assert len(images) == 2  # the emergence curve and accuracy vs inversion, inline
+    assert "matplotlib.use" not in "".join(c.source for c in nb.cells)
+    for cell in nb.cells:
+        assert not any(o.get("output_type") == "error" for o in cell.get("outputs", []))
     # the last cell shows the final points: the tiny run must be in it (not an empty frame plotted)
     shown = "".join(o.get("data", {}).get("text/plain", "") for o in nb.cells[-1].outputs)
     run_dir = analysis.expand_run_dirs([tiny_run])[0]
@@ -126,3 +136,12 @@ def test_wandb_is_skipped_offline(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert analysis.load_wandb("someone/corrpo").empty
     assert analysis.load_wandb(None).empty
+
+
+def test_the_notebook_saves_figures_in_a_git_ignored_folder():
+    import subprocess
+
+    source = "".join(c.source for c in nbformat.read(REPO / "notebooks" / "emergence.ipynb", as_version=4).cells)
+    assert '"runs/figures"' in source and "notebooks/figures" not in source
+    ignored = subprocess.run(["git", "check-ignore", "-q", "runs/figures/x.png"], cwd=REPO, check=False)
+    assert ignored.returncode == 0

@@ -90,7 +90,7 @@ def test_report_of_a_tiny_run(tiny_run):
     history = history_independently(log)
     assert any("inversion/spearman" in row for row in history)
     assert report.wandb_history(log) == (history, None)
-    rewards = [(row["trainer/global_step"], row["reward"]) for row in history if "reward" in row]
+    rewards = [(row["trainer/global_step"], row["rl/reward"]) for row in history if "rl/reward" in row]
     assert report.reward_curve(history) == rewards
     if rewards:  # the shrunken run logs every 5 steps: its 3 RL steps may log no reward at all
         assert table(markdown, "| step | reward |") == {str(s): [f"{r:.4f}"] for s, r in report.downsample(rewards)}
@@ -195,3 +195,41 @@ def test_corrpo_report_command(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         report.report_main([str(tmp_path / "nothing")])
     assert exit_info.value.code == 1 and "emergence.csv not found" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def baseline_run(tmp_path_factory) -> Path:
+    """A shrunk run of configs/grpo-baseline.yaml: no inversion tracker, so no emergence.csv."""
+    from conftest import REPO, TINY_FAST_ARGS
+
+    from corrpo.cli import build_cli
+
+    root = tmp_path_factory.mktemp("baseline") / "grpo-baseline"
+    shrunk = [a for a in TINY_FAST_ARGS if not a.startswith("--trainer.callbacks.")]
+    cli = build_cli(["fit", "--config", str(REPO / "configs" / "grpo-baseline.yaml"), *shrunk,
+                     f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false"])  # fmt: skip
+    return Path(cli.trainer.default_root_dir)
+
+
+def test_a_run_without_a_tracker_is_reported_with_accuracy_and_rewards(baseline_run, capsys):
+    assert not (baseline_run / "emergence.csv").exists()
+    written = report.report_main([str(baseline_run)])
+    assert written == [baseline_run / "summary.md"]
+    markdown = written[0].read_text()
+    assert "Method: grpo" in markdown and "Not measured: this run has no" in markdown
+    assert set(table(markdown, "| when | step | accuracy |")) == {"start", "sft_end", "end"}
+    assert "SFT -> RL boundary at batch 6 (config.yaml)" in markdown
+
+
+def test_report_takes_a_parent_folder_and_latest(baseline_run, tmp_path, capsys, monkeypatch):
+    parent = baseline_run.parent
+    older = write_run(parent / "20000101-000000")  # a tracked run next to the baseline run
+    written = report.report_main([str(parent)])
+    assert baseline_run / "summary.md" in written and older / "summary.md" in written
+    assert [r.path for r in report.report_targets(parent / "latest")] == [baseline_run]
+    monkeypatch.chdir(parent.parent)
+    assert [r.path.resolve() for r in report.report_targets("latest", default_root=parent.name)] == [baseline_run]
+    with pytest.raises(SystemExit):
+        report.report_main(["--help"])
+    help_text = capsys.readouterr().out
+    assert "parent folder" in help_text and "latest" in help_text and "``" not in help_text

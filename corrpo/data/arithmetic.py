@@ -52,7 +52,8 @@ class ArithmeticTask:
 
     Args:
         seed: seeds which problems are drawn (and their order); the split of a problem does not depend on it.
-        min_ops / max_ops: the number of operations in a chain is drawn uniformly from this range.
+        min_ops: fewest operations in a chain (the number is drawn uniformly from ``min_ops..max_ops``).
+        max_ops: most operations in a chain.
         max_operand: operands and start numbers are drawn from ``1..max_operand``.
         ops: the operations used, a subset of ``"+-*"``.
         max_value: every intermediate (and final) value lies in ``0..max_value``.

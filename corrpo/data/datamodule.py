@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import random
 import warnings
+from typing import Literal
 
 import lightning as L
 from torch.utils.data import DataLoader, Dataset, IterableDataset
@@ -87,7 +88,15 @@ class StepBatches(Dataset):
             "step": index,
             "prompt": [r["prompt"] for r in rows],
             "answer": [str(r["answer"]) for r in rows],
+            "columns": dataset_columns(rows),
         }
+
+
+def dataset_columns(rows: list[dict]) -> dict[str, list]:
+    """The records' non-canonical columns (kept by ``load_records(keep_columns=True)``), one value per row (None
+    where a row lacks it): what a TRL-style reward gets by keyword besides ``prompts``/``completions``/``answer``."""
+    names = dict.fromkeys(key for row in rows for key in row if key not in ("prompt", "completion", "answer"))
+    return {name: [row.get(name) for row in rows] for name in names}
 
 
 def shard_batch(batch: dict, rank: int, world_size: int) -> dict:
@@ -105,7 +114,13 @@ def shard_batch(batch: dict, rank: int, world_size: int) -> dict:
         raise ValueError(f"data.{key}={rows} must be divisible by the number of processes ({world_size})")
     per_rank = rows // world_size
     lo, hi = rank * per_rank, (rank + 1) * per_rank
-    return {k: v[lo:hi] if isinstance(v, list) else v for k, v in batch.items()}
+
+    def share(value):
+        if isinstance(value, dict):  # the dataset columns: a list per column
+            return {name: share(values) for name, values in value.items()}
+        return value[lo:hi] if isinstance(value, list) else value
+
+    return {k: share(v) for k, v in batch.items()}
 
 
 class StepStream(IterableDataset):
@@ -153,8 +168,10 @@ class ReasoningDataModule(L.LightningDataModule):
         n_train: training problems of a generated task: the embedded one (shared by SFT traces and RL
             prompts) or a reasoning-gym one.
         sft_steps / rl_steps: batches per phase (linked from the model's ``sft.steps`` / ``rl.steps``).
-        sft_batch_size: traces per SFT step. rl_batch_size: prompts per RL step (each sampled G times).
-        n_probe / n_test: sizes of the probe and test sets.
+        sft_batch_size: traces per SFT step.
+        rl_batch_size: prompts per RL step (each sampled G times).
+        n_probe: size of the probe set (held-out traces the inversion tracker measures on).
+        n_test: size of the test set (held-out prompts for accuracy).
         eval_batch_size: prompts per val/test batch.
         seed: seed of the batch order and of held-out splits of user data.
     """
@@ -167,7 +184,7 @@ class ReasoningDataModule(L.LightningDataModule):
         probe_source: str | None = None,
         sft_fields: dict[str, str] | None = None,
         rl_fields: dict[str, str] | None = None,
-        on_error: str = "raise",
+        on_error: Literal["raise", "skip"] = "raise",
         arithmetic: ArithmeticTask = ArithmeticTask(),
         n_train: int = 4000,
         sft_steps: int = 0,
@@ -214,7 +231,9 @@ class ReasoningDataModule(L.LightningDataModule):
                 )
             split, n = ("test", self.n_test) if test else ("train", self.n_train)
             return reasoning_gym_records(name, n, seed=self.seed, split=split)
-        result = load_records(source, kind=kind, fields=self.fields[kind], on_error=self.on_error)
+        result = load_records(
+            source, kind=kind, fields=self.fields[kind], on_error=self.on_error, keep_columns=kind == "rl"
+        )
         self.n_skipped += result.n_skipped
         if not result.records:
             why = (

@@ -1,7 +1,8 @@
 """Load user records (SFT traces or RL prompts) from jsonl/json/parquet files or a Hugging Face dataset.
 
 Every record comes out with canonical keys: ``prompt`` always, ``completion`` (the reasoning trace) for SFT,
-``answer`` (the gold answer, a string) for RL; the other key is kept when the row has a usable value. A
+``answer`` (the gold answer, a string) for RL; the other key is kept when the row has a usable value, and with
+``keep_columns`` every non-canonical column too (the dataset columns a TRL-style reward reads by name). A
 malformed row raises :class:`RecordError` naming the file, the 1-based line (or row) and the field, so a
 bad line in a 100k-line file is found at once; ``on_error="skip"`` drops such rows and counts them.
 
@@ -166,7 +167,7 @@ def _parsed_field(spec: str) -> tuple[str, Callable[[Any], str] | None]:
     return parse_field(spec)
 
 
-def _convert(where: str, row: Any, kind: str, specs: dict[str, str]) -> dict[str, str]:
+def _convert(where: str, row: Any, kind: str, specs: dict[str, str], keep_columns: bool = False) -> dict[str, Any]:
     """One canonical record from one row, or a RecordError naming the location and the field."""
     if not isinstance(row, dict):
         raise RecordError(f"{where}: expected a JSON object, got {type(row).__name__}")
@@ -188,6 +189,8 @@ def _convert(where: str, row: Any, kind: str, specs: dict[str, str]) -> dict[str
             if problem is None:
                 problem = "missing" if column not in row else f"must be a non-empty string, got {value!r:.60}"
             raise RecordError(f"{where}: field {label} {problem}")
+    if keep_columns:  # the row's other columns, as they are: TRL-style rewards read them by name
+        record.update({key: value for key, value in row.items() if key not in CANONICAL_FIELDS})
     return record
 
 
@@ -197,6 +200,7 @@ def load_records(
     fields: dict[str, str] | None = None,
     on_error: str = "raise",
     split: str = "train",
+    keep_columns: bool = False,
 ) -> LoadResult:
     """Read SFT traces (``kind="sft"``: prompt + completion) or RL prompts (``kind="rl"``: prompt + answer).
 
@@ -209,6 +213,8 @@ def load_records(
             ``boxed``, ``user``, ``assistant``); fields not named keep their canonical column name.
         on_error: ``"raise"`` the first :class:`RecordError`, or ``"skip"`` malformed rows and count them.
         split: the split of a Hugging Face dataset whose source names none.
+        keep_columns: keep every other column of a row in its record under its own name (e.g. the ``solution``
+            of a dataset whose ``answer`` is ``solution|boxed``), so that reward functions get them by keyword.
     """
     if kind not in REQUIRED:
         raise ValueError(f"kind must be one of {tuple(REQUIRED)}, got {kind!r}")
@@ -227,7 +233,7 @@ def load_records(
         try:
             if isinstance(row, RecordError):
                 raise row
-            result.records.append(_convert(where, row, kind, columns))
+            result.records.append(_convert(where, row, kind, columns, keep_columns))
         except RecordError as err:
             if on_error == "raise":
                 raise

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -49,7 +50,7 @@ class InversionRewardConfig:
     """``lambda``, the bonus weight; 0 = plain GRPO (no scoring pass at all)."""
     warmup_steps: int = 0
     """``lambda`` ramps linearly from 0 to ``coef`` over the first ``warmup_steps`` RL steps."""
-    correlation: str = "spearman"
+    correlation: Literal["spearman", "pearson"] = "spearman"
     """``spearman`` (the headline) or ``pearson``."""
     strength: StrengthConfig = field(default_factory=lambda: StrengthConfig(**REWARD_STRENGTH_DEFAULTS))
     """The gradient strength ``S_t`` (:class:`corrpo.inversion.strength_config.StrengthConfig`); its default

@@ -1,14 +1,16 @@
 """Score a rollout batch with several reward functions and combine them, never losing a sample.
 
-Each reward function has TRL's signature ``fn(prompts, completions, answer, **kwargs) -> list[float|None]``.
-``None`` (or NaN) means "this function cannot score this sample" (TRL's convention): the total is the
-weighted sum over the functions that did score it, and 0 when none did.
+Each reward function is called as TRL calls it, by keyword (:mod:`corrpo.rewards.call`): ``prompts``,
+``completions``, ``completion_ids``, every dataset column (``answer``, ...), ``trainer_state``; it returns
+``list[float|None]``. ``None`` (or NaN) means "this function cannot score this sample" (TRL's convention): the
+total is the weighted sum over the functions that did score it, and 0 when none did.
 
 What is a fault, and what happens to it (each used to be masked):
 
 - **Raising** on the batch: retried sample by sample; a sample on which it still raises scores 0 and is
   counted in ``n_failed`` (logged as ``rewards/<name>/failed``), with one warning per call, so one bad
-  completion never kills a run.
+  completion never kills a run. Raising on EVERY sample is a broken function (a wrong signature, a column the
+  data lacks): a :class:`RewardError` naming it at once, not a step of zeros.
 - **Returning +-inf**: counted in ``n_failed`` and scored 0 like a raise (it is a broken verifier, not an
   unscorable sample), and warned.
 - **Returning the wrong number of values, a non-sequence or a non-number**: a :class:`RewardError` naming
@@ -29,6 +31,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+from corrpo.rewards.call import RewardInputs, RewardLog, StepInfo, call_reward
 
 RewardFn = Callable[..., list]
 
@@ -82,24 +86,31 @@ def _checked_values(name: str, values: object, expected: int) -> list:
     return list(values)
 
 
-def _call_safely(name: str, fn: RewardFn, prompts, completions, answers, kwargs) -> _Call:
+def _call_safely(name: str, fn: RewardFn, inputs: RewardInputs) -> _Call:
+    n = len(inputs)
     try:
-        values = fn(list(prompts), list(completions), answer=list(answers), **kwargs)
+        values = call_reward(fn, inputs)
     except Exception as batch_error:  # noqa: BLE001 - retried per sample below, then counted
         scores, failures = [], []
-        for i in range(len(completions)):
+        for i in range(n):
             try:
-                value = fn([prompts[i]], [completions[i]], answer=[answers[i]], **kwargs)
+                value = call_reward(fn, inputs.sample(i))
             except Exception as err:  # noqa: BLE001 - one bad sample must not stop training
                 failures.append((i, err))
                 scores.append(math.inf)  # counted as failed below, with the infinite values
                 continue
             scores.append(_as_float(_checked_values(name, value, 1)[0], name, i))
+        if failures and len(failures) == n:  # a broken function (wrong signature, missing column), not a bad sample
+            raise RewardError(
+                f"reward {name!r} raised on every one of the {n} samples of this step (first: {failures[0][1]!r}); "
+                "rewards are called by keyword as in TRL: fn(prompts=, completions=, completion_ids=, <dataset "
+                "columns>, trainer_state=, **kwargs)"
+            ) from failures[0][1]
         if failures:
             i, err = failures[0]
             warnings.warn(
                 f"reward {name!r} raised on sample {i} ({err!r}) and {len(failures) - 1} more: "
-                f"{len(failures)} of {len(completions)} samples scored 0",
+                f"{len(failures)} of {n} samples scored 0",
                 stacklevel=3,
             )
         else:
@@ -107,13 +118,12 @@ def _call_safely(name: str, fn: RewardFn, prompts, completions, answers, kwargs)
         call = _Call(scores, failed=len(failures))
         call.infinite = sum(math.isinf(v) for v in scores) - call.failed
     else:
-        values = _checked_values(name, values, len(completions))
+        values = _checked_values(name, values, n)
         call = _Call([_as_float(v, name, i) for i, v in enumerate(values)])
         call.infinite = sum(math.isinf(v) for v in call.scores)
     if call.infinite:
         warnings.warn(
-            f"reward {name!r} returned +-inf for {call.infinite} of {len(completions)} samples: counted as failed, "
-            "scored 0",
+            f"reward {name!r} returned +-inf for {call.infinite} of {n} samples: counted as failed, scored 0",
             stacklevel=3,
         )
     call.failed += call.infinite
@@ -150,20 +160,34 @@ def score_completions(
     weights: Sequence[float],
     prompts: Sequence[str],
     completions: Sequence[str],
-    answers: Sequence[str],
+    answers: Sequence[str] | None = None,
+    *,
+    columns: dict[str, Sequence] | None = None,
+    completion_ids: list[list[int]] | None = None,
+    trainer_state: StepInfo | None = None,
+    log: RewardLog | None = None,
     monitor: RewardFailureMonitor | None = None,
-    **kwargs,
 ) -> RewardScores:
     """Run every reward function and combine: ``total_i = sum_k w_k * r_k,i`` over finite ``r_k,i``.
 
-    ``monitor`` (optional) sees the fault counts and may stop the run; ``kwargs`` go to the reward functions.
+    Each function is called by keyword as TRL calls it (:mod:`corrpo.rewards.call`): ``prompts``,
+    ``completions``, ``completion_ids``, every dataset column (``columns``, one value per completion; ``answers``
+    is the ``answer`` column), ``trainer_state`` and the ``log_metric`` / ``log_extra`` hooks (into ``log``).
+    ``monitor`` (optional) sees the fault counts and may stop the run.
     """
     if len(weights) != len(reward_fns):
         raise ValueError(f"rl.reward_weights has {len(weights)} entries for {len(reward_fns)} rewards")
+    columns = {name: list(values) for name, values in (columns or {}).items()}
+    if answers is not None:
+        columns["answer"] = list(answers)
+    inputs = RewardInputs(
+        prompts=list(prompts), completions=list(completions), columns=columns, completion_ids=completion_ids,
+        trainer_state=trainer_state, log=log,
+    )  # fmt: skip
     per_function, n_failed, n_unscored = {}, {}, {}
     total = torch.zeros(len(completions), dtype=torch.float32)
     for (name, fn), weight in zip(reward_fns.items(), weights, strict=True):
-        call = _call_safely(name, fn, prompts, completions, answers, kwargs)
+        call = _call_safely(name, fn, inputs)
         values = torch.tensor(call.scores, dtype=torch.float32)
         per_function[name] = values
         n_failed[name] = call.failed
@@ -189,8 +213,12 @@ def completion_rows(
     rewards: torch.Tensor,
     advantages: torch.Tensor,
     rho: torch.Tensor | None = None,
+    *,
+    answers: Sequence[str] | None = None,
+    extra: dict[str, Sequence] | None = None,
 ) -> list[dict]:
-    """One row per completion (prompt, completion, each reward part, total reward, advantage, rho_i).
+    """One row per completion (prompt, gold answer, completion, each reward part, total reward, advantage, rho_i,
+    then any ``extra`` column a reward added through ``log_extra``).
 
     The dashboard's completions table and the tests read these; NaN (unscored, or rho of a too-short or
     constant response) is kept as NaN rather than dropped, so every sampled completion has its row.
@@ -199,9 +227,13 @@ def completion_rows(
     rho = rho.detach().float().cpu() if rho is not None else None
     rows = []
     for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
-        row = {"step": step, "prompt": prompt, "completion": completion}
+        row = {"step": step, "prompt": prompt}
+        if answers is not None:
+            row["answer"] = answers[i]
+        row["completion"] = completion
         row.update({f"reward/{name}": float(values[i]) for name, values in scores.per_function.items()})
         row.update({"reward": float(rewards[i]), "advantage": float(advantages[i])})
         row["rho"] = float(rho[i]) if rho is not None else math.nan
+        row.update({column: values[i] for column, values in (extra or {}).items() if len(values) == len(completions)})
         rows.append(row)
     return rows

@@ -21,6 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,7 @@ from corrpo.objectives import (
     masked_mean,
     zero_std_fraction,
 )
+from corrpo.rewards.call import RewardLog, StepInfo
 from corrpo.rewards.combine import RewardFailureMonitor, RewardFn, RewardScores, completion_rows, score_completions
 from corrpo.rollout import Rollout
 from corrpo.schedule import warmup_cosine_lr
@@ -137,10 +139,11 @@ class GRPOStep:
         self.reward_monitor = RewardFailureMonitor(rl.max_reward_failure_share, rl.reward_failure_patience)
 
     # ---------------------------------------------------------------------------------------- stages
-    def score(self, prompts: list[str], answers: list[str], completions: list[str]) -> RewardScores:
-        """Task rewards of the ``N = B * G`` completions (prompts and answers repeated per group member)."""
+    def score(self, prompts: list[str], answers: list[str], completions: list[str], **inputs: Any) -> RewardScores:
+        """Task rewards of the ``N = B * G`` completions (prompts and answers repeated per group member); ``inputs``
+        are :func:`corrpo.rewards.combine.score_completions`'s keywords (columns, completion_ids, trainer_state)."""
         return score_completions(
-            self.reward_fns, self.reward_weights, prompts, completions, answers, monitor=self.reward_monitor
+            self.reward_fns, self.reward_weights, prompts, completions, answers, monitor=self.reward_monitor, **inputs
         )
 
     def lr_at(self, update_index: int) -> float:
@@ -167,7 +170,14 @@ class GRPOStep:
 
     # ------------------------------------------------------------------------------------------ step
     def __call__(
-        self, ctx: RLContext, prompts: list[str], answers: list[str], rl_index: int, step: int | None = None
+        self,
+        ctx: RLContext,
+        prompts: list[str],
+        answers: list[str],
+        rl_index: int,
+        step: int | None = None,
+        columns: dict[str, list] | None = None,
+        max_steps: int = 0,
     ) -> RLStepResult:
         """One RL step on a batch of ``B`` prompts with their gold ``answers``.
 
@@ -177,6 +187,9 @@ class GRPOStep:
             answers: their gold answers (passed to the reward functions as ``answer``).
             rl_index: 0-based RL step (drives the lr schedule and the CorR-PO warm-up).
             step: the run's batch index, written in the completion rows (default ``rl_index``).
+            columns: the batch's other dataset columns, one value per prompt, passed to the rewards by name
+                (repeated per group member, as TRL does).
+            max_steps: train batches of the whole run (the rewards' ``trainer_state.max_steps``).
         """
         rl, G = self.rl, self.rl.num_generations
         timings: dict[str, float] = {}
@@ -188,7 +201,14 @@ class GRPOStep:
         completions = ctx.decode(rollout)
         group_prompts = [p for p in prompts for _ in range(G)]
         group_answers = [a for a in answers for _ in range(G)]
-        scores = self.score(group_prompts, group_answers, completions)
+        reward_log = RewardLog()
+        scores = self.score(
+            group_prompts, group_answers, completions,
+            columns={name: [v for v in values for _ in range(G)] for name, values in (columns or {}).items()},
+            completion_ids=completion_token_ids(rollout),
+            trainer_state=StepInfo(rl_index if step is None else step, max_steps, rl_index),
+            log=reward_log,
+        )  # fmt: skip
         timings["score"] = time.perf_counter() - t0
         device = rollout.sequences.device
 
@@ -203,7 +223,7 @@ class GRPOStep:
         advantages = group_advantages(rewards, G, rl.scale_rewards)
         rows = completion_rows(
             rl_index if step is None else step, group_prompts, completions, scores, rewards, advantages,
-            term.rho if term is not None else None,
+            term.rho if term is not None else None, answers=group_answers, extra=reward_log.extra,
         )  # fmt: skip
 
         t0 = time.perf_counter()
@@ -212,6 +232,7 @@ class GRPOStep:
 
         metrics = self._metrics(ctx, rollout, rewards, scores, out, entropy, term)
         metrics.update({f"time/{k}": v for k, v in timings.items()})
+        metrics.update(reward_log.metrics)  # a reward's log_metric(name, value), under its own name as in TRL
         return RLStepResult(
             metrics=metrics, updates=updates, completions=rows, rewards=rewards, advantages=advantages,
             scores=scores, inversion=term, timings=timings,
@@ -339,6 +360,12 @@ class GRPOStep:
                 metrics[f"rewards/{name}/failed"] = float(scores.n_failed.get(name, 0))
                 metrics[f"rewards/{name}/unscored"] = float(scores.n_unscored.get(name, 0))
         return metrics
+
+
+def completion_token_ids(rollout: Rollout) -> list[list[int]]:
+    """Each completion's token ids without padding (TRL's ``completion_ids`` reward keyword)."""
+    ids, mask = rollout.completion_ids.detach().cpu(), rollout.completion_mask.detach().cpu()
+    return [row[keep].tolist() for row, keep in zip(ids, mask, strict=True)]
 
 
 def pooled_mean(values: torch.Tensor, collectives: Collectives, device: torch.device | str = "cpu") -> torch.Tensor:
