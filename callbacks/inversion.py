@@ -34,7 +34,6 @@ from corrpo.inversion.strength_config import StrengthConfig, strength_spec
 from corrpo.progress import eval_progress
 from corrpo.run_folder import run_folder
 from corrpo.training.host import require_host
-from corrpo.training.phases import PhaseSchedule
 
 TABLE_ROWS = 2000
 
@@ -221,7 +220,7 @@ class InversionTracker(L.Callback):
 
         xs, ys = [[r["batches"] for r in rows]], [[r["spearman"] for r in rows]]
         keys = ["Spearman rho (probe set)"]
-        boundary = _boundary(pl_module.schedule)
+        boundary = pl_module.schedule.boundary_step
         if boundary is not None:
             xs.append([boundary, boundary])
             ys.append([min(min(ys[0]), -1.0), max(max(ys[0]), 0.0)])
@@ -238,7 +237,7 @@ class InversionTracker(L.Callback):
             return
         from corrpo.plotting import emergence_figure
 
-        figure = emergence_figure(self.rows, boundary_batches=_boundary(pl_module.schedule))
+        figure = emergence_figure(self.rows, boundary_batches=pl_module.schedule.boundary_step)
         for logger in loggers:
             logger.log_image(key="inversion/emergence", images=[figure])
 
@@ -248,8 +247,3 @@ class InversionTracker(L.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.rows = list(state_dict.get("rows", []))
-
-
-def _boundary(schedule: PhaseSchedule) -> int | None:
-    """The boundary's batch index for the figure, None when the run has no SFT -> RL boundary."""
-    return schedule.sft_steps if schedule.is_boundary(schedule.sft_steps) else None

@@ -66,17 +66,13 @@ def run_dirs_from_env(
     return expand_run_dirs(paths) if value or Path(paths[0]).is_dir() else []
 
 
-def _results(run_dir: Path) -> dict:
-    return RunFolder(run_dir).read_results()
-
-
 def method_of(run_dir: str | Path) -> str:
     """``method`` from results.json; else ``corrpo``/``grpo`` if the run folder (or its parent) says so; else ``run``.
 
     Only the last two path parts are read, so a checkout that happens to live in a folder named ``corrpo``
     does not label every run.
     """
-    method = _results(Path(run_dir)).get("method")
+    method = RunFolder(run_dir).read_results().get("method")
     if isinstance(method, str) and method:
         return method
     for part in reversed(Path(run_dir).resolve().parts[-2:]):
@@ -139,10 +135,7 @@ def final_points(df: pd.DataFrame, run_dirs: Iterable[str | Path] | None = None)
         if dirs is not None and run_dir is not None and run_dir not in dirs:
             continue
         last = group.sort_values("batches", kind="stable").iloc[-1]
-        accuracy = math.nan
-        if run_dir is not None:
-            ends = [r for r in _results(Path(run_dir)).get("test_accuracy", []) if r.get("when") == "end"]
-            accuracy = float(ends[-1]["accuracy"]) if ends else math.nan
+        accuracy = RunFolder(run_dir).test_accuracy("end") if run_dir is not None else math.nan
         rows.append(
             {
                 "run": run,

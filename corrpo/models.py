@@ -48,7 +48,7 @@ TAG_TOKENS = ("<think>", "</think>", "<answer>", "</answer>")
 
 @dataclass
 class TinyArchitecture:
-    """Size of the tiny model built when ``policy`` is ``tiny-qwen2`` or ``tiny-llama``."""
+    """Size of the tiny model built when ``policy`` is ``tiny-<family>`` (``tiny-qwen2``, ``tiny-llama``, ...)."""
 
     hidden_size: int = 64
     """Width of the residual stream."""

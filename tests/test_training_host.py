@@ -16,14 +16,14 @@ def test_the_boundary_is_the_first_rl_batch_after_sft():
     schedule = PhaseSchedule(sft_steps=3, rl_steps=2)
     assert [schedule.phase_at(i) for i in range(5)] == ["sft", "sft", "sft", "rl", "rl"]
     assert [schedule.is_boundary(i) for i in range(6)] == [False, False, False, True, False, False]
-    assert schedule.total == 5 and schedule.rl_index(4) == 1
+    assert schedule.total == 5 and schedule.rl_index(4) == 1 and schedule.boundary_step == 3
 
 
 @pytest.mark.parametrize(("sft", "rl"), [(0, 4), (4, 0)])
 def test_a_run_with_one_phase_has_no_boundary(sft, rl):
     schedule = PhaseSchedule(sft_steps=sft, rl_steps=rl)
     assert not any(schedule.is_boundary(i) for i in range(sft + rl + 1))
-    assert schedule.starts_rl(0) == (sft == 0)
+    assert schedule.starts_rl(0) == (sft == 0) and schedule.boundary_step is None
 
 
 class NotAHost(L.LightningModule):

@@ -34,6 +34,11 @@ class PhaseSchedule:
         """Batch ``step`` is the first RL batch (also in an RL-only run)."""
         return self.rl_steps > 0 and step == self.sft_steps
 
+    @property
+    def boundary_step(self) -> int | None:
+        """The boundary's batch index (for figures), None when the run has no SFT -> RL boundary."""
+        return self.sft_steps if self.is_boundary(self.sft_steps) else None
+
     def is_boundary(self, step: int) -> bool:
         """Batch ``step`` is the first RL batch of a run that trained SFT before it: the SFT -> RL boundary.
 
