@@ -6,7 +6,9 @@ random sequences (default 1) of length T with every token scored. The loop is th
 backward (and, for the nuclear norm, one SVD per matrix) per token, so with ``--loop-max-tokens N`` it (and
 vmap) is run on N evenly spaced tokens only and its time is extrapolated linearly per token to all
 ``batch * (T - 1)`` tokens (marked ``*``); errors are then checked on that subset. ``sketch`` costs
-``sketch_dim`` batched JVPs per matrix whatever the token count, so it gains with ``--batch``.
+``sketch_dim`` batched JVPs per matrix whatever the token count, so it gains with ``--batch``. Every method,
+the loop included, is timed best of ``--repeats`` after one untimed warm-up, so one load spike cannot move a
+ratio; the ``floor`` column is each row's compute-floor fraction (``benchmarks/compute_floor.py``).
 
     python benchmarks/inversion_methods.py                 # CPU, ~4M-param 4-layer Qwen2, T in 64 256 1024
     python benchmarks/inversion_methods.py --gpu           # Qwen2-0.5B-shaped bf16 model on CUDA
@@ -28,6 +30,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from compute_floor import floor_fraction, forward_flops, matmul_gflops, model_widths  # noqa: E402
 from transformers import AutoModelForCausalLM, Qwen2Config  # noqa: E402
 
 from corrpo.inversion.correlation import batched_spearman  # noqa: E402
@@ -107,7 +110,7 @@ def run_length(model, seq_len: int, args, device: torch.device) -> list[dict]:
             chunk_size=args.chunk, sketch_dim=args.sketch_dim,
         )  # fmt: skip
         mask = subset if method in ("loop", "vmap") else full
-        reps = 1 if method == "loop" else args.repeats
+        reps = args.repeats  # every method: one untimed warm-up, then best of ``repeats``
         secs, (entropy, out) = timed(lambda m=mask, c=cfg: score_tokens(model, ids, attn, m, c), device, reps)
         scored = n_all if mask is full else n_sub
         extrapolated = scored < n_all
@@ -124,9 +127,27 @@ def run_length(model, seq_len: int, args, device: torch.device) -> list[dict]:
             )
         )  # fmt: skip
     loop_secs = rows[0]["secs"]
+    flops = scoring_flops(model.config, args.batch, seq_len, args.projections)
     for row in rows:
         row["speedup"] = loop_secs / row["secs"]
+        row["floor"] = floor_fraction(flops, args.gflops, row["secs"])
     return rows
+
+
+def scoring_flops(config, rows: int, seq_len: int, projections: list[str]) -> float:
+    """The floor every method is held to: one forward of the batch (every position unembedded: the entropy), the
+    last layer's backward (2x its forward), and the closed-form products W_k's and W_v's strengths cannot avoid:
+    per scored token at position t, ``2 (t+1) d_kv d`` for K's matrix and ``2 d_kv^2 d`` for its Gram (nuclear),
+    ``2 (t+1) d`` per head for V's context."""
+    d = config.hidden_size
+    d_kv = config.num_key_value_heads * (d // config.num_attention_heads)
+    flops = forward_flops(config, rows, seq_len) + 2 * forward_flops(config, rows, seq_len, unembedded=0, layers=1)
+    positions = sum(t + 1 for t in range(seq_len - 1))
+    if "k" in projections:
+        flops += rows * (2 * positions * d_kv * d + (seq_len - 1) * 2 * d_kv * d_kv * d)
+    if "v" in projections:
+        flops += rows * 2 * positions * d * config.num_attention_heads
+    return float(flops)
 
 
 def main() -> None:
@@ -155,6 +176,7 @@ def main() -> None:
     device = torch.device("cuda" if args.gpu else "cpu")
     model = build_model(args.gpu)
     n_params = sum(p.numel() for p in model.parameters())
+    args.gflops = matmul_gflops(model.config.hidden_size, model_widths(model.config)) if not args.gpu else float("nan")
     where = torch.cuda.get_device_name() if args.gpu else f"CPU, {torch.get_num_threads()} threads"
     print(
         f"model: random Qwen2, {n_params / 1e6:.1f}M params, {model.config.num_hidden_layers} layers, "
@@ -167,7 +189,11 @@ def main() -> None:
     )
     header = (
         f"{'method':8} {'T':>5} {'tokens':>6} {'time_s':>10} {'vs_loop':>9} {'max_rel_err':>12} {'med_rel_err':>12} "
-        f"{'spearman':>9}"
+        f"{'spearman':>9} {'floor':>6}"
+    )
+    print(
+        f"floor = the row's FLOPs (one forward + the last layer's backward + K/V closed forms) over the matmul "
+        f"rate measured now, {args.gflops:.0f} GFLOP/s, as a fraction of its time (1.0 = matmul-bound)"
     )
     print(header)
     print("-" * len(header))
@@ -178,7 +204,8 @@ def main() -> None:
             star = "*" if row["extrap"] else " "
             print(
                 f"{row['method']:8} {row['T']:>5} {row['tokens']:>6} {row['secs']:>9.3f}{star} "
-                f"{row['speedup']:>8.1f}x {row['err']:>12.2e} {row['median_err']:>12.2e} {row['spearman']:>9.4f}"
+                f"{row['speedup']:>8.1f}x {row['err']:>12.2e} {row['median_err']:>12.2e} {row['spearman']:>9.4f} "
+                f"{row['floor']:>6.3f}"
             )
     target = min(args.lengths, key=lambda t: abs(t - 256))
     at = {r["method"]: r for r in results if r["T"] == target}

@@ -1,22 +1,33 @@
-"""Time one RL step of plain GRPO and of CorR-PO (same config, same run), part by part.
+"""Time one RL step of plain GRPO and of CorR-PO (same config, same run), part by part, and how the CorR-PO term
+scales with completion length and model width.
 
 Both sides run :class:`corrpo.training.grpo.GRPOStep`, the very code ``corrpo fit`` runs, and read its
 per-stage timings: (a) ``generate``: G samples per prompt, (b) ``score``: task rewards, (c) CorR-PO only:
-``inversion``, the reward term (one onepass scoring pass over all ``B * G`` responses), (d) ``update``: forward,
-clipped loss, backward, AdamW step. The two methods run on two modules built from the same seed and are
-interleaved step by step (alternating who goes first), so machine load hits both alike; one untimed warm-up
-step each comes first. Usage::
+``inversion``, the reward term (its onepass scoring over all ``B * G`` responses; none when it shares the
+update's forward, see ``rl.inversion.shared_forward``), (d) ``update``: forward, clipped loss, backward, AdamW
+step. The two methods run on two modules built from the same seed and are interleaved step by step (alternating
+who goes first), so machine load hits both alike; one untimed warm-up step each comes first, and each side's
+figure is its BEST step (best of ``--steps``). Usage::
 
-    python benchmarks/rl_step.py --steps 10 --batch 8 --G 8 [--threads 1]
+    python benchmarks/rl_step.py --steps 10 --batch 8 --G 8 [--projections q k v o] [--threads 1]
+    python benchmarks/rl_step.py --scaling --lengths 64 128 256 512 --hidden 128 256 512 --projections q k v o
 
-The last line is ``RESULT corrpo_over_grpo=<total time ratio>``.
+``--scaling`` times, on a synthetic rollout (random tokens, ``--batch x --G`` rows of a 16-token prompt and
+``L`` completion tokens) for each ``--hidden`` width and ``--lengths`` L, the CorR-PO term alone (a separate
+scoring pass) against the update it rides on, best of ``--repeats`` after a warm-up: the bonus's cost over the
+update's. Every row prints its compute-floor fraction (``benchmarks/compute_floor.py``).
+
+The last line is ``RESULT corrpo_over_grpo=<best-step total ratio>`` (plus, with ``--scaling``,
+``bonus_over_update_h512_T256=<x>``, or the widest, longest cell when that one was not measured).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import time
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -24,24 +35,34 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
+from compute_floor import decode_flops, floor_fraction, forward_flops, matmul_gflops, model_widths  # noqa: E402
 
 from corrpo.config import RLConfig  # noqa: E402
 from corrpo.data.arithmetic import ArithmeticTask  # noqa: E402
 from corrpo.models import TinyArchitecture  # noqa: E402
 from corrpo.module import CorrPOModule  # noqa: E402
+from corrpo.rollout import Rollout  # noqa: E402
+from corrpo.training.grpo import inversion_term  # noqa: E402
 
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 PARTS = ("generate", "score", "inversion", "update")
 
 
-def build(G: int, seed: int, inversion: dict) -> tuple[CorrPOModule, torch.optim.Optimizer]:
+def build(
+    G: int, seed: int, inversion: dict, hidden: int | None = None, max_new_tokens: int | None = None
+) -> tuple[CorrPOModule, torch.optim.Optimizer]:
     """The model and RL settings of configs/tiny.yaml itself (so the benchmark cannot drift from the default),
-    with ``G`` completions per prompt and the CorR-PO term ``inversion`` (``coef 0`` = plain GRPO)."""
+    with ``G`` completions per prompt, the CorR-PO term ``inversion`` (``coef 0`` = plain GRPO), and optionally
+    another width (``hidden``; MLP 3x, the default's ratio) or completion cap."""
     model_cfg = yaml.safe_load(TINY_CONFIG.read_text())["model"]
-    rl = RLConfig(**{**model_cfg["rl"], "num_generations": G, "inversion": inversion})
+    rl_cfg = {**model_cfg["rl"], "num_generations": G, "inversion": inversion}
+    if max_new_tokens:
+        rl_cfg["sampling"] = {**rl_cfg["sampling"], "max_new_tokens": max_new_tokens}
     tiny = TinyArchitecture(**model_cfg["tiny"])
-    module = CorrPOModule(policy=model_cfg["policy"], tiny=tiny, rl=rl, seed=seed)
-    optimizer = torch.optim.AdamW([p for p in module.policy.parameters() if p.requires_grad], lr=rl.lr)
+    if hidden:
+        tiny = replace(tiny, hidden_size=hidden, intermediate_size=3 * hidden, max_position_embeddings=1024)
+    module = CorrPOModule(policy=model_cfg["policy"], tiny=tiny, rl=RLConfig(**rl_cfg), seed=seed)
+    optimizer = torch.optim.AdamW([p for p in module.policy.parameters() if p.requires_grad], lr=module.rl.lr)
     return module, optimizer
 
 
@@ -56,26 +77,14 @@ def rl_step(module: CorrPOModule, optimizer: torch.optim.Optimizer, records: lis
     return times
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per method")
-    parser.add_argument("--batch", type=int, default=8, help="prompts per step")
-    parser.add_argument("--G", type=int, default=8, help="completions per prompt")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--coef", type=float, default=0.1, help="CorR-PO lambda")
-    parser.add_argument("--measure", default="nuclear", help="rl.inversion.strength.measure")
-    parser.add_argument("--projections", default="q,v,o", help="rl.inversion.strength.projections, comma-separated")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def step_table(args, strength: dict, gflops: float) -> float:
+    """The step-by-step GRPO vs CorR-PO table; returns CorR-PO's best total over GRPO's."""
     records = ArithmeticTask().records("train", args.batch * (args.steps + 1))
-    strength = {"measure": args.measure, "projections": args.projections.split(",")}
     methods = {
         "grpo": build(args.G, args.seed, {"coef": 0.0, "strength": strength}),
         "corrpo": build(args.G, args.seed, {"coef": args.coef, "strength": strength}),
     }
-    totals: dict[str, dict[str, list[float]]] = {m: defaultdict(list) for m in methods}
+    steps: dict[str, list[dict]] = defaultdict(list)
     for step in range(args.steps + 1):  # step 0 is the untimed warm-up
         batch = records[step * args.batch : (step + 1) * args.batch]
         order = list(methods) if step % 2 else list(methods)[::-1]  # alternate who goes first
@@ -84,26 +93,126 @@ def main() -> None:
             torch.manual_seed(args.seed * 100003 + step)  # same sampling noise for both methods
             times = rl_step(module, optimizer, batch, step)
             if step:
-                for key, value in times.items():
-                    totals[name][key].append(value)
-
-    mean = {m: {k: sum(v) / len(v) for k, v in t.items()} for m, t in totals.items()}
+                steps[name].append(times)
+    best = {m: min(rows, key=lambda r: r["total"]) for m, rows in steps.items()}
+    config = methods["grpo"][0].policy.config
     print(
-        f"device=cpu threads={torch.get_num_threads()} steps={args.steps} batch={args.batch} G={args.G} "
-        f"lambda={args.coef} measure={args.measure} projections={args.projections}\n"
-        "model=configs/tiny.yaml model.tiny + model.rl (random init)"
+        f"device=cpu threads={torch.get_num_threads()} steps={args.steps} (best step shown) batch={args.batch} "
+        f"G={args.G} lambda={args.coef} measure={args.measure} projections={','.join(args.projections)}\n"
+        f"model=configs/tiny.yaml model.tiny + model.rl (random init); matmul rate now {gflops:.0f} GFLOP/s; "
+        "floor = generate + update FLOPs over that rate, as a fraction of the step"
     )
-    header = f"{'method':<8}" + "".join(f"{p + ' s':>12}" for p in (*PARTS, "total")) + f"{'tokens':>9}{'ratio':>8}"
+    header = (
+        f"{'method':<8}" + "".join(f"{p + ' s':>12}" for p in (*PARTS, "total")) + f"{'tokens':>9}{'ratio':>8}"
+        f"{'floor':>7}"
+    )
     print(header)
+    rows = args.batch * args.G
+    prompt_len = 24
     for name in methods:
-        row = mean[name]
-        ratio = row["total"] / mean["grpo"]["total"]
+        row = best[name]
+        new = max(1, round(row["tokens"] / rows))  # mean completion length
+        flops = decode_flops(config, rows, prompt_len, new) + 3 * forward_flops(config, rows, prompt_len + new, new)
         print(
             f"{name:<8}"
             + "".join(f"{row[p]:>12.4f}" for p in (*PARTS, "total"))
-            + f"{row['tokens']:>9.0f}{ratio:>8.3f}"
+            + f"{row['tokens']:>9.0f}{row['total'] / best['grpo']['total']:>8.3f}"
+            + f"{floor_fraction(flops, gflops, row['total']):>7.3f}"
         )
-    print(f"RESULT corrpo_over_grpo={mean['corrpo']['total'] / mean['grpo']['total']:.4f}")
+    ratios = sorted(c["total"] / g["total"] for c, g in zip(steps["corrpo"], steps["grpo"], strict=True))
+    print(f"per-step ratios: median {ratios[len(ratios) // 2]:.3f}, min {ratios[0]:.3f}, max {ratios[-1]:.3f}")
+    return best["corrpo"]["total"] / best["grpo"]["total"]
+
+
+def synthetic_rollout(vocab: int, rows: int, prompt_len: int, length: int, seed: int) -> Rollout:
+    """``rows`` random sequences: a ``prompt_len`` prompt then ``length`` completion tokens, all real."""
+    gen = torch.Generator().manual_seed(seed)
+    sequences = torch.randint(4, vocab, (rows, prompt_len + length), generator=gen)
+    return Rollout(
+        sequences=sequences,
+        attention_mask=torch.ones_like(sequences),
+        completion_mask=torch.ones(rows, length, dtype=torch.bool),
+        truncated=torch.ones(rows, dtype=torch.bool),
+        prompt_length=prompt_len,
+    )
+
+
+def best_of(fn, repeats: int) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def scaling_table(args, strength: dict) -> dict[str, float]:
+    """Bonus (a separate scoring pass) over update, per width and completion length, on synthetic rollouts."""
+    rows, prompt_len = args.batch * args.G, 16
+    print(
+        f"\nscaling: {rows} rows of {prompt_len} prompt + L completion tokens, projections "
+        f"{','.join(args.projections)}, best of {args.repeats} after a warm-up"
+    )
+    header = f"{'hidden':>6} {'L':>5} {'bonus s':>9} {'update s':>9} {'bonus/upd':>10} {'bonus fl':>9} {'upd fl':>7}"
+    print(header)
+    out = {}
+    for hidden in args.hidden:
+        module, optimizer = build(args.G, args.seed, {"coef": args.coef, "strength": strength}, hidden, 1024)
+        config = module.policy.config
+        gflops = matmul_gflops(config.hidden_size, model_widths(config))
+        ctx = module.rl_context(optimizer)
+        for length in args.lengths:
+            rollout = synthetic_rollout(config.vocab_size, rows, prompt_len, length, args.seed)
+            advantages = torch.randn(rows)
+            bonus = best_of(lambda m=module, r=rollout: inversion_term(m.policy, r, m.rl.inversion, 10, args.G, rows),
+                            args.repeats)  # fmt: skip
+            update = best_of(lambda m=module, c=ctx, r=rollout, a=advantages: m.grpo._updates(c, r, a, 0), args.repeats)
+            seq = prompt_len + length
+            bonus_flops = forward_flops(config, rows, seq, length) + 2 * forward_flops(config, rows, seq, 0, layers=1)
+            update_flops = 3 * forward_flops(config, rows, seq, length)
+            out[f"bonus_over_update_h{hidden}_T{length}"] = bonus / update
+            print(
+                f"{hidden:>6} {length:>5} {bonus:>9.3f} {update:>9.3f} {bonus / update:>10.2f} "
+                f"{floor_fraction(bonus_flops, gflops, bonus):>9.3f} "
+                f"{floor_fraction(update_flops, gflops, update):>7.3f}"
+            )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per method (best one counts)")
+    parser.add_argument("--batch", type=int, default=8, help="prompts per step")
+    parser.add_argument("--G", type=int, default=8, help="completions per prompt")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--coef", type=float, default=0.1, help="CorR-PO lambda")
+    parser.add_argument("--measure", default="nuclear", help="rl.inversion.strength.measure")
+    parser.add_argument("--projections", nargs="+", default=["q", "v", "o"], help="rl.inversion.strength.projections")
+    parser.add_argument("--scaling", action="store_true", help="also the bonus-over-update table (synthetic rollouts)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256, 512], help="--scaling: L")
+    parser.add_argument("--hidden", type=int, nargs="+", default=[128, 256, 512], help="--scaling: model widths")
+    parser.add_argument("--repeats", type=int, default=3, help="--scaling: best of this many after a warm-up")
+    parser.add_argument("--skip-steps", action="store_true", help="only the --scaling table")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    strength = {"measure": args.measure, "projections": list(args.projections)}
+    results = {}
+    if not args.skip_steps:
+        config = build(args.G, args.seed, {"coef": 0.0})[0].policy.config
+        results["corrpo_over_grpo"] = step_table(
+            args, strength, matmul_gflops(config.hidden_size, model_widths(config))
+        )
+    if args.scaling or args.skip_steps:
+        results.update(scaling_table(args, strength))
+    last = {k: v for k, v in results.items() if not k.startswith("bonus")}
+    if any(k.startswith("bonus") for k in results):  # the issue's cell (hidden 512, 256 tokens) when measured
+        key = "bonus_over_update_h512_T256"
+        key = key if key in results else f"bonus_over_update_h{max(args.hidden)}_T{max(args.lengths)}"
+        last[key] = results[key]
+    print("RESULT " + " ".join(f"{k}={v:.4f}" for k, v in last.items()))
 
 
 if __name__ == "__main__":

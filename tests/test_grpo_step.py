@@ -107,3 +107,41 @@ def test_the_corrpo_term_is_a_reward_stage_with_its_own_values(records, one_thre
         for a, b in zip(rho_rows, term.rho.tolist(), strict=True)
     )
     assert "inversion" in result.timings and "inversion/rollout_spearman" in result.metrics
+
+
+def corrpo_step(shared: bool, records: list[dict], projections: list[str]) -> tuple[RLStepResult, CorrPOModule]:
+    """One CorR-PO step with the term scored on the update's forward (``shared``) or by a separate pass."""
+    module = build(coef=0.5)
+    module.rl.inversion.shared_forward = shared
+    module.rl.inversion.strength.projections = tuple(projections)
+    prompts, answers = [r["prompt"] for r in records], [r["answer"] for r in records]
+    torch.manual_seed(7)
+    return module.grpo(module.rl_context(adam(module)), prompts, answers, rl_index=0), module
+
+
+@pytest.mark.parametrize("projections", [["q", "v", "o"], ["q", "k", "v", "o", "mlp"]])
+def test_the_shared_forward_gives_the_separate_passes_bonus_and_update(records, projections, one_thread):
+    shared, shared_module = corrpo_step(True, records, projections)
+    separate, separate_module = corrpo_step(False, records, projections)
+    assert shared.inversion.shared_forward and not separate.inversion.shared_forward
+    assert shared.inversion.valid.any() and torch.equal(shared.inversion.valid, separate.inversion.valid)
+    valid = separate.inversion.valid
+    assert torch.allclose(shared.inversion.rho[valid], separate.inversion.rho[valid], rtol=1e-6, atol=1e-9)
+    assert torch.allclose(shared.inversion.bonus, separate.inversion.bonus, atol=1e-6)
+    assert torch.allclose(shared.advantages, separate.advantages, atol=1e-5)
+    for a, b in zip(shared_module.policy.parameters(), separate_module.policy.parameters(), strict=True):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)  # the first update went through the same forward
+
+
+def test_the_shared_forward_is_refused_where_it_would_not_be_exact(records):
+    from corrpo.training.grpo import shares_update_forward
+
+    module = build(coef=0.5)
+    config = module.rl.inversion
+    assert shares_update_forward(module.policy, config, 1) is None
+    assert "micro-batches" in shares_update_forward(module.policy, config, 2)
+    module.policy.config.attention_dropout = 0.1
+    assert "dropout" in shares_update_forward(module.policy, config, 1)
+    module.policy.config.attention_dropout = 0.0
+    module.policy.gradient_checkpointing_enable()
+    assert "checkpointing" in shares_update_forward(module.policy, config, 1)

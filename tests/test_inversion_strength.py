@@ -279,3 +279,18 @@ def test_sketch_falls_back_to_one_jvp_per_direction_with_the_same_result(monkeyp
     with pytest.warns(UserWarning, match="one JVP per direction"):
         one_by_one = logit_grad_strength(model, ids, attn, token_mask, config)
     assert_close(one_by_one, batched, tol=1e-5)
+
+
+@pytest.mark.parametrize("positions", [5, 40])  # fewer than both sides (the S x S form), and more
+@pytest.mark.parametrize("measure", ["nuclear", "frobenius", "l1"])
+def test_k_measure_equals_the_norm_of_the_built_matrix(positions, measure) -> None:
+    from corrpo.inversion.strength_onepass import _k_measure
+
+    gen = torch.Generator().manual_seed(positions)
+    gk = torch.randn(6, positions, 16, generator=gen, dtype=torch.float64)
+    x = torch.randn(positions, 24, generator=gen, dtype=torch.float64)
+    gk[:, positions // 2 :] = 0  # causal: later positions of a block carry no gradient for early tokens
+    mat = torch.einsum("nse,sd->ned", gk, x)
+    ord_ = {"nuclear": "nuc", "frobenius": "fro"}.get(measure)
+    expected = mat.abs().sum((-2, -1)) if measure == "l1" else torch.linalg.matrix_norm(mat, ord=ord_)
+    assert torch.allclose(_k_measure(gk.float(), x.float(), measure).double(), expected, rtol=1e-5)

@@ -37,7 +37,13 @@ from corrpo.inversion.correlation import batched_pearson, batched_spearman
 from corrpo.inversion.strength import score_tokens
 from corrpo.inversion.strength_config import REWARD_STRENGTH_DEFAULTS, StrengthConfig, strength_spec
 
-__all__ = ["CORRELATIONS", "InversionRewardConfig", "inversion_bonus", "rollout_correlations"]
+__all__ = [
+    "CORRELATIONS",
+    "InversionRewardConfig",
+    "inversion_bonus",
+    "response_correlations",
+    "rollout_correlations",
+]
 
 CORRELATIONS = ("spearman", "pearson")
 
@@ -59,6 +65,10 @@ class InversionRewardConfig:
     """Responses with fewer scored completion tokens get no bonus (too noisy a correlation)."""
     center: bool = False
     """Subtract the mean bonus over each group's valid members (invalid members stay 0)."""
+    shared_forward: bool = True
+    """Score the term on the update's OWN forward when that is exact (``method: onepass``, the update in one
+    micro-batch, no active dropout, no gradient checkpointing): the same bonus without a forward of its own.
+    False: always a separate scoring pass (the reference the shared one is tested against)."""
     rows_per_chunk: int | None = None
     """Responses per scoring forward/backward (bounds the scoring pass's memory: its logits are
     ``rows x sequence x vocabulary``); None = ``rl.micro_batch_size``, or 64 when that is unset too."""
@@ -80,6 +90,8 @@ class InversionRewardConfig:
             )
         if self.correlation not in CORRELATIONS:
             raise ValueError(f"rl.inversion.correlation must be one of {CORRELATIONS}, got {self.correlation!r}")
+        if not isinstance(self.shared_forward, bool):
+            raise ValueError(f"rl.inversion.shared_forward must be true or false, got {self.shared_forward!r}")
         rows = self.rows_per_chunk
         if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
             raise ValueError(f"rl.inversion.rows_per_chunk must be a positive int or null, got {rows!r}")
@@ -135,7 +147,6 @@ def rollout_correlations(
             "sequences, attention_mask and completion_token_mask must all be [N, S], got "
             f"{tuple(sequences.shape)}, {tuple(attention_mask.shape)}, {tuple(completion_token_mask.shape)}"
         )
-    correlate = batched_spearman if config.correlation == "spearman" else batched_pearson
     n = sequences.shape[0]
     rho = torch.full((n,), float("nan"), dtype=torch.float64, device=sequences.device)
     n_tokens = torch.zeros(n, dtype=torch.long, device=sequences.device)
@@ -145,10 +156,17 @@ def rollout_correlations(
         ids, mask = sequences[rows, first:], attention_mask[rows, first:]
         tokens = completion_token_mask[rows, first:].bool()
         entropy, strength = score_tokens(model, ids, mask, tokens, config.strength)
-        pairs = tokens & entropy.isfinite() & strength.isfinite()
-        rho[rows] = correlate(entropy, strength, pairs).to(rho.device)
-        n_tokens[rows] = pairs.sum(-1).to(n_tokens.device)
+        rho[rows], n_tokens[rows] = response_correlations(entropy, strength, tokens, config.correlation)
     return rho, n_tokens
+
+
+def response_correlations(entropy: Tensor, strength: Tensor, tokens: Tensor, correlation: str) -> tuple[Tensor, Tensor]:
+    """Per row: ``rho = corr(H, S)`` over its ``tokens`` where both are finite (float64, NaN when not
+    computable), and the number of pairs (long). The one place a response's correlation is formed, whether
+    its ``H`` and ``S`` came from a scoring pass or from the update's own forward."""
+    correlate = batched_spearman if correlation == "spearman" else batched_pearson
+    pairs = tokens.bool() & entropy.isfinite() & strength.isfinite()
+    return correlate(entropy, strength, pairs).double(), pairs.sum(-1)
 
 
 def inversion_bonus(

@@ -45,6 +45,8 @@ Family variants (``corrpo.inversion.families``), each exact:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -154,14 +156,54 @@ def onepass_strength(model: nn.Module, batch: ScoringBatch, config: StrengthConf
             hidden, z = forward_hidden_and_z(parts, batch)
             if z.numel() == 0:
                 return z.detach().float(), hidden.detach()
-            # cotangents needed: the rank-1 matrices' (fused) module outputs, and o's input (g, for v and k)
-            want = {id(cap.full_output(n)): cap.full_output(n) for n in names if n in _RANK1}
-            ctx = cap.input("o")
-            if "k" in names or "v" in names:
-                want[id(ctx)] = ctx
-            grads = dict(zip(want, torch.autograd.grad(z.sum(), list(want.values())), strict=True))
+            values = _strengths(parts, layer, names, cap, z, batch, config, retain_graph=False)
     finally:
         cap.remove()
+    return values, hidden.detach()
+
+
+def onepass_on_forward(
+    model: nn.Module, batch: ScoringBatch, config: StrengthConfig, forward: Callable[[], Tensor]
+) -> Tensor:
+    """``S [N]`` from the CALLER's forward: ``forward()`` must run ``model`` on ``batch`` (any mode, any logits
+    slicing) and return the raw logits ``z [N]`` of ``batch``'s scored tokens, with their autograd graph.
+
+    The same closed forms as :func:`onepass_strength` on the same captured activations; the graph is kept
+    (``retain_graph``), so the caller can go on to backpropagate its own loss through the very same forward: the
+    CorR-PO term then costs no forward of its own (``corrpo.training.grpo.shared_inversion_term``). No ``.grad``
+    is written (``torch.autograd.grad`` with respect to the captured activations only).
+    """
+    parts = decoder_parts(model)
+    layer, names = _check_onepass(parts, config)
+    cap = _Capture(parts, layer)
+    try:
+        z = forward()
+    finally:
+        cap.remove()
+    if z.numel() == 0:
+        return z.detach().float()
+    with torch.enable_grad():
+        return _strengths(parts, layer, names, cap, z, batch, config, retain_graph=True)
+
+
+def _strengths(
+    parts: DecoderParts,
+    layer: nn.Module,
+    names: tuple[str, ...],
+    cap: _Capture,
+    z: Tensor,
+    batch: ScoringBatch,
+    config: StrengthConfig,
+    retain_graph: bool,
+) -> Tensor:
+    """The per-token measures from the captured last-layer activations and ONE backward of ``sum z``."""
+    # cotangents needed: the rank-1 matrices' (fused) module outputs, and o's input (g, for v and k)
+    want = {id(cap.full_output(n)): cap.full_output(n) for n in names if n in _RANK1}
+    ctx = cap.input("o")
+    if "k" in names or "v" in names:
+        want[id(ctx)] = ctx
+    cotangents = torch.autograd.grad(z.sum(), list(want.values()), retain_graph=retain_graph)
+    grads = dict(zip(want, cotangents, strict=True))
     rows, pos = batch.rows, batch.cols - 1
     per_matrix: list[Tensor] = []
     for name in names:
@@ -172,7 +214,7 @@ def onepass_strength(model: nn.Module, batch: ScoringBatch, config: StrengthConf
     if "k" in names or "v" in names:
         kv = _kv_strengths(parts, getattr(layer, parts.layout.attention), cap, grads[id(ctx)], batch, config, names)
         per_matrix.extend(kv[n] for n in names if n in kv)
-    return torch.stack(per_matrix).mean(0), hidden.detach()
+    return torch.stack(per_matrix).mean(0)
 
 
 def _normed(norm: nn.Module | None, x: Tensor, flat: bool) -> Tensor:
@@ -229,31 +271,69 @@ def _kv_strengths(
     key_ok = batch.attention_mask.bool()
     arange = torch.arange(seq, device=x_k.device)
     out: dict[str, list[Tensor]] = {"k": [], "v": []}
-    for start in range(0, batch.num_scored, config.chunk_size):
-        rows = batch.rows[start : start + config.chunk_size]
-        pos = batch.cols[start : start + config.chunk_size] - 1
-        q_rot = _rope(q[rows, pos], cos[rows, pos][:, None, None], sin[rows, pos][:, None, None])  # [n, kv, rep, hd]
-        raw = torch.einsum("nkre,nske->nkrs", q_rot, k_rot[rows]) * scale
+    for b, pos in _row_blocks(batch, config.chunk_size):
+        # every token of the block reads row b's keys/values up to the block's last position only (causal):
+        # shared [S, ...] operands instead of one gathered copy per token, and no work past position S - 1
+        S = int(pos.max()) + 1
+        cos_b, sin_b = cos[b, :S][:, None], sin[b, :S][:, None]
+        q_rot = _rope(q[b, pos], cos[b, pos][:, None, None], sin[b, pos][:, None, None])  # [n, kv, rep, hd]
+        raw = torch.einsum("nkre,ske->nkrs", q_rot, k_rot[b, :S]) * scale
         scores = raw if softcap is None else torch.tanh(raw / softcap) * softcap
-        allowed = (arange[None, :] <= pos[:, None]) & key_ok[rows]  # [n, T]
+        allowed = (arange[None, :S] <= pos[:, None]) & key_ok[b, None, :S]  # [n, S]
         if window is not None:
-            allowed &= arange[None, :] > pos[:, None] - window
+            allowed &= arange[None, :S] > pos[:, None] - window
         probs = scores.masked_fill(~allowed[:, None, None, :], float("-inf")).softmax(-1)
-        g = g_all[rows, pos]  # [n, kv, rep, hd]
+        g = g_all[b, pos]  # [n, kv, rep, hd]
         if "v" in names:
-            c = torch.einsum("nkrs,nsd->nkrd", probs, x_v[rows])
+            c = torch.einsum("nkrs,sd->nkrd", probs, x_v[b, :S])
             out["v"].append(_v_measure(g, c, config.measure))
         if "k" in names:
-            gv = torch.einsum("nkre,nske->nkrs", g, v[rows])
+            gv = torch.einsum("nkre,ske->nkrs", g, v[b, :S])
             d_scores = probs * (gv - (probs * gv).sum(-1, keepdim=True))
             if softcap is not None:
                 d_scores = d_scores * (1 - torch.tanh(raw / softcap).square())
-            gk_rot = torch.einsum("nkrs,nkre->nske", d_scores, q_rot) * scale  # [n, T, kv, hd]
-            gk = _rope_transpose(gk_rot, cos[rows][:, :, None], sin[rows][:, :, None])
-            gk = _norm_transpose(k_norm, k_raw[rows], gk, flat)
-            mat = torch.einsum("nske,nsd->nked", gk, x_k[rows]).flatten(1, 2)
-            out["k"].append(matrix_measure(mat, config.measure))
+            gk_rot = torch.einsum("nkrs,nkre->nske", d_scores, q_rot) * scale  # [n, S, kv, hd]
+            gk = _rope_transpose(gk_rot, cos_b, sin_b)
+            if k_norm is not None:
+                gk = _norm_transpose(k_norm, k_raw[b, :S].expand_as(gk), gk, flat)
+            out["k"].append(_k_measure(gk.flatten(2), x_k[b, :S], config.measure))
     return {n: torch.cat(vals) for n, vals in out.items() if vals}
+
+
+def _row_blocks(batch: ScoringBatch, size: int) -> list[tuple[int, Tensor]]:
+    """The scored tokens as ``(row, positions)`` blocks of at most ``size`` tokens of ONE row each, in the
+    order of ``batch.rows`` / ``batch.cols`` (row-major): ``positions`` are the predicting columns ``j - 1``."""
+    blocks = []
+    rows, pos = batch.rows.tolist(), batch.cols - 1
+    start = 0
+    while start < len(rows):
+        stop = start
+        while stop < len(rows) and rows[stop] == rows[start] and stop - start < size:
+            stop += 1
+        blocks.append((rows[start], pos[start:stop]))
+        start = stop
+    return blocks
+
+
+def _k_measure(gk: Tensor, x: Tensor, measure: str) -> Tensor:
+    """Measure of ``M_n = sum_s gk_{n,s} x_s^T = B_n^T X`` (``B_n = gk[n]`` ``[S, d_kv]``, ``X`` ``[S, d]``).
+
+    When the block reaches fewer positions than both matrix sides (``S < min(d_kv, d)``) the singular values come
+    from an ``S x S`` problem: with ``K = X X^T`` and ``R = K^(1/2)`` (one eigen-solve per block, shared by its
+    tokens), the nonzero eigenvalues of ``C_n C_n^T``, ``C_n = R B_n``, are those of ``B_n^T K B_n = M_n M_n^T``.
+    Cost per token ``O(S^2 d_kv + S^3)`` instead of ``O(S d_kv d + d_kv^2 d + min(d_kv, d)^3)``; fp64 as
+    :func:`nuclear_norm`. Otherwise (longer blocks, or the l1 norm, which needs the entries) ``M_n`` is built.
+    """
+    S, d_kv, d = x.shape[0], gk.shape[-1], x.shape[-1]
+    if measure == "l1" or S >= min(d_kv, d):
+        return matrix_measure(torch.einsum("nse,sd->ned", gk, x), measure)
+    x64 = x.double()
+    lam, vec = torch.linalg.eigh(x64 @ x64.mT)
+    root = (vec * lam.clamp_min(0).sqrt()) @ vec.mT  # K^(1/2), symmetric PSD
+    c = root @ gk.double()  # [n, S, d_kv]
+    if measure == "frobenius":
+        return c.square().sum((-2, -1)).sqrt().float()
+    return torch.linalg.eigvalsh(c @ c.mT).clamp_min(0).sqrt().sum(-1).float()
 
 
 def _v_measure(g: Tensor, c: Tensor, measure: str) -> Tensor:

@@ -41,7 +41,14 @@ def completion_log_probs(
     Token ``P + j`` is predicted at column ``P + j - 1``: only the ``L + 1`` last positions are unembedded
     (``logits_to_keep``), so the prompt costs no logits.
     """
-    completion = rollout.completion_ids[rows]
-    logits = forward_logits(model, rollout.sequences[rows], rollout.attention_mask[rows], completion.shape[1] + 1)
-    log_probs, entropy = token_log_probs_and_entropy(logits[:, :-1], completion)
+    width = rollout.completion_mask.shape[1] + 1
+    logits = forward_logits(model, rollout.sequences[rows], rollout.attention_mask[rows], width)
+    return completion_scores(logits, rollout, rows)
+
+
+def completion_scores(
+    logits: torch.Tensor, rollout: Rollout, rows: slice = slice(None)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`completion_log_probs` from the ``[n, L + 1, V]`` logits of the last ``L + 1`` positions."""
+    log_probs, entropy = token_log_probs_and_entropy(logits[:, :-1], rollout.completion_ids[rows])
     return log_probs, entropy.masked_fill(~rollout.completion_mask[rows].bool(), 0.0)

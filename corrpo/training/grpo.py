@@ -28,7 +28,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from corrpo.config import RLConfig
-from corrpo.inversion.rollout_bonus import InversionRewardConfig, inversion_bonus, rollout_correlations
+from corrpo.inversion.entropy import entropy_bits_from_logits
+from corrpo.inversion.rollout_bonus import (
+    InversionRewardConfig,
+    inversion_bonus,
+    response_correlations,
+    rollout_correlations,
+)
+from corrpo.inversion.strength_common import ScoringBatch
+from corrpo.inversion.strength_onepass import onepass_on_forward
 from corrpo.objectives import (
     PolicyLossOutput,
     clipped_policy_loss,
@@ -43,7 +51,7 @@ from corrpo.rewards.combine import RewardFailureMonitor, RewardFn, RewardScores,
 from corrpo.rollout import Rollout
 from corrpo.schedule import warmup_cosine_lr
 from corrpo.training.collectives import SINGLE_PROCESS, Collectives
-from corrpo.training.forward import completion_log_probs, row_chunks
+from corrpo.training.forward import completion_log_probs, completion_scores, forward_logits, row_chunks
 from corrpo.training.update import UpdateOutcome, apply_update
 
 
@@ -76,6 +84,8 @@ class InversionTerm:
     """``[N]`` bool: finite ``rho_i`` over at least ``min_tokens`` tokens."""
     coef: float
     """``lambda`` at this RL step (after the warm-up ramp)."""
+    shared_forward: bool = False
+    """Scored on the update's own forward (:func:`shared_inversion_term`), not by a separate pass."""
 
 
 @dataclass
@@ -115,6 +125,69 @@ def inversion_term(
     coef = config.coef_at(rl_index)
     bonus, valid = inversion_bonus(rho, n_tokens, coef, config.min_tokens, group_size, config.center)
     return InversionTerm(bonus=bonus, rho=rho, valid=valid, coef=coef)
+
+
+def shares_update_forward(policy: nn.Module, config: InversionRewardConfig, n_chunks: int) -> str | None:
+    """None when the CorR-PO term can be scored on the update's own forward with the very values a separate
+    scoring pass gives; else why not (the separate pass is then used).
+
+    The update's forward runs in training mode with every trainable weight, the scoring pass in eval mode: they
+    agree when no dropout is active. The shared forward's graph must live until the advantages exist, so the
+    update must be one micro-batch; and checkpointed layers keep no activations for the closed forms.
+    """
+    if not config.shared_forward:
+        return "rl.inversion.shared_forward is false"
+    if config.strength.method != "onepass":
+        return f"rl.inversion.strength.method is {config.strength.method!r}, not onepass"
+    if n_chunks != 1:
+        return f"the update runs in {n_chunks} micro-batches (rl.micro_batch_size)"
+    if any(getattr(m, "gradient_checkpointing", False) is True for m in policy.modules()):
+        return "gradient checkpointing is on"
+    if has_active_dropout(policy):
+        return "the policy has active dropout (its training forward differs from the eval-mode score)"
+    return None
+
+
+def has_active_dropout(model: nn.Module) -> bool:
+    """True when a training-mode forward of ``model`` is random: an ``nn.Dropout`` with ``p > 0``, or a config
+    dropout rate > 0 (transformers' attention applies ``config.attention_dropout`` functionally)."""
+    if any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
+        return True
+    config = getattr(model, "config", None)
+    keys = ("attention_dropout", "attn_pdrop", "hidden_dropout", "resid_pdrop", "embd_pdrop", "dropout")
+    return any(isinstance(getattr(config, k, 0), float) and getattr(config, k) > 0 for k in keys)
+
+
+def shared_inversion_term(
+    policy: nn.Module, rollout: Rollout, config: InversionRewardConfig, rl_index: int, group_size: int
+) -> tuple[InversionTerm, tuple[torch.Tensor, torch.Tensor]]:
+    """The CorR-PO term scored on the update's forward (:func:`completion_log_probs`' own forward, run here once
+    with the onepass capture): returns the term and that forward's ``(log_probs, entropy)``, the graph kept, for
+    the first update to backpropagate through instead of running its forward again.
+
+    ``S_t`` comes from :func:`corrpo.inversion.strength_onepass.onepass_on_forward` (one backward of the chosen
+    raw logits to the last layer's activations), ``H_t`` from :func:`entropy_bits_from_logits` of the same logits,
+    ``rho_i`` from :func:`response_correlations`: the separate pass's functions on the same numbers.
+    """
+    completion, P = rollout.completion_ids, rollout.prompt_length
+    batch = ScoringBatch.build(rollout.sequences, rollout.attention_mask, rollout.token_mask)
+    kept: dict[str, torch.Tensor] = {}
+
+    def forward() -> torch.Tensor:
+        logits = forward_logits(policy, rollout.sequences, rollout.attention_mask, completion.shape[1] + 1)
+        kept["logits"] = logits
+        # the kept logits start at column P - 1: token c is predicted at c - 1, kept index c - P
+        z = logits[batch.rows, batch.cols - P, rollout.sequences[batch.rows, batch.cols]]
+        return z.float()  # the model's logits already carry the family's logit map, as z must
+
+    strength = batch.scatter(onepass_on_forward(policy, batch, config.strength, forward))[:, P:]
+    logits = kept["logits"][:, :-1]
+    entropy = entropy_bits_from_logits(logits).masked_fill(~rollout.completion_mask.bool(), float("nan"))
+    rho, n_tokens = response_correlations(entropy, strength, rollout.completion_mask, config.correlation)
+    coef = config.coef_at(rl_index)
+    bonus, valid = inversion_bonus(rho, n_tokens, coef, config.min_tokens, group_size, config.center)
+    term = InversionTerm(bonus=bonus, rho=rho, valid=valid, coef=coef, shared_forward=True)
+    return term, completion_scores(kept["logits"], rollout)
 
 
 def with_reward_term(scores: RewardScores, name: str, values: torch.Tensor) -> RewardScores:
@@ -212,11 +285,15 @@ class GRPOStep:
         timings["score"] = time.perf_counter() - t0
         device = rollout.sequences.device
 
-        term = None
+        term = first_forward = None
         if rl.inversion.coef > 0:
             t0 = time.perf_counter()
-            rows = rl.inversion.rows_per_chunk or rl.micro_batch_size or 64
-            term = inversion_term(ctx.policy, rollout, rl.inversion, rl_index, G, rows)
+            n_chunks = len(row_chunks(rollout.sequences.shape[0], rl.micro_batch_size))
+            if shares_update_forward(ctx.policy, rl.inversion, n_chunks) is None:
+                term, first_forward = shared_inversion_term(ctx.policy, rollout, rl.inversion, rl_index, G)
+            else:
+                rows = rl.inversion.rows_per_chunk or rl.micro_batch_size or 64
+                term = inversion_term(ctx.policy, rollout, rl.inversion, rl_index, G, rows)
             scores = with_reward_term(scores, "inversion", term.bonus)
             timings["inversion"] = time.perf_counter() - t0
         rewards = scores.total.to(device)
@@ -227,7 +304,7 @@ class GRPOStep:
         )  # fmt: skip
 
         t0 = time.perf_counter()
-        out, entropy, updates = self._updates(ctx, rollout, advantages, rl_index)
+        out, entropy, updates = self._updates(ctx, rollout, advantages, rl_index, first_forward)
         timings["update"] = time.perf_counter() - t0
 
         metrics = self._metrics(ctx, rollout, rewards, scores, out, entropy, term)
@@ -239,7 +316,12 @@ class GRPOStep:
         )  # fmt: skip
 
     def _updates(
-        self, ctx: RLContext, rollout: Rollout, advantages: torch.Tensor, rl_index: int
+        self,
+        ctx: RLContext,
+        rollout: Rollout,
+        advantages: torch.Tensor,
+        rl_index: int,
+        first_forward: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[PolicyLossOutput, torch.Tensor, list[UpdateOutcome]]:
         """``num_iterations`` updates, each over the batch in micro-batches of ``rl.micro_batch_size`` rows.
 
@@ -247,6 +329,8 @@ class GRPOStep:
         micro-batched update is the full-batch one: the token counts and row count are taken before the chunks;
         the top-entropy threshold and the Clip-Cov / KL-Cov tokens come from the chunk's own forward when there
         is one chunk, else from a no-grad pass over all chunks first (same weights, so the same values).
+        ``first_forward``: the one chunk's ``(log_probs, entropy)`` already computed, graph kept, by the shared
+        CorR-PO scoring (:func:`shared_inversion_term`); the first update backpropagates through it.
         """
         rl = self.rl
         loss_mask = rollout.completion_mask
@@ -275,9 +359,13 @@ class GRPOStep:
                                                 advantages, loss_mask)  # fmt: skip
             stats = _LossStats()
 
-            def losses(selection=selection, stats=stats):
+            given = first_forward if iteration == 0 else None
+            if given is not None and len(chunks) != 1:
+                raise ValueError("a shared first forward needs the update in one micro-batch")
+
+            def losses(selection=selection, stats=stats, given=given):
                 for rows in chunks:
-                    log_probs, token_entropy = completion_log_probs(ctx.policy, rollout, rows)
+                    log_probs, token_entropy = given or completion_log_probs(ctx.policy, rollout, rows)
                     if selection is None:  # one chunk: the batch itself
                         selection = self._selection(ctx, log_probs.detach(), token_entropy, old_log_probs,
                                                     advantages, loss_mask)  # fmt: skip

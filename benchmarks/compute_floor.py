@@ -1,0 +1,88 @@
+"""The compute floor a benchmark row is measured against: FLOPs over the matmul rate measured in the same run.
+
+A row's *floor fraction* is ``(flops / matmul_rate) / seconds``: 1.0 would mean the row ran as fast as dense fp32
+matmuls at the model's own shapes allow; 0.1 means 90% of its time is spent elsewhere (dispatch, small ops,
+memory traffic). The rate is measured here, best of several repeats, on ``[tokens, d_model] x [d_model, width]``
+products of the model's widths, so it is the rate this machine reaches at these shapes now, under this load.
+
+FLOP counts (multiply-adds count 2) of a decoder of ``L`` layers, width ``d``, MLP width ``m``, ``h`` query heads
+and ``k`` KV heads of size ``e``, vocabulary ``V``:
+
+- per token and layer, the linear maps: ``2 d (h e + 2 k e) + 2 h e d + 3 * 2 d m`` (q,k,v, o, gate/up/down);
+- attention over ``c`` earlier positions: ``4 h e c`` (scores and the weighted sum);
+- the unembedding of a position: ``2 d V``.
+
+A forward's floor sums these over the tokens (causal: token ``t`` attends to ``t + 1`` positions); a training
+step's is 3x its forward (the backward costs twice the forward).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def matmul_gflops(d_model: int, widths: list[int], tokens: int = 1024, repeats: int = 5) -> float:
+    """Best-of-``repeats`` fp32 GFLOP/s of ``[tokens, d_model] @ [d_model, w]`` over the model's ``widths``."""
+    best = 0.0
+    for width in widths:
+        a, b = torch.randn(tokens, d_model), torch.randn(d_model, width)
+        a @ b  # warm-up
+        secs = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            a @ b
+            secs = min(secs, time.perf_counter() - t0)
+        best = max(best, 2 * tokens * d_model * width / secs / 1e9)
+    return best
+
+
+def model_widths(config) -> list[int]:
+    """The output widths of a decoder layer's matmuls (q, k/v, MLP): the shapes :func:`matmul_gflops` times."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return sorted({config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim,
+                   config.intermediate_size, config.hidden_size})  # fmt: skip
+
+
+def layer_flops_per_token(config) -> int:
+    """FLOPs of one decoder layer's linear maps for one token (q,k,v,o + gate/up/down)."""
+    d, m = config.hidden_size, config.intermediate_size
+    h, k = config.num_attention_heads, config.num_key_value_heads
+    e = getattr(config, "head_dim", None) or d // h
+    return 2 * d * (h * e + 2 * k * e) + 2 * h * e * d + 3 * 2 * d * m
+
+
+def forward_flops(config, rows: int, seq_len: int, unembedded: int | None = None, layers: int | None = None) -> int:
+    """FLOPs of a causal forward of ``rows`` sequences of ``seq_len`` tokens through ``layers`` layers (all by
+    default), with ``unembedded`` positions per row unembedded (all by default)."""
+    n_layers = config.num_hidden_layers if layers is None else layers
+    attention = attention_flops(config, seq_len)
+    linear = layer_flops_per_token(config) * seq_len
+    unembed = 2 * config.hidden_size * config.vocab_size * (seq_len if unembedded is None else unembedded)
+    return rows * (n_layers * (linear + attention) + unembed)
+
+
+def attention_flops(config, seq_len: int, causal: bool = True) -> int:
+    """FLOPs of one layer's attention over a ``seq_len`` sequence: scores and weighted sum, ``4 h e`` per
+    (query, key) pair; causal: token ``t`` attends to ``t + 1`` positions (``causal=False``: all of them)."""
+    h = config.num_attention_heads
+    e = getattr(config, "head_dim", None) or config.hidden_size // h
+    pairs = seq_len * (seq_len + 1) // 2 if causal else seq_len * seq_len
+    return 4 * h * e * pairs
+
+
+def decode_flops(config, rows: int, prompt_len: int, new_tokens: int) -> int:
+    """FLOPs of sampling ``new_tokens`` after a ``prompt_len`` prefill: the prefill (last position unembedded)
+    plus one single-token forward per new token over its growing cache."""
+    h = config.num_attention_heads
+    e = getattr(config, "head_dim", None) or config.hidden_size // h
+    prefill = forward_flops(config, rows, prompt_len, unembedded=1)
+    per_layer = sum(layer_flops_per_token(config) + 4 * h * e * (prompt_len + i + 1) for i in range(new_tokens))
+    unembed = 2 * config.hidden_size * config.vocab_size * new_tokens
+    return prefill + rows * (config.num_hidden_layers * per_layer + unembed)
+
+
+def floor_fraction(flops: float, gflops: float, seconds: float) -> float:
+    """``(flops / rate) / seconds``: the share of ``seconds`` the FLOPs alone need at the measured matmul rate."""
+    return flops / (gflops * 1e9) / seconds if seconds > 0 else float("nan")

@@ -1,0 +1,30 @@
+"""The benchmarks' compute floor (``benchmarks/compute_floor.py``) counts the FLOPs a real forward performs."""
+
+import sys
+from pathlib import Path
+
+import torch
+from conftest import TINY_ARCH
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from compute_floor import attention_flops, floor_fraction, forward_flops  # noqa: E402
+
+from corrpo.module import CorrPOModule  # noqa: E402
+
+
+def test_forward_flops_equal_torchs_count_of_a_real_forward():
+    policy = CorrPOModule(policy="tiny-qwen2", tiny=TINY_ARCH, seed=0).policy.eval()
+    policy.set_attn_implementation("eager")  # attention as matmuls torch can count (its CPU SDPA kernel is not)
+    config, rows, seq = policy.config, 3, 20
+    ids = torch.randint(0, config.vocab_size, (rows, seq))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        policy(input_ids=ids, use_cache=False)
+    counted = counter.get_total_flops()
+    # eager attention multiplies the full (masked) score matrix; the floor counts the causal pairs only
+    full = attention_flops(config, seq, causal=False) - attention_flops(config, seq)
+    assert counted == forward_flops(config, rows, seq) + rows * config.num_hidden_layers * full
+
+
+def test_floor_fraction_is_the_share_of_time_the_flops_need():
+    assert abs(floor_fraction(2e9, 100.0, 0.1) - 0.2) < 1e-12  # 2 GFLOP at 100 GFLOP/s take 0.02 s of the 0.1 s
