@@ -5,8 +5,9 @@ Both sides start from ONE exported folder (configs/tiny.yaml's tiny Qwen2 and it
 
 - RL: ``--prompts`` prompts x ``--G`` completions, ``--new-tokens`` new tokens at temperature 1, lr 2e-5, the
   accuracy reward (corrpo's ``accuracy_reward``, TRL-style keywords, given to both), dapo loss, no KL, one
-  iteration, no gradient checkpointing (TRL's default turns it on). corrpo: :class:`corrpo.training.grpo.GRPOStep` (what ``corrpo fit`` runs), TRL:
-  ``GRPOTrainer.train``; a TRL step is timed from ``on_step_begin`` to ``on_step_end`` (generation included).
+  iteration, no gradient checkpointing (TRL's default turns it on). corrpo:
+  :class:`corrpo.training.grpo.GRPOStep` (what ``corrpo fit`` runs), TRL: ``GRPOTrainer.train``; a TRL step is
+  timed from ``on_step_begin`` to ``on_step_end`` (generation included).
 - SFT: batches of ``--sft-batch`` (prompt, completion) traces, completion-only loss, ``max_length`` 128, lr 1e-3.
   corrpo: :func:`corrpo.training.sft.sft_step`; TRL: ``SFTTrainer`` on prompt/completion records.
 
