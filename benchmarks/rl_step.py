@@ -13,12 +13,14 @@ figure is its BEST step (best of ``--steps``). Usage::
     python benchmarks/rl_step.py --scaling --lengths 64 128 256 512 --hidden 128 256 512 --projections q k v o
 
 ``--scaling`` times, on a synthetic rollout (random tokens, ``--batch x --G`` rows of a 16-token prompt and
-``L`` completion tokens) for each ``--hidden`` width and ``--lengths`` L, the CorR-PO term alone (a separate
-scoring pass) against the update it rides on, best of ``--repeats`` after a warm-up: the bonus's cost over the
-update's. Every row prints its compute-floor fraction (``benchmarks/compute_floor.py``).
+``L`` completion tokens) for each ``--hidden`` width and ``--lengths`` L, against the update it rides on (best
+of ``--repeats`` after a warm-up): ``bonus``, the CorR-PO term as a separate scoring pass, and ``shared``, what
+the term adds to the update when it is scored on the update's own forward (the default where exact). Every row
+prints its compute-floor fraction (``benchmarks/compute_floor.py``).
 
 The last line is ``RESULT corrpo_over_grpo=<best-step total ratio>`` (plus, with ``--scaling``,
-``bonus_over_update_h512_T256=<x>``, or the widest, longest cell when that one was not measured).
+``bonus_over_update_h512_T256=<x> shared_over_update_h512_T256=<y>``, or the widest, longest cell when that one
+was not measured).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from corrpo.data.arithmetic import ArithmeticTask  # noqa: E402
 from corrpo.models import TinyArchitecture  # noqa: E402
 from corrpo.module import CorrPOModule  # noqa: E402
 from corrpo.rollout import Rollout  # noqa: E402
-from corrpo.training.grpo import inversion_term  # noqa: E402
+from corrpo.training.grpo import inversion_term, shared_inversion_term  # noqa: E402
 
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 PARTS = ("generate", "score", "inversion", "update")
@@ -154,7 +156,10 @@ def scaling_table(args, strength: dict) -> dict[str, float]:
         f"\nscaling: {rows} rows of {prompt_len} prompt + L completion tokens, projections "
         f"{','.join(args.projections)}, best of {args.repeats} after a warm-up"
     )
-    header = f"{'hidden':>6} {'L':>5} {'bonus s':>9} {'update s':>9} {'bonus/upd':>10} {'bonus fl':>9} {'upd fl':>7}"
+    header = (
+        f"{'hidden':>6} {'L':>5} {'bonus s':>9} {'update s':>9} {'bonus/upd':>10} {'shared/upd':>11} "
+        f"{'bonus fl':>9} {'upd fl':>7}"
+    )
     print(header)
     out = {}
     for hidden in args.hidden:
@@ -168,12 +173,20 @@ def scaling_table(args, strength: dict) -> dict[str, float]:
             bonus = best_of(lambda m=module, r=rollout: inversion_term(m.policy, r, m.rl.inversion, 10, args.G, rows),
                             args.repeats)  # fmt: skip
             update = best_of(lambda m=module, c=ctx, r=rollout, a=advantages: m.grpo._updates(c, r, a, 0), args.repeats)
+
+            def shared_then_update(m=module, c=ctx, r=rollout, a=advantages):
+                _, first = shared_inversion_term(m.policy, r, m.rl.inversion, 10, args.G)
+                m.grpo._updates(c, r, a, 0, first)
+
+            shared = best_of(shared_then_update, args.repeats) - update  # what the term adds to the update
             seq = prompt_len + length
             bonus_flops = forward_flops(config, rows, seq, length) + 2 * forward_flops(config, rows, seq, 0, layers=1)
             update_flops = 3 * forward_flops(config, rows, seq, length)
             out[f"bonus_over_update_h{hidden}_T{length}"] = bonus / update
+            out[f"shared_over_update_h{hidden}_T{length}"] = shared / update
             print(
                 f"{hidden:>6} {length:>5} {bonus:>9.3f} {update:>9.3f} {bonus / update:>10.2f} "
+                f"{shared / update:>11.2f} "
                 f"{floor_fraction(bonus_flops, gflops, bonus):>9.3f} "
                 f"{floor_fraction(update_flops, gflops, update):>7.3f}"
             )
@@ -207,11 +220,12 @@ def main() -> None:
         )
     if args.scaling or args.skip_steps:
         results.update(scaling_table(args, strength))
-    last = {k: v for k, v in results.items() if not k.startswith("bonus")}
-    if any(k.startswith("bonus") for k in results):  # the issue's cell (hidden 512, 256 tokens) when measured
-        key = "bonus_over_update_h512_T256"
-        key = key if key in results else f"bonus_over_update_h{max(args.hidden)}_T{max(args.lengths)}"
-        last[key] = results[key]
+    last = {k: v for k, v in results.items() if "_over_update_" not in k}
+    if any("_over_update_" in k for k in results):  # the issue's cell (hidden 512, 256 tokens) when measured
+        cell = "h512_T256" if "bonus_over_update_h512_T256" in results else f"h{max(args.hidden)}_T{max(args.lengths)}"
+        last.update(
+            {f"{kind}_over_update_{cell}": results[f"{kind}_over_update_{cell}"] for kind in ("bonus", "shared")}
+        )
     print("RESULT " + " ".join(f"{k}={v:.4f}" for k, v in last.items()))
 
 

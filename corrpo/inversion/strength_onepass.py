@@ -318,14 +318,17 @@ def _row_blocks(batch: ScoringBatch, size: int) -> list[tuple[int, Tensor]]:
 def _k_measure(gk: Tensor, x: Tensor, measure: str) -> Tensor:
     """Measure of ``M_n = sum_s gk_{n,s} x_s^T = B_n^T X`` (``B_n = gk[n]`` ``[S, d_kv]``, ``X`` ``[S, d]``).
 
-    When the block reaches fewer positions than both matrix sides (``S < min(d_kv, d)``) the singular values come
-    from an ``S x S`` problem: with ``K = X X^T`` and ``R = K^(1/2)`` (one eigen-solve per block, shared by its
-    tokens), the nonzero eigenvalues of ``C_n C_n^T``, ``C_n = R B_n``, are those of ``B_n^T K B_n = M_n M_n^T``.
-    Cost per token ``O(S^2 d_kv + S^3)`` instead of ``O(S d_kv d + d_kv^2 d + min(d_kv, d)^3)``; fp64 as
-    :func:`nuclear_norm`. Otherwise (longer blocks, or the l1 norm, which needs the entries) ``M_n`` is built.
+    The singular values can come from an ``S x S`` problem: with ``K = X X^T`` and ``R = K^(1/2)`` (one
+    eigen-solve per block, shared by its tokens), the nonzero eigenvalues of ``C_n C_n^T``, ``C_n = R B_n``, are
+    those of ``B_n^T K B_n = M_n M_n^T`` (exact for any ``S``). Per token that costs about ``2 S^2 d_kv + S^3``
+    multiply-adds against ``S d_kv d + d_kv^2 d + m^3`` (``m = min(d_kv, d)``) for building ``M_n``, its Gram and
+    its eigen-solve; the cheaper one runs, so short blocks (and, when ``d > d_kv``, blocks up to about ``d_kv``
+    positions) take the small problem. fp64 as :func:`nuclear_norm`. The l1 norm needs the entries: ``M_n``.
     """
     S, d_kv, d = x.shape[0], gk.shape[-1], x.shape[-1]
-    if measure == "l1" or S >= min(d_kv, d):
+    small = 2 * S * S * d_kv + S**3
+    built = S * d_kv * d + d_kv * d_kv * d + min(d_kv, d) ** 3
+    if measure == "l1" or small >= built:
         return matrix_measure(torch.einsum("nse,sd->ned", gk, x), measure)
     x64 = x.double()
     lam, vec = torch.linalg.eigh(x64 @ x64.mT)
