@@ -319,7 +319,7 @@ def shared_prefix_attention(
     return out + torch.bmm(weights[..., width:], gen_v)
 
 
-def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+def _additive(allowed: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """A boolean mask as an additive attention bias: 0 where allowed, ``-inf`` elsewhere."""
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, -float("inf"))
 
