@@ -4,7 +4,8 @@ The embedded default's policy and RL settings (configs/tiny.yaml: tiny Qwen2, hi
 64 new tokens), ``--batch`` arithmetic prompts per call. Both sides sample from the same random-init policy
 (it rarely emits eos, so both run all ``max_new_tokens`` steps); each repeat runs both, alternating who goes
 first, after one untimed warm-up each; the best of ``--repeats`` counts. A greedy call on the same prompts
-checks that both sides emit the same tokens.
+checks that both sides emit the same tokens; the sampled calls share their seed, so their samples are compared
+too (the same distribution and the same ``torch.multinomial`` draws give the same tokens).
 
 Beside the seconds, each side's FLOPs (its matmuls and attention: HF prefills ``B * G`` prompt rows, the lean
 loop ``B``) over the matmul rate measured in the same run (``F.linear`` at the decode shapes, best of several)
@@ -12,7 +13,8 @@ give its fraction of the compute floor. Usage::
 
     python benchmarks/generation.py [--batch 16] [--repeats 5] [--threads 1]
 
-The last line is ``RESULT fast_over_hf=<best fast / best HF> greedy_identical=<true|false>``.
+The last line is ``RESULT fast_over_hf=<best fast / best HF> greedy_identical=<true|false>
+sampled_identical=<true|false>``.
 """
 
 from __future__ import annotations
@@ -85,18 +87,20 @@ def main() -> None:
     sides = {"hf": HFGenerator(), "fast": DecodeLoopGenerator()}
 
     best = {name: float("inf") for name in sides}
-    steps = {}
+    steps, sampled = {}, {}
     for repeat in range(args.repeats + 1):  # repeat 0 is the untimed warm-up
         order = list(sides) if repeat % 2 else list(sides)[::-1]
         for name in order:
             torch.manual_seed(args.seed * 1009 + repeat)
             seconds, rollout = timed(sides[name], model, ids, mask, G, sampling, eos, pad)
             steps[name] = rollout.completion_mask.shape[1]
+            sampled[name] = rollout.sequences
             if repeat:
                 best[name] = min(best[name], seconds)
     reason = sides["fast"].fallback_reason
     greedy = {name: timed(gen, model, ids, mask, 1, sampling, eos, pad, greedy=True)[1] for name, gen in sides.items()}
     identical = torch.equal(greedy["hf"].sequences, greedy["fast"].sequences)
+    same_samples = torch.equal(sampled["hf"], sampled["fast"])  # same seed, same distribution, same draws
 
     gflops = matmul_gflops(ids.shape[0] * G, model.config.hidden_size, model.config.intermediate_size)
     B, P = ids.shape
@@ -120,7 +124,10 @@ def main() -> None:
             f"{name:<6}{best[name]:>10.4f}{flops[name] / 1e9:>10.3f}{floor:>10.4f}"
             f"{floor / best[name]:>10.3f}{best[name] / best['hf']:>8.3f}"
         )
-    print(f"RESULT fast_over_hf={best['fast'] / best['hf']:.4f} greedy_identical={str(identical).lower()}")
+    print(
+        f"RESULT fast_over_hf={best['fast'] / best['hf']:.4f} greedy_identical={str(identical).lower()} "
+        f"sampled_identical={str(same_samples).lower()}"
+    )
 
 
 if __name__ == "__main__":

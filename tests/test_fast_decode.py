@@ -112,6 +112,19 @@ def test_each_sampled_step_draws_from_hf_tempered_nucleus_of_the_same_prefix(mon
         assert torch.allclose(probs[live], scores.softmax(-1)[live], atol=1e-5, rtol=0), t
 
 
+def test_with_the_same_seed_the_samples_equal_hf_generate_samples():
+    """The same per-step distribution and the same ``torch.multinomial`` call on it consume the RNG alike, so a
+    seeded run samples what HF would have sampled (what keeps seeded training runs as they were)."""
+    model = model_of("qwen2")
+    ids, mask = left_padded([7, 2, 5])
+    sampling = SamplingConfig(temperature=0.9, top_p=0.95, max_new_tokens=16)
+    rollouts = []
+    for engine in (HFGenerator(), DecodeLoopGenerator()):
+        torch.manual_seed(3)
+        rollouts.append(engine.generate(model, ids, mask, 4, sampling, 2, PAD))
+    assert torch.equal(rollouts[0].sequences, rollouts[1].sequences)
+
+
 def test_sampled_token_frequencies_match_hf_distribution():
     """Second tokens of many samples: their frequencies match the exact two-step marginal from HF's forward."""
     model = model_of("llama")
