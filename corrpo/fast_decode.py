@@ -27,7 +27,9 @@ come from the same distribution; ``tests/test_fast_decode.py`` checks both on se
 on the policy's submodules do not run during decoding (the prefill runs them).
 
 Supported: ``llama``, ``mistral``, ``qwen2``, ``qwen3`` in fp32 with SDPA attention, plain ``nn.Linear`` projections
-(no LoRA wrappers), a stateless RoPE type and no sliding window shorter than prompt + completion. For any other
+(no LoRA wrappers), a stateless RoPE type, no sliding window shorter than prompt + completion and no
+``generation_config`` setting that changes HF's logits (:data:`NEUTRAL_GENERATION_SETTINGS`: a repetition
+penalty, a minimum length, ...). For any other
 model :meth:`DecodeLoopGenerator.generate` calls its fallback (:class:`corrpo.rollout.HFGenerator`) and keeps
 the reason in :attr:`DecodeLoopGenerator.fallback_reason`.
 """
@@ -47,6 +49,34 @@ from corrpo.rollout import Generator, HFGenerator, Rollout, SamplingConfig, roll
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 STATELESS_ROPE = ("default", "linear", "llama3", "yarn")
 logger = logging.getLogger(__name__)
+# generation_config settings that make HF generate change the logits or stop differently, with their values that
+# do nothing: any other value (Qwen2.5-Instruct ships repetition_penalty 1.05) means the lean loop would differ.
+NEUTRAL_GENERATION_SETTINGS: dict[str, tuple] = {
+    "repetition_penalty": (None, 1.0),
+    "encoder_repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0),
+    "encoder_no_repeat_ngram_size": (None, 0),
+    "bad_words_ids": (None,),
+    "min_length": (None, 0),
+    "min_new_tokens": (None, 0),
+    "suppress_tokens": (None,),
+    "begin_suppress_tokens": (None,),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+    "exponential_decay_length_penalty": (None,),
+    "sequence_bias": (None,),
+    "renormalize_logits": (None, False),
+    "remove_invalid_values": (None, False),
+    "epsilon_cutoff": (None, 0.0),
+    "eta_cutoff": (None, 0.0),
+    "typical_p": (None, 1.0),
+    "min_p": (None, 0.0),
+    "top_h": (None,),
+    "guidance_scale": (None, 1.0),
+    "watermarking_config": (None,),
+    "stop_strings": (None,),
+    "max_time": (None,),
+}
 
 
 def next_token_probs(logits: Tensor, temperature: float = 1.0, top_p: float = 1.0) -> Tensor:
@@ -75,6 +105,11 @@ def unsupported_reason(model: PreTrainedModel, total_length: int) -> str | None:
         return f"rope_type {rope_type!r} updates its frequencies with the sequence length"
     if getattr(config, "pretraining_tp", 1) > 1:
         return "pretraining_tp > 1"
+    generation_config = getattr(model, "generation_config", None)
+    for key, neutral in NEUTRAL_GENERATION_SETTINGS.items():
+        value = getattr(generation_config, key, None)
+        if value not in neutral:
+            return f"generation_config.{key} = {value!r} (HF generate applies it; the lean loop does not)"
     base = getattr(model, "model", None)
     layers = getattr(base, "layers", None)
     if layers is None or not isinstance(getattr(model, "lm_head", None), nn.Linear):

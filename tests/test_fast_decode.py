@@ -170,11 +170,17 @@ def test_shared_prefix_attention_equals_sdpa_over_the_whole_cache():
 SHORT_WINDOW = dict(use_sliding_window=True, sliding_window=5, layer_types=["full_attention", "sliding_attention"])
 
 
+def with_repetition_penalty(model):
+    model.generation_config.repetition_penalty = 1.3
+    return model
+
+
 @pytest.mark.parametrize(
     "model, reason",
     [
         (random_family_model("gemma", VOCAB, ARCH), "model_type 'gemma'"),
         (model_of("qwen2", **SHORT_WINDOW), "sliding window (5)"),
+        (with_repetition_penalty(model_of("llama")), "generation_config.repetition_penalty = 1.3"),
     ],
 )
 def test_an_unsupported_model_falls_back_to_hf_generate_and_says_why(model, reason):
