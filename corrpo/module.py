@@ -39,12 +39,13 @@ from corrpo.batching import encode_prompts
 from corrpo.config import RLConfig, SFTConfig
 from corrpo.data.records import load_records
 from corrpo.evaluation import EvalConfig, eval_set_name, generate_and_score, sample_metrics
+from corrpo.fast_decode import DecodeLoopGenerator
 from corrpo.lora import LoRAConfig, apply_lora
 from corrpo.models import TinyArchitecture, enable_gradient_checkpointing, export_policy, load_policy
 from corrpo.progress import eval_progress
 from corrpo.rewards import reward_functions
 from corrpo.rng import restore_rng_states, rng_states
-from corrpo.rollout import Generator, HFGenerator, Rollout, SamplingConfig, concat_rollouts
+from corrpo.rollout import Generator, Rollout, SamplingConfig, concat_rollouts
 from corrpo.run_folder import method_name, run_folder
 from corrpo.training.collectives import SINGLE_PROCESS, Collectives, LightningCollectives
 from corrpo.training.forward import row_chunks
@@ -71,7 +72,10 @@ class CorrPOModule(L.LightningModule):
         lora: LoRA adapters through PEFT (``pip install "corrpo[lora]"``): only the adapters train, the
             inversion is measured on the effective weights ``W + (alpha / r) B A``; unset = full fine-tuning.
         generator: the rollout engine, a :class:`corrpo.rollout.Generator` (class path in a config); None =
-            :class:`HFGenerator` (``model.generate``); :class:`corrpo.vllm_generator.VLLMGenerator` for vLLM.
+            :class:`corrpo.fast_decode.DecodeLoopGenerator` (a lean decode loop, HF ``generate``'s outputs; it
+            falls back to :class:`corrpo.rollout.HFGenerator` for families it does not cover);
+            :class:`corrpo.rollout.HFGenerator` for ``model.generate`` itself;
+            :class:`corrpo.vllm_generator.VLLMGenerator` for vLLM.
         gradient_checkpointing: recompute each decoder layer's activations in the backward (Hugging Face's, with
             ``use_reentrant=False``): activation memory of one layer instead of all, about a third more compute.
             The inversion scoring turns it off for its own pass (exact scores either way).
@@ -116,7 +120,7 @@ class CorrPOModule(L.LightningModule):
             raise ValueError(f"rl.reward_weights has {n_weights} entries for {n_rewards} rewards (rl.rewards)")
         self.grpo = GRPOStep(self.rl, reward_fns, reward_weights)
         self.schedule = PhaseSchedule(sft.steps, rl.steps)
-        self.generator: Generator = generator if generator is not None else HFGenerator()
+        self.generator: Generator = generator if generator is not None else DecodeLoopGenerator()
         self._generator_stale = False  # the policy changed since the generator last synced its weights
         # The KL reference is the policy as RL starts (refreshed at the boundary); a submodule so that it
         # moves with the module and is saved in checkpoints.

@@ -1,8 +1,10 @@
 """Rollouts: G sampled completions per prompt, as tensors the objective can score.
 
 The module depends only on :class:`Generator`; :class:`HFGenerator` (Hugging Face ``generate``) always
-works. HF ``generate`` is Python-overhead bound: the honest default, not a fast one; for long rollouts on a
-GPU use :class:`corrpo.vllm_generator.VLLMGenerator`.
+works, but is bound by its number of small ops per token. The default,
+:class:`corrpo.fast_decode.DecodeLoopGenerator`, emits the same tokens with fewer, larger ops for the
+Llama-like families and falls back to :class:`HFGenerator` for the others; for long rollouts on a GPU use
+:class:`corrpo.vllm_generator.VLLMGenerator`.
 """
 
 from __future__ import annotations
@@ -67,7 +69,8 @@ class Generator:
     """Samples ``G`` completions per prompt from the current policy: the one thing the module asks of rollouts.
 
     Subclass and set ``model.generator`` (a class path in the config) to swap the engine:
-    :class:`HFGenerator` (``model.generate``, the default) or :class:`corrpo.vllm_generator.VLLMGenerator`.
+    :class:`corrpo.fast_decode.DecodeLoopGenerator` (the default), :class:`HFGenerator` (``model.generate``) or
+    :class:`corrpo.vllm_generator.VLLMGenerator`.
     The module calls :meth:`sync_weights` before a generation whenever the policy was updated since the last
     one, so an engine that holds its own copy of the weights (vLLM) samples from the current policy.
     """
