@@ -45,11 +45,7 @@ ARGS = [
     '--trainer.logger+={"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "csv"}}',
 ]
 FSDP2 = [
-    "--trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy",
-    "--trainer.strategy.data_parallel_size=2",
-    "--trainer.strategy.tensor_parallel_size=1",
-    "--trainer.devices=2",
-    "--trainer.accelerator=cpu",
+    f"--config={REPO / 'configs' / 'scale' / 'fsdp2.yaml'}",  # the ready config: ModelParallelStrategy, 2 CPU ranks
     # micro-batched: each rank's 4 SFT rows as 3 + 1, its 8 RL rows as 3 + 3 + 2
     "--model.sft.micro_batch_size=3",
     "--model.rl.micro_batch_size=3",
