@@ -11,10 +11,13 @@ module's fused AdamW, micro-batch = the batch) on ``4 x 128`` tokens per rank:
   ``CorrPOModule.configure_model`` does under ``ModelParallelStrategy``: each rank keeps half of every
   parameter, gradient and moment, plus one gathered layer at a time and the gathered root (embeddings).
 
-Peak per rank: ``ru_maxrss`` of the rank's process on the CPU (it includes the ~0.5 GB of Python, torch and
+Peak per rank: ``ru_maxrss`` of the rank's process on the CPU (it includes the ~0.4 GB of Python, torch and
 transformers, printed as ``runtime``, and the full model each rank builds before sharding it), or
-``torch.cuda.max_memory_allocated`` on a GPU. Both sides must give the same SFT losses (printed), so the same
-work is measured. Each side runs ``--repeats`` times; the best (lowest) peak of each is kept. Usage::
+``torch.cuda.max_memory_allocated`` on a GPU. glibc keeps freed heap memory mapped (its mmap threshold rises to
+32 MB after the first large free, so tensors of a few MB come from the heap): ``MALLOC_MMAP_THRESHOLD_=1048576``
+in the environment (both sides) makes ``ru_maxrss`` closer to the live tensors; the table prints the setting.
+Both sides must give the same SFT losses (printed), so the same work is measured. Each side runs ``--repeats``
+times; the best (lowest) peak of each is kept. Usage::
 
     python benchmarks/sharded_memory.py [--device cpu|cuda] [--steps 3] [--repeats 2] [--hidden 1024 --layers 8]
 
@@ -166,7 +169,8 @@ def main() -> None:
     params = best["ddp"][0]["params"]
     gb = 2**30
     print(f"model: {params / 1e6:.1f}M parameters, {WORLD} ranks x {BATCH} x {SEQ} tokens, {args.steps} SFT steps, "
-          f"device {args.device}, best of {args.repeats}")  # fmt: skip
+          f"device {args.device}, best of {args.repeats}, "
+          f"MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_', 'unset (glibc default)')}")  # fmt: skip
     print(f"{'mode':<6} {'rank':>4} {'peak GB':>8} {'runtime GB':>10} {'B/param':>8} {'B/param above runtime':>22} "
           f"{'s':>6}  losses")  # fmt: skip
     for mode in ("ddp", "fsdp2"):
