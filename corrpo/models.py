@@ -203,6 +203,14 @@ def export_policy(
         model = merged_copy(model)
     if state_dict is not None:
         state_dict = {name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()}
+        # a gathered state dict holds tied weights (embeddings = unembedding) as separate copies: keep the first
+        # name of each shared parameter, as save_pretrained does for the model's own
+        names: dict[int, list[str]] = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            names.setdefault(id(param), []).append(name)
+        for tied in names.values():
+            for name in tied[1:]:
+                state_dict.pop(name, None)
     model.save_pretrained(folder, state_dict=state_dict)
     tokenizer.save_pretrained(folder)
     return folder

@@ -134,3 +134,21 @@ class _FakeMesh:
 
     def __getitem__(self, name):
         return type("Dim", (), {"size": lambda self: 2 if name == "tensor_parallel" else 1})()
+
+
+def test_the_export_of_a_sharded_policy_is_the_unsharded_models_folder(sharded_pair, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from corrpo.models import build_char_tokenizer, export_policy
+
+    model, sharded = sharded_pair
+    tokenizer = build_char_tokenizer()
+    export_policy(model, tokenizer, tmp_path / "plain")
+    export_policy(sharded, tokenizer, tmp_path / "sharded", state_dict=full_state_dict(sharded))
+    plain, gathered = (load_file(tmp_path / name / "model.safetensors") for name in ("plain", "sharded"))
+    assert gathered.keys() == plain.keys() and all(torch.equal(gathered[k], plain[k]) for k in plain)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "sharded")
+    ids = torch.arange(5, 25)[None]
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
