@@ -14,12 +14,15 @@ module's fused AdamW, micro-batch = the batch) on ``4 x 128`` tokens per rank:
 Peak per rank: ``ru_maxrss`` of the rank's process on the CPU (it includes the ~0.4 GB of Python, torch and
 transformers, printed as ``runtime``, and the full model each rank builds before sharding it), or
 ``torch.cuda.max_memory_allocated`` on a GPU. glibc keeps freed heap memory mapped (its mmap threshold rises to
-32 MB after the first large free, so tensors of a few MB come from the heap): ``MALLOC_MMAP_THRESHOLD_=1048576``
-in the environment (both sides) makes ``ru_maxrss`` closer to the live tensors; the table prints the setting.
+32 MB after the first large free, so tensors of a few MB come from the heap and their pages stay counted): both
+sides' ranks run with ``MALLOC_MMAP_THRESHOLD_=1048576`` (1 MiB: every larger tensor is its own mapping, returned
+when freed), so ``ru_maxrss`` follows the live tensors; ``--glibc-default`` measures without it. The table prints
+the setting. (Set the same variable for a real run to get the same saving.)
 Both sides must give the same SFT losses (printed), so the same work is measured. Each side runs ``--repeats``
 times; the best (lowest) peak of each is kept. Usage::
 
-    python benchmarks/sharded_memory.py [--device cpu|cuda] [--steps 3] [--repeats 2] [--hidden 1024 --layers 8]
+    python benchmarks/sharded_memory.py [--device cpu|cuda] [--steps 2] [--repeats 2] [--hidden 1536 --layers 8]
+        [--glibc-default]
 
 The last line is ``RESULT fsdp_over_ddp_memory_per_rank=<x> ddp_gb=<a> fsdp2_gb=<b> params_m=<p>`` where ``x`` is
 the larger rank's FSDP2 peak over the larger rank's DDP peak.
@@ -129,6 +132,8 @@ def launch(mode: str, args: argparse.Namespace, folder: Path) -> list[dict]:
     procs = []
     for rank in range(WORLD):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        if not args.glibc_default:
+            env["MALLOC_MMAP_THRESHOLD_"] = "1048576"
         out = folder / f"{mode}-{rank}.json"
         command = [sys.executable, __file__, "--child", mode, "--out", str(out), "--device", args.device,
                    "--steps", str(args.steps), "--hidden", str(args.hidden), "--layers", str(args.layers),
@@ -143,15 +148,16 @@ def launch(mode: str, args: argparse.Namespace, folder: Path) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--hidden", type=int, default=1536)
     parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--intermediate", type=int, default=2816)
+    parser.add_argument("--intermediate", type=int, default=4096)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--child", choices=("ddp", "fsdp2"), default=None)
     parser.add_argument("--out", default=None)
     parser.add_argument("--json", type=Path, default=None, help="also write the measurements here")
+    parser.add_argument("--glibc-default", action="store_true", help="leave glibc's mmap threshold dynamic")
     args = parser.parse_args()
     if args.child:
         child(args)
@@ -170,7 +176,7 @@ def main() -> None:
     gb = 2**30
     print(f"model: {params / 1e6:.1f}M parameters, {WORLD} ranks x {BATCH} x {SEQ} tokens, {args.steps} SFT steps, "
           f"device {args.device}, best of {args.repeats}, "
-          f"MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_', 'unset (glibc default)')}")  # fmt: skip
+          f"MALLOC_MMAP_THRESHOLD_={'unset (glibc default)' if args.glibc_default else '1048576'}")  # fmt: skip
     print(f"{'mode':<6} {'rank':>4} {'peak GB':>8} {'runtime GB':>10} {'B/param':>8} {'B/param above runtime':>22} "
           f"{'s':>6}  losses")  # fmt: skip
     for mode in ("ddp", "fsdp2"):
