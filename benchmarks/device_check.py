@@ -7,7 +7,10 @@ On CUDA, in under 8 minutes, on the Qwen2.5-0.5B-shaped random model (``benchmar
 2. ``steps``: one corrpo SFT step, GRPO step and CorR-PO step (q,k,v,o and q,v,o): peak
    ``torch.cuda.max_memory_allocated``, bytes a parameter, seconds and tokens/s;
 3. ``generate``: Hugging Face ``generate`` throughput (sampled tokens/s);
-4. ``vllm``: :class:`corrpo.vllm_generator.VLLMGenerator`'s throughput, when vLLM is installed.
+4. ``vllm``: :class:`corrpo.vllm_generator.VLLMGenerator`'s throughput, when vLLM is installed;
+5. ``sharded``: ``benchmarks/sharded_memory.py --device cuda`` (DDP against FSDP2, peak memory per rank, 2 ranks
+   on 2 GPUs over NCCL), when the machine has 2 GPUs (NCCL cannot put two ranks on one GPU); skipped otherwise
+   and with ``--cpu`` (the CPU measurement is ``benchmarks/sharded_memory.py`` itself).
 
 Every section is timed and caught on its own: a failure is written into the JSON (``error``) and the next section
 runs; sections that would start past ``--budget`` seconds are skipped (``skipped``). Usage::
@@ -186,7 +189,26 @@ def vllm_section(folder: Path, device: str, shapes: Shapes) -> dict:
     return {"engine_start_s": built, "seconds": seconds, "new_tokens": new, "tokens_per_s": new / seconds}
 
 
-SECTIONS = {"strength": strength_section, "steps": steps_section, "generate": generate_section, "vllm": vllm_section}
+def sharded_section(folder: Path, device: str, shapes: Shapes) -> dict:
+    import subprocess
+
+    if device != "cuda":
+        return {"skipped": "a GPU check; on the CPU run benchmarks/sharded_memory.py"}
+    if torch.cuda.device_count() < 2:
+        return {"skipped": f"needs 2 GPUs for 2 NCCL ranks, found {torch.cuda.device_count()}"}
+    script = Path(__file__).resolve().parent / "sharded_memory.py"
+    # Qwen2.5-0.5B's width and depth, a 32k vocabulary: 360M parameters, 2 steps, one repeat (the 8-minute budget)
+    command = [sys.executable, str(script), "--device", "cuda", "--steps", "2", "--repeats", "1", "--hidden", "896",
+               "--layers", "24", "--intermediate", "4864"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-2000:])
+    result = done.stdout.strip().splitlines()[-1]
+    return {"result": result, "table": done.stdout[-2000:], **dict(kv.split("=") for kv in result.split()[1:])}
+
+
+SECTIONS = {"strength": strength_section, "steps": steps_section, "generate": generate_section, "vllm": vllm_section,
+            "sharded": sharded_section}  # fmt: skip
 
 
 def main() -> None:

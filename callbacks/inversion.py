@@ -33,6 +33,7 @@ from corrpo.inversion.strength import score_tokens
 from corrpo.inversion.strength_config import StrengthConfig, strength_spec
 from corrpo.progress import eval_progress
 from corrpo.run_folder import run_folder
+from corrpo.sharding import gathered_copy, is_sharded
 from corrpo.training.host import require_host
 
 TABLE_ROWS = 2000
@@ -134,10 +135,19 @@ class InversionTracker(L.Callback):
         self.metric.reset()
         token_rows = []
         n_probe = len(trainer.datamodule.probe_records()[trainer.global_rank :: trainer.world_size])
-        with eval_progress(trainer, f"inversion probe ({event})", n_probe) as advance:
+        if is_sharded(pl_module.policy) and len(trainer.datamodule.probe_records()) % trainer.world_size:
+            raise ValueError(
+                f"data.n_probe={len(trainer.datamodule.probe_records())} must be divisible by the number of "
+                f"processes ({trainer.world_size}) under FSDP2: every rank must score the same number of batches"
+            )
+        # FSDP2: the probes read whole weights, so they score a gathered copy (every method exact)
+        with (
+            eval_progress(trainer, f"inversion probe ({event})", n_probe) as advance,
+            gathered_copy(pl_module.policy) as scored,
+        ):
             for enc in self._probe_batches(trainer, pl_module):
                 entropy, strength = score_tokens(
-                    pl_module.policy, enc["input_ids"], enc["attention_mask"], enc["loss_mask"], self.strength
+                    scored, enc["input_ids"], enc["attention_mask"], enc["loss_mask"], self.strength
                 )
                 advance(enc["input_ids"].shape[0])
                 self.metric.update(entropy, strength, enc["loss_mask"])

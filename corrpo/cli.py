@@ -30,7 +30,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from corrpo.data.datamodule import ReasoningDataModule
 from corrpo.module import CorrPOModule
-from corrpo.resume import ResumeError, checkpoint_problem, resume_point
+from corrpo.resume import ResumeError, checkpoint_problem, is_distributed_checkpoint, resume_point
 from corrpo.run_folder import CONFIG_FILE, RunFolder
 from corrpo.wandb_segments import newest_run_id
 
@@ -178,7 +178,8 @@ class CorrPOCLI(LightningCLI):
         root = Path(trainer.default_root_dir or "runs")
         resume = None
         ckpt_path = config.get("ckpt_path")
-        if ckpt_path == "last" or (ckpt_path and Path(ckpt_path).is_dir()):
+        names_run = ckpt_path and Path(ckpt_path).is_dir() and not is_distributed_checkpoint(Path(ckpt_path))
+        if ckpt_path == "last" or names_run:
             # compared before the CLI fills in this run's folders, as the saved config was before it ran
             command = yaml.safe_load(self._parser(self.subcommand).dump(config, skip_none=False))
             runs = None if ckpt_path == "last" else [Path(ckpt_path)]

@@ -181,8 +181,16 @@ def load_tokenizer(name_or_folder: str) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(name_or_folder)
 
 
-def export_policy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: str | Path) -> Path:
+def export_policy(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    folder: str | Path,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Save the policy and tokenizer as a Hugging Face folder that ``from_pretrained`` loads.
+
+    ``state_dict``: the weights to write instead of ``model``'s own, e.g. the full tensors of an FSDP2-sharded
+    policy gathered by :func:`corrpo.sharding.full_state_dict` (its config and class are ``model``'s).
 
     A LoRA policy (``model.lora``, a PEFT model) is saved MERGED, ``W + (alpha / r) B A`` in every adapted
     weight (on a copy: ``model`` keeps its adapters), so the folder is a plain model of the base's class; the
@@ -193,6 +201,16 @@ def export_policy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fo
     if is_peft_model(model):
         save_adapter(model, folder / "adapter")
         model = merged_copy(model)
-    model.save_pretrained(folder)
+    if state_dict is not None:
+        state_dict = {name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()}
+        # a gathered state dict holds tied weights (embeddings = unembedding) as separate copies: keep the first
+        # name of each shared parameter, as save_pretrained does for the model's own
+        names: dict[int, list[str]] = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            names.setdefault(id(param), []).append(name)
+        for tied in names.values():
+            for name in tied[1:]:
+                state_dict.pop(name, None)
+    model.save_pretrained(folder, state_dict=state_dict)
     tokenizer.save_pretrained(folder)
     return folder

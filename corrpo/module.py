@@ -47,6 +47,7 @@ from corrpo.rewards import reward_functions
 from corrpo.rng import restore_rng_states, rng_states
 from corrpo.rollout import Generator, Rollout, SamplingConfig, concat_rollouts
 from corrpo.run_folder import method_name, run_folder
+from corrpo.sharding import ShardingConfig, full_state_dict, is_sharded, shard_policy
 from corrpo.training.collectives import SINGLE_PROCESS, Collectives, LightningCollectives
 from corrpo.training.forward import row_chunks
 from corrpo.training.grpo import GRPOStep, RLContext
@@ -81,6 +82,9 @@ class CorrPOModule(L.LightningModule):
             The inversion scoring turns it off for its own pass (exact scores either way).
         eval: when and how to evaluate (:class:`corrpo.evaluation.EvalConfig`): every N steps, pass@k / mean@k
             from k samples at a temperature, greedy accuracy, your own eval files, saved generations.
+        sharding: FSDP2 options (:class:`corrpo.sharding.ShardingConfig`: mixed precision, CPU offload), used
+            when ``trainer.strategy`` is Lightning's ``ModelParallelStrategy``: the policy and the KL reference
+            are then sharded per decoder layer in :meth:`configure_model`.
     """
 
     def __init__(
@@ -98,6 +102,7 @@ class CorrPOModule(L.LightningModule):
         generator: Generator | None = None,
         gradient_checkpointing: bool = False,
         eval: EvalConfig = EvalConfig(),  # noqa: B008 - the config key is model.eval
+        sharding: ShardingConfig = ShardingConfig(),
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["generator"])  # an engine (vLLM) is not a hyperparameter to pickle
@@ -138,6 +143,31 @@ class CorrPOModule(L.LightningModule):
         self.last_completions: list[dict] = []  # this rank's last RL batch, one row per completion
         self.steps_done = 0  # train batches finished; where a resumed run starts
         self._rng_to_restore: dict | None = None
+        self.sharding = sharding
+        self._lora = lora is not None
+
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy`` (which sets ``device_mesh``): shard the policy and the KL reference
+        with FSDP2, per decoder layer then the root (:func:`corrpo.sharding.shard_policy`); else nothing."""
+        mesh = self.device_mesh
+        if mesh is None:
+            if self.sharding != ShardingConfig():
+                raise ValueError(
+                    "model.sharding is set but trainer.strategy is not ModelParallelStrategy: it only applies to "
+                    "FSDP2 (see configs/scale/fsdp2.yaml)"
+                )
+            return
+        if mesh.ndim > 1 and mesh["tensor_parallel"].size() > 1:
+            raise ValueError(
+                "trainer.strategy.tensor_parallel_size must be 1: corrpo shards with FSDP2 (data parallel) only, "
+                "tensor parallelism is not supported"
+            )
+        if self._lora:
+            raise ValueError("model.lora with ModelParallelStrategy (FSDP2) is not supported: use DDP with LoRA")
+        dp_mesh = mesh["data_parallel"] if mesh.ndim > 1 else mesh
+        shard_policy(self.policy, dp_mesh, self.sharding)
+        if self.ref_policy is not None:
+            shard_policy(self.ref_policy, dp_mesh, self.sharding)
 
     # ----------------------------------------------------------------------------------------- phases
     @property
@@ -198,9 +228,11 @@ class CorrPOModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         self.evaluate_and_log("end")
+        # sharded: every rank takes part in gathering the full weights, rank 0 writes them
+        state = full_state_dict(self.policy) if is_sharded(self.policy) else None
         if self.trainer.is_global_zero:
             run = run_folder(self.trainer)
-            folder = export_policy(self.policy, self.tokenizer, run.policy)
+            folder = export_policy(self.policy, self.tokenizer, run.policy, state_dict=state)
             run.write_results(
                 {
                     "method": method_name(self.rl),
@@ -339,7 +371,9 @@ class CorrPOModule(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None or not hasattr(datamodule, "test_records"):
             return None
-        shard = datamodule.test_records()[self.global_rank :: self.trainer.world_size]
+        test = datamodule.test_records()
+        self._check_even_split("data.n_test", len(test))
+        shard = test[self.global_rank :: self.trainer.world_size]
         rows: list[dict] = []
         with eval_progress(self.trainer, f"eval {when}: test", len(shard)) as advance:
             correct, scored = self.collectives.sum_floats(
@@ -353,6 +387,15 @@ class CorrPOModule(L.LightningModule):
         self._eval_suite(when, shard, accuracy, generations)
         return accuracy
 
+    def _check_even_split(self, key: str, n: int) -> None:
+        """Under FSDP2 every rank must make the same generate calls (each forward is a collective)."""
+        world = self.trainer.world_size
+        if is_sharded(self.policy) and n % world:
+            raise ValueError(
+                f"{key}={n} must be divisible by the number of processes ({world}) under FSDP2: every rank must "
+                "decode the same number of prompts"
+            )
+
     def _log_eval(self, metrics: dict[str, float]) -> None:
         for logger in self.trainer.loggers:
             logger.log_metrics(metrics, step=self.global_step)
@@ -365,6 +408,7 @@ class CorrPOModule(L.LightningModule):
             self._eval_sets = {}
             for source in self.eval_config.files:
                 records = load_records(source, kind="rl", fields=fields).records[: self.eval_config.max_records]
+                self._check_even_split(f"model.eval.files ({source}: records)", len(records))
                 self._eval_sets[eval_set_name(source)] = records[self.global_rank :: self.trainer.world_size]
         return self._eval_sets
 
@@ -426,6 +470,11 @@ class CorrPOModule(L.LightningModule):
             "steps_done": self.steps_done,
             "rng": rng_states(),
         }
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # every rank samples from its own streams: keep each rank's (rank 0 alone writes the metadata)
+            by_rank: list = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(by_rank, checkpoint["corrpo"]["rng"])
+            checkpoint["corrpo"]["rng_by_rank"] = by_rank
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("corrpo", {})
@@ -434,4 +483,6 @@ class CorrPOModule(L.LightningModule):
         self.eval_results = state.get("eval_results", [])
         self.steps_done = state.get("steps_done", 0)
         self._generator_stale = True  # the restored weights are not what a generator may have synced
-        self._rng_to_restore = state.get("rng")
+        by_rank = state.get("rng_by_rank")
+        same_world = by_rank is not None and self._trainer is not None and len(by_rank) == self.trainer.world_size
+        self._rng_to_restore = by_rank[self.global_rank] if same_world else state.get("rng")

@@ -48,13 +48,35 @@ class ResumeError(ValueError):
     """``--ckpt_path`` names no run this command may resume; the message says why and what to run instead."""
 
 
+DISTRIBUTED_FILES = (".metadata", "meta.pt")
+"""What a distributed (FSDP2, ``ModelParallelStrategy``) checkpoint folder holds besides its ``*.distcp`` shards:
+torch.distributed.checkpoint's index and Lightning's non-tensor state (written last, by rank 0)."""
+
+
+def is_distributed_checkpoint(path: Path) -> bool:
+    """True for a ``*.ckpt`` folder written by ``ModelParallelStrategy`` (one shard file per rank)."""
+    return path.is_dir() and all((path / name).is_file() for name in DISTRIBUTED_FILES)
+
+
 def checkpoint_problem(path: str | os.PathLike) -> str | None:
     """Why ``path`` cannot be a checkpoint to resume (empty, truncated, corrupt), or None when it is whole.
 
     A torch checkpoint is a zip archive: a truncated file has no central directory, a damaged one fails a
-    member's CRC. Nothing is unpickled, so this is safe on any file and costs one read.
+    member's CRC. Nothing is unpickled, so this is safe on any file and costs one read. A distributed checkpoint
+    (a folder) needs its index, its shards (none empty) and a whole ``meta.pt``.
     """
     path = Path(path)
+    if path.is_dir():
+        missing = [name for name in DISTRIBUTED_FILES if not (path / name).is_file()]
+        shards = list(path.glob("*.distcp"))
+        if missing or not shards:
+            what = ", ".join(missing + ([] if shards else ["*.distcp shards"]))
+            return f"is a folder but not a whole distributed checkpoint (no {what})"
+        empty = [p.name for p in shards if p.stat().st_size == 0]
+        if empty:
+            return f"is a distributed checkpoint with empty shards ({', '.join(empty)})"
+        problem = checkpoint_problem(path / "meta.pt")
+        return None if problem is None else f"is a distributed checkpoint whose meta.pt {problem}"
     try:
         size = path.stat().st_size
     except OSError as err:
@@ -111,9 +133,15 @@ def saved_config_path(run: Path) -> Path | None:
 
 
 def _checkpoints_newest_first(run: Path) -> list[Path]:
-    """A run folder's ``*.ckpt`` files, newest first; at equal mtime ``last*.ckpt`` first."""
-    ckpts = [p for p in run.rglob("*.ckpt") if p.is_file()]
-    return sorted(ckpts, key=lambda p: (p.stat().st_mtime, p.name.startswith("last")), reverse=True)
+    """A run folder's ``*.ckpt`` files and distributed checkpoint folders, newest first; at equal mtime
+    ``last*.ckpt`` first."""
+    ckpts = [p for p in run.rglob("*.ckpt") if p.is_file() or is_distributed_checkpoint(p)]
+    return sorted(ckpts, key=lambda p: (_saved_at(p), p.name.startswith("last")), reverse=True)
+
+
+def _saved_at(checkpoint: Path) -> float:
+    """When a checkpoint was written: a file's mtime, a distributed checkpoint's ``meta.pt`` (its last file)."""
+    return (checkpoint / "meta.pt" if checkpoint.is_dir() else checkpoint).stat().st_mtime
 
 
 def _describe(differences: list[tuple[str, Any, Any]], limit: int = 8) -> str:
@@ -139,7 +167,7 @@ def resume_point(
     by_run = {run: ckpts for run, ckpts in by_run.items() if ckpts}
     if not by_run:
         return None
-    order = sorted(by_run, key=lambda run: by_run[run][0].stat().st_mtime, reverse=True)
+    order = sorted(by_run, key=lambda run: _saved_at(by_run[run][0]), reverse=True)
     refused: list[tuple[Path, str]] = []
     for run in order:
         if config is not None:

@@ -15,6 +15,7 @@ import torch
 from transformers import PreTrainedModel
 
 from corrpo.batching import completion_mask
+from corrpo.sharding import generate_kwargs
 
 
 @dataclass
@@ -119,6 +120,7 @@ class HFGenerator(Generator):
                     else dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
                 )
                 out = model.generate(
+                    **generate_kwargs(model),  # FSDP2: every rank runs forwards until all are done
                     input_ids=ids,
                     attention_mask=mask,
                     max_new_tokens=sampling.max_new_tokens,

@@ -14,8 +14,11 @@ vLLM may take, leave the rest to training. Under DDP every rank builds its own e
 Weights: the engine is built lazily at the first generation from the policy's own folder, then
 :meth:`sync_weights` (called by the module before any generation that follows a policy update) copies the
 current policy tensors in with vLLM's ``load_weights``, so rollouts are always on-policy. With LoRA the
-merged weights are sent. This path cannot run on a CPU-only machine and is untested there; the module only
-depends on :class:`corrpo.rollout.Generator`, which the tests exercise with a scripted generator.
+merged weights are sent; with FSDP2 (``ModelParallelStrategy``) every rank gathers the full weights
+(:func:`corrpo.sharding.full_state_dict`, a collective) and loads them into its own engine. vLLM itself cannot
+run on a CPU-only machine and is untested there; the module only depends on :class:`corrpo.rollout.Generator`,
+which the tests exercise with a scripted generator, and the sync's gather is tested on a sharded model with a
+stand-in engine (``tests/test_sharding.py``).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from transformers import PreTrainedModel
 
 from corrpo.lora import is_peft_model, merged_copy
 from corrpo.rollout import Generator, Rollout, SamplingConfig, rollout_from_token_lists
+from corrpo.sharding import full_state_dict, is_sharded
 
 INSTALL_HINT = 'model.generator=VLLMGenerator needs vLLM: pip install "corrpo[vllm]" (a CUDA GPU is required)'
 
@@ -74,7 +78,9 @@ class VLLMGenerator(Generator):
         if self.llm is None:
             # vLLM loads from a folder: the policy's current weights and config, saved once.
             self._folder = tempfile.TemporaryDirectory(prefix="corrpo-vllm-")
-            _merged(model).save_pretrained(self._folder.name)
+            # FSDP2: every rank gathers the full weights (a collective), each writes its own engine's folder
+            sharded = is_sharded(model)
+            _merged(model).save_pretrained(self._folder.name, state_dict=full_state_dict(model) if sharded else None)
             # In-process engine core (as TRL's colocate mode): weight syncs are then plain tensor copies.
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
             # collective_rpc with a Python function (the weight loader below) needs it on recent vLLM versions
@@ -86,7 +92,7 @@ class VLLMGenerator(Generator):
     def sync_weights(self, model: PreTrainedModel) -> None:
         if self.llm is None:
             return  # built from the current weights at the first generation
-        state = _merged(model).state_dict()
+        state = full_state_dict(_merged(model))  # whole tensors, gathered on every rank when FSDP2-sharded
         self.llm.collective_rpc(_load_weights, args=(list(state.items()),))
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 

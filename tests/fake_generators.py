@@ -9,7 +9,7 @@ generation ran on the policy's current weights.
 import torch
 
 from corrpo.models import build_char_tokenizer
-from corrpo.rollout import Generator, rollout_from_token_lists
+from corrpo.rollout import Generator, HFGenerator, rollout_from_token_lists
 
 
 def solve(prompt: str) -> int:
@@ -50,6 +50,31 @@ class ScriptedGenerator(Generator):
                 value = answer if greedy or g % 2 == 0 else answer + 1
                 text = f"<think>x</think><answer>{value}</answer>"
                 completions.append(tokenizer.encode(text, add_special_tokens=False) + [eos_token_id])
+        return rollout_from_token_lists(
+            prompt_ids, prompt_mask, completions, num_generations, eos_token_id, pad_token_id, sampling.max_new_tokens
+        )
+
+
+class ScriptedSampling(HFGenerator):
+    """Greedy generations from the policy's own ``generate`` (HF, sharded or not); sampled ones (RL rollouts)
+    scripted as :class:`ScriptedGenerator` answers them, with no random numbers: so RL losses of runs that split
+    a batch differently (single process, DDP, FSDP2) can be compared step by step."""
+
+    def __init__(self) -> None:
+        self.tokenizer = build_char_tokenizer()
+
+    def generate(self, model, prompt_ids, prompt_mask, num_generations, sampling, eos_token_id, pad_token_id,
+                 greedy=False):  # fmt: skip
+        if greedy:
+            return super().generate(
+                model, prompt_ids, prompt_mask, num_generations, sampling, eos_token_id, pad_token_id, greedy=True
+            )
+        completions = []
+        for row, mask in zip(prompt_ids.cpu(), prompt_mask.cpu(), strict=True):
+            answer = solve(self.tokenizer.decode(row[mask.bool()].tolist(), skip_special_tokens=True))
+            for g in range(num_generations):
+                text = f"<think>{'x' * (g + 1)}</think><answer>{answer + g % 2}</answer>"
+                completions.append(self.tokenizer.encode(text, add_special_tokens=False) + [eos_token_id])
         return rollout_from_token_lists(
             prompt_ids, prompt_mask, completions, num_generations, eos_token_id, pad_token_id, sampling.max_new_tokens
         )

@@ -143,3 +143,25 @@ def test_a_config_saved_in_a_csv_loggers_version_folder_is_the_one_compared(tmp_
     (nested / "config.yaml").write_text(yaml.safe_dump({**CONFIG, "seed_everything": 7}))
     with pytest.raises(ResumeError, match="seed_everything: 7 in the run, '<unset>' in this command"):
         resume_point(tmp_path, CONFIG)
+
+
+def _distributed_ckpt(path, age: float, shards: int = 2):
+    """The layout ModelParallelStrategy (FSDP2) writes: a ``*.ckpt`` folder, one ``.distcp`` per rank, ``meta.pt``."""
+    path.mkdir(parents=True)
+    (path / ".metadata").write_bytes(b"index")
+    for rank in range(shards):
+        (path / f"__{rank}_0.distcp").write_bytes(b"shard")
+    _ckpt(path / "meta.pt", 4, age=age)
+    return path
+
+
+def test_resume_takes_a_whole_distributed_checkpoint_and_skips_a_partial_one_saying_why(tmp_path):
+    run = _run(tmp_path, "20260101-000000")
+    good = _distributed_ckpt(run / "checkpoints" / "mid-7.ckpt", age=20)
+    newest = _distributed_ckpt(run / "checkpoints" / "last.ckpt", age=0)
+    assert checkpoint_problem(good) is None and resume_point(tmp_path, CONFIG) == (run, newest)
+    (newest / "__1_0.distcp").write_bytes(b"")  # a kill during the save
+    with pytest.warns(UserWarning, match=r"last\.ckpt: it is a distributed checkpoint with empty shards \(__1_0"):
+        assert resume_point(tmp_path, CONFIG) == (run, good)
+    (good / "meta.pt").unlink()
+    assert "not a whole distributed checkpoint (no meta.pt)" in checkpoint_problem(good)

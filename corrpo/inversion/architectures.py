@@ -13,10 +13,10 @@ see what the closed forms need, and its ``.weight`` is the base ``W``, whose gra
 the gradient w.r.t. ``W_eff = W + s B A``. So every method measures the strength on the effective weights.
 DoRA rescales ``W_eff`` by a norm of ``W``, which breaks that identity, and is rejected.
 
-FSDP: not supported. The strengths read whole projection weights and their gradients (nuclear norms of
-``[d_out, d_in]`` matrices), which FSDP shards flat across ranks outside its forward; scoring would need
-``summon_full_params`` around every probe. Use DDP (every rank holds the whole model), with LoRA if the
-model is large.
+FSDP2: the strengths read whole projection weights and the unembedding (nuclear norms of ``[d_out, d_in]``
+matrices, ``W_U[y]`` rows), which ``fully_shard`` keeps as 1/N shards outside each layer's own forward. Every
+caller (the InversionTracker, the CorR-PO term) therefore scores a gathered, unsharded copy of the policy
+(:func:`corrpo.sharding.gathered_copy`); the functions here always see whole weights.
 """
 
 from __future__ import annotations

@@ -50,6 +50,7 @@ from corrpo.rewards.call import RewardLog, StepInfo
 from corrpo.rewards.combine import RewardFailureMonitor, RewardFn, RewardScores, completion_rows, score_completions
 from corrpo.rollout import Rollout
 from corrpo.schedule import warmup_cosine_lr
+from corrpo.sharding import gathered_copy
 from corrpo.training.collectives import SINGLE_PROCESS, Collectives
 from corrpo.training.forward import completion_log_probs, completion_scores, forward_logits, row_chunks
 from corrpo.training.update import UpdateOutcome, apply_update
@@ -118,10 +119,13 @@ def inversion_term(
     rows_per_chunk: int = 64,
 ) -> InversionTerm:
     """The CorR-PO reward stage: ``coef_at(rl_index) * clip(-rho_i, -1, 1)`` per response, on the policy that
-    sampled it (:mod:`corrpo.inversion.rollout_bonus`), ``rows_per_chunk`` responses per scoring pass."""
-    rho, n_tokens = rollout_correlations(
-        policy, rollout.sequences, rollout.attention_mask, rollout.token_mask, config, rows_per_chunk
-    )
+    sampled it (:mod:`corrpo.inversion.rollout_bonus`), ``rows_per_chunk`` responses per scoring pass. An
+    FSDP2-sharded policy is scored on a gathered full copy (:func:`corrpo.sharding.gathered_copy`): exact for
+    every strength method."""
+    with gathered_copy(policy) as scored:
+        rho, n_tokens = rollout_correlations(
+            scored, rollout.sequences, rollout.attention_mask, rollout.token_mask, config, rows_per_chunk
+        )
     coef = config.coef_at(rl_index)
     bonus, valid = inversion_bonus(rho, n_tokens, coef, config.min_tokens, group_size, config.center)
     return InversionTerm(bonus=bonus, rho=rho, valid=valid, coef=coef)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from corrpo.training.collectives import SINGLE_PROCESS, Collectives
 
@@ -76,6 +77,8 @@ def apply_update(
         return UpdateOutcome(applied=False, skipped=f"non-finite loss {total.item()}{where}", loss=total)
     params = [p for p in model.parameters() if p.grad is not None]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
+    if isinstance(grad_norm, DTensor):  # FSDP2 shards: the norm over every rank's shard, the same on all
+        grad_norm = grad_norm.full_tensor()
     if not torch.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)
         skipped = f"non-finite gradient norm {grad_norm.item()}"
