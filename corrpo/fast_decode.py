@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from corrpo.rollout import Generator, HFGenerator, Rollout, SamplingConfig, rollout_from_sequences
+from corrpo.sharding import is_sharded
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 STATELESS_ROPE = ("default", "linear", "llama3", "yarn")
@@ -110,6 +111,8 @@ def unsupported_reason(model: PreTrainedModel, total_length: int) -> str | None:
         value = getattr(generation_config, key, None)
         if value not in neutral:
             return f"generation_config.{key} = {value!r} (HF generate applies it; the lean loop does not)"
+    if is_sharded(model):
+        return "the policy is FSDP2-sharded (its weights are per-rank shards; HF generate gathers them per layer)"
     base = getattr(model, "model", None)
     layers = getattr(base, "layers", None)
     if layers is None or not isinstance(getattr(model, "lm_head", None), nn.Linear):

@@ -152,3 +152,14 @@ def test_the_export_of_a_sharded_policy_is_the_unsharded_models_folder(sharded_p
     ids = torch.arange(5, 25)[None]
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_the_lean_decoder_and_the_shared_forward_leave_a_sharded_policy_to_the_exact_paths(sharded_pair):
+    from corrpo.fast_decode import unsupported_reason
+    from corrpo.inversion.rollout_bonus import InversionRewardConfig
+    from corrpo.training.grpo import shares_update_forward
+
+    model, sharded = sharded_pair
+    assert unsupported_reason(model, 64) is None and "FSDP2" in unsupported_reason(sharded, 64)
+    config = InversionRewardConfig(coef=0.1)
+    assert shares_update_forward(model, config, 1) is None and "FSDP2" in shares_update_forward(sharded, config, 1)

@@ -50,7 +50,7 @@ from corrpo.rewards.call import RewardLog, StepInfo
 from corrpo.rewards.combine import RewardFailureMonitor, RewardFn, RewardScores, completion_rows, score_completions
 from corrpo.rollout import Rollout
 from corrpo.schedule import warmup_cosine_lr
-from corrpo.sharding import gathered_copy
+from corrpo.sharding import gathered_copy, is_sharded
 from corrpo.training.collectives import SINGLE_PROCESS, Collectives
 from corrpo.training.forward import completion_log_probs, completion_scores, forward_logits, row_chunks
 from corrpo.training.update import UpdateOutcome, apply_update
@@ -145,6 +145,8 @@ def shares_update_forward(policy: nn.Module, config: InversionRewardConfig, n_ch
         return f"rl.inversion.strength.method is {config.strength.method!r}, not onepass"
     if n_chunks != 1:
         return f"the update runs in {n_chunks} micro-batches (rl.micro_batch_size)"
+    if is_sharded(policy):
+        return "the policy is FSDP2-sharded (the term is scored on a gathered copy)"
     if any(getattr(m, "gradient_checkpointing", False) is True for m in policy.modules()):
         return "gradient checkpointing is on"
     if has_active_dropout(policy):
