@@ -209,7 +209,9 @@ class InversionTracker(L.Callback):
     # ---------------------------------------------------------------------------------------- output
     def _log_row(self, trainer: L.Trainer, row: dict) -> None:
         metrics = {f"inversion/{k}": float(row[k]) for k in ("spearman", "pearson", "strength", "n_tokens")}
-        metrics.update({f"inversion/anatomy/{k}": float(v) for k, v in anatomy_factors(row).items()})
+        # a factor constant on the probe set (NaN rho, e.g. a logit slope of 1) is not logged; the csv keeps its NaN
+        rho = anatomy_factors(row)
+        metrics.update({f"inversion/anatomy/{k}": v for k, v in rho.items() if math.isfinite(v)})
         metrics["phase"] = {"init": 0.0, "sft": 0.0, "rl": 1.0}.get(row["phase"], -1.0)
         metrics["batches"] = float(row["batches"])
         for logger in trainer.loggers:

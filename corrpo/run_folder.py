@@ -95,6 +95,11 @@ class RunFolder:
         return self.path / "emergence.png"
 
     @property
+    def anatomy_png(self) -> Path:
+        """``corrpo report``'s anatomy figure (Spearman(H, factor) over training), when the run has the columns."""
+        return self.path / "anatomy.png"
+
+    @property
     def summary_md(self) -> Path:
         """``corrpo report``'s page."""
         return self.path / "summary.md"

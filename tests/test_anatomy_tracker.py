@@ -1,16 +1,19 @@
-"""The tracker's ``anatomy: true``: emergence.csv's anatomy columns, the per-token tables, validate's factor table."""
+"""The tracker's ``anatomy: true``: emergence.csv's columns, per-token tables, validate's table, figure, report."""
 
 import json
 
+import numpy as np
 import pytest
 from conftest import REPO
 from scipy.stats import spearmanr
 
+from corrpo import report
 from corrpo.cli import build_cli
 from corrpo.inversion.anatomy import anatomy_factor_names
 from corrpo.inversion.anatomy_probe import factor_table
 from corrpo.inversion.architectures import decoder_parts
 from corrpo.models import load_policy
+from corrpo.plotting import anatomy_figure
 from corrpo.run_folder import ANATOMY_PREFIX, EMERGENCE_COLUMNS, RunFolder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -60,3 +63,25 @@ def test_validate_prints_the_factor_table_with_the_fingerprint(tiny_run, tmp_pat
     rho = {f: row[ANATOMY_PREFIX + f] for f in qwen2_factors()}
     assert factor_table(rho, row["spearman"]) in out
     assert out.count("\n") > len(rho)  # one line per factor
+
+
+def test_the_anatomy_figure_draws_every_varying_factor_column_of_a_real_run(tiny_run):
+    frame = RunFolder(tiny_run).read_emergence()
+    figure = anatomy_figure(frame.to_dict("records"), boundary_batches=6)
+    lines = {line.get_label(): line for line in figure.axes[0].get_lines()}
+    assert np.allclose(lines["strength S"].get_ydata(), frame["spearman"])
+    for name in qwen2_factors():
+        if name == "logit_slope":  # constant on a Qwen2 probe set: no curve
+            assert name not in lines
+            continue
+        assert np.allclose(lines[name].get_xdata(), frame["batches"])
+        assert np.allclose(lines[name].get_ydata(), frame[ANATOMY_PREFIX + name]), name
+
+
+def test_the_report_of_an_anatomy_run_has_its_figure_and_factor_table(tiny_run):
+    _, md = report.write_report(tiny_run)
+    assert RunFolder(tiny_run).anatomy_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = md.read_text()
+    end = RunFolder(tiny_run).read_emergence().query("event == 'end'").iloc[-1]
+    row = next(line for line in text.splitlines() if line.startswith("| end |") and line.count("|") > 12)
+    assert f"{end[ANATOMY_PREFIX + 'sin']:.4f}" in row and "![anatomy](anatomy.png)" in text
