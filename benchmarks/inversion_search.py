@@ -3,9 +3,9 @@
 Each SETTING is ``configs/tiny.yaml`` shortened to fit this CPU (BASE: 150 SFT steps, 16 RL steps of 8 prompts
 x 8 samples, probe every 25 batches, ``InversionTracker.anatomy: true``) plus the overrides that vary one thing
 that could flip the sign: untied unembedding, LayerNorm (GPT-2) or Gemma's (1 + w) norm instead of Qwen2's,
-width / depth, SFT length, RL-zero from init, generated instead of teacher-forced probes, longer arithmetic
-chains, the CorR-PO term on. Each (setting, seed) is one ``corrpo fit`` subprocess into
-``<out>/<setting>/seed<k>``; a row already finished there is collected, not run again.
+width / depth, SFT length (400, or 20 steps: the early-SFT dip), RL-zero from init, generated instead of
+teacher-forced probes, longer arithmetic chains, the CorR-PO term on. Each (setting, seed) is one
+``corrpo fit`` subprocess into ``<out>/<setting>/seed<k>``; a row already finished there is collected, not run again.
 
 Per row it reports rho = Spearman(H, S) at the start, at SFT end (the boundary) and at RL end, and at each of
 those points Spearman(H, factor) of the factors that carry the sign (1/rms, sin, |gamma w_y|, path gain,
@@ -55,6 +55,7 @@ SETTINGS: dict[str, list[str]] = {
     "generated_probes": ["--trainer.callbacks.source=generated"],
     "rl_zero": ["--model.sft.steps=0", "--model.sft.warmup_steps=0", "--model.rl.steps=32"],
     "sft_long": ["--model.sft.steps=400"],
+    "sft_short": ["--model.sft.steps=20", "--model.sft.warmup_steps=5", "--model.rl.steps=32"],
     "long_chains": ["--data.arithmetic.min_ops=4", "--data.arithmetic.max_ops=6", "--model.sft.max_length=192"],
     "corrpo_term": ["--model.rl.inversion.coef=0.5"],
     "wide": ["--model.tiny.hidden_size=256", "--model.tiny.intermediate_size=768"],
