@@ -73,11 +73,15 @@ def command(setting: str, seed: int, out: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def run_row(setting: str, seed: int, out: Path, collect_only: bool) -> dict | None:
+def run_row(setting: str, seed: int, out: Path, collect_only: bool, recollect: bool = False) -> dict | None:
     folder = out / setting / f"seed{seed}"
     done = folder / "row.json"
     if done.is_file():
-        return json.loads(done.read_text())
+        row = json.loads(done.read_text())
+        if recollect:  # re-read the run folder (e.g. after a new column), keeping the measured wall time
+            row = collect(setting, seed, folder, row["wall_s"])
+            done.write_text(json.dumps(row, indent=1))
+        return row
     if collect_only:
         return None
     cmd = command(setting, seed, out)
@@ -109,10 +113,23 @@ def collect(setting: str, seed: int, folder: Path, wall: float) -> dict:
             key = f"anatomy_{factor}"
             value = float(last[key]) if last is not None and key in frame.columns else math.nan
             row[f"{factor}_{point}"] = value
+        row[f"rho_O_{point}"] = o_rho(run, point)
     row["rho_min"] = float(frame["spearman"].min())
     reproduce = command(setting, seed, Path("runs/inversion_search"))[3:]  # the fit arguments, a relative folder
     row["command"] = shlex.join(["python", "-m", "corrpo.cli", *reproduce])
     return row
+
+
+def o_rho(run, event: str) -> float:
+    """Spearman(H, S_O) of the last O projection alone (``o_grad * o_act``) from the run's per-token table."""
+    from scipy.stats import spearmanr
+
+    name = "boundary" if event == "boundary" else event
+    if not run.anatomy_tokens(name).is_file():
+        return math.nan
+    table = run.read_anatomy_tokens(name)
+    ok = table["o_grad"].notna()
+    return float(spearmanr(table["entropy_bits"][ok], (table["o_grad"] * table["o_act"])[ok]).statistic)
 
 
 def fmt(x: float) -> str:
@@ -120,11 +137,12 @@ def fmt(x: float) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ["setting", "seed", "rho start", "rho SFT end", "rho RL end", "min rho", "acc end", "wall s"]
+    head = ["setting", "seed", "rho start", "rho SFT end", "rho RL end", "min rho", "rho_O SFT end", "rho_O RL end",
+            "acc end", "wall s"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         vals = [r["setting"], str(r["seed"]), *(fmt(r[f"rho_{p}"]) for p in POINTS), fmt(r["rho_min"]),
-                f"{r['acc_end']:.3f}", f"{r['wall_s']:.0f}"]  # fmt: skip
+                fmt(r["rho_O_boundary"]), fmt(r["rho_O_end"]), f"{r['acc_end']:.3f}", f"{r['wall_s']:.0f}"]  # fmt: skip
         lines.append("| " + " | ".join(vals) + " |")
     lines += ["", "Spearman(H, factor) at SFT end / RL end:", ""]
     head = ["setting", "seed", *FACTORS]
@@ -144,11 +162,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "inversion_search")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the tables to this file")
     parser.add_argument("--collect-only", action="store_true", help="report finished rows, run nothing")
+    parser.add_argument("--recollect", action="store_true", help="re-read finished rows from their run folders")
     args = parser.parse_args()
     rows = []
     for seed in args.seeds:  # every setting's first seed before any second seed: a cut-short search still covers all
         for setting in args.settings:
-            row = run_row(setting, seed, args.out, args.collect_only)
+            row = run_row(setting, seed, args.out, args.collect_only, args.recollect)
             if row is not None:
                 rows.append(row)
                 print(f"{setting} seed {seed}: rho {fmt(row['rho_start'])} -> {fmt(row['rho_boundary'])} -> "
