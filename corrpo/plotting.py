@@ -51,7 +51,7 @@ def anatomy_figure(rows: Sequence[dict], boundary_batches: int | None = None, ti
             continue
         final_norm = name in ("inv_rms", "w_norm", "sin", "dz_dh")
         ax.plot(xs, ys, marker=".", linewidth=1.6 if final_norm else 0.9, linestyle="-" if final_norm else "--",
-                color=f"C{i % 10}", label=name)  # fmt: skip
+                color=plt.cm.tab20(i % 20), label=name)  # fmt: skip
     ax.axhline(0.0, color="grey", linestyle=":", linewidth=1)
     if boundary_batches:
         ax.axvline(boundary_batches, color="red", linestyle="--", linewidth=1)
