@@ -6,6 +6,8 @@ that could flip the sign: untied unembedding, LayerNorm (GPT-2) or Gemma's (1 + 
 width / depth, SFT length (400, or 20 steps: the early-SFT dip), RL-zero from init, generated instead of
 teacher-forced probes, longer arithmetic chains, the CorR-PO term on. Each (setting, seed) is one
 ``corrpo fit`` subprocess into ``<out>/<setting>/seed<k>``; a row already finished there is collected, not run again.
+The seed sets the initial weights (``model.seed``), the sampling (``seed_everything``) and the batch order
+(``data.seed``); the problems and the test set (``data.arithmetic.seed``) are the same for every row.
 
 Per row it reports rho = Spearman(H, S) at the start, at SFT end (the boundary) and at RL end, and at each of
 those points Spearman(H, factor) of the factors that carry the sign (1/rms, sin, |gamma w_y|, path gain,
@@ -69,7 +71,8 @@ def command(setting: str, seed: int, out: Path) -> list[str]:
     folder = out / setting / f"seed{seed}"
     return [
         sys.executable, "-m", "corrpo.cli", "fit", "--config", "configs/tiny.yaml", *BASE, *SETTINGS[setting],
-        f"--seed_everything={seed}", f"--data.seed={seed}", f"--trainer.default_root_dir={folder}",
+        f"--seed_everything={seed}", f"--model.seed={seed}", f"--data.seed={seed}",
+        f"--trainer.default_root_dir={folder}",
     ]  # fmt: skip
 
 
