@@ -117,6 +117,7 @@ def collect(setting: str, seed: int, folder: Path, wall: float) -> dict:
             value = float(last[key]) if last is not None and key in frame.columns else math.nan
             row[f"{factor}_{point}"] = value
         row[f"rho_O_{point}"] = o_rho(run, point)
+    row.update({f"share_{f}_end": v for f, v in log_shares(run, "end").items()})
     row["rho_min"] = float(frame["spearman"].min())
     reproduce = command(setting, seed, Path("runs/inversion_search"))[3:]  # the fit arguments, a relative folder
     row["command"] = shlex.join(["python", "-m", "corrpo.cli", *reproduce])
@@ -133,6 +134,27 @@ def o_rho(run, event: str) -> float:
     table = run.read_anatomy_tokens(name)
     ok = table["o_grad"].notna()
     return float(spearmanr(table["entropy_bits"][ok], (table["o_grad"] * table["o_act"])[ok]).statistic)
+
+
+CHAIN = ("inv_rms", "w_norm", "sin", "logit_slope", "path_gain", "o_act")
+"""S_O = |g_t| |a_t| = logit_slope * inv_rms * w_norm * sin * path_gain * o_act (corrpo.inversion.anatomy)."""
+
+
+def log_shares(run, event: str) -> dict[str, float]:
+    """Each factor's share ``cov(log f, log S_O) / var(log S_O)`` of the spread of log S_O over the probe tokens.
+
+    ``log S_O`` is the sum of the factors' logs, so the shares add up to 1: a factor with a strong rho but a narrow
+    spread (small share) cannot set the sign of rho(H, S_O), however it moves with H.
+    """
+    import numpy as np
+
+    if not run.anatomy_tokens(event).is_file():
+        return {f: math.nan for f in CHAIN}
+    table = run.read_anatomy_tokens(event)
+    table = table[table["o_grad"].notna() & (table["dz_dh"] > 0)]
+    logs = {f: np.log(table[f].to_numpy(dtype=float)) for f in CHAIN}
+    total = sum(logs.values())
+    return {f: float(np.cov(v, total)[0, 1] / total.var(ddof=1)) for f, v in logs.items()}
 
 
 def fmt(x: float) -> str:
@@ -153,6 +175,13 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         cells = [f"{fmt(r[f'{f}_boundary'])} / {fmt(r[f'{f}_end'])}" for f in FACTORS]
         lines.append("| " + " | ".join([r["setting"], str(r["seed"]), *cells]) + " |")
+    lines += ["", "Share of each factor in the spread of log S_O over the probe tokens at RL end (sums to 1):", ""]
+    head = ["setting", "seed", *CHAIN]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append(
+            "| " + " | ".join([r["setting"], str(r["seed"]), *(fmt(r[f"share_{f}_end"]) for f in CHAIN)]) + " |"
+        )
     lines += ["", "Commands (one per row, from the repository root):", "", "```"]
     lines += [r["command"] for r in rows] + ["```"]
     return "\n".join(lines)
