@@ -10,6 +10,11 @@ and records Spearman rho, Pearson r, strength (= -rho) and the token count:
 - with a WandbLogger: the emergence curve as a figure marking the phase boundary, and a per-token table
   (token, entropy, strength, position) at the boundary and at the end.
 
+With ``anatomy: true`` it also scores every probe token's anatomy factors (:mod:`corrpo.inversion.anatomy`:
+1/rms, |gamma w_y|, sin, path gain, each rank-1 projection's |grad| and |act|) and records Spearman(H, factor):
+logged as ``inversion/anatomy/<factor>``, added to emergence.csv as ``anatomy_<factor>`` columns, and written
+per token to ``anatomy_tokens_<event>.csv`` at the boundary and the end; ``corrpo validate`` prints the table.
+
 ``source="reference"`` teacher-forces the probe traces (the same tokens every time: a clean curve);
 ``source="generated"`` scores the current policy's own greedy completions of the probe prompts (what the
 paper measures on reasoning samples). Under ``corrpo validate`` it measures once and prints the result:
@@ -28,6 +33,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from corrpo.batching import encode_sft_batch
+from corrpo.inversion.anatomy_probe import AnatomyProbe, anatomy_columns, anatomy_factors, factor_table
 from corrpo.inversion.metric import InversionStrength
 from corrpo.inversion.strength import score_tokens
 from corrpo.inversion.strength_config import StrengthConfig, strength_spec
@@ -50,6 +56,9 @@ class InversionTracker(L.Callback):
         batch_size: probe sequences scored per call.
         max_tokens: cap of the metric's token buffer (memory = 16 bytes x max_tokens on the device).
         log_tables: log per-token wandb tables at the boundary and at the end.
+        anatomy: also record Spearman(H, factor) of each exact factor of the last layer's strength (the final
+            norm's 1/rms, |gamma w_y|, sin; the O path gain; each rank-1 projection's |grad|, |act|): one more
+            forward + backward per probe batch; off costs nothing.
     """
 
     def __init__(
@@ -60,6 +69,7 @@ class InversionTracker(L.Callback):
         batch_size: int = 8,
         max_tokens: int = 65536,
         log_tables: bool = True,
+        anatomy: bool = False,
     ) -> None:
         if source not in ("reference", "generated"):
             raise ValueError(f"InversionTracker.source must be 'reference' or 'generated', got {source!r}")
@@ -71,6 +81,7 @@ class InversionTracker(L.Callback):
         self.batch_size = batch_size
         self.log_tables = log_tables
         self.metric = InversionStrength(max_tokens=max_tokens)
+        self.anatomy = AnatomyProbe(max_tokens) if anatomy else None
         self.rows: list[dict] = []
 
     @property
@@ -107,6 +118,8 @@ class InversionTracker(L.Callback):
                 f"inversion/spearman={row['spearman']:.4f} inversion/pearson={row['pearson']:.4f} "
                 f"n_tokens={row['n_tokens']}"
             )
+            if self.anatomy is not None:
+                print(factor_table(anatomy_factors(row), row["spearman"]))
 
     # -------------------------------------------------------------------------------------- measuring
     def _probe_batches(self, trainer, pl_module):
@@ -133,7 +146,9 @@ class InversionTracker(L.Callback):
         """Score the probe set once; log, append to emergence.csv and return the row."""
         self.metric = self.metric.to(pl_module.device)
         self.metric.reset()
-        token_rows = []
+        if self.anatomy is not None:
+            self.anatomy.reset()
+        token_rows, tables = [], event in ("boundary", "end", "validate")
         n_probe = len(trainer.datamodule.probe_records()[trainer.global_rank :: trainer.world_size])
         if is_sharded(pl_module.policy) and len(trainer.datamodule.probe_records()) % trainer.world_size:
             raise ValueError(
@@ -151,8 +166,9 @@ class InversionTracker(L.Callback):
                 )
                 advance(enc["input_ids"].shape[0])
                 self.metric.update(entropy, strength, enc["loss_mask"])
-                if self.log_tables and event in ("boundary", "end", "validate") and len(token_rows) < TABLE_ROWS:
-                    token_rows.extend(self._token_rows(pl_module, enc, entropy, strength))
+                factors = {} if self.anatomy is None else self.anatomy.update(scored, enc, entropy)
+                if (self.log_tables or factors) and tables and len(token_rows) < TABLE_ROWS:
+                    token_rows.extend(self._token_rows(pl_module, enc, entropy, strength, factors))
         result = {k: v.item() for k, v in self.metric.compute().items()}
         if result["n_tokens"] == 0:  # a correlation of nothing is NaN: never log or save that as a fingerprint
             raise ValueError(
@@ -177,26 +193,35 @@ class InversionTracker(L.Callback):
             "strength": result["strength"],
             "n_tokens": int(result["n_tokens"]),
         }
+        if self.anatomy is not None:
+            row.update(anatomy_columns(self.anatomy.compute()))
         self.rows.append(row)
         self._log_row(trainer, row)
         self._log_curve_chart(trainer, pl_module)
         if token_rows:
-            self._log_table(trainer, f"inversion/tokens_{event}", token_rows[:TABLE_ROWS])
+            columns = ["token", "entropy_bits", "strength", "position", *factors]
+            if self.log_tables:
+                self._log_table(trainer, f"inversion/tokens_{event}", columns, token_rows[:TABLE_ROWS])
+            if self.anatomy is not None and trainer.is_global_zero:
+                run_folder(trainer).write_anatomy_tokens(event, columns, token_rows[:TABLE_ROWS])
         return row
 
-    def _token_rows(self, pl_module, enc, entropy, strength) -> list[list]:
+    def _token_rows(self, pl_module, enc, entropy, strength, factors: dict) -> list[list]:
         rows = []
         ids, mask = enc["input_ids"].cpu(), enc["loss_mask"].cpu()
-        entropy, strength = entropy.detach().float().cpu(), strength.detach().float().cpu()
+        cols = [c.detach().float().cpu() for c in (entropy, strength, *factors.values())]
         for b in range(ids.shape[0]):
             for j in torch.nonzero(mask[b]).flatten().tolist():
                 token = pl_module.tokenizer.decode([int(ids[b, j])])
-                rows.append([token, float(entropy[b, j]), float(strength[b, j]), j])
+                rows.append([token, float(cols[0][b, j]), float(cols[1][b, j]), j, *(float(c[b, j]) for c in cols[2:])])
         return rows
 
     # ---------------------------------------------------------------------------------------- output
     def _log_row(self, trainer: L.Trainer, row: dict) -> None:
         metrics = {f"inversion/{k}": float(row[k]) for k in ("spearman", "pearson", "strength", "n_tokens")}
+        # a factor constant on the probe set (NaN rho, e.g. a logit slope of 1) is not logged; the csv keeps its NaN
+        rho = anatomy_factors(row)
+        metrics.update({f"inversion/anatomy/{k}": v for k, v in rho.items() if math.isfinite(v)})
         metrics["phase"] = {"init": 0.0, "sft": 0.0, "rl": 1.0}.get(row["phase"], -1.0)
         metrics["batches"] = float(row["batches"])
         for logger in trainer.loggers:
@@ -215,9 +240,9 @@ class InversionTracker(L.Callback):
 
         return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)] if trainer.is_global_zero else []
 
-    def _log_table(self, trainer: L.Trainer, key: str, rows: list[list]) -> None:
+    def _log_table(self, trainer: L.Trainer, key: str, columns: list[str], rows: list[list]) -> None:
         for logger in self._wandb_loggers(trainer):
-            logger.log_table(key=key, columns=["token", "entropy_bits", "strength", "position"], data=rows)
+            logger.log_table(key=key, columns=columns, data=rows)
 
     def _log_curve_chart(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """The emergence curve so far as a wandb line chart (Spearman rho against train batches), redrawn at every

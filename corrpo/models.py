@@ -64,6 +64,8 @@ class TinyArchitecture:
     """Longest sequence (prompt + completion) the model will see."""
     rope_theta: float = 10000.0
     """RoPE base."""
+    tie_word_embeddings: bool = True
+    """Share the unembedding with the input embedding (False: a separate ``lm_head``, as the search varies)."""
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads:

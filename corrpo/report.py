@@ -23,8 +23,8 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 
 from corrpo import analysis
-from corrpo.plotting import emergence_figure
-from corrpo.run_folder import RunFolder
+from corrpo.plotting import anatomy_figure, emergence_figure
+from corrpo.run_folder import ANATOMY_PREFIX, RunFolder
 from corrpo.wandb_segments import newest_run_logs
 
 EVENTS = ("start", "boundary", "end")
@@ -210,6 +210,10 @@ def write_report(run_dir: str | Path) -> tuple[Path | None, Path]:
         png_path = run.emergence_png
         figure.savefig(png_path, dpi=120)
         plt.close(figure)
+        if any(c.startswith(ANATOMY_PREFIX) for c in frame.columns):
+            figure = anatomy_figure(frame.to_dict("records"), boundary_batches=boundary)
+            figure.savefig(run.anatomy_png, dpi=120)
+            plt.close(figure)
     else:  # no curve: the boundary is where the config puts it
         sft, rl = _get(config, "model.sft.steps"), _get(config, "model.rl.steps")
         boundary = sft if sft and rl else None
@@ -274,7 +278,21 @@ def _inversion_section(frame) -> list[str]:
         cells = [int(row["step"]), int(row["batches"]), row["phase"]]
         cells += [float(row[k]) for k in ("spearman", "pearson", "strength")] + [int(row["n_tokens"])]
         lines.append(f"| {event} | " + " | ".join(c if isinstance(c, str) else _num(c) for c in cells) + " |")
-    return lines + ["", "![emergence curve](emergence.png)"]
+    lines += ["", "![emergence curve](emergence.png)"]
+    factors = [c for c in frame.columns if c.startswith(ANATOMY_PREFIX)]
+    if factors:
+        lines += [
+            "",
+            "### Anatomy: Spearman(H, factor) (docs/inversion-anatomy.md)",
+            "| event | " + " | ".join(c[len(ANATOMY_PREFIX) :] for c in factors) + " |",
+            "|---|" + "---|" * len(factors),
+        ]
+        for event in EVENTS:
+            hits = frame[frame["event"] == event]
+            if not hits.empty:
+                lines.append(f"| {event} | " + " | ".join(_num(float(hits.iloc[-1][c])) for c in factors) + " |")
+        lines += ["", "![anatomy](anatomy.png)"]
+    return lines
 
 
 def _eval_section(entries: list[dict]) -> list[str]:

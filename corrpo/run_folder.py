@@ -34,7 +34,12 @@ CONFIG_FILE = "config.yaml"
 
 EMERGENCE_COLUMNS = ["step", "batches", "phase", "event", "source", "spearman", "pearson", "strength", "n_tokens"]
 """emergence.csv's columns: optimizer step, train batches done, phase (init|sft|rl), event (start|periodic|
-boundary|end), probe source, Spearman rho, Pearson r, strength = -rho, scored tokens."""
+boundary|end), probe source, Spearman rho, Pearson r, strength = -rho, scored tokens. With the tracker's
+``anatomy: true`` they are followed by one ``anatomy_<factor>`` column per factor (Spearman(H, factor),
+:mod:`corrpo.inversion.anatomy_probe`), in the order the rows hold them."""
+
+ANATOMY_PREFIX = "anatomy_"
+"""The prefix of emergence.csv's anatomy columns (``anatomy_<factor>``)."""
 
 
 @dataclass(frozen=True)
@@ -80,10 +85,19 @@ class RunFolder:
     def wandb(self) -> Path:
         return self.path / "wandb"
 
+    def anatomy_tokens(self, event: str) -> Path:
+        """The per-token anatomy table of one probe measurement (``event``: boundary | end | validate)."""
+        return self.path / f"anatomy_tokens_{event}.csv"
+
     @property
     def emergence_png(self) -> Path:
         """``corrpo report``'s figure."""
         return self.path / "emergence.png"
+
+    @property
+    def anatomy_png(self) -> Path:
+        """``corrpo report``'s anatomy figure (Spearman(H, factor) over training), when the run has the columns."""
+        return self.path / "anatomy.png"
 
     @property
     def summary_md(self) -> Path:
@@ -98,11 +112,30 @@ class RunFolder:
     def write_emergence(self, rows: Iterable[dict]) -> None:
         """Rewrite emergence.csv whole from ``rows`` (a resumed run's file then holds no row measured after the
         checkpoint it resumed from)."""
+        rows = list(rows)
+        anatomy = [k for row in rows for k in row if k.startswith(ANATOMY_PREFIX)]
         self.path.mkdir(parents=True, exist_ok=True)
         with self.emergence.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=EMERGENCE_COLUMNS)
+            writer = csv.DictWriter(handle, fieldnames=EMERGENCE_COLUMNS + list(dict.fromkeys(anatomy)))
             writer.writeheader()
             writer.writerows(rows)
+
+    def write_anatomy_tokens(self, event: str, columns: list[str], rows: Iterable[list]) -> None:
+        """Write one measurement's per-token table (token, entropy_bits, strength, position, factors...)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        with self.anatomy_tokens(event).open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(columns)
+            writer.writerows(rows)
+
+    def read_anatomy_tokens(self, event: str):
+        """A per-token anatomy table as a pandas frame (FileNotFoundError naming the path when absent)."""
+        import pandas as pd
+
+        path = self.anatomy_tokens(event)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: the run had no InversionTracker anatomy: true, or no {event}")
+        return pd.read_csv(path, keep_default_na=False, na_values=["nan"])
 
     def write_results(self, results: dict) -> None:
         self.path.mkdir(parents=True, exist_ok=True)

@@ -64,6 +64,7 @@ def tiny_config(
             n_head=arch.num_attention_heads,
             n_inner=arch.intermediate_size,
             n_positions=arch.max_position_embeddings,
+            tie_word_embeddings=arch.tie_word_embeddings,
             **special,
         )
         return GPT2Config(**{**kwargs, **overrides})
@@ -75,7 +76,7 @@ def tiny_config(
         intermediate_size=arch.intermediate_size,
         max_position_embeddings=arch.max_position_embeddings,
         rope_theta=arch.rope_theta,
-        tie_word_embeddings=True,
+        tie_word_embeddings=arch.tie_word_embeddings,
         **special,
     )
     if family == "gpt_neox":

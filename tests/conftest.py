@@ -54,7 +54,7 @@ def run_tiny(root: Path, *extra: str, subcommand: str = "fit"):
 def tiny_run(tmp_path_factory) -> Path:
     """The folder of one shrunken tiny run through both phases (shared by the tests that read a run)."""
     root = tmp_path_factory.mktemp("tiny_run")
-    cli = run_tiny(root)
+    cli = run_tiny(root, "--trainer.callbacks.anatomy=true")  # the anatomy columns too (tests/test_anatomy_tracker.py)
     return Path(cli.trainer.default_root_dir)
 
 

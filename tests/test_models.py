@@ -44,3 +44,13 @@ def test_tiny_seed_controls_weights_and_bad_inputs_are_named():
         load_policy("/nonexistent/folder")
     with pytest.raises(ValueError, match="divisible"):
         TinyArchitecture(hidden_size=30, num_attention_heads=4)
+
+
+@pytest.mark.parametrize("family", ["tiny-qwen2", "tiny-gpt2"])
+def test_tiny_untied_unembedding_is_its_own_matrix_and_tied_is_shared(family):
+    kw = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64)
+    tied, _ = load_policy(family, TinyArchitecture(**kw))
+    untied, _ = load_policy(family, TinyArchitecture(**kw, tie_word_embeddings=False))
+    assert tied.get_output_embeddings().weight is tied.get_input_embeddings().weight
+    assert untied.get_output_embeddings().weight is not untied.get_input_embeddings().weight
+    assert not torch.equal(untied.get_output_embeddings().weight, untied.get_input_embeddings().weight)

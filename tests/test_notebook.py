@@ -51,7 +51,7 @@ def test_notebook_runs_on_a_tiny_run(kernel_dir, tiny_run, tmp_path, monkeypatch
     NotebookClient(nb, kernel_name=_kernel_name(), timeout=300, resources={"metadata": {"path": str(cwd)}}).execute()
     assert "1 run folder(s)" in "".join(o.get("text", "") for o in nb.cells[1].outputs)
     images = [c for c in nb.cells if any("image/png" in o.get("data", {}) for o in c.get("outputs", []))]
-    assert len(images) == 2  # the emergence curve and accuracy vs inversion, inline
+    assert len(images) == 3  # the emergence curve, the anatomy (the tiny run has its columns), accuracy vs inversion
     assert "matplotlib.use" not in "".join(c.source for c in nb.cells)
     for cell in nb.cells:
         assert not any(o.get("output_type") == "error" for o in cell.get("outputs", []))
@@ -60,7 +60,7 @@ def test_notebook_runs_on_a_tiny_run(kernel_dir, tiny_run, tmp_path, monkeypatch
     run_dir = analysis.expand_run_dirs([tiny_run])[0]
     run_name = f"{run_dir.parent.name}/{run_dir.name}" if run_dir.name[0].isdigit() else run_dir.name
     assert run_name in shown and "inversion_strength" in shown, shown
-    for name in ("emergence.png", "accuracy_vs_inversion.png"):
+    for name in ("emergence.png", "anatomy.png", "accuracy_vs_inversion.png"):
         data = (figures / name).read_bytes()
         assert len(data) > 1000 and data.startswith(PNG_MAGIC), name
 

@@ -69,6 +69,8 @@ class FamilyLayout:
     layers: str = "layers"
     unembed: str = "lm_head"
     attention: str = "self_attn"
+    final_norm: str | None = "norm"
+    """Attribute of the decoder holding the final norm (its input is the residual stream ``h_t``); ``None``: none."""
     conv1d: bool = False
     """Weights stored ``[in, out]`` (GPT-2's ``Conv1D``); gradients are transposed to ``[out, in]``."""
     qk_norm: str | None = None
@@ -180,8 +182,9 @@ LAYOUTS: tuple[FamilyLayout, ...] = (
     FamilyLayout("granite", ("GraniteForCausalLM",), _separate(), logit_map=_granite_logits),
     FamilyLayout("phi3", ("Phi3ForCausalLM",), _PHI3, window_from_config=True),
     FamilyLayout("gpt2", ("GPT2LMHeadModel",), _GPT2, base="transformer", layers="h", attention="attn",
-                 conv1d=True, rope=False),
-    FamilyLayout("gpt_neox", ("GPTNeoXForCausalLM",), _NEOX, base="gpt_neox", attention="attention"),
+                 final_norm="ln_f", conv1d=True, rope=False),
+    FamilyLayout("gpt_neox", ("GPTNeoXForCausalLM",), _NEOX, base="gpt_neox", attention="attention",
+                 final_norm="final_layer_norm"),
 )  # fmt: skip
 
 # Names a generic layout looks for, in order (first found wins).
@@ -197,6 +200,7 @@ _GENERIC_NAMES = {
 }
 _GENERIC_MLP = ("mlp", "feed_forward", "ffn")
 _GENERIC_LAYERS = ("layers", "h", "blocks")
+_GENERIC_FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "final_norm")
 
 
 def supported_families() -> tuple[str, ...]:
@@ -263,6 +267,7 @@ def _generic_layout(model: nn.Module) -> FamilyLayout:
         layers=layers_attr,
         unembed=unembed_attr,
         attention=attn,
+        final_norm=next((n for n in _GENERIC_FINAL_NORMS if isinstance(getattr(base, n, None), nn.Module)), None),
         onepass=f"{cls} has a generic layout (not a listed family): its onepass closed forms are not derived",
         logit_map=logit_map,
     )

@@ -90,7 +90,7 @@ def _rope_transpose(y: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((head * cos - _rotate_half(head * sin), rest), dim=-1)
 
 
-class _Capture:
+class LayerCapture:
     """Forward hooks keeping the input and output of each last-layer projection module and the RoPE cos/sin."""
 
     def __init__(self, parts: DecoderParts, layer: nn.Module) -> None:
@@ -149,7 +149,7 @@ def onepass_strength(model: nn.Module, batch: ScoringBatch, config: StrengthConf
     """All per-token strengths of the last layer from one forward + one backward. Returns (S [N], hidden)."""
     parts = decoder_parts(model)
     layer, names = _check_onepass(parts, config)
-    cap = _Capture(parts, layer)
+    cap = LayerCapture(parts, layer)
     weights = list({id(p.weight): p.weight for p in cap.proj.values()}.values())
     try:
         with scoring_mode(model, weights):
@@ -175,7 +175,7 @@ def onepass_on_forward(
     """
     parts = decoder_parts(model)
     layer, names = _check_onepass(parts, config)
-    cap = _Capture(parts, layer)
+    cap = LayerCapture(parts, layer)
     try:
         z = forward()
     finally:
@@ -190,7 +190,7 @@ def _strengths(
     parts: DecoderParts,
     layer: nn.Module,
     names: tuple[str, ...],
-    cap: _Capture,
+    cap: LayerCapture,
     z: Tensor,
     batch: ScoringBatch,
     config: StrengthConfig,
@@ -237,7 +237,7 @@ def _norm_transpose(norm: nn.Module | None, x: Tensor, cot: Tensor, flat: bool) 
 def _kv_strengths(
     parts: DecoderParts,
     attn: nn.Module,
-    cap: _Capture,
+    cap: LayerCapture,
     ctx_grad: Tensor,
     batch: ScoringBatch,
     config: StrengthConfig,
