@@ -29,7 +29,7 @@ from corrpo.data.records import RecordError
 from corrpo.inversion.rollout_bonus import InversionRewardConfig, inversion_bonus, rollout_correlations
 from corrpo.module import CorrPOModule
 from corrpo.objectives import clipped_policy_loss, group_advantages, masked_mean
-from corrpo.rewards.accuracy import accuracy_reward
+from corrpo.rewards.accuracy import TIME_BUDGET_S, accuracy_reward
 from corrpo.rewards.combine import score_completions
 from corrpo.rewards.format import format_reward
 
@@ -65,14 +65,17 @@ def test_a_malformed_row_in_a_big_file_is_named_by_file_and_line_or_skipped_and_
 
 # ---------------------------------------------------------------------------------------- rewards
 @pytest.mark.parametrize("name", sorted(BOMBS))
-def test_garbage_and_brace_bombs_score_zero_within_one_second(name):
+def test_garbage_and_brace_bombs_score_zero_within_their_time_budget(name):
     completion = BOMBS[name]
     start = time.perf_counter()
     accuracy = accuracy_reward(["p"], [completion], answer=["42"])
     fmt = format_reward(["p"], [completion])
     elapsed = time.perf_counter() - start
     assert accuracy == [0.0] and fmt == [0.0]
-    assert elapsed <= 1.0, f"{name} took {elapsed:.2f} s"
+    # one budget for the gold, one for the completion, plus slack for a busy machine: the deadline is what this
+    # checks, not the machine's speed
+    limit = 2 * TIME_BUDGET_S + 0.5
+    assert elapsed <= limit, f"{name} took {elapsed:.2f} s (limit {limit} s)"
 
 
 def test_after_every_bomb_a_right_answer_still_scores_right_and_fast():
