@@ -106,21 +106,31 @@ def corrpo_rl(folder: Path, args, records: list[dict]) -> list[float]:
     return times[1:]
 
 
-def trl_rl(folder: Path, args, records: list[dict], out_dir: Path) -> list[float]:
+# the same on both TRL sides: CPU, no logging or saving, constant lr, data in order, and no gradient checkpointing
+# (TRL's configs default it on; corrpo's is off: the same setting on both sides)
+TRL_COMMON = dict(
+    use_cpu=True, report_to=[], logging_steps=1000, save_strategy="no", lr_scheduler_type="constant", seed=0,
+    dataloader_num_workers=0, disable_tqdm=True, bf16=False, fp16=False, shuffle_dataset=False,
+    gradient_checkpointing=False,
+)  # fmt: skip
+
+
+def trl_peer(folder: Path):
+    """TRL, ``datasets.Dataset`` and the exported policy and tokenizer loaded with ``from_pretrained``."""
     trl = import_trl()
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder)
+    return trl, Dataset, AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder)
+
+
+def trl_rl(folder: Path, args, records: list[dict], out_dir: Path) -> list[float]:
+    trl, Dataset, tokenizer, model = trl_peer(folder)
     config = trl.GRPOConfig(
         output_dir=str(out_dir), max_steps=args.steps + 1, learning_rate=2e-5,
-        per_device_train_batch_size=args.prompts * args.G,
-        num_generations=args.G, max_completion_length=args.new_tokens, temperature=1.0, top_p=1.0, top_k=0,
-        beta=0.0, loss_type="dapo", scale_rewards="group", num_iterations=1, use_cpu=True, report_to=[],
-        logging_steps=1000, save_strategy="no", lr_scheduler_type="constant", warmup_steps=0, seed=0,
-        dataloader_num_workers=0, disable_tqdm=True, bf16=False, fp16=False, shuffle_dataset=False,
-        gradient_checkpointing=False,  # TRL's default is on; corrpo's is off: the same setting on both sides
+        per_device_train_batch_size=args.prompts * args.G, num_generations=args.G,
+        max_completion_length=args.new_tokens, temperature=1.0, top_p=1.0, top_k=0, beta=0.0, loss_type="dapo",
+        scale_rewards="group", num_iterations=1, warmup_steps=0, **TRL_COMMON,
     )  # fmt: skip
     timer = StepTimer()
     dataset = Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in records])
@@ -148,18 +158,11 @@ def corrpo_sft(folder: Path, args, records: list[dict]) -> list[float]:
 
 
 def trl_sft(folder: Path, args, records: list[dict], out_dir: Path) -> list[float]:
-    trl = import_trl()
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder)
+    trl, Dataset, tokenizer, model = trl_peer(folder)
     config = trl.SFTConfig(
         output_dir=str(out_dir), max_steps=args.steps + 1, learning_rate=1e-3,
-        per_device_train_batch_size=args.sft_batch,
-        max_length=128, completion_only_loss=True, packing=False, use_cpu=True, report_to=[], logging_steps=1000,
-        save_strategy="no", lr_scheduler_type="constant", seed=0, dataloader_num_workers=0, disable_tqdm=True,
-        bf16=False, fp16=False, shuffle_dataset=False, gradient_checkpointing=False,
+        per_device_train_batch_size=args.sft_batch, max_length=128, completion_only_loss=True, packing=False,
+        **TRL_COMMON,
     )  # fmt: skip
     timer = StepTimer()
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in records])

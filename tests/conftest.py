@@ -67,3 +67,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def csv_metrics(run: Path) -> dict[int, dict]:
+    """A multi-process run's logged scalars by step, from its CSVLogger ``metrics.csv`` beside the run folder."""
+    import csv
+
+    (path,) = (run.parent / "csv").rglob("metrics.csv")
+    out: dict[int, dict] = {}
+    for row in csv.DictReader(path.open()):
+        out.setdefault(int(row["step"]), {}).update({k: float(v) for k, v in row.items() if v and k != "step"})
+    return out

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY_FAST_ARGS
+from conftest import REPO, TINY_FAST_ARGS, csv_metrics
 
 G = 4
 ARGS = [
@@ -59,14 +59,6 @@ def _steps(run: Path, rank: int) -> list[dict]:
     return [json.loads(line) for line in (run / f"steps-rank{rank}.jsonl").read_text().splitlines()]
 
 
-def _metrics(run: Path) -> dict[int, dict]:
-    (path,) = (run.parent / "csv").rglob("metrics.csv")
-    out: dict[int, dict] = {}
-    for row in csv.DictReader(path.open()):
-        out.setdefault(int(row["step"]), {}).update({k: float(v) for k, v in row.items() if v and k != "step"})
-    return out
-
-
 def test_both_ranks_ran_every_step_of_both_phases(runs):
     single, ddp = runs
     for rank in (0, 1):
@@ -93,7 +85,7 @@ def test_ranks_split_each_step_into_whole_prompts_and_keep_every_group_on_one_ra
 
 def test_sft_losses_and_inversion_values_equal_the_single_process_run(runs):
     single, ddp = runs
-    m_single, m_ddp = _metrics(single), _metrics(ddp)
+    m_single, m_ddp = csv_metrics(single), csv_metrics(ddp)
     sft_steps = [s for s in m_single if "sft/loss" in m_single[s] and m_single[s].get("phase") == 0.0]
     assert len(sft_steps) >= 5
     for step in sft_steps:
@@ -144,7 +136,7 @@ def test_each_rank_decodes_its_own_half_of_the_test_set_and_the_counts_add_up(ru
 
 def test_rollout_spearman_is_the_mean_over_both_ranks_responses_with_a_bonus(runs):
     _, ddp = runs
-    metrics = _metrics(ddp)
+    metrics = csv_metrics(ddp)
     rl_steps = [pair for pair in zip(_steps(ddp, 0), _steps(ddp, 1), strict=True) if pair[0]["phase"] == "rl"]
     assert len(rl_steps) == 3
     for pair in rl_steps:

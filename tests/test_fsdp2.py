@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY_FAST_ARGS
+from conftest import REPO, TINY_FAST_ARGS, csv_metrics
 
 CHECKPOINT = (
     '{"class_path": "callbacks.checkpoint.ResumableCheckpoint", "init_args": {"every_n_train_steps": 7, '
@@ -82,14 +82,6 @@ def runs(tmp_path_factory):
     return _finish(single), sharded, resumed, mid
 
 
-def _metrics(run: Path) -> dict[int, dict]:
-    (path,) = (run.parent / "csv").rglob("metrics.csv")
-    out: dict[int, dict] = {}
-    for row in csv.DictReader(path.open()):
-        out.setdefault(int(row["step"]), {}).update({k: float(v) for k, v in row.items() if v and k != "step"})
-    return out
-
-
 def _emergence(run: Path) -> list[dict]:
     return list(csv.DictReader((run / "emergence.csv").open()))
 
@@ -112,7 +104,7 @@ def test_each_rank_holds_half_of_the_policy_and_of_the_reference(runs):
 
 def test_sft_and_rl_losses_equal_the_single_process_run(runs):
     single, sharded, _, _ = runs
-    m_single, m_sharded = _metrics(single), _metrics(sharded)
+    m_single, m_sharded = csv_metrics(single), csv_metrics(sharded)
     sft = [s for s, row in m_single.items() if "sft/loss" in row and row.get("phase") == 0.0]
     rl = [s for s, row in m_single.items() if "rl/loss" in row]
     assert len(sft) == 6 and len(rl) == 3
@@ -156,7 +148,7 @@ def test_resuming_a_distributed_checkpoint_gives_the_uninterrupted_weights(runs)
     whole, continued = _weights(sharded), _weights(resumed)
     assert whole.keys() == continued.keys()
     assert all(torch.equal(whole[k], continued[k]) for k in whole)
-    m_whole, m_continued = _metrics(sharded), _metrics(resumed)
+    m_whole, m_continued = csv_metrics(sharded), csv_metrics(resumed)
     rl = [s for s, row in m_continued.items() if "rl/loss" in row]
     assert len(rl) == 2 and all(m_continued[s]["rl/loss"] == m_whole[s]["rl/loss"] for s in rl)
     after = [r for r in _emergence(sharded) if int(r["batches"]) > 7]
