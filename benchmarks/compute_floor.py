@@ -72,12 +72,13 @@ def attention_flops(config, seq_len: int, causal: bool = True) -> int:
     return 4 * h * e * pairs
 
 
-def decode_flops(config, rows: int, prompt_len: int, new_tokens: int) -> int:
-    """FLOPs of sampling ``new_tokens`` after a ``prompt_len`` prefill: the prefill (last position unembedded)
+def decode_flops(config, rows: int, prompt_len: int, new_tokens: int, prefill_rows: int | None = None) -> int:
+    """FLOPs of sampling ``new_tokens`` for ``rows`` sequences after a ``prompt_len`` prefill of ``prefill_rows``
+    rows (default ``rows``; fewer when the samples of a prompt share its prefill), last position unembedded,
     plus one single-token forward per new token over its growing cache."""
     h = config.num_attention_heads
     e = getattr(config, "head_dim", None) or config.hidden_size // h
-    prefill = forward_flops(config, rows, prompt_len, unembedded=1)
+    prefill = forward_flops(config, rows if prefill_rows is None else prefill_rows, prompt_len, unembedded=1)
     per_layer = sum(layer_flops_per_token(config) + 4 * h * e * (prompt_len + i + 1) for i in range(new_tokens))
     unembed = 2 * config.hidden_size * config.vocab_size * new_tokens
     return prefill + rows * (config.num_hidden_layers * per_layer + unembed)

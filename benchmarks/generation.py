@@ -7,9 +7,9 @@ first, after one untimed warm-up each; the best of ``--repeats`` counts. A greed
 checks that both sides emit the same tokens; the sampled calls share their seed, so their samples are compared
 too (the same distribution and the same ``torch.multinomial`` draws give the same tokens).
 
-Beside the seconds, each side's FLOPs (its matmuls and attention: HF prefills ``B * G`` prompt rows, the lean
-loop ``B``) over the matmul rate measured in the same run (``F.linear`` at the decode shapes, best of several)
-give its fraction of the compute floor. Usage::
+Beside the seconds, each side's FLOPs (``benchmarks/compute_floor.py``'s ``decode_flops``: HF prefills ``B * G``
+prompt rows, the lean loop ``B``) over the matmul rate measured in the same run give its fraction of the
+compute floor. Usage::
 
     python benchmarks/generation.py [--batch 16] [--repeats 5] [--threads 1]
 
@@ -27,8 +27,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 import yaml  # noqa: E402
+from compute_floor import decode_flops, matmul_gflops, model_widths  # noqa: E402
 
 from corrpo.batching import encode_prompts  # noqa: E402
 from corrpo.config import RLConfig  # noqa: E402
@@ -38,28 +38,6 @@ from corrpo.models import TinyArchitecture, load_policy  # noqa: E402
 from corrpo.rollout import HFGenerator  # noqa: E402
 
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
-
-
-def matmul_gflops(n: int, d: int, out: int, repeats: int = 50) -> float:
-    """GFLOP/s of ``F.linear`` on ``[n, d] x [d, out]``, best of ``repeats`` batches of 20 calls."""
-    x, w = torch.randn(n, d), torch.randn(out, d)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(20):
-            F.linear(x, w)
-        best = min(best, (time.perf_counter() - start) / 20)
-    return 2 * n * d * out / best / 1e9
-
-
-def forward_flops(config, rows: int, new_positions: int, context: float) -> float:
-    """Matmul + attention FLOPs of ``rows`` sequences each running ``new_positions`` tokens at mean ``context``."""
-    d, inner, heads = config.hidden_size, config.intermediate_size, config.num_attention_heads
-    d_head = getattr(config, "head_dim", None) or d // heads
-    d_kv = config.num_key_value_heads * d_head
-    per_layer = 2 * d * (d + 2 * d_kv) + 2 * d * d + 3 * 2 * d * inner + 2 * 2 * heads * d_head * context
-    per_token = config.num_hidden_layers * per_layer + 2 * d * config.vocab_size
-    return rows * new_positions * per_token
 
 
 def timed(generator, model, ids, mask, G, sampling, eos, pad, greedy=False):
@@ -102,20 +80,18 @@ def main() -> None:
     identical = torch.equal(greedy["hf"].sequences, greedy["fast"].sequences)
     same_samples = torch.equal(sampled["hf"], sampled["fast"])  # same seed, same distribution, same draws
 
-    gflops = matmul_gflops(ids.shape[0] * G, model.config.hidden_size, model.config.intermediate_size)
+    gflops = matmul_gflops(model.config.hidden_size, model_widths(model.config))
     B, P = ids.shape
-    prompt_ctx, new = P / 2, steps["fast"]
-    decode = forward_flops(model.config, B * G, new, P + new / 2)
-    flops = {
-        "hf": forward_flops(model.config, B * G, P, prompt_ctx) + decode,
-        "fast": forward_flops(model.config, B, P, prompt_ctx) + decode,
+    new = steps["fast"]
+    flops = {  # HF prefills every one of the B * G rows; the lean loop prefills each prompt once
+        "hf": decode_flops(model.config, B * G, P, new),
+        "fast": decode_flops(model.config, B * G, P, new, prefill_rows=B),
     }
     print(
         f"device=cpu threads={torch.get_num_threads()} prompts={B} G={G} prompt_width={P} "
         f"max_new_tokens={sampling.max_new_tokens} steps_run={steps} fallback={reason!r}\n"
         f"model=configs/tiny.yaml model.tiny (random init); matmul rate {gflops:.1f} GFLOP/s "
-        f"(F.linear [{B * G}, {model.config.hidden_size}] x [{model.config.hidden_size}, "
-        f"{model.config.intermediate_size}], best of 50)"
+        "(benchmarks/compute_floor.py, at the model's widths)"
     )
     print(f"{'side':<6}{'best s':>10}{'GFLOP':>10}{'floor s':>10}{'of floor':>10}{'ratio':>8}")
     for name in sides:

@@ -113,6 +113,11 @@ def check_generic_logits(model: nn.Module, parts: DecoderParts, batch: ScoringBa
         )
 
 
+def checkpointed_modules(model: nn.Module) -> list[nn.Module]:
+    """The submodules of ``model`` with gradient checkpointing on (transformers sets ``gradient_checkpointing``)."""
+    return [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+
+
 @contextmanager
 def scoring_mode(model: nn.Module, grad_params: Iterable[nn.Parameter]) -> Iterator[None]:
     """Eval mode, grad enabled, ``requires_grad`` ONLY on ``grad_params``, gradient checkpointing off; everything
@@ -130,7 +135,7 @@ def scoring_mode(model: nn.Module, grad_params: Iterable[nn.Parameter]) -> Itera
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     wanted = {id(p) for p in grad_params}
-    checkpointed = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    checkpointed = checkpointed_modules(model)
     try:
         model.eval()
         for module in checkpointed:

@@ -41,9 +41,14 @@ def completion_log_probs(
     Token ``P + j`` is predicted at column ``P + j - 1``: only the ``L + 1`` last positions are unembedded
     (``logits_to_keep``), so the prompt costs no logits.
     """
+    return completion_scores(completion_logits(model, rollout, rows), rollout, rows)
+
+
+def completion_logits(model: nn.Module, rollout: Rollout, rows: slice = slice(None)) -> torch.Tensor:
+    """``[n, L + 1, V]`` logits of the last ``L + 1`` positions of ``rollout``'s ``rows``: the ones that predict
+    the completion (column ``P - 1`` on), all an update needs."""
     width = rollout.completion_mask.shape[1] + 1
-    logits = forward_logits(model, rollout.sequences[rows], rollout.attention_mask[rows], width)
-    return completion_scores(logits, rollout, rows)
+    return forward_logits(model, rollout.sequences[rows], rollout.attention_mask[rows], width)
 
 
 def completion_scores(

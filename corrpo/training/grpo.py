@@ -35,7 +35,7 @@ from corrpo.inversion.rollout_bonus import (
     response_correlations,
     rollout_correlations,
 )
-from corrpo.inversion.strength_common import ScoringBatch
+from corrpo.inversion.strength_common import ScoringBatch, checkpointed_modules
 from corrpo.inversion.strength_onepass import onepass_on_forward
 from corrpo.objectives import (
     PolicyLossOutput,
@@ -52,7 +52,7 @@ from corrpo.rollout import Rollout
 from corrpo.schedule import warmup_cosine_lr
 from corrpo.sharding import gathered_copy, is_sharded
 from corrpo.training.collectives import SINGLE_PROCESS, Collectives
-from corrpo.training.forward import completion_log_probs, completion_scores, forward_logits, row_chunks
+from corrpo.training.forward import completion_log_probs, completion_logits, completion_scores, row_chunks
 from corrpo.training.update import UpdateOutcome, apply_update
 
 
@@ -126,9 +126,17 @@ def inversion_term(
         rho, n_tokens = rollout_correlations(
             scored, rollout.sequences, rollout.attention_mask, rollout.token_mask, config, rows_per_chunk
         )
+    return _term(rho, n_tokens, config, rl_index, group_size, shared_forward=False)
+
+
+def _term(
+    rho: torch.Tensor, n_tokens: torch.Tensor, config: InversionRewardConfig, rl_index: int, group_size: int,
+    shared_forward: bool,
+) -> InversionTerm:  # fmt: skip
+    """The :class:`InversionTerm` of per-response correlations: the bonus at this step's ``lambda``."""
     coef = config.coef_at(rl_index)
     bonus, valid = inversion_bonus(rho, n_tokens, coef, config.min_tokens, group_size, config.center)
-    return InversionTerm(bonus=bonus, rho=rho, valid=valid, coef=coef)
+    return InversionTerm(bonus=bonus, rho=rho, valid=valid, coef=coef, shared_forward=shared_forward)
 
 
 def shares_update_forward(policy: nn.Module, config: InversionRewardConfig, n_chunks: int) -> str | None:
@@ -147,7 +155,7 @@ def shares_update_forward(policy: nn.Module, config: InversionRewardConfig, n_ch
         return f"the update runs in {n_chunks} micro-batches (rl.micro_batch_size)"
     if is_sharded(policy):
         return "the policy is FSDP2-sharded (the term is scored on a gathered copy)"
-    if any(getattr(m, "gradient_checkpointing", False) is True for m in policy.modules()):
+    if checkpointed_modules(policy):
         return "gradient checkpointing is on"
     if has_active_dropout(policy):
         return "the policy has active dropout (its training forward differs from the eval-mode score)"
@@ -175,13 +183,12 @@ def shared_inversion_term(
     raw logits to the last layer's activations), ``H_t`` from :func:`entropy_bits_from_logits` of the same logits,
     ``rho_i`` from :func:`response_correlations`: the separate pass's functions on the same numbers.
     """
-    completion, P = rollout.completion_ids, rollout.prompt_length
+    P = rollout.prompt_length
     batch = ScoringBatch.build(rollout.sequences, rollout.attention_mask, rollout.token_mask)
     kept: dict[str, torch.Tensor] = {}
 
     def forward() -> torch.Tensor:
-        logits = forward_logits(policy, rollout.sequences, rollout.attention_mask, completion.shape[1] + 1)
-        kept["logits"] = logits
+        logits = kept["logits"] = completion_logits(policy, rollout)
         # the kept logits start at column P - 1: token c is predicted at c - 1, kept index c - P
         z = logits[batch.rows, batch.cols - P, rollout.sequences[batch.rows, batch.cols]]
         return z.float()  # the model's logits already carry the family's logit map, as z must
@@ -190,9 +197,7 @@ def shared_inversion_term(
     logits = kept["logits"][:, :-1]
     entropy = entropy_bits_from_logits(logits).masked_fill(~rollout.completion_mask.bool(), float("nan"))
     rho, n_tokens = response_correlations(entropy, strength, rollout.completion_mask, config.correlation)
-    coef = config.coef_at(rl_index)
-    bonus, valid = inversion_bonus(rho, n_tokens, coef, config.min_tokens, group_size, config.center)
-    term = InversionTerm(bonus=bonus, rho=rho, valid=valid, coef=coef, shared_forward=True)
+    term = _term(rho, n_tokens, config, rl_index, group_size, shared_forward=True)
     return term, completion_scores(kept["logits"], rollout)
 
 
