@@ -84,7 +84,9 @@ def step_table(args, strength: dict, gflops: float) -> float:
     records = ArithmeticTask().records("train", args.batch * (args.steps + 1))
     methods = {
         "grpo": build(args.G, args.seed, {"coef": 0.0, "strength": strength}),
-        "corrpo": build(args.G, args.seed, {"coef": args.coef, "strength": strength}),
+        "corrpo": build(
+            args.G, args.seed, {"coef": args.coef, "strength": strength, "shared_forward": not args.separate_pass}
+        ),
     }
     steps: dict[str, list[dict]] = defaultdict(list)
     for step in range(args.steps + 1):  # step 0 is the untimed warm-up
@@ -207,6 +209,11 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, nargs="+", default=[128, 256, 512], help="--scaling: model widths")
     parser.add_argument("--repeats", type=int, default=3, help="--scaling: best of this many after a warm-up")
     parser.add_argument("--skip-steps", action="store_true", help="only the --scaling table")
+    parser.add_argument(
+        "--separate-pass",
+        action="store_true",
+        help="score the CorR-PO term in its own pass (rl.inversion.shared_forward false)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = parser.parse_args()
     if args.threads:

@@ -36,6 +36,10 @@ class OptimConfig:
     """Rows per forward/backward; their gradients accumulate into the one update of the batch, normalised exactly
     as the whole batch (the same update, less activation memory). None = the whole batch at once. This, not
     ``trainer.accumulate_grad_batches``, is gradient accumulation under corrpo's manual optimisation."""
+    packing: bool = True
+    """Padding-free forwards: each (micro-)batch's sequences packed into fewer rows, with per-sequence positions
+    and a block-diagonal causal mask (:mod:`corrpo.packing`): the same loss and gradients, fewer pad slots. A
+    model whose packed logits differ from its padded ones (checked once) keeps the padded forward."""
 
     def _check(self, section: str) -> None:
         _check_non_negative(section, steps=self.steps, warmup_steps=self.warmup_steps, max_grad_norm=self.max_grad_norm)

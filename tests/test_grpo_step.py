@@ -21,8 +21,8 @@ REWARDS = ["shaped_rewards:length"]  # differs within a group, so the advantages
 def build(coef: float = 0.0) -> CorrPOModule:
     rl = RLConfig(
         steps=3, lr=1e-3, num_generations=G, sampling=SamplingConfig(max_new_tokens=12), rewards=REWARDS,
-        inversion={"coef": coef, "min_tokens": 2},
-    )  # fmt: skip
+        inversion={"coef": coef, "min_tokens": 2}, packing=False,
+    )  # fmt: skip  # the hand-wired step is the padded forward (tests/test_packing.py: packed == padded)
     return CorrPOModule(policy="tiny-qwen2", tiny=TINY_ARCH, rl=rl, seed=0)
 
 

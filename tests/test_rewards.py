@@ -140,3 +140,20 @@ def test_two_rewards_with_one_short_name_are_an_error_naming_rl_rewards():
     assert list(fns) == ["accuracy", "format", "accuracy_reward"]
     with pytest.raises(ValueError, match="rl.rewards: two rewards are named 'format_reward'"):
         reward_functions(["corrpo.rewards.format:format_reward", "corrpo.rewards.format.format_reward"])
+
+
+def test_accuracy_reward_verifies_each_distinct_gold_answer_pair_once_with_the_same_scores(monkeypatch):
+    """A group's completions that give the same answer text share one parse/verify; every score equals the
+    completion's own :func:`score_answer` (the memo keys on the gold and the extracted answer, all a score reads)."""
+    import corrpo.rewards.accuracy as accuracy
+
+    completions = ["<think>a</think><answer>4</answer>", "<answer> 4 </answer> x", "<answer>5</answer>",
+                   "no answer", "<answer>4</answer>", "<answer>1/2</answer>", "<answer>0.5</answer>"]  # fmt: skip
+    golds = ["4", "4", "4", "4", "5", "0.5", "0.5"]
+    expected = [accuracy.score_answer(accuracy.parse_gold(g), c) for c, g in zip(completions, golds, strict=True)]
+    calls = []
+    real = accuracy.score_extracted
+    monkeypatch.setattr(accuracy, "score_extracted", lambda gold, answer: calls.append(answer) or real(gold, answer))
+    assert accuracy.accuracy_reward(["p"] * 7, completions, answer=golds) == expected == [1, 1, 0, 0, 0, 1, 1]
+    # (4, "4") is scored once for three completions; (4, None), (4, "5"), (5, "4"), (0.5, "1/2"), (0.5, "0.5")
+    assert sorted(calls, key=str) == sorted(["4", "5", None, "4", "1/2", "0.5"], key=str)

@@ -82,7 +82,11 @@ def parse_gold(gold: Any) -> list | None:
 
 def score_answer(gold: list, completion: Any) -> float:
     """1.0 if the completion's extracted answer verifies against the parsed gold, else 0.0; never raises."""
-    answer = extract_answer(completion)
+    return score_extracted(gold, extract_answer(completion))
+
+
+def score_extracted(gold: list, answer: str | None) -> float:
+    """:func:`score_answer` of a completion whose extracted answer text is ``answer``: it depends on nothing else."""
     if not answer:
         return 0.0
     answer = answer[:MAX_ANSWER_CHARS]
@@ -109,10 +113,19 @@ def accuracy_reward(prompts: list[str], completions: list[Any], answer: list[str
         raise ValueError(f"accuracy_reward: {len(completions)} completions but {len(answer)} gold answers")
     scores: list[float | None] = []
     parsed_golds: dict[str, list | None] = {}
+    verdicts: dict[tuple[str, str | None], float] = {}
     for completion, gold in zip(completions, answer, strict=True):
         key = str(gold)
         if key not in parsed_golds:  # a GRPO group shares one gold: parse it once
             parsed_golds[key] = parse_gold(gold)
         parsed = parsed_golds[key]
-        scores.append(None if parsed is None else score_answer(parsed, completion))
+        if parsed is None:
+            scores.append(None)
+            continue
+        # the score is a function of (gold, extracted answer) alone, and a group's completions often give the
+        # same answer: parse and verify each distinct pair once
+        extracted = extract_answer(completion)
+        if (key, extracted) not in verdicts:
+            verdicts[key, extracted] = score_extracted(parsed, extracted)
+        scores.append(verdicts[key, extracted])
     return scores

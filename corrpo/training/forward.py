@@ -12,6 +12,7 @@ from torch import nn
 
 from corrpo.batching import position_ids_from_mask
 from corrpo.objectives import token_log_probs_and_entropy
+from corrpo.packing import packed_logits, packing_unsupported_reason
 from corrpo.rollout import Rollout
 
 
@@ -22,10 +23,17 @@ def row_chunks(n_rows: int, micro_batch_size: int | None) -> list[slice]:
 
 
 def forward_logits(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    logits_to_keep: int = 0,
+    packed: bool = False,
 ) -> torch.Tensor:
     """``[B, T, V]`` logits (the last ``logits_to_keep`` positions only when > 0); ``position_ids`` from the mask
-    so left padding never shifts positions."""
+    so left padding never shifts positions. ``packed``: computed on the batch's packed rows
+    (:func:`corrpo.packing.packed_logits`, the same values at every real position) where the model supports it."""
+    if packed and packing_unsupported_reason(model) is None:
+        return packed_logits(model, input_ids, attention_mask, logits_to_keep)
     position_ids = position_ids_from_mask(attention_mask)
     keep = {"logits_to_keep": logits_to_keep} if logits_to_keep > 0 else {}
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **keep)
@@ -33,22 +41,24 @@ def forward_logits(
 
 
 def completion_log_probs(
-    model: nn.Module, rollout: Rollout, rows: slice = slice(None)
+    model: nn.Module, rollout: Rollout, rows: slice = slice(None), packed: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs ``[n, L]`` (fp32, differentiable) of the completion tokens of ``rollout``'s ``rows`` under
     ``model``, and their entropy in bits ``[n, L]`` (fp32, no grad; 0 off the completion mask).
 
     Token ``P + j`` is predicted at column ``P + j - 1``: only the ``L + 1`` last positions are unembedded
-    (``logits_to_keep``), so the prompt costs no logits.
+    (``logits_to_keep``), so the prompt costs no logits. ``packed``: a padding-free forward (:func:`forward_logits`).
     """
-    return completion_scores(completion_logits(model, rollout, rows), rollout, rows)
+    return completion_scores(completion_logits(model, rollout, rows, packed), rollout, rows)
 
 
-def completion_logits(model: nn.Module, rollout: Rollout, rows: slice = slice(None)) -> torch.Tensor:
+def completion_logits(
+    model: nn.Module, rollout: Rollout, rows: slice = slice(None), packed: bool = False
+) -> torch.Tensor:
     """``[n, L + 1, V]`` logits of the last ``L + 1`` positions of ``rollout``'s ``rows``: the ones that predict
     the completion (column ``P - 1`` on), all an update needs."""
     width = rollout.completion_mask.shape[1] + 1
-    return forward_logits(model, rollout.sequences[rows], rollout.attention_mask[rows], width)
+    return forward_logits(model, rollout.sequences[rows], rollout.attention_mask[rows], width, packed)
 
 
 def completion_scores(

@@ -351,9 +351,9 @@ class GRPOStep:
         old_log_probs = ref_log_probs = None
         with torch.no_grad():
             if rl.num_iterations > 1:
-                old_log_probs = _whole_batch(ctx.policy, rollout, chunks)[0]
+                old_log_probs = _whole_batch(ctx.policy, rollout, chunks, rl.packing)[0]
             if ctx.ref_policy is not None:
-                ref_log_probs = _whole_batch(ctx.ref_policy, rollout, chunks)[0]
+                ref_log_probs = _whole_batch(ctx.ref_policy, rollout, chunks, rl.packing)[0]
         local_tokens = loss_mask.sum().float().clamp(min=1.0)
         normalisers = dict(
             num_tokens=ctx.collectives.mean(local_tokens) if rl.loss_type == "dapo" else None,
@@ -366,8 +366,8 @@ class GRPOStep:
             selection = None
             if needs_whole_batch and len(chunks) > 1:
                 with torch.no_grad():
-                    selection = self._selection(ctx, *_whole_batch(ctx.policy, rollout, chunks), old_log_probs,
-                                                advantages, loss_mask)  # fmt: skip
+                    scores = _whole_batch(ctx.policy, rollout, chunks, rl.packing)
+                    selection = self._selection(ctx, *scores, old_log_probs, advantages, loss_mask)
             stats = _LossStats()
 
             given = first_forward if iteration == 0 else None
@@ -376,7 +376,7 @@ class GRPOStep:
 
             def losses(selection=selection, stats=stats, given=given):
                 for rows in chunks:
-                    log_probs, token_entropy = given or completion_log_probs(ctx.policy, rollout, rows)
+                    log_probs, token_entropy = given or completion_log_probs(ctx.policy, rollout, rows, rl.packing)
                     if selection is None:  # one chunk: the batch itself
                         selection = self._selection(ctx, log_probs.detach(), token_entropy, old_log_probs,
                                                     advantages, loss_mask)  # fmt: skip
@@ -474,9 +474,11 @@ def pooled_mean(values: torch.Tensor, collectives: Collectives, device: torch.de
     return torch.tensor(total / count if count else float("nan"), dtype=torch.float32)
 
 
-def _whole_batch(model: nn.Module, rollout: Rollout, chunks: list[slice]) -> tuple[torch.Tensor, torch.Tensor]:
+def _whole_batch(
+    model: nn.Module, rollout: Rollout, chunks: list[slice], packed: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Completion log-probs and entropies ``[N, L]`` of the whole batch, computed chunk by chunk (call without grad)."""
-    parts = [completion_log_probs(model, rollout, rows) for rows in chunks]
+    parts = [completion_log_probs(model, rollout, rows, packed) for rows in chunks]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 

@@ -58,7 +58,7 @@ def sft_step(
         for rows in row_chunks(len(prompts), config.micro_batch_size):
             width = int(enc["attention_mask"][rows].sum(1).max())  # right padding: later columns change nothing
             ids, attention = enc["input_ids"][rows, :width], enc["attention_mask"][rows, :width]
-            logits = forward_logits(policy, ids, attention)
+            logits = forward_logits(policy, ids, attention, packed=config.packing)
             nll = -token_log_probs(logits[:, :-1], ids[:, 1:])
             yield (nll * mask[rows, : width - 1]).sum() / num_tokens
 

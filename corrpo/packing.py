@@ -1,0 +1,184 @@
+"""Padding-free training forwards: a batch's sequences packed into fewer rows, logits returned in the batch's layout.
+
+Why: a padded batch spends a forward and a backward on every pad slot. The embedded default's SFT batches are
+about 75% real tokens (right padding to the longest trace) and its RL batches less (left-padded prompts,
+right-padded completions of 1 to ``max_new_tokens`` tokens). Packing puts the real tokens of several sequences
+side by side in one row, so the matmuls run over real tokens.
+
+Exact, not approximate: row ``i``'s real tokens (``attention_mask == 1``, in order) become one segment of a packed
+row with positions ``0 .. n_i - 1`` -- the positions :func:`corrpo.batching.position_ids_from_mask` gives them in
+the padded forward -- and the model is called with those ``position_ids`` and no attention mask. transformers
+then reads the segments off the positions (``masking_utils.find_packed_sequence_indices``: a new segment wherever
+the position does not grow by 1) and builds a block-diagonal causal mask, so every token attends to exactly the
+tokens of its own sequence it attends to when padded. Pad slots at a row's end get position 0 each: every one is
+its own segment and reaches nothing real. The final hidden states are gathered back into the padded layout at
+the input of the output embedding (a forward pre-hook), so the logits come back as ``[B, keep, V]`` with the
+last ``keep`` positions of each padded row (0 = all); pad positions get the unembedding of a zero vector.
+
+Whether a model honours packed positions is checked, not assumed: :func:`packing_supported` compares one packed
+forward with the padded one on a short input, once per model (a family that ignores ``position_ids`` in its mask,
+or a wrapper that drops them, falls back to the padded forward with a warning).
+
+Row width: a sequence is never split. Widths ``k x longest`` for ``k`` in :data:`WIDTH_FACTORS` are tried and the
+one with the least estimated cost ``rows x width x (1 + width / (6 d))`` kept: ``24 d^2`` multiply-adds a token in
+a layer's matmuls against ``4 width d`` in its attention (a wider row packs more, but attends further).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+WIDTH_FACTORS = (1.0, 1.5, 2.0, 3.0)
+"""Candidate row widths, in multiples of the batch's longest sequence."""
+PACKING_CHECK_TOLERANCE = 1e-4
+"""Largest relative difference between the packed and the padded logits of :func:`packing_supported`'s check."""
+
+
+def first_fit_decreasing(lengths: list[int], width: int) -> list[list[int]]:
+    """Sequence indices grouped into rows of at most ``width`` tokens: longest first, each into the first row it
+    fits (first-fit decreasing, at most 11/9 of the fewest rows plus one)."""
+    if any(n > width for n in lengths):
+        raise ValueError(f"a sequence of {max(lengths)} tokens does not fit a packed row of {width}")
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for r, room in enumerate(free):
+            if lengths[index] <= room:
+                rows[r].append(index)
+                free[r] -= lengths[index]
+                break
+        else:
+            rows.append([index])
+            free.append(width - lengths[index])
+    return rows
+
+
+def packed_width(lengths: list[int], hidden_size: int) -> tuple[int, list[list[int]]]:
+    """The row width (and rows) among ``k x longest`` that minimise ``rows x width x (1 + width / (6 d))``."""
+    longest = max(max(lengths), 1)
+    best = None
+    for factor in WIDTH_FACTORS:
+        width = max(longest, int(math.ceil(factor * longest)))
+        rows = first_fit_decreasing(lengths, width)
+        cost = len(rows) * width * (1.0 + width / (6.0 * hidden_size))
+        if best is None or cost < best[0]:
+            best = (cost, width, rows)
+    return best[1], best[2]
+
+
+@dataclass
+class PackedBatch:
+    """A padded batch's real tokens in packed rows, and where each of them came from."""
+
+    input_ids: Tensor
+    """``[R, W]`` packed token ids (0 in pad slots)."""
+    position_ids: Tensor
+    """``[R, W]`` positions within each token's own sequence (0 in pad slots)."""
+    source: Tensor
+    """``[n_real]`` flat index into the padded ``[B, T]`` batch of each real token."""
+    target: Tensor
+    """``[n_real]`` flat index into the packed ``[R, W]`` rows of the same tokens."""
+    shape: tuple[int, int]
+    """``(B, T)`` of the padded batch."""
+
+    @property
+    def density(self) -> float:
+        """Real tokens over packed slots."""
+        return self.source.numel() / max(self.input_ids.numel(), 1)
+
+    @classmethod
+    def build(cls, input_ids: Tensor, attention_mask: Tensor, hidden_size: int) -> PackedBatch:
+        B, T = input_ids.shape
+        real = attention_mask.bool()
+        lengths = real.sum(1).tolist()
+        width, rows = packed_width(lengths, hidden_size)
+        device = input_ids.device
+        ids = torch.zeros((len(rows), width), dtype=input_ids.dtype, device=device)
+        positions = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+        sources, targets = [], []
+        cols = torch.arange(T, device=device)
+        for r, members in enumerate(rows):
+            start = 0
+            for i in members:
+                n = lengths[i]
+                where = cols[real[i]]
+                ids[r, start : start + n] = input_ids[i, where]
+                positions[r, start : start + n] = torch.arange(n, device=device)
+                sources.append(i * T + where)
+                targets.append(r * width + start + torch.arange(n, device=device))
+                start += n
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        source = torch.cat(sources) if sources else empty
+        target = torch.cat(targets) if targets else empty
+        return cls(ids, positions, source, target, (B, T))
+
+    def unpack(self, packed: Tensor, keep: int = 0) -> Tensor:
+        """``[R, W, ...]`` values back into the padded ``[B, T, ...]`` layout (zeros at pads), or its last ``keep``
+        columns when ``keep > 0``. Differentiable."""
+        B, T = self.shape
+        flat = packed.reshape(-1, *packed.shape[2:])
+        out = flat.new_zeros((B * T, *packed.shape[2:]))
+        out = out.index_copy(0, self.source, flat.index_select(0, self.target)).view(B, T, *packed.shape[2:])
+        return out[:, T - keep :] if keep > 0 else out
+
+
+def _hidden_size(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    return int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or 1024)
+
+
+def packed_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, logits_to_keep: int = 0) -> Tensor:
+    """``model``'s logits of a padded batch computed on its packed rows: ``[B, T, V]`` (the last
+    ``logits_to_keep`` columns when > 0), equal to the padded forward's at every real position."""
+    packed = PackedBatch.build(input_ids, attention_mask, _hidden_size(model))
+    head = model.get_output_embeddings()
+
+    def gather(_module, args):  # the final hidden states, packed -> the padded layout, before the unembedding
+        return (packed.unpack(args[0], logits_to_keep), *args[1:])
+
+    handle = head.register_forward_pre_hook(gather)
+    try:
+        out = model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False)
+    finally:
+        handle.remove()
+    return out.logits
+
+
+def packing_unsupported_reason(model: nn.Module) -> str | None:
+    """None when ``model`` computes packed rows exactly (checked once per model, cached on it); else why not.
+
+    The check: two sequences of 3 and 5 tokens, padded into a ``[2, 5]`` batch and packed into one row of 8 (plus a
+    pad), must give the same logits at every real position (no grad, the model's current mode).
+    """
+    cached = getattr(model, "_corrpo_packing_reason", None)
+    if cached is not None:
+        return cached or None
+    reason = ""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        reason = "the model has no output embedding to gather the packed hidden states at"
+    else:
+        vocab = int(getattr(model.config, "vocab_size", 2) or 2)
+        param = next(model.parameters())
+        ids = (torch.arange(10, device=param.device).view(2, 5) * 7 + 3) % vocab
+        mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], device=param.device)
+        from corrpo.training.forward import forward_logits  # the padded forward; imports this module
+
+        with torch.no_grad():
+            padded = forward_logits(model, ids, mask)
+            packed = packed_logits(model, ids, mask)
+        real = mask.bool()
+        diff = (padded[real] - packed[real]).abs().max() / padded[real].abs().max().clamp(min=1e-30)
+        if not torch.isfinite(diff) or diff > PACKING_CHECK_TOLERANCE:
+            reason = f"packed logits differ from padded ones by {float(diff):.1e} (relative) for this model"
+    if reason:
+        logger.warning("packing is off for this policy (the padded forward is used): %s", reason)
+    model._corrpo_packing_reason = reason  # "" = supported
+    return reason or None
