@@ -119,6 +119,30 @@ class PackedBatch:
         target = torch.cat(targets) if targets else empty
         return cls(ids, positions, source, target, (B, T))
 
+    def pack(self, padded: Tensor, fill=0) -> Tensor:
+        """``[B, T, ...]`` values of the padded layout in the packed ``[R, W, ...]`` one (``fill`` in pad slots)."""
+        rows, width = self.input_ids.shape
+        flat = padded.reshape(-1, *padded.shape[2:])
+        out = flat.new_full((rows * width, *padded.shape[2:]), fill)
+        out[self.target] = flat[self.source]
+        return out.view(rows, width, *padded.shape[2:])
+
+    @property
+    def segments(self) -> Tensor:
+        """``[R, W]`` the padded row each packed slot came from; ``-1 - slot`` in pad slots (each its own)."""
+        B, T = self.shape
+        rows = torch.arange(B, device=self.source.device).repeat_interleave(T).view(B, T)
+        pads = -1 - torch.arange(self.input_ids.numel(), device=self.source.device).view_as(self.input_ids)
+        out = pads.flatten().clone()
+        out[self.target] = rows.flatten()[self.source]
+        return out.view_as(self.input_ids)
+
+    def padded_index(self) -> Tensor:
+        """``[R * W]`` the flat padded ``[B, T]`` index of each packed slot (``-1`` in pad slots)."""
+        out = torch.full((self.input_ids.numel(),), -1, dtype=torch.long, device=self.source.device)
+        out[self.target] = self.source
+        return out
+
     def unpack(self, packed: Tensor, keep: int = 0) -> Tensor:
         """``[R, W, ...]`` values back into the padded ``[B, T, ...]`` layout (zeros at pads), or its last ``keep``
         columns when ``keep > 0``. Differentiable."""
@@ -129,15 +153,24 @@ class PackedBatch:
         return out[:, T - keep :] if keep > 0 else out
 
 
-def _hidden_size(model: nn.Module) -> int:
+def model_width(model: nn.Module) -> int:
+    """The model's hidden size (the ``d`` of :func:`packed_width`'s cost)."""
     config = getattr(model, "config", None)
     return int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or 1024)
 
 
-def packed_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, logits_to_keep: int = 0) -> Tensor:
+def packed_logits(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    logits_to_keep: int = 0,
+    packed: PackedBatch | None = None,
+) -> Tensor:
     """``model``'s logits of a padded batch computed on its packed rows: ``[B, T, V]`` (the last
-    ``logits_to_keep`` columns when > 0), equal to the padded forward's at every real position."""
-    packed = PackedBatch.build(input_ids, attention_mask, _hidden_size(model))
+    ``logits_to_keep`` columns when > 0), equal to the padded forward's at every real position. ``packed``: the
+    batch's packing, when the caller needs to know it (the CorR-PO term reads the forward's packed activations)."""
+    if packed is None:
+        packed = PackedBatch.build(input_ids, attention_mask, model_width(model))
     head = model.get_output_embeddings()
 
     def gather(_module, args):  # the final hidden states, packed -> the padded layout, before the unembedding

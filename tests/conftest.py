@@ -78,3 +78,19 @@ def csv_metrics(run: Path) -> dict[int, dict]:
     for row in csv.DictReader(path.open()):
         out.setdefault(int(row["step"]), {}).update({k: float(v) for k, v in row.items() if v and k != "step"})
     return out
+
+
+@pytest.fixture
+def packings(monkeypatch) -> list[tuple[int, int]]:
+    """``(sequences, packed rows)`` of every packed forward that runs."""
+    import corrpo.packing as packing
+
+    seen, real = [], packing.packed_width
+
+    def spy(lengths, hidden_size):
+        width, rows = real(lengths, hidden_size)
+        seen.append((len(lengths), len(rows)))
+        return width, rows
+
+    monkeypatch.setattr(packing, "packed_width", spy)
+    return seen

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import TINY_ARCH
 
+import corrpo.packing
 from corrpo.config import RLConfig
 from corrpo.data.arithmetic import ArithmeticTask
 from corrpo.module import CorrPOModule
@@ -109,20 +110,29 @@ def test_the_corrpo_term_is_a_reward_stage_with_its_own_values(records, one_thre
     assert "inversion" in result.timings and "inversion/rollout_spearman" in result.metrics
 
 
-def corrpo_step(shared: bool, records: list[dict], projections: list[str]) -> tuple[RLStepResult, CorrPOModule]:
+def corrpo_step(
+    shared: bool, records: list[dict], projections: list[str], packing: bool = False
+) -> tuple[RLStepResult, CorrPOModule]:
     """One CorR-PO step with the term scored on the update's forward (``shared``) or by a separate pass."""
     module = build(coef=0.5)
     module.rl.inversion.shared_forward = shared
+    module.rl.packing = packing
     module.rl.inversion.strength.projections = tuple(projections)
     prompts, answers = [r["prompt"] for r in records], [r["answer"] for r in records]
     torch.manual_seed(7)
     return module.grpo(module.rl_context(adam(module)), prompts, answers, rl_index=0), module
 
 
+@pytest.mark.parametrize("packing", [False, True])
 @pytest.mark.parametrize("projections", [["q", "v", "o"], ["q", "k", "v", "o", "mlp"]])
-def test_the_shared_forward_gives_the_separate_passes_bonus_and_update(records, projections, one_thread):
-    shared, shared_module = corrpo_step(True, records, projections)
-    separate, separate_module = corrpo_step(False, records, projections)
+def test_the_shared_forward_gives_the_separate_passes_bonus_and_update(
+    records, projections, packing, one_thread, packings, monkeypatch
+):
+    """``packing``: the shared forward (and both updates) run on packed rows, the separate pass stays padded. Rows
+    of twice the longest sequence, so these near-equal lengths do share rows."""
+    monkeypatch.setattr(corrpo.packing, "WIDTH_FACTORS", (2.0,))
+    shared, shared_module = corrpo_step(True, records, projections, packing)
+    separate, separate_module = corrpo_step(False, records, projections, packing)
     assert shared.inversion.shared_forward and not separate.inversion.shared_forward
     assert shared.inversion.valid.any() and torch.equal(shared.inversion.valid, separate.inversion.valid)
     valid = separate.inversion.valid
@@ -131,6 +141,7 @@ def test_the_shared_forward_gives_the_separate_passes_bonus_and_update(records, 
     assert torch.allclose(shared.advantages, separate.advantages, atol=1e-5)
     for a, b in zip(shared_module.policy.parameters(), separate_module.policy.parameters(), strict=True):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)  # the first update went through the same forward
+    assert any(rows < n for n, rows in packings if n > 2) == packing  # packed rows where asked (2: the check)
 
 
 def test_the_shared_forward_is_refused_where_it_would_not_be_exact(records):

@@ -51,16 +51,23 @@ class ScoringBatch:
     mask: Tensor
     rows: Tensor
     cols: Tensor
+    segments: Tensor | None = None
+    """Packed rows (:mod:`corrpo.packing`): ``[B, T]`` the sequence each position belongs to; a token attends only
+    to earlier positions of its own segment. None: each row is one sequence."""
 
     @classmethod
-    def build(cls, input_ids: Tensor, attention_mask: Tensor | None, token_mask: Tensor) -> ScoringBatch:
+    def build(
+        cls, input_ids: Tensor, attention_mask: Tensor | None, token_mask: Tensor, segments: Tensor | None = None
+    ) -> ScoringBatch:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         mask = effective_scored_mask(attention_mask.to(input_ids.device), token_mask.to(input_ids.device))
+        if segments is not None:  # the predecessor of a scored token must be of its own sequence
+            mask[:, 1:] &= segments[:, 1:] == segments[:, :-1]
         rows, cols = mask.nonzero(as_tuple=True)
-        return cls(input_ids, attention_mask.to(input_ids.device), mask, rows, cols)
+        return cls(input_ids, attention_mask.to(input_ids.device), mask, rows, cols, segments)
 
     @property
     def num_scored(self) -> int:

@@ -275,40 +275,44 @@ def _kv_strengths(
         # every token of the block reads row b's keys/values up to the block's last position only (causal):
         # shared [S, ...] operands instead of one gathered copy per token, and no work past position S - 1
         S = int(pos.max()) + 1
-        cos_b, sin_b = cos[b, :S][:, None], sin[b, :S][:, None]
+        # a packed row: the block is of one sequence, its keys start at that sequence's first column lo
+        lo = 0 if batch.segments is None else int((batch.segments[b, :S] != batch.segments[b, pos[0]]).sum())
+        cos_b, sin_b = cos[b, lo:S][:, None], sin[b, lo:S][:, None]
         q_rot = _rope(q[b, pos], cos[b, pos][:, None, None], sin[b, pos][:, None, None])  # [n, kv, rep, hd]
-        raw = torch.einsum("nkre,ske->nkrs", q_rot, k_rot[b, :S]) * scale
+        raw = torch.einsum("nkre,ske->nkrs", q_rot, k_rot[b, lo:S]) * scale
         scores = raw if softcap is None else torch.tanh(raw / softcap) * softcap
-        allowed = (arange[None, :S] <= pos[:, None]) & key_ok[b, None, :S]  # [n, S]
+        allowed = (arange[None, lo:S] <= pos[:, None]) & key_ok[b, None, lo:S]  # [n, S - lo]
         if window is not None:
-            allowed &= arange[None, :S] > pos[:, None] - window
+            allowed &= arange[None, lo:S] > pos[:, None] - window
         probs = scores.masked_fill(~allowed[:, None, None, :], float("-inf")).softmax(-1)
         g = g_all[b, pos]  # [n, kv, rep, hd]
         if "v" in names:
-            c = torch.einsum("nkrs,sd->nkrd", probs, x_v[b, :S])
+            c = torch.einsum("nkrs,sd->nkrd", probs, x_v[b, lo:S])
             out["v"].append(_v_measure(g, c, config.measure))
         if "k" in names:
-            gv = torch.einsum("nkre,ske->nkrs", g, v[b, :S])
+            gv = torch.einsum("nkre,ske->nkrs", g, v[b, lo:S])
             d_scores = probs * (gv - (probs * gv).sum(-1, keepdim=True))
             if softcap is not None:
                 d_scores = d_scores * (1 - torch.tanh(raw / softcap).square())
             gk_rot = torch.einsum("nkrs,nkre->nske", d_scores, q_rot) * scale  # [n, S, kv, hd]
             gk = _rope_transpose(gk_rot, cos_b, sin_b)
             if k_norm is not None:
-                gk = _norm_transpose(k_norm, k_raw[b, :S].expand_as(gk), gk, flat)
-            out["k"].append(_k_measure(gk.flatten(2), x_k[b, :S], config.measure))
+                gk = _norm_transpose(k_norm, k_raw[b, lo:S].expand_as(gk), gk, flat)
+            out["k"].append(_k_measure(gk.flatten(2), x_k[b, lo:S], config.measure))
     return {n: torch.cat(vals) for n, vals in out.items() if vals}
 
 
 def _row_blocks(batch: ScoringBatch, size: int) -> list[tuple[int, Tensor]]:
-    """The scored tokens as ``(row, positions)`` blocks of at most ``size`` tokens of ONE row each, in the
+    """The scored tokens as ``(row, positions)`` blocks of at most ``size`` tokens of ONE row and sequence each, in the
     order of ``batch.rows`` / ``batch.cols`` (row-major): ``positions`` are the predicting columns ``j - 1``."""
     blocks = []
     rows, pos = batch.rows.tolist(), batch.cols - 1
+    # a packed row holds several sequences: a block never spans two (their keys are apart)
+    seqs = rows if batch.segments is None else batch.segments[batch.rows, batch.cols].tolist()
     start = 0
     while start < len(rows):
         stop = start
-        while stop < len(rows) and rows[stop] == rows[start] and stop - start < size:
+        while stop < len(rows) and rows[stop] == rows[start] and seqs[stop] == seqs[start] and stop - start < size:
             stop += 1
         blocks.append((rows[start], pos[start:stop]))
         start = stop

@@ -46,6 +46,7 @@ from corrpo.objectives import (
     masked_mean,
     zero_std_fraction,
 )
+from corrpo.packing import PackedBatch, model_width, packed_logits, packing_unsupported_reason
 from corrpo.rewards.call import RewardLog, StepInfo
 from corrpo.rewards.combine import RewardFailureMonitor, RewardFn, RewardScores, completion_rows, score_completions
 from corrpo.rollout import Rollout
@@ -173,7 +174,12 @@ def has_active_dropout(model: nn.Module) -> bool:
 
 
 def shared_inversion_term(
-    policy: nn.Module, rollout: Rollout, config: InversionRewardConfig, rl_index: int, group_size: int
+    policy: nn.Module,
+    rollout: Rollout,
+    config: InversionRewardConfig,
+    rl_index: int,
+    group_size: int,
+    packed: bool = False,
 ) -> tuple[InversionTerm, tuple[torch.Tensor, torch.Tensor]]:
     """The CorR-PO term scored on the update's forward (:func:`completion_log_probs`' own forward, run here once
     with the onepass capture): returns the term and that forward's ``(log_probs, entropy)``, the graph kept, for
@@ -181,19 +187,41 @@ def shared_inversion_term(
 
     ``S_t`` comes from :func:`corrpo.inversion.strength_onepass.onepass_on_forward` (one backward of the chosen
     raw logits to the last layer's activations), ``H_t`` from :func:`entropy_bits_from_logits` of the same logits,
-    ``rho_i`` from :func:`response_correlations`: the separate pass's functions on the same numbers.
+    ``rho_i`` from :func:`response_correlations`: the separate pass's functions on the same numbers. ``packed``
+    (``rl.packing``): that forward runs on packed rows (:mod:`corrpo.packing`) and the closed forms read its
+    activations there, with the attention of each token cut to its own sequence (``ScoringBatch.segments``).
     """
-    P = rollout.prompt_length
-    batch = ScoringBatch.build(rollout.sequences, rollout.attention_mask, rollout.token_mask)
+    P, (B, T) = rollout.prompt_length, rollout.sequences.shape
+    layout = None
+    if packed and packing_unsupported_reason(policy) is None:
+        # the update's forward runs on packed rows: the closed forms read its activations there, each token
+        # attending to its own sequence only (``segments``); (rows, cols) say where each scored token came from
+        layout = PackedBatch.build(rollout.sequences, rollout.attention_mask, model_width(policy))
+        batch = ScoringBatch.build(
+            layout.input_ids, layout.pack(rollout.attention_mask), layout.pack(rollout.token_mask, False),
+            layout.segments,
+        )  # fmt: skip
+        where = layout.padded_index()[batch.rows * layout.input_ids.shape[1] + batch.cols]
+        rows, cols = where // T, where % T
+    else:
+        batch = ScoringBatch.build(rollout.sequences, rollout.attention_mask, rollout.token_mask)
+        rows, cols = batch.rows, batch.cols
     kept: dict[str, torch.Tensor] = {}
 
     def forward() -> torch.Tensor:
-        logits = kept["logits"] = completion_logits(policy, rollout)
+        width = rollout.completion_mask.shape[1] + 1
+        if layout is None:
+            logits = kept["logits"] = completion_logits(policy, rollout)
+        else:
+            logits = kept["logits"] = packed_logits(policy, rollout.sequences, rollout.attention_mask, width, layout)
         # the kept logits start at column P - 1: token c is predicted at c - 1, kept index c - P
-        z = logits[batch.rows, batch.cols - P, rollout.sequences[batch.rows, batch.cols]]
+        z = logits[rows, cols - P, rollout.sequences[rows, cols]]
         return z.float()  # the model's logits already carry the family's logit map, as z must
 
-    strength = batch.scatter(onepass_on_forward(policy, batch, config.strength, forward))[:, P:]
+    values = onepass_on_forward(policy, batch, config.strength, forward)
+    strength = torch.full((B, T), float("nan"), dtype=torch.float32, device=values.device)
+    strength[rows, cols] = values.float()
+    strength = strength[:, P:]
     logits = kept["logits"][:, :-1]
     entropy = entropy_bits_from_logits(logits).masked_fill(~rollout.completion_mask.bool(), float("nan"))
     rho, n_tokens = response_correlations(entropy, strength, rollout.completion_mask, config.correlation)
@@ -301,7 +329,7 @@ class GRPOStep:
             t0 = time.perf_counter()
             n_chunks = len(row_chunks(rollout.sequences.shape[0], rl.micro_batch_size))
             if shares_update_forward(ctx.policy, rl.inversion, n_chunks) is None:
-                term, first_forward = shared_inversion_term(ctx.policy, rollout, rl.inversion, rl_index, G)
+                term, first_forward = shared_inversion_term(ctx.policy, rollout, rl.inversion, rl_index, G, rl.packing)
             else:
                 rows = rl.inversion.rows_per_chunk or rl.micro_batch_size or 64
                 term = inversion_term(ctx.policy, rollout, rl.inversion, rl_index, G, rows)
