@@ -23,6 +23,22 @@ import time
 import torch
 
 
+def best_of(fn, repeats: int, sync=None) -> tuple[float, object]:
+    """The best wall time of ``repeats`` calls of ``fn`` after one untimed warm-up call, and the last call's result;
+    ``sync`` (e.g. a CUDA synchronise) runs before each clock read. Every benchmark's single-side timer."""
+    fn()
+    best, out = float("inf"), None
+    for _ in range(max(1, repeats)):
+        if sync is not None:
+            sync()
+        t0 = time.perf_counter()
+        out = fn()
+        if sync is not None:
+            sync()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
 def matmul_gflops(d_model: int, widths: list[int], tokens: int = 1024, repeats: int = 5) -> float:
     """Best-of-``repeats`` fp32 GFLOP/s of ``[tokens, d_model] @ [d_model, w]`` over the model's ``widths``."""
     best = 0.0

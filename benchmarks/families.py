@@ -23,11 +23,11 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from compute_floor import best_of  # noqa: E402
 
 from corrpo.inversion.correlation import batched_spearman  # noqa: E402
 from corrpo.inversion.strength import StrengthConfig, score_tokens  # noqa: E402
@@ -49,18 +49,6 @@ def probe(batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return ids, attn, attn.bool()
 
 
-def timed(fn, repeats: int):
-    """Best-of-``repeats`` wall time (after one untimed warm-up when repeats > 1) and the last result."""
-    if repeats > 1:
-        fn()
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
-
-
 def exactness(family: str, arch: TinyArchitecture, args) -> dict[str, tuple[float, float]]:
     """method -> (seconds, max relative error vs loop) on the fp32 model."""
     model = random_family_model(family, VOCAB, arch)
@@ -68,7 +56,7 @@ def exactness(family: str, arch: TinyArchitecture, args) -> dict[str, tuple[floa
     out, ref = {}, None
     for method in METHODS:
         cfg = StrengthConfig(projections=("q", "k", "v", "o", "mlp"), method=method)
-        secs, (_, strength) = timed(
+        secs, (_, strength) = best_of(
             lambda c=cfg: score_tokens(model, ids, attn, mask, c), 1 if method == "loop" else args.repeats
         )
         ref = strength if method == "loop" else ref

@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from compute_floor import floor_fraction, forward_flops, matmul_gflops, model_widths  # noqa: E402
+from compute_floor import best_of, floor_fraction, forward_flops, matmul_gflops, model_widths  # noqa: E402
 from transformers import AutoModelForCausalLM, Qwen2Config  # noqa: E402
 
 from corrpo.inversion.correlation import batched_spearman  # noqa: E402
@@ -73,20 +72,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, device: torch.device, repeats: int) -> tuple[float, torch.Tensor]:
-    """Best-of-``repeats`` wall time (after one untimed warm-up when repeats > 1) and the last result."""
-    if repeats > 1:
-        fn()
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        out = fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best, out
-
-
 def run_length(model, seq_len: int, args, device: torch.device) -> list[dict]:
     gen = torch.Generator().manual_seed(seq_len)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, seq_len), generator=gen).to(device)
@@ -111,7 +96,9 @@ def run_length(model, seq_len: int, args, device: torch.device) -> list[dict]:
         )  # fmt: skip
         mask = subset if method in ("loop", "vmap") else full
         reps = args.repeats  # every method: one untimed warm-up, then best of ``repeats``
-        secs, (entropy, out) = timed(lambda m=mask, c=cfg: score_tokens(model, ids, attn, m, c), device, reps)
+        secs, (entropy, out) = best_of(
+            lambda m=mask, c=cfg: score_tokens(model, ids, attn, m, c), reps, lambda: _sync(device)
+        )
         scored = n_all if mask is full else n_sub
         extrapolated = scored < n_all
         total = secs * n_all / scored

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
@@ -37,7 +36,14 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
-from compute_floor import decode_flops, floor_fraction, forward_flops, matmul_gflops, model_widths  # noqa: E402
+from compute_floor import (  # noqa: E402
+    best_of,
+    decode_flops,
+    floor_fraction,
+    forward_flops,
+    matmul_gflops,
+    model_widths,
+)
 
 from corrpo.config import RLConfig  # noqa: E402
 from corrpo.data.arithmetic import ArithmeticTask  # noqa: E402
@@ -141,16 +147,6 @@ def synthetic_rollout(vocab: int, rows: int, prompt_len: int, length: int, seed:
     )
 
 
-def best_of(fn, repeats: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def scaling_table(args, strength: dict) -> dict[str, float]:
     """Bonus (a separate scoring pass) over update, per width and completion length, on synthetic rollouts."""
     rows, prompt_len = args.batch * args.G, 16
@@ -172,15 +168,17 @@ def scaling_table(args, strength: dict) -> dict[str, float]:
         for length in args.lengths:
             rollout = synthetic_rollout(config.vocab_size, rows, prompt_len, length, args.seed)
             advantages = torch.randn(rows)
-            bonus = best_of(lambda m=module, r=rollout: inversion_term(m.policy, r, m.rl.inversion, 10, args.G, rows),
-                            args.repeats)  # fmt: skip
-            update = best_of(lambda m=module, c=ctx, r=rollout, a=advantages: m.grpo._updates(c, r, a, 0), args.repeats)
+            term = lambda m=module, r=rollout: inversion_term(m.policy, r, m.rl.inversion, 10, args.G, rows)  # noqa: E731
+            bonus, _ = best_of(term, args.repeats)
+            update, _ = best_of(
+                lambda m=module, c=ctx, r=rollout, a=advantages: m.grpo._updates(c, r, a, 0), args.repeats
+            )
 
             def shared_then_update(m=module, c=ctx, r=rollout, a=advantages):
                 _, first = shared_inversion_term(m.policy, r, m.rl.inversion, 10, args.G)
                 m.grpo._updates(c, r, a, 0, first)
 
-            shared = best_of(shared_then_update, args.repeats) - update  # what the term adds to the update
+            shared = best_of(shared_then_update, args.repeats)[0] - update  # what the term adds to the update
             seq = prompt_len + length
             bonus_flops = forward_flops(config, rows, seq, length) + 2 * forward_flops(config, rows, seq, 0, layers=1)
             update_flops = 3 * forward_flops(config, rows, seq, length)

@@ -184,11 +184,21 @@ def packed_logits(
     return out.logits
 
 
+def _relative(values: Tensor, reference: Tensor) -> float:
+    return float((values - reference).abs().max() / reference.abs().max().clamp(min=1e-30))
+
+
 def packing_unsupported_reason(model: nn.Module) -> str | None:
     """None when ``model`` computes packed rows exactly (checked once per model, cached on it); else why not.
 
-    The check: two sequences of 3 and 5 tokens, padded into a ``[2, 5]`` batch and packed into one row of 8 (plus a
-    pad), must give the same logits at every real position (no grad, the model's current mode).
+    The check (no grad, the model's current mode and dtype): two sequences of 3 and 5 tokens, padded into a
+    ``[2, 5]`` batch and packed into one row of 8 (plus a pad).
+
+    - **No leak**: changing either sequence's tokens must leave the other's packed logits unchanged (within 4
+      units of the dtype's rounding; a block-diagonal mask gives exact zeros, a model that lets a packed token
+      attend across sequences changes them by far more, in any precision).
+    - **The padded values**: the packed logits equal the padded forward's within ``PACKING_CHECK_TOLERANCE`` in
+      fp32/fp64, or 64 units of rounding in a low-precision dtype (where the two orders of summation round apart).
     """
     cached = getattr(model, "_corrpo_packing_reason", None)
     if cached is not None:
@@ -201,16 +211,26 @@ def packing_unsupported_reason(model: nn.Module) -> str | None:
         vocab = int(getattr(model.config, "vocab_size", 2) or 2)
         param = next(model.parameters())
         ids = (torch.arange(10, device=param.device).view(2, 5) * 7 + 3) % vocab
+        others = [ids.clone(), ids.clone()]  # one sequence's tokens changed, then the other's
+        for row, changed in enumerate(others):
+            changed[row] = (changed[row] + 1) % vocab
         mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], device=param.device)
         from corrpo.training.forward import forward_logits  # the padded forward; imports this module
 
         with torch.no_grad():
-            padded = forward_logits(model, ids, mask)
+            padded = forward_logits(model, ids, mask).float()
             packed = packed_logits(model, ids, mask)
+            eps = torch.finfo(packed.dtype).eps
+            packed = packed.float()
+            changed = [packed_logits(model, other, mask).float() for other in others]
         real = mask.bool()
-        diff = (padded[real] - packed[real]).abs().max() / padded[real].abs().max().clamp(min=1e-30)
-        if not torch.isfinite(diff) or diff > PACKING_CHECK_TOLERANCE:
-            reason = f"packed logits differ from padded ones by {float(diff):.1e} (relative) for this model"
+        leak = max(_relative(changed[0][1], packed[1]), _relative(changed[1][0][:3], packed[0][:3]))
+        diff = _relative(packed[real], padded[real])
+        tolerance = PACKING_CHECK_TOLERANCE if eps < 1e-6 else 64 * eps
+        if not math.isfinite(leak) or leak > 4 * eps:
+            reason = f"a packed sequence's logits change with its neighbour's tokens ({leak:.1e} relative)"
+        elif not math.isfinite(diff) or diff > tolerance:
+            reason = f"packed logits differ from padded ones by {diff:.1e} (relative) for this model"
     if reason:
         logger.warning("packing is off for this policy (the padded forward is used): %s", reason)
     model._corrpo_packing_reason = reason  # "" = supported
