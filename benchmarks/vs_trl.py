@@ -12,8 +12,11 @@ Both sides start from ONE exported folder (configs/tiny.yaml's tiny Qwen2 and it
   corrpo: :func:`corrpo.training.sft.sft_step`; TRL: ``SFTTrainer`` on prompt/completion records.
 
 Runs alternate in rounds (corrpo, TRL, corrpo, TRL, ...), each round ``--steps`` steps after one untimed warm-up
-step; each side's figure is its best step over all rounds. Each RL row also prints its compute-floor fraction
-(``benchmarks/compute_floor.py``). TRL is not a corrpo dependency; install it with::
+step; each side's figure is its best step over all rounds. Each row also prints its compute-floor fraction
+(``benchmarks/compute_floor.py``): SFT over the batches' real tokens, RL over every completion at
+``--new-tokens`` (an upper bound of the work, so the RL fractions may read high). The best step of a side is also
+its lightest rollout (completions that stop early cost less): repeat the run to see the spread. TRL is not a
+corrpo dependency; install it with::
 
     .venv/bin/python -m uv pip install --python .venv/bin/python -r requirements/cpu.txt -r requirements/trl.txt
 
@@ -38,6 +41,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from compute_floor import decode_flops, floor_fraction, forward_flops, matmul_gflops, model_widths  # noqa: E402
 
+from corrpo.batching import encode_sft_batch  # noqa: E402
 from corrpo.config import RLConfig, SFTConfig  # noqa: E402
 from corrpo.data.arithmetic import ArithmeticTask  # noqa: E402
 from corrpo.models import TinyArchitecture  # noqa: E402
@@ -172,6 +176,12 @@ def trl_sft(folder: Path, args, records: list[dict], out_dir: Path) -> list[floa
     return timer.times[1:]
 
 
+def _sft_lengths(tokenizer, records: list[dict]) -> list[list[int]]:
+    """The token ids each SFT record trains on: prompt + completion + eos, cut at 128 (both sides' max_length)."""
+    enc = encode_sft_batch(tokenizer, [r["prompt"] for r in records], [r["completion"] for r in records], 128)
+    return [row[mask.bool()].tolist() for row, mask in zip(enc["input_ids"], enc["attention_mask"], strict=True)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per side")
@@ -202,15 +212,19 @@ def main() -> None:
                 sides = [sides[1], sides[0], sides[3], sides[2]]
             for name, run in sides:
                 best[name] = min([best.get(name, float("inf")), *run()])
-        from transformers import AutoConfig
+        from transformers import AutoConfig, AutoTokenizer
 
         config = AutoConfig.from_pretrained(folder)
+        folder_tokenizer = AutoTokenizer.from_pretrained(folder)
     gflops = matmul_gflops(config.hidden_size, model_widths(config))
     rows = args.prompts * args.G
     rl_flops = decode_flops(config, rows, 24, args.new_tokens) + 3 * forward_flops(
         config, rows, 24 + args.new_tokens, args.new_tokens
     )
-    sft_flops = 3 * forward_flops(config, args.sft_batch, 64)
+    # SFT: the real tokens of the timed batches (their mean); RL: every completion at --new-tokens, an upper bound
+    # of the work (completions that stop early cost less), so the RL fractions can read above the truth
+    lengths = [len(ids) for ids in _sft_lengths(folder_tokenizer, sft_records)]
+    sft_flops = 3 * sum(forward_flops(config, 1, n) for n in lengths) * args.sft_batch / len(lengths)
     print(
         f"cpu threads={args.threads} rounds={args.rounds} x {args.steps} steps (best step shown); RL {args.prompts} "
         f"prompts x G={args.G}, {args.new_tokens} new tokens; SFT batch {args.sft_batch}; matmul {gflops:.0f} GFLOP/s"

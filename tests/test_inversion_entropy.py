@@ -67,3 +67,13 @@ def test_shape_mismatch_raises() -> None:
         token_entropy_bits(torch.zeros(2, 3, 4), torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="token_mask shape"):
         scored_token_entropy_bits(torch.zeros(2, 3, 4), torch.ones(3, 3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 11), (2, 130, 50), (1, 5, 1000)])
+def test_the_update_passes_entropy_is_entropy_bits_from_logits_bit_for_bit(shape):
+    """The shared CorR-PO forward takes H_t from the update's log-prob pass: it must be this module's entropy."""
+    from corrpo.objectives import token_log_probs_and_entropy
+
+    logits = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 4
+    targets = torch.zeros(shape[:-1], dtype=torch.long)
+    assert torch.equal(token_log_probs_and_entropy(logits, targets)[1], entropy_bits_from_logits(logits))

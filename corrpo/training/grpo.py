@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from corrpo.config import RLConfig
-from corrpo.inversion.entropy import entropy_bits_from_logits
 from corrpo.inversion.rollout_bonus import (
     InversionRewardConfig,
     inversion_bonus,
@@ -186,7 +185,8 @@ def shared_inversion_term(
     the first update to backpropagate through instead of running its forward again.
 
     ``S_t`` comes from :func:`corrpo.inversion.strength_onepass.onepass_on_forward` (one backward of the chosen
-    raw logits to the last layer's activations), ``H_t`` from :func:`entropy_bits_from_logits` of the same logits,
+    raw logits to the last layer's activations), ``H_t`` from the update's log-prob pass over the same logits
+    (:func:`corrpo.objectives.token_log_probs_and_entropy`: :func:`entropy_bits_from_logits`' arithmetic),
     ``rho_i`` from :func:`response_correlations`: the separate pass's functions on the same numbers. ``packed``
     (``rl.packing``): that forward runs on packed rows (:mod:`corrpo.packing`) and the closed forms read its
     activations there, with the attention of each token cut to its own sequence (``ScoringBatch.segments``).
@@ -222,11 +222,13 @@ def shared_inversion_term(
     strength = torch.full((B, T), float("nan"), dtype=torch.float32, device=values.device)
     strength[rows, cols] = values.float()
     strength = strength[:, P:]
-    logits = kept["logits"][:, :-1]
-    entropy = entropy_bits_from_logits(logits).masked_fill(~rollout.completion_mask.bool(), float("nan"))
+    # H_t: the update's own pass over the logits (the same fp32 log_softmax and sum as entropy_bits_from_logits,
+    # row by row), so the logits are read once, not twice
+    log_probs, token_entropy = completion_scores(kept["logits"], rollout)
+    entropy = token_entropy.masked_fill(~rollout.completion_mask.bool(), float("nan"))
     rho, n_tokens = response_correlations(entropy, strength, rollout.completion_mask, config.correlation)
     term = _term(rho, n_tokens, config, rl_index, group_size, shared_forward=True)
-    return term, completion_scores(kept["logits"], rollout)
+    return term, (log_probs, token_entropy)
 
 
 def with_reward_term(scores: RewardScores, name: str, values: torch.Tensor) -> RewardScores:
