@@ -191,7 +191,7 @@ def _relative(values: Tensor, reference: Tensor) -> float:
 def packing_unsupported_reason(model: nn.Module) -> str | None:
     """None when ``model`` computes packed rows exactly (checked once per model, cached on it); else why not.
 
-    The check (no grad, the model's current mode and dtype): two sequences of 3 and 5 tokens, padded into a
+    The check (no grad, eval mode, the model's dtype): two sequences of 3 and 5 tokens, padded into a
     ``[2, 5]`` batch and packed into one row of 8 (plus a pad).
 
     - **No leak**: changing either sequence's tokens must leave the other's packed logits unchanged (within 4
@@ -217,12 +217,17 @@ def packing_unsupported_reason(model: nn.Module) -> str | None:
         mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], device=param.device)
         from corrpo.training.forward import forward_logits  # the padded forward; imports this module
 
-        with torch.no_grad():
-            padded = forward_logits(model, ids, mask).float()
-            packed = packed_logits(model, ids, mask)
-            eps = torch.finfo(packed.dtype).eps
-            packed = packed.float()
-            changed = [packed_logits(model, other, mask).float() for other in others]
+        was_training = model.training
+        model.eval()  # dropout would make the forwards differ; the mask and the positions do not depend on the mode
+        try:
+            with torch.no_grad():
+                padded = forward_logits(model, ids, mask).float()
+                packed = packed_logits(model, ids, mask)
+                eps = torch.finfo(packed.dtype).eps
+                packed = packed.float()
+                changed = [packed_logits(model, other, mask).float() for other in others]
+        finally:
+            model.train(was_training)
         real = mask.bool()
         leak = max(_relative(changed[0][1], packed[1]), _relative(changed[1][0][:3], packed[0][:3]))
         diff = _relative(packed[real], padded[real])

@@ -106,6 +106,13 @@ def test_a_bf16_model_passes_the_packing_check_and_its_packed_logits_round_like_
     assert (padded - packed)[real].abs().max() / padded[real].abs().max() < 64 * torch.finfo(torch.bfloat16).eps
 
 
+def test_the_packing_check_runs_in_eval_mode_so_dropout_does_not_switch_packing_off_and_the_mode_is_kept():
+    model = random_family_model("qwen2", VOCAB, TINY_ARCH)
+    model.config.attention_dropout = 0.5
+    model.train()
+    assert packing_unsupported_reason(model) is None and model.training
+
+
 def test_a_model_that_ignores_packed_positions_falls_back_to_the_padded_forward_with_a_warning(caplog):
     model = _DropsPositions(random_family_model("qwen2", VOCAB, TINY_ARCH))
     ids, mask = padded_batch()
