@@ -176,10 +176,10 @@ def trl_sft(folder: Path, args, records: list[dict], out_dir: Path) -> list[floa
     return timer.times[1:]
 
 
-def _sft_lengths(tokenizer, records: list[dict]) -> list[list[int]]:
-    """The token ids each SFT record trains on: prompt + completion + eos, cut at 128 (both sides' max_length)."""
+def _sft_lengths(tokenizer, records: list[dict]) -> list[int]:
+    """The tokens each SFT record trains on: prompt + completion + eos, cut at 128 (both sides' max_length)."""
     enc = encode_sft_batch(tokenizer, [r["prompt"] for r in records], [r["completion"] for r in records], 128)
-    return [row[mask.bool()].tolist() for row, mask in zip(enc["input_ids"], enc["attention_mask"], strict=True)]
+    return enc["attention_mask"].sum(1).tolist()
 
 
 def main() -> None:
@@ -223,7 +223,7 @@ def main() -> None:
     )
     # SFT: the real tokens of the timed batches (their mean); RL: every completion at --new-tokens, an upper bound
     # of the work (completions that stop early cost less), so the RL fractions can read above the truth
-    lengths = [len(ids) for ids in _sft_lengths(folder_tokenizer, sft_records)]
+    lengths = _sft_lengths(folder_tokenizer, sft_records)
     sft_flops = 3 * sum(forward_flops(config, 1, n) for n in lengths) * args.sft_batch / len(lengths)
     print(
         f"cpu threads={args.threads} rounds={args.rounds} x {args.steps} steps (best step shown); RL {args.prompts} "

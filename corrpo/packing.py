@@ -15,9 +15,10 @@ its own segment and reaches nothing real. The final hidden states are gathered b
 the input of the output embedding (a forward pre-hook), so the logits come back as ``[B, keep, V]`` with the
 last ``keep`` positions of each padded row (0 = all); pad positions get the unembedding of a zero vector.
 
-Whether a model honours packed positions is checked, not assumed: :func:`packing_supported` compares one packed
-forward with the padded one on a short input, once per model (a family that ignores ``position_ids`` in its mask,
-or a wrapper that drops them, falls back to the padded forward with a warning).
+Whether a model honours packed positions is checked, not assumed: :func:`packing_unsupported_reason` checks on a
+short input, once per model, that packed sequences do not see each other and give the padded forward's logits (a
+family that ignores ``position_ids`` in its mask, or a wrapper that drops them, falls back to the padded forward
+with a warning).
 
 Row width: a sequence is never split. Widths ``k x longest`` for ``k`` in :data:`WIDTH_FACTORS` are tried and the
 one with the least estimated cost ``rows x width x (1 + width / (6 d))`` kept: ``24 d^2`` multiply-adds a token in
@@ -38,7 +39,8 @@ logger = logging.getLogger(__name__)
 WIDTH_FACTORS = (1.0, 1.5, 2.0, 3.0)
 """Candidate row widths, in multiples of the batch's longest sequence."""
 PACKING_CHECK_TOLERANCE = 1e-4
-"""Largest relative difference between the packed and the padded logits of :func:`packing_supported`'s check."""
+"""fp32/fp64: the largest relative difference between packed and padded logits in
+:func:`packing_unsupported_reason`'s check."""
 
 
 def first_fit_decreasing(lengths: list[int], width: int) -> list[list[int]]:
@@ -130,11 +132,8 @@ class PackedBatch:
     @property
     def segments(self) -> Tensor:
         """``[R, W]`` the padded row each packed slot came from; ``-1 - slot`` in pad slots (each its own)."""
-        B, T = self.shape
-        rows = torch.arange(B, device=self.source.device).repeat_interleave(T).view(B, T)
-        pads = -1 - torch.arange(self.input_ids.numel(), device=self.source.device).view_as(self.input_ids)
-        out = pads.flatten().clone()
-        out[self.target] = rows.flatten()[self.source]
+        out = -1 - torch.arange(self.input_ids.numel(), device=self.source.device)
+        out[self.target] = self.source // self.shape[1]  # a real token's padded row: its flat index // T
         return out.view_as(self.input_ids)
 
     def padded_index(self) -> Tensor:
