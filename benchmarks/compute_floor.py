@@ -88,16 +88,26 @@ def attention_flops(config, seq_len: int, causal: bool = True) -> int:
     return 4 * h * e * pairs
 
 
-def decode_flops(config, rows: int, prompt_len: int, new_tokens: int, prefill_rows: int | None = None) -> int:
+def decode_flops(
+    config, rows: int, prompt_len: int, new_tokens: int | list[int], prefill_rows: int | None = None
+) -> int:
     """FLOPs of sampling ``new_tokens`` for ``rows`` sequences after a ``prompt_len`` prefill of ``prefill_rows``
     rows (default ``rows``; fewer when the samples of a prompt share its prefill), last position unembedded,
-    plus one single-token forward per new token over its growing cache."""
+    plus one single-token forward per new token over its growing cache. ``new_tokens`` may be a list, one count
+    per row: the work of a decoder that stops computing a row once it has finished."""
     h = config.num_attention_heads
     e = getattr(config, "head_dim", None) or config.hidden_size // h
     prefill = forward_flops(config, rows if prefill_rows is None else prefill_rows, prompt_len, unembedded=1)
-    per_layer = sum(layer_flops_per_token(config) + 4 * h * e * (prompt_len + i + 1) for i in range(new_tokens))
-    unembed = 2 * config.hidden_size * config.vocab_size * new_tokens
-    return prefill + rows * (config.num_hidden_layers * per_layer + unembed)
+
+    def row_flops(n: int) -> int:
+        per_layer = sum(layer_flops_per_token(config) + 4 * h * e * (prompt_len + i + 1) for i in range(n))
+        return config.num_hidden_layers * per_layer + 2 * config.hidden_size * config.vocab_size * n
+
+    if isinstance(new_tokens, int):
+        return prefill + rows * row_flops(new_tokens)
+    if len(new_tokens) != rows:
+        raise ValueError(f"{len(new_tokens)} per-row token counts for {rows} rows")
+    return prefill + sum(row_flops(n) for n in new_tokens)
 
 
 def floor_fraction(flops: float, gflops: float, seconds: float) -> float:

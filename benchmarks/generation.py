@@ -1,15 +1,16 @@
 """Rollout speed: HF ``generate`` (:class:`HFGenerator`) against the lean decode loop (:class:`DecodeLoopGenerator`).
 
 The embedded default's policy and RL settings (configs/tiny.yaml: tiny Qwen2, hidden 128, 4 layers, G=8,
-64 new tokens), ``--batch`` arithmetic prompts per call. Both sides sample from the same random-init policy
-(it rarely emits eos, so both run all ``max_new_tokens`` steps); each repeat runs both, alternating who goes
-first, after one untimed warm-up each; the best of ``--repeats`` counts. A greedy call on the same prompts
+64 new tokens), ``--batch`` arithmetic prompts per call. Both sides sample from the same random-init policy: some
+rows emit eos on the way (``live_tokens`` is the share of row-steps up to each row's eos, about 0.78); HF keeps
+computing them to the last step, the lean loop drops them from its batch. Each repeat runs both, alternating who
+goes first, after one untimed warm-up each; the best of ``--repeats`` counts. A greedy call on the same prompts
 checks that both sides emit the same tokens; the sampled calls share their seed, so their samples are compared
 too (the same distribution and the same ``torch.multinomial`` draws give the same tokens).
 
 Beside the seconds, each side's FLOPs (``benchmarks/compute_floor.py``'s ``decode_flops``: HF prefills ``B * G``
-prompt rows, the lean loop ``B``) over the matmul rate measured in the same run give its fraction of the
-compute floor. Usage::
+prompt rows and decodes every row to the last step, the lean loop prefills ``B`` and decodes each row to its eos)
+over the matmul rate measured in the same run give its fraction of the compute floor. Usage::
 
     python benchmarks/generation.py [--batch 16] [--repeats 5] [--threads 1]
 
@@ -65,7 +66,7 @@ def main() -> None:
     sides = {"hf": HFGenerator(), "fast": DecodeLoopGenerator()}
 
     best = {name: float("inf") for name in sides}
-    steps, sampled = {}, {}
+    steps, sampled, lengths = {}, {}, {}
     for repeat in range(args.repeats + 1):  # repeat 0 is the untimed warm-up
         order = list(sides) if repeat % 2 else list(sides)[::-1]
         for name in order:
@@ -73,6 +74,7 @@ def main() -> None:
             seconds, rollout = timed(sides[name], model, ids, mask, G, sampling, eos, pad)
             steps[name] = rollout.completion_mask.shape[1]
             sampled[name] = rollout.sequences
+            lengths[name] = rollout.completion_mask.sum(1).tolist()
             if repeat:
                 best[name] = min(best[name], seconds)
     reason = sides["fast"].fallback_reason
@@ -83,13 +85,15 @@ def main() -> None:
     gflops = matmul_gflops(model.config.hidden_size, model_widths(model.config))
     B, P = ids.shape
     new = steps["fast"]
-    flops = {  # HF prefills every one of the B * G rows; the lean loop prefills each prompt once
+    flops = {  # HF prefills and decodes every one of the B * G rows to the last step; the lean loop prefills each
+        # prompt once and stops computing a row once it has finished (its floor: each row's own length)
         "hf": decode_flops(model.config, B * G, P, new),
-        "fast": decode_flops(model.config, B * G, P, new, prefill_rows=B),
+        "fast": decode_flops(model.config, B * G, P, lengths["fast"], prefill_rows=B),
     }
+    live = sum(lengths["fast"]) / (B * G * new)
     print(
         f"device=cpu threads={torch.get_num_threads()} prompts={B} G={G} prompt_width={P} "
-        f"max_new_tokens={sampling.max_new_tokens} steps_run={steps} fallback={reason!r}\n"
+        f"max_new_tokens={sampling.max_new_tokens} steps_run={steps} live_tokens={live:.3f} fallback={reason!r}\n"
         f"model=configs/tiny.yaml model.tiny (random init); matmul rate {gflops:.1f} GFLOP/s "
         "(benchmarks/compute_floor.py, at the model's widths)"
     )

@@ -7,22 +7,26 @@ cache's concatenation, the mask rebuilt every step, rotary recomputed per layer)
 instead runs each decode step with torch ops directly on the HF module's weights:
 
 * **prefill once per prompt**: the ``B`` prompts go through the HF model's own forward once (not ``B * G``
-  times); its cache is copied ``G`` times into a preallocated ``[N, H_kv, P + L, d_head]`` cache per layer,
-  written in place at each step (no concatenation);
+  times); its keys/values are copied ``G`` times into a preallocated ``[N, (P + L) * H_kv, d_head]`` cache per
+  layer (key ``p * H_kv + h``: head ``h`` at position ``p``), written in place at each step (no concatenation);
 * **fused projections**: one matmul for ``[W_q; W_k; W_v]`` and one for ``[W_gate; W_up]`` per layer (the
   output rows are the same dot products, so the values are the same; the tests check bit-identity);
 * **rotary once**: ``cos``/``sin`` for every decode position from the model's own rotary module, once per
   call; q and k are rotated together as ``x * cos + swap_halves(x) * sin_signed`` where ``sin_signed`` is
   ``[-sin_1 | sin_2]`` -- elementwise the same products and sums as HF's ``rotate_half``;
 * **the mask built once**: decoding one token attends to every real prompt token and every generated one,
-  so the mask is the prompt's padding mask followed by ones, sliced per step (``None`` without padding, as
-  HF passes it); grouped-query attention packs the ``n_rep`` query heads of a key/value head as HF's SDPA
-  path does (``pack_gqa``);
+  so the additive bias is the prompt's padding mask followed by zeros, built once and sliced per step; every
+  head of a row goes into one batched matrix product, the other key/value heads' keys masked
+  (:func:`cached_attention`);
 * ``F.rms_norm`` (one op; the same values as the HF norm module in fp32, the only dtype the loop takes);
-* stopping as soon as every row has emitted eos; rows that finished get the pad token, as HF writes them.
+* **finished rows dropped**: once at most ``compact_below`` (7/8) of the computed rows are unfinished, the
+  finished ones leave the batch (their cache, bias and rotary rows with them), so a row costs nothing after its
+  eos; HF computes every row to the last step. The loop stops as soon as every row has emitted eos; rows that
+  finished get the pad token, as HF writes them.
 
-Sampling is :func:`next_token_probs` (HF's temperature and top-p warpers) then ``torch.multinomial``, as HF's
-``_sample``; greedy is ``argmax`` of the fp32 logits. So greedy outputs equal HF ``generate``'s and samples
+Sampling is :func:`next_token_probs` (HF's temperature and top-p warpers) then :func:`draw_tokens`, which is
+``torch.multinomial`` as HF's ``_sample`` calls it on the whole batch, with the same random numbers, for the
+rows still computed; greedy is ``argmax`` of the fp32 logits. So greedy outputs equal HF ``generate``'s and samples
 come from the same distribution; ``tests/test_fast_decode.py`` checks both on several families. Forward hooks
 on the policy's submodules do not run during decoding (the prefill runs them).
 
@@ -158,10 +162,16 @@ class DecodeLoopGenerator(Generator):
     """The lean decode loop (module docstring) for the families it supports, ``fallback`` for the others.
 
     ``fallback_reason`` is ``None`` after a call that ran the lean loop, else why it fell back (logged once
-    per reason at INFO).
+    per reason at INFO). ``compact_below``: once the unfinished rows are at most this fraction of the rows the
+    step computes, the finished ones are dropped from the batch (their cache rows, bias and rotary rows with
+    them); 0 never drops any. Dropping is a copy of the kept rows' caches, so doing it in steps of 1/8 keeps
+    its cost small against the rows it saves.
     """
 
-    def __init__(self, fallback: Generator | None = None) -> None:
+    def __init__(self, fallback: Generator | None = None, compact_below: float = 0.875) -> None:
+        if not 0.0 <= compact_below <= 1.0:
+            raise ValueError(f"compact_below must be in [0, 1], got {compact_below}")
+        self.compact_below = compact_below
         self.fallback = fallback if fallback is not None else HFGenerator()
         self.fallback_reason: str | None = None
         self._logged: set[str] = set()
@@ -257,11 +267,15 @@ class DecodeLoopGenerator(Generator):
             logits_to_keep=1,
         )
         dtype = out.cache.layers[0].keys.dtype
-        # prompt keys/values stay [B, P * H_kv, d] (key p * H_kv + h): shared by the G samples of a prompt
-        prompt_kv = [
-            (c.keys.transpose(1, 2).reshape(B, P * heads_kv, d_head), c.values.transpose(1, 2).reshape(B, -1, d_head))
-            for c in out.cache.layers
-        ]
+        # one cache per row and layer, [N, (P + L) * H_kv, d] (key p * H_kv + h: head h at position p); its first
+        # P * H_kv keys are the prompt's, copied to each of the G samples of a prompt
+        width = (P + L) * heads_kv
+        caches = []
+        for c in out.cache.layers:
+            kv = torch.empty(2, N, width, d_head, dtype=dtype, device=device)
+            kv[0, :, : P * heads_kv] = c.keys.transpose(1, 2).reshape(B, P * heads_kv, d_head).repeat_interleave(G, 0)
+            kv[1, :, : P * heads_kv] = c.values.transpose(1, 2).reshape(B, P * heads_kv, d_head).repeat_interleave(G, 0)
+            caches.append(kv)
         logits = out.logits[:, -1, :].float().repeat_interleave(G, dim=0)
         del out
 
@@ -271,10 +285,9 @@ class DecodeLoopGenerator(Generator):
         final_norm, lm_head = model.model.norm, model.lm_head
         kv_head_of_query = torch.arange(heads_q, device=device) // n_rep
         same_head = kv_head_of_query[:, None] == torch.arange(heads_kv, device=device)  # [H_q, H_kv]
-        allowed = prompt_mask.bool()[:, None, :, None] & same_head[None, :, None, :]  # [B, H_q, P, H_kv]
-        prompt_bias = _additive(allowed.flatten(2).repeat(1, G, 1), dtype)  # [B, G * H_q, P * H_kv]
-        gen_bias = _additive(same_head.repeat(1, L), dtype)  # [H_q, L * H_kv]
-        gen_kv = [torch.empty(2, N, L * heads_kv, d_head, dtype=dtype, device=device) for _ in layers]
+        real = torch.cat([prompt_mask.bool(), prompt_mask.new_ones(B, L, dtype=torch.bool)], 1)  # [B, P + L]
+        allowed = real[:, None, :, None] & same_head[None, :, None, :]  # [B, H_q, P + L, H_kv]
+        bias = _additive(allowed.flatten(2).repeat_interleave(G, 0), dtype)  # [N, H_q, (P + L) * H_kv]
         positions = prompt_mask.sum(-1, keepdim=True).repeat_interleave(G, 0) + torch.arange(L, device=device)
         cos, sin = model.model.rotary_emb(embed[:1], positions)  # [N, L, d_head], positions n_real + t
         half = d_head // 2
@@ -286,35 +299,37 @@ class DecodeLoopGenerator(Generator):
 
         sequences = torch.full((N, P + L), pad_token_id, dtype=prompt_ids.dtype, device=device)
         sequences[:, :P] = prompt_ids.repeat_interleave(G, dim=0)
-        finished = torch.zeros(N, dtype=torch.bool, device=device)
-        pad = torch.full_like(finished, pad_token_id, dtype=prompt_ids.dtype)
+        rows = torch.arange(N, device=device)  # the rows the decode step still computes (see compact_below)
+        finished = torch.zeros(N, dtype=torch.bool, device=device)  # over `rows`
         steps = 0
         for t in range(L):
-            probs = None if greedy else next_token_probs(logits, sampling.temperature, sampling.top_p)
-            tokens = logits.argmax(-1) if greedy else torch.multinomial(probs, 1).squeeze(1)
-            tokens = torch.where(finished, pad, tokens)
-            sequences[:, P + t] = tokens
+            tokens = draw_tokens(logits, rows, N, sampling, greedy).masked_fill(finished, pad_token_id)
+            sequences[rows, P + t] = tokens
             steps = t + 1
             finished |= tokens == eos_token_id
-            if t == L - 1 or bool(finished.all()):
+            done = int(finished.sum())
+            if t == L - 1 or done == len(rows):
                 break
-            seen = (t + 1) * heads_kv  # generated keys so far, this one included
+            filled = (P + t) * heads_kv  # keys before this step's
+            if done and len(rows) - done <= self.compact_below * len(rows):
+                keep = (~finished).nonzero().squeeze(1)
+                rows, finished, tokens = rows[keep], finished[keep], tokens[keep]
+                caches = [_compacted(kv, keep, filled) for kv in caches]
+                bias, cos, sin_signed = bias[keep], cos[:, keep], sin_signed[:, keep]
+            n, seen = len(rows), filled + heads_kv  # keys so far, this step's included
             h = F.embedding(tokens, embed)
-            for layer, (prompt_k, prompt_v), kv in zip(layers, prompt_kv, gen_kv, strict=True):
+            for layer, kv in zip(layers, caches, strict=True):
                 x = _rms_norm(layer.norm1, h)
-                qkv = F.linear(x, layer.qkv_weight, layer.qkv_bias).view(N, heads_qk + heads_kv, d_head)
+                qkv = F.linear(x, layer.qkv_weight, layer.qkv_bias).view(n, heads_qk + heads_kv, d_head)
                 qk = qkv[:, :heads_qk]
                 if layer.qk_norm_weight is not None:
                     qk = _head_norm(layer, qk)
-                swapped = qk.unflatten(-1, (2, half)).flip(-2).flatten(-2)
+                swapped = torch.cat([qk[..., half:], qk[..., :half]], dim=-1)
                 qk = qk * cos[t] + swapped * sin_signed[t]
-                kv[0, :, seen - heads_kv : seen] = qk[:, heads_q:]
-                kv[1, :, seen - heads_kv : seen] = qkv[:, heads_qk:]
-                a = shared_prefix_attention(
-                    qk[:, :heads_q], prompt_k, prompt_v, prompt_bias, kv[0, :, :seen], kv[1, :, :seen],
-                    gen_bias[:, :seen], scale,
-                )  # fmt: skip
-                h = h + F.linear(a.reshape(N, heads_q * d_head), layer.o_proj.weight, layer.o_proj.bias)
+                kv[0, :, filled:seen] = qk[:, heads_q:]
+                kv[1, :, filled:seen] = qkv[:, heads_qk:]
+                a = cached_attention(qk[:, :heads_q], kv[0, :, :seen], kv[1, :, :seen], bias[:, :, :seen], scale)
+                h = h + F.linear(a.reshape(n, heads_q * d_head), layer.o_proj.weight, layer.o_proj.bias)
                 x = _rms_norm(layer.norm2, h)
                 gate_up = F.linear(x, layer.gate_up_weight, layer.gate_up_bias)
                 inner = gate_up.shape[-1] // 2
@@ -324,37 +339,43 @@ class DecodeLoopGenerator(Generator):
         return sequences[:, : P + steps]
 
 
-def shared_prefix_attention(
-    q: Tensor,
-    prompt_k: Tensor,
-    prompt_v: Tensor,
-    prompt_bias: Tensor,
-    gen_k: Tensor,
-    gen_v: Tensor,
-    gen_bias: Tensor,
-    scale: float,
-) -> Tensor:
-    """One decoded token's attention, ``softmax(scale * q . k + bias) @ v`` over the prompt's keys then the
-    generated ones, for ``N = B * G`` rows whose ``G`` samples share their prompt.
+def draw_tokens(logits: Tensor, rows: Tensor, num_rows: int, sampling: SamplingConfig, greedy: bool) -> Tensor:
+    """The next token of each row in ``rows`` (``logits``: theirs, ``[len(rows), V]``) out of ``num_rows``.
 
-    ``q``: ``[N, H_q, d]`` (row ``b * G + g``). ``prompt_k``/``prompt_v``: ``[B, P * H_kv, d]``, key
-    ``p * H_kv + h`` is head ``h`` at prompt position ``p``; ``prompt_bias``: ``[B, G * H_q, P * H_kv]``, 0 where
-    query head ``h_q``'s key/value head is ``h`` and ``p`` is a real token, else ``-inf``. ``gen_k``/``gen_v``:
-    ``[N, T * H_kv, d]`` laid out alike; ``gen_bias``: ``[H_q, T * H_kv]`` (0 on the matching head).
+    Greedy: ``argmax``. Sampled: ``torch.multinomial(probs, 1)`` over all ``num_rows`` rows is, in torch's own
+    implementation, ``argmax(probs / q)`` with ``q = empty_like(probs).exponential_(1)`` (the exponential-race
+    form of Gumbel-max); drawing ``q`` for every row, then using the rows in ``rows``, consumes the RNG exactly as
+    HF's ``_sample`` does on the whole batch (finished rows included), so a seeded run draws the same tokens
+    as HF ``generate`` although finished rows are no longer computed. ``tests/test_fast_decode.py`` checks that
+    this equals ``torch.multinomial`` bit for bit.
+    """
+    if greedy:
+        return logits.argmax(-1)
+    probs = next_token_probs(logits, sampling.temperature, sampling.top_p)
+    q = torch.empty((num_rows, probs.shape[1]), dtype=probs.dtype, device=probs.device).exponential_(1)
+    return (probs / (q if len(rows) == num_rows else q.index_select(0, rows))).argmax(-1)
+
+
+def cached_attention(q: Tensor, keys: Tensor, values: Tensor, bias: Tensor, scale: float) -> Tensor:
+    """One decoded token's attention ``softmax(scale * q . k + bias) @ v`` over its row's cache, all heads at once.
+
+    ``q``: ``[n, H_q, d]``; ``keys``/``values``: ``[n, S * H_kv, d]``, key ``s * H_kv + h`` is head ``h`` at
+    position ``s``; ``bias``: ``[n, H_q, S * H_kv]``, 0 where query head ``h_q``'s key/value head is ``h`` and
+    position ``s`` is a real token, else ``-inf``. Returns ``[n, H_q, d]``.
 
     Why this shape: a decode step is dispatch-bound, and batched matmuls cost about a microsecond per batch
-    entry. Putting every head of a row (and, for the prompt part, every sample of a prompt) into one matrix
-    product needs ``B`` + ``N`` entries instead of ``2 N H_kv``; the keys of the other heads are masked by the
-    bias (their weight is exactly 0). Returns ``[N, H_q, d]``.
+    entry, so every head of a row goes into one matrix product (``n`` entries, not ``n * H_kv``); the keys of
+    the other heads are masked by the bias (their weight is exactly 0).
     """
-    N, heads_q, d = q.shape
-    B = prompt_k.shape[0]
-    prompt_scores = torch.baddbmm(prompt_bias, q.reshape(B, -1, d), prompt_k.transpose(1, 2), alpha=scale)
-    gen_scores = torch.baddbmm(gen_bias, q, gen_k.transpose(1, 2), alpha=scale)
-    weights = torch.cat([prompt_scores.view(N, heads_q, -1), gen_scores], dim=-1).softmax(dim=-1)
-    width = prompt_k.shape[1]
-    out = torch.bmm(weights[..., :width].reshape(B, -1, width), prompt_v).view(N, heads_q, d)
-    return out + torch.bmm(weights[..., width:], gen_v)
+    scores = torch.baddbmm(bias, q, keys.transpose(1, 2), alpha=scale)
+    return torch.bmm(scores.softmax(dim=-1), values)
+
+
+def _compacted(kv: Tensor, keep: Tensor, filled: int) -> Tensor:
+    """A ``[2, n, width, d]`` cache with only the rows ``keep``, their first ``filled`` keys copied."""
+    out = kv.new_empty(2, len(keep), *kv.shape[2:])
+    torch.index_select(kv[:, :, :filled], 1, keep, out=out[:, :, :filled])
+    return out
 
 
 def _additive(allowed: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:

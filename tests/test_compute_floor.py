@@ -8,7 +8,7 @@ from conftest import TINY_ARCH
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from compute_floor import attention_flops, floor_fraction, forward_flops  # noqa: E402
+from compute_floor import attention_flops, decode_flops, floor_fraction, forward_flops  # noqa: E402
 
 from corrpo.module import CorrPOModule  # noqa: E402
 
@@ -28,3 +28,13 @@ def test_forward_flops_equal_torchs_count_of_a_real_forward():
 
 def test_floor_fraction_is_the_share_of_time_the_flops_need():
     assert abs(floor_fraction(2e9, 100.0, 0.1) - 0.2) < 1e-12  # 2 GFLOP at 100 GFLOP/s take 0.02 s of the 0.1 s
+
+
+def test_decode_flops_per_row_lengths_add_each_rows_own_decode_to_one_prefill():
+    config = CorrPOModule(policy="tiny-qwen2", tiny=TINY_ARCH, seed=0).policy.config
+    P, lengths = 7, [5, 12, 1]
+    assert decode_flops(config, 3, P, [9, 9, 9], prefill_rows=2) == decode_flops(config, 3, P, 9, prefill_rows=2)
+    one_prefill = forward_flops(config, 1, P, unembedded=1)
+    per_row = sum(decode_flops(config, 1, P, n) - one_prefill for n in lengths)
+    assert decode_flops(config, 3, P, lengths, prefill_rows=1) == one_prefill + per_row
+    assert decode_flops(config, 3, P, lengths) < decode_flops(config, 3, P, max(lengths))

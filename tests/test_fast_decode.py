@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 import corrpo.fast_decode as fast_decode
-from corrpo.fast_decode import DecodeLoopGenerator, next_token_probs, shared_prefix_attention
+from corrpo.fast_decode import DecodeLoopGenerator, cached_attention, draw_tokens, next_token_probs
 from corrpo.models import TinyArchitecture
 from corrpo.rollout import HFGenerator, SamplingConfig
 from corrpo.tiny_families import random_family_model, tiny_config
@@ -82,21 +82,24 @@ def test_next_token_probs_equal_hf_temperature_then_top_p_then_softmax():
 
 
 def test_each_sampled_step_draws_from_hf_tempered_nucleus_of_the_same_prefix(monkeypatch):
-    """The distribution every step samples from, recorded, equals HF's on the sampled prefix (teacher forcing)."""
+    """The distribution every step samples from, recorded with the rows it was drawn for (finished rows are
+    dropped from the batch on the way), equals HF's on the sampled prefix (teacher forcing)."""
     model = model_of("qwen3")
     ids, mask = left_padded([8, 3, 5])
     G, temperature, top_p, new = 3, 0.8, 0.9, 12
     recorded = []
 
-    def recording(logits, t, p):
-        probs = next_token_probs(logits, t, p)
-        recorded.append(probs)
-        return probs
+    def recording(logits, rows, num_rows, sampling, greedy):
+        recorded.append((rows.clone(), next_token_probs(logits, sampling.temperature, sampling.top_p)))
+        return draw_tokens(logits, rows, num_rows, sampling, greedy)
 
-    monkeypatch.setattr(fast_decode, "next_token_probs", recording)
-    torch.manual_seed(0)
+    monkeypatch.setattr(fast_decode, "draw_tokens", recording)
     sampling = SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=new)
-    rollout = DecodeLoopGenerator().generate(model, ids, mask, G, sampling, 2, PAD)
+    torch.manual_seed(0)
+    eos = int(DecodeLoopGenerator().generate(model, ids, mask, G, sampling, VOCAB + 1, PAD).completion_ids[0, 4])
+    recorded.clear()
+    torch.manual_seed(0)
+    rollout = DecodeLoopGenerator(compact_below=1.0).generate(model, ids, mask, G, sampling, eos, PAD)
     P = rollout.prompt_length
     full_mask = torch.cat([mask.repeat_interleave(G, 0), torch.ones_like(rollout.completion_ids)], 1)
     positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
@@ -104,12 +107,54 @@ def test_each_sampled_step_draws_from_hf_tempered_nucleus_of_the_same_prefix(mon
         logits = model(input_ids=rollout.sequences, attention_mask=full_mask, position_ids=positions).logits
     warpers = [TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p)]
     assert len(recorded) == rollout.completion_mask.shape[1]
-    for t, probs in enumerate(recorded):
+    assert len(recorded[-1][0]) < G * len(ids)  # finished rows really were dropped
+    for t, (rows, probs) in enumerate(recorded):
         scores = logits[:, P + t - 1].float()
         for warper in warpers:
             scores = warper(None, scores)
-        live = rollout.completion_mask[:, t]  # rows still running at step t
-        assert torch.allclose(probs[live], scores.softmax(-1)[live], atol=1e-5, rtol=0), t
+        live = rollout.completion_mask[rows, t]  # of the computed rows, those still running at step t
+        assert torch.allclose(probs[live], scores.softmax(-1)[rows][live], atol=1e-5, rtol=0), t
+
+
+def test_drawing_for_some_rows_equals_torch_multinomial_over_all_rows():
+    """``draw_tokens`` consumes the RNG as ``torch.multinomial`` on the whole batch and draws the same tokens."""
+    logits = torch.randn(9, 40) * 2
+    sampling = SamplingConfig(temperature=0.7, top_p=0.9)
+    torch.manual_seed(5)
+    reference = torch.multinomial(next_token_probs(logits, 0.7, 0.9), 1).squeeze(1)
+    after = torch.rand(3)
+    for rows in (torch.arange(9), torch.tensor([0, 3, 4, 8])):
+        torch.manual_seed(5)
+        drawn = draw_tokens(logits[rows], rows, 9, sampling, greedy=False)
+        assert torch.equal(drawn, reference[rows])
+        assert torch.equal(torch.rand(3), after)  # the same RNG consumed
+    assert torch.equal(draw_tokens(logits, torch.arange(9), 9, sampling, greedy=True), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("compact_below", [0.0, 0.5, 0.875, 1.0])
+def test_dropping_finished_rows_keeps_hf_generate_samples_and_greedy_tokens(compact_below):
+    """With an eos that sampled rows really emit mid-way, every drop threshold gives HF's tokens (same seed)."""
+    model = model_of("qwen2")
+    ids, mask = left_padded([7, 2, 5, 4])
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=20)
+    torch.manual_seed(2)
+    eos = int(HFGenerator().generate(model, ids, mask, 4, sampling, VOCAB + 1, PAD).completion_ids[0, 6])
+    engine = DecodeLoopGenerator(compact_below=compact_below)
+    for greedy in (False, True):
+        torch.manual_seed(7)
+        reference = HFGenerator().generate(model, ids, mask, 4, sampling, eos, PAD, greedy=greedy)
+        torch.manual_seed(7)
+        fast = engine.generate(model, ids, mask, 4, sampling, eos, PAD, greedy=greedy)
+        assert engine.fallback_reason is None
+        if not greedy:
+            lengths = reference.completion_mask.sum(1)
+            assert lengths.min() < lengths.max() and reference.truncated.any()  # rows stopped at different steps
+        assert torch.equal(fast.sequences, reference.sequences), (compact_below, greedy)
+
+
+def test_a_drop_threshold_outside_0_1_is_refused():
+    with pytest.raises(ValueError, match="compact_below"):
+        DecodeLoopGenerator(compact_below=1.5)
 
 
 def test_with_the_same_seed_the_samples_equal_hf_generate_samples():
@@ -145,25 +190,21 @@ def test_sampled_token_frequencies_match_hf_distribution():
     assert total_variation < 3 * noise, (float(total_variation), float(noise))
 
 
-def test_shared_prefix_attention_equals_sdpa_over_the_whole_cache():
+def test_cached_attention_equals_sdpa_over_the_whole_cache():
     gen = torch.Generator().manual_seed(0)
-    B, G, heads_q, heads_kv, d, P, T = 3, 2, 4, 2, 8, 5, 4
-    N, n_rep = B * G, heads_q // heads_kv
+    N, heads_q, heads_kv, d, S = 5, 4, 2, 8, 7
+    n_rep = heads_q // heads_kv
     q = torch.randn(N, heads_q, d, generator=gen)
-    prompt_k, prompt_v = torch.randn(2, B, heads_kv, P, d, generator=gen)
-    gen_k, gen_v = torch.randn(2, N, heads_kv, T, d, generator=gen)
-    real = torch.rand(B, P, generator=gen) > 0.3
+    keys, values = torch.randn(2, N, heads_kv, S, d, generator=gen)
+    real = torch.rand(N, S, generator=gen) > 0.3
+    real[:, -1] = True
     same = (torch.arange(heads_q) // n_rep)[:, None] == torch.arange(heads_kv)
-    prompt_bias = fast_decode._additive((real[:, None, :, None] & same[None, :, None, :]).flatten(2).repeat(1, G, 1))
-    gen_bias = fast_decode._additive(same.repeat(1, T))
-    out = shared_prefix_attention(
-        q, prompt_k.transpose(1, 2).flatten(1, 2), prompt_v.transpose(1, 2).flatten(1, 2), prompt_bias,
-        gen_k.transpose(1, 2).flatten(1, 2), gen_v.transpose(1, 2).flatten(1, 2), gen_bias, d**-0.5,
-    )  # fmt: skip
-    keys = torch.cat([prompt_k.repeat_interleave(G, 0), gen_k], 2).repeat_interleave(n_rep, 1)
-    values = torch.cat([prompt_v.repeat_interleave(G, 0), gen_v], 2).repeat_interleave(n_rep, 1)
-    visible = torch.cat([real.repeat_interleave(G, 0), torch.ones(N, T, dtype=torch.bool)], 1)[:, None, None, :]
-    reference = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=visible)[:, :, 0]
+    bias = fast_decode._additive((real[:, None, :, None] & same[None, :, None, :]).flatten(2))
+    out = cached_attention(q, keys.transpose(1, 2).flatten(1, 2), values.transpose(1, 2).flatten(1, 2), bias, d**-0.5)
+    visible = real[:, None, None, :]
+    reference = F.scaled_dot_product_attention(
+        q[:, :, None], keys.repeat_interleave(n_rep, 1), values.repeat_interleave(n_rep, 1), attn_mask=visible
+    )[:, :, 0]
     assert torch.allclose(out, reference, atol=1e-6, rtol=0)
 
 
