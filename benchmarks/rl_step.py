@@ -7,7 +7,11 @@ per-stage timings: (a) ``generate``: G samples per prompt, (b) ``score``: task r
 update's forward, see ``rl.inversion.shared_forward``), (d) ``update``: forward, clipped loss, backward, AdamW
 step. The two methods run on two modules built from the same seed and are interleaved step by step (alternating
 who goes first), so machine load hits both alike; one untimed warm-up step each comes first, and each side's
-figure is its BEST step (best of ``--steps``). Usage::
+figure is the mean over ``--steps`` steps of each step's best of ``--repeats`` runs. Every run starts both sides
+from the same weights (the initial policy, AdamW state cleared) and sampling seed, so both decode the same rollout
+and the two figures differ by the CorR-PO term alone (without this the sides' policies drift apart after step 1
+and each side's best step is its lightest rollout: ``--diverge`` lets them train on and shows best step over
+best step). Usage::
 
     python benchmarks/rl_step.py --steps 10 --batch 8 --G 8 [--projections q k v o] [--threads 1]
     python benchmarks/rl_step.py --scaling --lengths 64 128 256 512 --hidden 128 256 512 --projections q k v o
@@ -18,7 +22,7 @@ of ``--repeats`` after a warm-up): ``bonus``, the CorR-PO term as a separate sco
 the term adds to the update when it is scored on the update's own forward (the default where exact). Every row
 prints its compute-floor fraction (``benchmarks/compute_floor.py``).
 
-The last line is ``RESULT corrpo_over_grpo=<best-step total ratio>`` (plus, with ``--scaling``,
+The last line is ``RESULT corrpo_over_grpo=<CorR-PO's seconds over GRPO's>`` (plus, with ``--scaling``,
 ``bonus_over_update_h512_T256=<x> shared_over_update_h512_T256=<y>``, or the widest, longest cell when that one
 was not measured).
 """
@@ -86,7 +90,9 @@ def rl_step(module: CorrPOModule, optimizer: torch.optim.Optimizer, records: lis
 
 
 def step_table(args, strength: dict, gflops: float) -> float:
-    """The step-by-step GRPO vs CorR-PO table; returns CorR-PO's best total over GRPO's."""
+    """The step-by-step GRPO vs CorR-PO table; returns CorR-PO's total over GRPO's: each step's best of
+    ``--repeats`` (both sides decode the same rollout), summed over the steps; with ``--diverge``, best step over
+    best step."""
     records = ArithmeticTask().records("train", args.batch * (args.steps + 1))
     methods = {
         "grpo": build(args.G, args.seed, {"coef": 0.0, "strength": strength}),
@@ -94,20 +100,34 @@ def step_table(args, strength: dict, gflops: float) -> float:
             args.G, args.seed, {"coef": args.coef, "strength": strength, "shared_forward": not args.separate_pass}
         ),
     }
+    start = {k: v.clone() for k, v in methods["grpo"][0].policy.state_dict().items()}
     steps: dict[str, list[dict]] = defaultdict(list)
     for step in range(args.steps + 1):  # step 0 is the untimed warm-up
         batch = records[step * args.batch : (step + 1) * args.batch]
-        order = list(methods) if step % 2 else list(methods)[::-1]  # alternate who goes first
-        for name in order:
-            module, optimizer = methods[name]
-            torch.manual_seed(args.seed * 100003 + step)  # same sampling noise for both methods
-            times = rl_step(module, optimizer, batch, step)
-            if step:
+        best_here: dict[str, dict] = {}
+        for repeat in range(1 if args.diverge or not step else args.repeats):
+            order = list(methods) if (step + repeat) % 2 else list(methods)[::-1]  # alternate who goes first
+            for name in order:
+                module, optimizer = methods[name]
+                if not args.diverge:  # the same weights and noise: both sides decode the same rollout
+                    module.policy.load_state_dict(start)
+                    optimizer.state.clear()
+                torch.manual_seed(args.seed * 100003 + step)  # same sampling noise for both methods
+                times = rl_step(module, optimizer, batch, step)
+                if name not in best_here or times["total"] < best_here[name]["total"]:
+                    best_here[name] = times
+        if step:
+            for name, times in best_here.items():
                 steps[name].append(times)
-    best = {m: min(rows, key=lambda r: r["total"]) for m, rows in steps.items()}
+    if args.diverge:
+        best = {m: min(rows, key=lambda r: r["total"]) for m, rows in steps.items()}
+        shown = "best step shown"
+    else:
+        best = {m: {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]} for m, rows in steps.items()}
+        shown = f"mean over the steps of each step's best of {args.repeats}"
     config = methods["grpo"][0].policy.config
     print(
-        f"device=cpu threads={torch.get_num_threads()} steps={args.steps} (best step shown) batch={args.batch} "
+        f"device=cpu threads={torch.get_num_threads()} steps={args.steps} ({shown}) batch={args.batch} "
         f"G={args.G} lambda={args.coef} measure={args.measure} projections={','.join(args.projections)}\n"
         f"model=configs/tiny.yaml model.tiny + model.rl (random init); matmul rate now {gflops:.0f} GFLOP/s; "
         "floor = generate + update FLOPs over that rate, as a fraction of the step"
@@ -129,8 +149,13 @@ def step_table(args, strength: dict, gflops: float) -> float:
             + f"{row['tokens']:>9.0f}{row['total'] / best['grpo']['total']:>8.3f}"
             + f"{floor_fraction(flops, gflops, row['total']):>7.3f}"
         )
-    ratios = sorted(c["total"] / g["total"] for c, g in zip(steps["corrpo"], steps["grpo"], strict=True))
-    print(f"per-step ratios: median {ratios[len(ratios) // 2]:.3f}, min {ratios[0]:.3f}, max {ratios[-1]:.3f}")
+    pairs = list(zip(steps["corrpo"], steps["grpo"], strict=True))
+    ratios = sorted(c["total"] / g["total"] for c, g in pairs)
+    same = sum(c["tokens"] == g["tokens"] for c, g in pairs)
+    print(
+        f"per-step ratios: median {ratios[len(ratios) // 2]:.3f}, min {ratios[0]:.3f}, max {ratios[-1]:.3f}; "
+        f"{same} of {len(pairs)} steps had the same completion tokens on both sides"
+    )
     return best["corrpo"]["total"] / best["grpo"]["total"]
 
 
@@ -162,6 +187,9 @@ def scaling_table(args, strength: dict) -> dict[str, float]:
     out = {}
     for hidden in args.hidden:
         module, optimizer = build(args.G, args.seed, {"coef": args.coef, "strength": strength}, hidden, 1024)
+        if args.vocab:  # a real model's vocabulary (Qwen2.5: 151,936): the unembedding's share of the work
+            module.policy.resize_token_embeddings(args.vocab)
+            optimizer = torch.optim.AdamW(module.policy.parameters(), lr=module.rl.lr)
         config = module.policy.config
         gflops = matmul_gflops(config.hidden_size, model_widths(config))
         ctx = module.rl_context(optimizer)
@@ -205,12 +233,18 @@ def main() -> None:
     parser.add_argument("--scaling", action="store_true", help="also the bonus-over-update table (synthetic rollouts)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256, 512], help="--scaling: L")
     parser.add_argument("--hidden", type=int, nargs="+", default=[128, 256, 512], help="--scaling: model widths")
-    parser.add_argument("--repeats", type=int, default=3, help="--scaling: best of this many after a warm-up")
+    parser.add_argument("--repeats", type=int, default=3, help="best of this many per step / --scaling cell")
     parser.add_argument("--skip-steps", action="store_true", help="only the --scaling table")
+    parser.add_argument("--vocab", type=int, default=0, help="--scaling: resize the vocabulary (0: the tiny one)")
     parser.add_argument(
         "--separate-pass",
         action="store_true",
         help="score the CorR-PO term in its own pass (rl.inversion.shared_forward false)",
+    )
+    parser.add_argument(
+        "--diverge",
+        action="store_true",
+        help="let each side train on (not restart every step from the same weights; rollouts then differ)",
     )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = parser.parse_args()

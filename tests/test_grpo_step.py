@@ -156,3 +156,33 @@ def test_the_shared_forward_is_refused_where_it_would_not_be_exact(records):
     module.policy.config.attention_dropout = 0.0
     module.policy.gradient_checkpointing_enable()
     assert "checkpointing" in shares_update_forward(module.policy, config, 1)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma2", "granite", "llama"])
+@pytest.mark.parametrize("packing", [False, True])
+def test_the_shared_term_equals_the_separate_pass_on_families_with_a_logit_map(family, packing, one_thread):
+    """The shared term reads each chosen logit from the unembedding's input (``chosen_logits``), then the family's
+    logit map: Gemma 2's soft-cap (its slope differs per token, so rho would differ without it), Granite's
+    ``/ logits_scaling``. The same rho as the separate pass, which scores its own forward, padded or packed."""
+    from corrpo.inversion.rollout_bonus import InversionRewardConfig
+    from corrpo.rollout import Rollout
+    from corrpo.tiny_families import random_family_model
+    from corrpo.training.grpo import inversion_term, shared_inversion_term
+
+    vocab, rows, P, L = 40, 6, 5, 14
+    policy = random_family_model(family, vocab, TINY_ARCH)
+    gen = torch.Generator().manual_seed(1)
+    sequences = torch.randint(2, vocab, (rows, P + L), generator=gen)
+    lengths = torch.tensor([14, 9, 12, 14, 6, 11])
+    completion = torch.arange(L) < lengths[:, None]
+    attention = torch.cat([torch.ones(rows, P, dtype=torch.bool), completion], 1).long()
+    rollout = Rollout(
+        sequences=sequences.masked_fill(attention == 0, 0), attention_mask=attention,
+        completion_mask=completion, truncated=lengths == L, prompt_length=P,
+    )  # fmt: skip
+    config = InversionRewardConfig(coef=0.5, min_tokens=2)
+    config.strength.projections = ("q", "k", "v", "o")
+    separate = inversion_term(policy, rollout, config, 0, 3)
+    shared, _ = shared_inversion_term(policy, rollout, config, 0, 3, packed=packing)
+    assert separate.valid.all() and torch.equal(shared.valid, separate.valid)
+    assert torch.allclose(shared.rho, separate.rho, rtol=1e-5, atol=1e-6), (shared.rho, separate.rho)

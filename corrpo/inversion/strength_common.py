@@ -90,12 +90,21 @@ def forward_hidden_and_z(parts: DecoderParts, batch: ScoringBatch) -> tuple[Tens
     )
     hidden = out.last_hidden_state
     targets = batch.input_ids[batch.rows, batch.cols]
-    dtype = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 for an fp64 reference
-    h = hidden[batch.rows, batch.cols - 1].to(dtype)
-    z = (h * parts.unembed.weight[targets].to(dtype)).sum(-1)
+    return hidden, chosen_logits(parts, hidden[batch.rows, batch.cols - 1], targets)
+
+
+def chosen_logits(parts: DecoderParts, h: Tensor, targets: Tensor) -> Tensor:
+    """The raw logits ``z [N] = logit_map(h . W[y] + b[y])`` of tokens ``targets [N]`` at final-normed hidden
+    states ``h [N, d]`` (fp32; fp64 for an fp64 model): the model's own logit of each chosen token, without the
+    vocabulary-wide product. Why: ``dz/dh`` is then the chosen token's unembedding row itself -- what the
+    backward of ``logits[..., y]`` computes as a one-hot ``[N, V]`` cotangent times ``W`` (exactly: one nonzero
+    product per element) -- so a backward of ``sum z`` costs no ``[N, V]`` buffer and no ``N x V x d`` product.
+    """
+    dtype = torch.promote_types(h.dtype, torch.float32)  # fp32, or fp64 for an fp64 reference
+    z = (h.to(dtype) * parts.unembed.weight[targets].to(dtype)).sum(-1)
     if parts.unembed.bias is not None:
         z = z + parts.unembed.bias[targets].to(dtype)
-    return hidden, parts.logit_map(z)
+    return parts.logit_map(z)
 
 
 def check_generic_logits(model: nn.Module, parts: DecoderParts, batch: ScoringBatch) -> None:

@@ -271,6 +271,7 @@ def _kv_strengths(
     key_ok = batch.attention_mask.bool()
     arange = torch.arange(seq, device=x_k.device)
     out: dict[str, list[Tensor]] = {"k": [], "v": []}
+    v_parts: list[tuple[Tensor, Tensor]] = []  # (g, c) per block: v's measure runs once over all tokens
     for b, pos in _row_blocks(batch, config.chunk_size):
         # every token of the block reads row b's keys/values up to the block's last position only (causal):
         # shared [S, ...] operands instead of one gathered copy per token, and no work past position S - 1
@@ -287,8 +288,7 @@ def _kv_strengths(
         probs = scores.masked_fill(~allowed[:, None, None, :], float("-inf")).softmax(-1)
         g = g_all[b, pos]  # [n, kv, rep, hd]
         if "v" in names:
-            c = torch.einsum("nkrs,sd->nkrd", probs, x_v[b, lo:S])
-            out["v"].append(_v_measure(g, c, config.measure))
+            v_parts.append((g, torch.einsum("nkrs,sd->nkrd", probs, x_v[b, lo:S])))
         if "k" in names:
             gv = torch.einsum("nkre,ske->nkrs", g, v[b, lo:S])
             d_scores = probs * (gv - (probs * gv).sum(-1, keepdim=True))
@@ -298,7 +298,14 @@ def _kv_strengths(
             gk = _rope_transpose(gk_rot, cos_b, sin_b)
             if k_norm is not None:
                 gk = _norm_transpose(k_norm, k_raw[b, lo:S].expand_as(gk), gk, flat)
-            out["k"].append(_k_measure(gk.flatten(2), x_k[b, lo:S], config.measure))
+            gk = gk.flatten(2)
+            # each sub-block's measure reads the keys up to its own last position: a token's gradient is exactly
+            # 0 on the keys after it (their attention weight is 0), and the eigen-solves shrink with S
+            for i in range(0, len(pos), K_SUB_BLOCK):
+                end = int(pos[i : i + K_SUB_BLOCK].max()) + 1
+                out["k"].append(_k_measure(gk[i : i + K_SUB_BLOCK, : end - lo], x_k[b, lo:end], config.measure))
+    if v_parts:  # per token, so batching the blocks' tokens changes no value, only the number of small ops
+        out["v"].append(_v_measure(*(torch.cat(t) for t in zip(*v_parts, strict=True)), config.measure))
     return {n: torch.cat(vals) for n, vals in out.items() if vals}
 
 
@@ -319,28 +326,60 @@ def _row_blocks(batch: ScoringBatch, size: int) -> list[tuple[int, Tensor]]:
     return blocks
 
 
-def _k_measure(gk: Tensor, x: Tensor, measure: str) -> Tensor:
+K_SUB_BLOCK = 16
+"""Tokens per K measure: the block's tokens in groups of this many, each against the keys up to its own last
+position (smaller eigen-solves for the earlier tokens of a block, one more root per group)."""
+EIGEN_WEIGHT = 16
+"""Matmul multiply-adds one multiply-add of a LAPACK eigen-solve costs here (measured: ``eigvalsh`` at
+1.7-3.2 GFLOP/s against 37-100 GFLOP/s for the matmuls on these shapes): the weight of the eigen-solve in the cost
+by which :func:`_k_measure` picks its route."""
+
+
+def k_route(S: int, d_kv: int, d: int, measure: str) -> str:
+    """The route of least cost for :func:`_k_measure` (see there) over ``S`` keys, ``d_kv`` and ``d``."""
+    if measure == "l1":
+        return "built"
+    m = min(d_kv, d)
+    routes = {  # fp64 products count twice (half the fp32 rate), fp64 eigen-solves EIGEN_WEIGHT times
+        "gram": 2 * (S * S * d_kv + S * d_kv * d_kv) + EIGEN_WEIGHT * d_kv**3,
+        "root": 2 * (2 * S * S * d_kv) + EIGEN_WEIGHT * S**3,
+        "built": S * d_kv * d + 2 * d_kv * d * m + EIGEN_WEIGHT * m**3,  # M itself in fp32, its Gram in fp64
+    }
+    return min(routes, key=routes.__getitem__)
+
+
+def _k_measure(gk: Tensor, x: Tensor, measure: str, route: str | None = None) -> Tensor:
     """Measure of ``M_n = sum_s gk_{n,s} x_s^T = B_n^T X`` (``B_n = gk[n]`` ``[S, d_kv]``, ``X`` ``[S, d]``).
 
-    The singular values can come from an ``S x S`` problem: with ``K = X X^T`` and ``R = K^(1/2)`` (one
-    eigen-solve per block, shared by its tokens), the nonzero eigenvalues of ``C_n C_n^T``, ``C_n = R B_n``, are
-    those of ``B_n^T K B_n = M_n M_n^T`` (exact for any ``S``). Per token that costs about ``2 S^2 d_kv + S^3``
-    multiply-adds against ``S d_kv d + d_kv^2 d + m^3`` (``m = min(d_kv, d)``) for building ``M_n``, its Gram and
-    its eigen-solve; the cheaper one runs, so short blocks (and, when ``d > d_kv``, blocks up to about ``d_kv``
-    positions) take the small problem. fp64 as :func:`nuclear_norm`. The l1 norm needs the entries: ``M_n``.
+    Three exact routes to the singular values of ``M_n`` (the eigenvalues of a Gram matrix, fp64 as
+    :func:`nuclear_norm`); with ``K = X X^T`` (once per call, shared by its tokens) and ``m = min(d_kv, d)``:
+
+    * ``gram``: ``M_n M_n^T = B_n^T K B_n``, a ``d_kv``-square problem: ``S^2 d_kv + S d_kv^2`` fp64
+      multiply-adds a token, and the ``d_kv^3`` eigen-solve;
+    * ``root``: with ``R = K^(1/2)`` (one eigen-solve of ``K``), ``C_n = R B_n``: ``C_n C_n^T`` has the nonzero
+      eigenvalues of ``B_n^T K B_n``, an ``S``-square problem: ``2 S^2 d_kv`` fp64 and ``S^3``;
+    * ``built``: ``M_n`` itself (fp32: an entry's rounding moves a singular value by ~1e-7 of the largest), then
+      its smaller Gram: ``S d_kv d`` fp32 + ``d_kv d m`` fp64, and ``m^3``.
+
+    The route of least cost runs, an fp64 multiply-add counted twice and an eigen-solve's :data:`EIGEN_WEIGHT`
+    times (LAPACK runs them that much slower than matmuls): key ranges up to about ``d_kv`` take ``root``,
+    somewhat longer ones ``gram`` (while ``S`` is well below ``d``), then ``built`` (:func:`k_route`; ``route``
+    forces one). The l1 norm needs the entries: ``M_n``. Frobenius is ``sqrt(trace(B^T K B))``.
     """
-    S, d_kv, d = x.shape[0], gk.shape[-1], x.shape[-1]
-    small = 2 * S * S * d_kv + S**3
-    built = S * d_kv * d + d_kv * d_kv * d + min(d_kv, d) ** 3
-    if measure == "l1" or small >= built:
+    route = route or k_route(x.shape[0], gk.shape[-1], x.shape[-1], measure)
+    if route == "built":
         return matrix_measure(torch.einsum("nse,sd->ned", gk, x), measure)
-    x64 = x.double()
-    lam, vec = torch.linalg.eigh(x64 @ x64.mT)
-    root = (vec * lam.clamp_min(0).sqrt()) @ vec.mT  # K^(1/2), symmetric PSD
-    c = root @ gk.double()  # [n, S, d_kv]
+    x64, b = x.double(), gk.double()
+    kernel = x64 @ x64.mT
+    if route == "gram":
+        gram = b.mT @ (kernel @ b)  # [n, d_kv, d_kv]
+    else:
+        lam, vec = torch.linalg.eigh(kernel)
+        c = ((vec * lam.clamp_min(0).sqrt()) @ vec.mT) @ b  # K^(1/2) B, [n, S, d_kv]
+        gram = c @ c.mT
     if measure == "frobenius":
-        return c.square().sum((-2, -1)).sqrt().float()
-    return torch.linalg.eigvalsh(c @ c.mT).clamp_min(0).sqrt().sum(-1).float()
+        return gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(0).sqrt().float()
+    return torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().sum(-1).float()
 
 
 def _v_measure(g: Tensor, c: Tensor, measure: str) -> Tensor:

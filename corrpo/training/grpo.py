@@ -28,13 +28,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from corrpo.config import RLConfig
+from corrpo.inversion.architectures import decoder_parts
 from corrpo.inversion.rollout_bonus import (
     InversionRewardConfig,
     inversion_bonus,
     response_correlations,
     rollout_correlations,
 )
-from corrpo.inversion.strength_common import ScoringBatch, checkpointed_modules
+from corrpo.inversion.strength_common import ScoringBatch, checkpointed_modules, chosen_logits
 from corrpo.inversion.strength_onepass import onepass_on_forward
 from corrpo.objectives import (
     PolicyLossOutput,
@@ -207,16 +208,24 @@ def shared_inversion_term(
         batch = ScoringBatch.build(rollout.sequences, rollout.attention_mask, rollout.token_mask)
         rows, cols = batch.rows, batch.cols
     kept: dict[str, torch.Tensor] = {}
+    parts = decoder_parts(policy)
+
+    def keep_hidden(_module, args, _output):  # the unembedding's input, in the padded layout (after packing's gather)
+        kept["hidden"] = args[0]
 
     def forward() -> torch.Tensor:
         width = rollout.completion_mask.shape[1] + 1
-        if layout is None:
-            logits = kept["logits"] = completion_logits(policy, rollout)
-        else:
-            logits = kept["logits"] = packed_logits(policy, rollout.sequences, rollout.attention_mask, width, layout)
-        # the kept logits start at column P - 1: token c is predicted at c - 1, kept index c - P
-        z = logits[rows, cols - P, rollout.sequences[rows, cols]]
-        return z.float()  # the model's logits already carry the family's logit map, as z must
+        handle = parts.unembed.register_forward_hook(keep_hidden)
+        try:
+            if layout is None:
+                kept["logits"] = completion_logits(policy, rollout)
+            else:
+                kept["logits"] = packed_logits(policy, rollout.sequences, rollout.attention_mask, width, layout)
+        finally:
+            handle.remove()
+        # the kept columns start at P - 1: token c is predicted at c - 1, kept index c - P. z from the final
+        # hidden state (chosen_logits: the logits' own value, a backward without the vocabulary-wide product)
+        return chosen_logits(parts, kept.pop("hidden")[rows, cols - P], rollout.sequences[rows, cols])
 
     values = onepass_on_forward(policy, batch, config.strength, forward)
     strength = torch.full((B, T), float("nan"), dtype=torch.float32, device=values.device)
