@@ -29,7 +29,7 @@ from corrpo.data.records import RecordError
 from corrpo.inversion.rollout_bonus import InversionRewardConfig, inversion_bonus, rollout_correlations
 from corrpo.module import CorrPOModule
 from corrpo.objectives import clipped_policy_loss, group_advantages, masked_mean
-from corrpo.rewards.accuracy import TIME_BUDGET_S, accuracy_reward
+from corrpo.rewards.accuracy import GOLD_TIME_BUDGET_S, TIME_BUDGET_S, accuracy_reward
 from corrpo.rewards.combine import score_completions
 from corrpo.rewards.format import format_reward
 
@@ -76,6 +76,24 @@ def test_garbage_and_brace_bombs_score_zero_within_their_time_budget(name):
     # checks, not the machine's speed
     limit = 2 * TIME_BUDGET_S + 0.5
     assert elapsed <= limit, f"{name} took {elapsed:.2f} s (limit {limit} s)"
+
+
+def test_a_stall_longer_than_a_completions_budget_leaves_the_gold_scorable_and_the_completion_scored_0(monkeypatch):
+    """A gold answer's parse may take up to GOLD_TIME_BUDGET_S (a pause of a busy process must not make the
+    sample unscorable); a completion's parse still runs out at TIME_BUDGET_S and scores 0."""
+    import corrpo.rewards.accuracy as accuracy
+
+    assert GOLD_TIME_BUDGET_S > 2 * TIME_BUDGET_S
+    real_parse, stall = accuracy.parse, 1.5 * TIME_BUDGET_S
+
+    def stalling(text, **kwargs):
+        if "STALL" in text or "1234" in text:
+            time.sleep(stall)  # interrupted by the deadline's SIGALRM like any parse
+        return real_parse(text.replace("STALL", ""), **kwargs)
+
+    monkeypatch.setattr(accuracy, "parse", stalling)
+    assert accuracy_reward(["p"], ["<answer>1234</answer>"], answer=["STALL1234"]) == [0.0]  # gold parsed, answer not
+    assert accuracy_reward(["p"], ["<answer>77</answer>"], answer=["STALL77"]) == [1.0]
 
 
 def test_after_every_bomb_a_right_answer_still_scores_right_and_fast():

@@ -3,7 +3,9 @@
 Uses math-verify (``parse`` then ``verify(gold, prediction)``; the order matters: the gold decides what
 kind of object is compared). Time is bounded per completion, not per call: math-verify's own whole-second
 alarms are off, and one :func:`corrpo.rewards.deadline.deadline` budget of ``TIME_BUDGET_S`` covers every
-parse and verify of a completion (and of a gold); a completion that runs out scores 0 (a gold: unscorable).
+parse and verify of a completion; a completion that runs out scores 0. A gold answer gets ``GOLD_TIME_BUDGET_S``
+(it is the dataset's, parsed once per group: a pause of a busy process must not make a sample unscorable); a
+gold that runs out is unscorable.
 Off the main thread signals are unavailable, so there the answer text is truncated to ``MAX_ANSWER_CHARS``
 (done everywhere) and nothing else bounds it.
 """
@@ -22,7 +24,9 @@ from corrpo.rewards.deadline import DeadlineExceeded, deadline
 MAX_ANSWER_CHARS = 2_000
 """Answer text beyond this is cut before parsing, so garbage cannot make a step slow."""
 TIME_BUDGET_S = 0.5
-"""Seconds of math-verify work per completion (and per gold answer), main thread only."""
+"""Seconds of math-verify work per completion, main thread only."""
+GOLD_TIME_BUDGET_S = 5.0
+"""Seconds of math-verify work per gold answer, main thread only (brace bombs never reach the parser)."""
 MAX_NESTING = 32
 """Deeper bracket nesting is not an answer: scored 0 (a gold: unscorable) without parsing it at all."""
 
@@ -72,7 +76,7 @@ def parse_gold(gold: Any) -> list | None:
     if too_deep(gold):
         return None
     try:
-        with deadline(TIME_BUDGET_S):
+        with deadline(GOLD_TIME_BUDGET_S):
             parsed = parse(_wrap(gold.strip()[:MAX_ANSWER_CHARS]), parsing_timeout=None)
     except (Exception, DeadlineExceeded):  # noqa: BLE001 - a gold math-verify cannot read is "unscorable"
         return None
