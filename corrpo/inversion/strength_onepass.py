@@ -270,6 +270,10 @@ def _kv_strengths(
     g_all = ctx_grad.float().view(bsz, seq, n_kv, rep, hd)
     key_ok = batch.attention_mask.bool()
     arange = torch.arange(seq, device=x_k.device)
+    if "k" not in names:  # v alone needs only each token's attention context: every token at once, no block loop
+        q_tok = q[batch.rows, batch.cols - 1]
+        c = _v_contexts(q_tok, k_rot, x_v, cos, sin, batch, scale, softcap, window)
+        return {"v": _v_measure(g_all[batch.rows, batch.cols - 1], c, config.measure)}
     out: dict[str, list[Tensor]] = {"k": [], "v": []}
     v_parts: list[tuple[Tensor, Tensor]] = []  # (g, c) per block: v's measure runs once over all tokens
     for b, pos in _row_blocks(batch, config.chunk_size):
@@ -281,11 +285,8 @@ def _kv_strengths(
         cos_b, sin_b = cos[b, lo:S][:, None], sin[b, lo:S][:, None]
         q_rot = _rope(q[b, pos], cos[b, pos][:, None, None], sin[b, pos][:, None, None])  # [n, kv, rep, hd]
         raw = torch.einsum("nkre,ske->nkrs", q_rot, k_rot[b, lo:S]) * scale
-        scores = raw if softcap is None else torch.tanh(raw / softcap) * softcap
-        allowed = (arange[None, lo:S] <= pos[:, None]) & key_ok[b, None, lo:S]  # [n, S - lo]
-        if window is not None:
-            allowed &= arange[None, lo:S] > pos[:, None] - window
-        probs = scores.masked_fill(~allowed[:, None, None, :], float("-inf")).softmax(-1)
+        allowed = _allowed(arange[lo:S], pos, key_ok[b, None, lo:S], window)  # [n, S - lo]
+        probs = _attention_probs(raw, allowed[:, None, None, :], softcap)
         g = g_all[b, pos]  # [n, kv, rep, hd]
         if "v" in names:
             v_parts.append((g, torch.einsum("nkrs,sd->nkrd", probs, x_v[b, lo:S])))
@@ -307,6 +308,73 @@ def _kv_strengths(
     if v_parts:  # per token, so batching the blocks' tokens changes no value, only the number of small ops
         out["v"].append(_v_measure(*(torch.cat(t) for t in zip(*v_parts, strict=True)), config.measure))
     return {n: torch.cat(vals) for n, vals in out.items() if vals}
+
+
+V_BATCH_ELEMENTS = 1 << 24
+"""At most about this many score (and context) elements at once in :func:`_v_contexts` (64 MB in fp32)."""
+
+
+def _allowed(keys: Tensor, pos: Tensor, key_ok: Tensor, window: int | None) -> Tensor:
+    """Which ``keys`` (positions) the queries at ``pos`` attend to: causal, real keys, inside the window."""
+    allowed = (keys <= pos[..., None]) & key_ok
+    if window is not None:
+        allowed &= keys > pos[..., None] - window
+    return allowed
+
+
+def _attention_probs(raw: Tensor, allowed: Tensor, softcap: float | None) -> Tensor:
+    """The attention weights from the scaled raw scores: the family's soft-cap, the mask, softmax over keys."""
+    scores = raw if softcap is None else torch.tanh(raw / softcap) * softcap
+    return scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+
+
+def _v_contexts(
+    q: Tensor,
+    k_rot: Tensor,
+    x_v: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    batch: ScoringBatch,
+    scale: float,
+    softcap: float | None,
+    window: int | None,
+) -> Tensor:
+    """``c [N, kv, rep, d]``: each scored token's attention-weighted v_proj INPUTS ``sum_s p_{n,h,s} x_s`` (what
+    V's closed form needs), for every token of a group of rows at once: row ``b``'s tokens padded to the longest
+    row's count and scored against all of row ``b``'s keys, the keys a token may not see masked (causal, padding,
+    window, and in a packed row every other sequence's: ``batch.segments``). The same weights as the per-block
+    loop of :func:`_kv_strengths` (masked keys weigh exactly 0), in a handful of large ops instead of a dozen small
+    ones per block; rows go in groups of at most :data:`V_BATCH_ELEMENTS` score elements."""
+    rows, pos = batch.rows, batch.cols - 1
+    bsz, seq = batch.input_ids.shape
+    n, n_kv, rep, _ = q.shape
+    q_rot = _rope(q, cos[rows, pos][:, None, None], sin[rows, pos][:, None, None])  # [N, kv, rep, hd]
+    counts = torch.bincount(rows, minlength=bsz)
+    slot = torch.arange(n, device=rows.device) - (counts.cumsum(0) - counts)[rows]  # index within its row
+    width = int(counts.max())
+    keys = torch.arange(seq, device=rows.device)
+    key_ok = batch.attention_mask.bool()
+    out = x_v.new_empty(n, n_kv, rep, x_v.shape[-1])
+    group = max(1, V_BATCH_ELEMENTS // (width * n_kv * rep * max(seq, x_v.shape[-1])))
+    for r0 in range(0, bsz, group):
+        r1 = min(bsz, r0 + group)
+        idx = ((rows >= r0) & (rows < r1)).nonzero().squeeze(1)
+        at = (rows[idx] - r0, slot[idx])
+        q_pad = q_rot.new_zeros(r1 - r0, width, *q_rot.shape[1:])
+        q_pad[at] = q_rot[idx]
+        pos_pad = pos.new_zeros(r1 - r0, width)
+        pos_pad[at] = pos[idx]
+        allowed = _allowed(keys, pos_pad, key_ok[r0:r1, None, :], window)  # [rows, width, T]
+        if batch.segments is not None:  # a packed row: only the token's own sequence
+            seg = batch.segments[r0:r1]
+            allowed &= seg[:, None, :] == seg.gather(1, pos_pad)[:, :, None]
+        real = torch.zeros_like(pos_pad, dtype=torch.bool)
+        real[at] = True
+        allowed[~real] = keys == 0  # padded slots see key 0 alone (no empty softmax); they are dropped below
+        raw = torch.einsum("bnkre,bske->bnkrs", q_pad, k_rot[r0:r1]) * scale
+        probs = _attention_probs(raw, allowed[:, :, None, None, :], softcap)
+        out[idx] = torch.einsum("bnkrs,bsd->bnkrd", probs, x_v[r0:r1])[at]
+    return out
 
 
 def _row_blocks(batch: ScoringBatch, size: int) -> list[tuple[int, Tensor]]:
