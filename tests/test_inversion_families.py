@@ -63,13 +63,14 @@ def test_every_method_matches_loop_other_measures_right_padding(model: torch.nn.
 @pytest.mark.parametrize("measure", ["nuclear", "frobenius", "l1"])
 def test_onepass_v_alone_reads_every_token_at_once_in_row_groups_as_the_loop(model, measure, monkeypatch) -> None:
     """Without K, V's contexts come from one batched pass over groups of rows (``_v_contexts``), not the per-block
-    loop; a tiny element budget forces one row per group. Right padding, every family."""
+    loop; a small element budget cuts rows into pieces of a few tokens, a budget of 1 into one token a piece.
+    Right padding, every family."""
     import corrpo.inversion.strength_onepass as onepass
 
     ids, attn, token_mask = _batch("right")
     kw = dict(measure=measure, projections=("q", "v", "o"))
     ref = logit_grad_strength(model, ids, attn, token_mask, StrengthConfig(**kw, method="loop"))
-    for budget in (onepass.V_BATCH_ELEMENTS, 1):
+    for budget in (onepass.V_BATCH_ELEMENTS, 3 * 4 * 64, 1):
         monkeypatch.setattr(onepass, "V_BATCH_ELEMENTS", budget)
         assert_close(logit_grad_strength(model, ids, attn, token_mask, StrengthConfig(**kw, method="onepass")), ref)
 

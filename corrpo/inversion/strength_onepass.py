@@ -344,36 +344,43 @@ def _v_contexts(
     row's count and scored against all of row ``b``'s keys, the keys a token may not see masked (causal, padding,
     window, and in a packed row every other sequence's: ``batch.segments``). The same weights as the per-block
     loop of :func:`_kv_strengths` (masked keys weigh exactly 0), in a handful of large ops instead of a dozen small
-    ones per block; rows go in groups of at most :data:`V_BATCH_ELEMENTS` score elements."""
+    ones per block. Memory: a row's tokens go in pieces, pieces in groups, of at most :data:`V_BATCH_ELEMENTS`
+    score elements."""
     rows, pos = batch.rows, batch.cols - 1
     bsz, seq = batch.input_ids.shape
     n, n_kv, rep, _ = q.shape
     q_rot = _rope(q, cos[rows, pos][:, None, None], sin[rows, pos][:, None, None])  # [N, kv, rep, hd]
+    per_token = n_kv * rep * max(seq, x_v.shape[-1])  # score (or context) elements of one token
+    # a row's tokens in pieces of at most `width`, so one piece stays within the budget however long the row
     counts = torch.bincount(rows, minlength=bsz)
+    width = max(1, min(int(counts.max()), V_BATCH_ELEMENTS // per_token))
     slot = torch.arange(n, device=rows.device) - (counts.cumsum(0) - counts)[rows]  # index within its row
-    width = int(counts.max())
+    pieces = (counts + width - 1) // width
+    piece = (pieces.cumsum(0) - pieces)[rows] + slot // width  # each token's piece; pieces are row-major
+    piece_row = torch.repeat_interleave(torch.arange(bsz, device=rows.device), pieces)
     keys = torch.arange(seq, device=rows.device)
     key_ok = batch.attention_mask.bool()
     out = x_v.new_empty(n, n_kv, rep, x_v.shape[-1])
-    group = max(1, V_BATCH_ELEMENTS // (width * n_kv * rep * max(seq, x_v.shape[-1])))
-    for r0 in range(0, bsz, group):
-        r1 = min(bsz, r0 + group)
-        idx = ((rows >= r0) & (rows < r1)).nonzero().squeeze(1)
-        at = (rows[idx] - r0, slot[idx])
-        q_pad = q_rot.new_zeros(r1 - r0, width, *q_rot.shape[1:])
+    group = max(1, V_BATCH_ELEMENTS // (width * per_token))
+    for p0 in range(0, len(piece_row), group):
+        p1 = min(len(piece_row), p0 + group)
+        idx = ((piece >= p0) & (piece < p1)).nonzero().squeeze(1)
+        at = (piece[idx] - p0, slot[idx] % width)
+        of = piece_row[p0:p1]  # the row of each piece
+        q_pad = q_rot.new_zeros(p1 - p0, width, *q_rot.shape[1:])
         q_pad[at] = q_rot[idx]
-        pos_pad = pos.new_zeros(r1 - r0, width)
+        pos_pad = pos.new_zeros(p1 - p0, width)
         pos_pad[at] = pos[idx]
-        allowed = _allowed(keys, pos_pad, key_ok[r0:r1, None, :], window)  # [rows, width, T]
+        allowed = _allowed(keys, pos_pad, key_ok[of, None, :], window)  # [pieces, width, T]
         if batch.segments is not None:  # a packed row: only the token's own sequence
-            seg = batch.segments[r0:r1]
+            seg = batch.segments[of]
             allowed &= seg[:, None, :] == seg.gather(1, pos_pad)[:, :, None]
         real = torch.zeros_like(pos_pad, dtype=torch.bool)
         real[at] = True
         allowed[~real] = keys == 0  # padded slots see key 0 alone (no empty softmax); they are dropped below
-        raw = torch.einsum("bnkre,bske->bnkrs", q_pad, k_rot[r0:r1]) * scale
+        raw = torch.einsum("bnkre,bske->bnkrs", q_pad, k_rot[of]) * scale
         probs = _attention_probs(raw, allowed[:, :, None, None, :], softcap)
-        out[idx] = torch.einsum("bnkrs,bsd->bnkrd", probs, x_v[r0:r1])[at]
+        out[idx] = torch.einsum("bnkrs,bsd->bnkrd", probs, x_v[of])[at]
     return out
 
 
