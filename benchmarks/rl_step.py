@@ -61,11 +61,17 @@ PARTS = ("generate", "score", "inversion", "update")
 
 
 def build(
-    G: int, seed: int, inversion: dict, hidden: int | None = None, max_new_tokens: int | None = None
+    G: int,
+    seed: int,
+    inversion: dict,
+    hidden: int | None = None,
+    max_new_tokens: int | None = None,
+    vocab: int | None = None,
 ) -> tuple[CorrPOModule, torch.optim.Optimizer]:
     """The model and RL settings of configs/tiny.yaml itself (so the benchmark cannot drift from the default),
     with ``G`` completions per prompt, the CorR-PO term ``inversion`` (``coef 0`` = plain GRPO), and optionally
-    another width (``hidden``; MLP 3x, the default's ratio) or completion cap."""
+    another width (``hidden``; MLP 3x, the default's ratio), completion cap or vocabulary size (``vocab``, e.g. a
+    real model's 151,936 for Qwen2.5: the unembedding's share of the work)."""
     model_cfg = yaml.safe_load(TINY_CONFIG.read_text())["model"]
     rl_cfg = {**model_cfg["rl"], "num_generations": G, "inversion": inversion}
     if max_new_tokens:
@@ -74,6 +80,8 @@ def build(
     if hidden:
         tiny = replace(tiny, hidden_size=hidden, intermediate_size=3 * hidden, max_position_embeddings=1024)
     module = CorrPOModule(policy=model_cfg["policy"], tiny=tiny, rl=RLConfig(**rl_cfg), seed=seed)
+    if vocab:
+        module.policy.resize_token_embeddings(vocab)
     optimizer = torch.optim.AdamW([p for p in module.policy.parameters() if p.requires_grad], lr=module.rl.lr)
     return module, optimizer
 
@@ -186,10 +194,8 @@ def scaling_table(args, strength: dict) -> dict[str, float]:
     print(header)
     out = {}
     for hidden in args.hidden:
-        module, optimizer = build(args.G, args.seed, {"coef": args.coef, "strength": strength}, hidden, 1024)
-        if args.vocab:  # a real model's vocabulary (Qwen2.5: 151,936): the unembedding's share of the work
-            module.policy.resize_token_embeddings(args.vocab)
-            optimizer = torch.optim.AdamW(module.policy.parameters(), lr=module.rl.lr)
+        inversion = {"coef": args.coef, "strength": strength}
+        module, optimizer = build(args.G, args.seed, inversion, hidden, 1024, args.vocab)
         config = module.policy.config
         gflops = matmul_gflops(config.hidden_size, model_widths(config))
         ctx = module.rl_context(optimizer)
