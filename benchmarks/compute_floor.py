@@ -14,11 +14,16 @@ and ``k`` KV heads of size ``e``, vocabulary ``V``:
 
 A forward's floor sums these over the tokens (causal: token ``t`` attends to ``t + 1`` positions); a training
 step's is 3x its forward (the backward costs twice the forward).
+
+W_k's exact nuclear norm has a second floor, not in FLOPs: one symmetric eigen-solve per scored token, of a Gram
+matrix at least ``min(S, d_kv, d)``-square (``S`` keys seen: the rank bound of its ``d_kv x d`` gradient), which
+LAPACK runs far below the matmul rate; :func:`timed_eigen_solves` times the ones a call really runs.
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -113,3 +118,31 @@ def decode_flops(
 def floor_fraction(flops: float, gflops: float, seconds: float) -> float:
     """``(flops / rate) / seconds``: the share of ``seconds`` the FLOPs alone need at the measured matmul rate."""
     return flops / (gflops * 1e9) / seconds if seconds > 0 else float("nan")
+
+
+@contextmanager
+def timed_eigen_solves():
+    """Inside: the wall time of every ``torch.linalg.eigvalsh`` / ``eigh`` call (the solvers of K's and V's
+    measures), summed in ``spent["seconds"]`` with their count in ``spent["calls"]``; the functions are restored
+    on exit. Timed on the real matrices: LAPACK's time depends on their spectra (the K Grams' rank-deficient
+    spectra solve faster than random matrices of the same sizes), so no stand-in would be a floor."""
+    spent = {"seconds": 0.0, "calls": 0}
+    originals = {name: getattr(torch.linalg, name) for name in ("eigvalsh", "eigh")}
+
+    def timed(fn):
+        def call(*args, **kwargs):
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            spent["seconds"] += time.perf_counter() - start
+            spent["calls"] += 1
+            return out
+
+        return call
+
+    for name, fn in originals.items():
+        setattr(torch.linalg, name, timed(fn))
+    try:
+        yield spent
+    finally:
+        for name, fn in originals.items():
+            setattr(torch.linalg, name, fn)

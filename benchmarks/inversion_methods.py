@@ -17,7 +17,13 @@ ratio; the ``floor`` column is each row's compute-floor fraction (``benchmarks/c
 ``sketch`` (frobenius only) is an estimate, not exact: its rows also show the median relative error and the
 inversion it gives, ``spearman`` = Spearman(entropy, strength) over the checked tokens, next to the loop's.
 
-The last line is ``RESULT onepass_speedup=<x> onepass_max_rel_err=<y>`` for T=256 (or the nearest T); without
+With W_k and the nuclear norm (CPU), each length also prints K's floor: the fp64 eigen-solves onepass runs (one per
+token, at least ``min(S, d_kv, d)``-square: the rank bound of W_k's gradient; ``compute_floor.timed_eigen_solves``,
+timed on its own matrices), plus one no-grad forward of the batch; ``loop / floor`` (``ceiling``) is the most a
+onepass that solves those eigenproblems with LAPACK can reach on this machine, were all its other work free.
+
+The last line is ``RESULT onepass_speedup=<x> onepass_max_rel_err=<y>`` (plus ``onepass_ceiling=<z>`` with K's
+floor) for T=256 (or the nearest T); without
 onepass in ``--methods``, ``RESULT sketch_speedup=<x> sketch_median_rel_err=<y> sketch_spearman_gap=<z>``.
 """
 
@@ -29,7 +35,14 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from compute_floor import best_of, floor_fraction, forward_flops, matmul_gflops, model_widths  # noqa: E402
+from compute_floor import (  # noqa: E402
+    best_of,
+    floor_fraction,
+    forward_flops,
+    matmul_gflops,
+    model_widths,
+    timed_eigen_solves,
+)
 from transformers import AutoModelForCausalLM, Qwen2Config  # noqa: E402
 
 from corrpo.inversion.correlation import batched_spearman  # noqa: E402
@@ -115,9 +128,24 @@ def run_length(model, seq_len: int, args, device: torch.device) -> list[dict]:
         )  # fmt: skip
     loop_secs = rows[0]["secs"]
     flops = scoring_flops(model.config, args.batch, seq_len, args.projections)
+    k_floor = None
+    if "k" in args.projections and args.measure == "nuclear" and device.type == "cpu":
+        # the eigen-solves a onepass call runs (one per token, at least min(S, d_kv, d)-square for W_k), timed on
+        # its own matrices, best of the repeats; plus the forward onepass rides on: what no exact onepass avoids
+        cfg = StrengthConfig(args.measure, layers=args.layers, projections=tuple(args.projections), method="onepass",
+                             chunk_size=args.chunk)  # fmt: skip
+        eigen = float("inf")
+        for _ in range(args.repeats):
+            with timed_eigen_solves() as spent:
+                score_tokens(model, ids, attn, full, cfg)
+            eigen = min(eigen, spent["seconds"])
+        with torch.no_grad():
+            forward, _ = best_of(lambda: model(input_ids=ids, attention_mask=attn, use_cache=False), args.repeats)
+        k_floor = dict(eigen=eigen, forward=forward, ceiling=loop_secs / (eigen + forward))
     for row in rows:
         row["speedup"] = loop_secs / row["secs"]
         row["floor"] = floor_fraction(flops, args.gflops, row["secs"])
+        row["k_floor"] = k_floor
     return rows
 
 
@@ -186,7 +214,8 @@ def main() -> None:
     print("-" * len(header))
     results = []
     for seq_len in args.lengths:
-        for row in run_length(model, seq_len, args, device):
+        rows = run_length(model, seq_len, args, device)
+        for row in rows:
             results.append(row)
             star = "*" if row["extrap"] else " "
             print(
@@ -194,10 +223,20 @@ def main() -> None:
                 f"{row['speedup']:>8.1f}x {row['err']:>12.2e} {row['median_err']:>12.2e} {row['spearman']:>9.4f} "
                 f"{row['floor']:>6.3f}"
             )
+        if (k := rows[0]["k_floor"]) is not None:
+            print(
+                f"  K floor at T={seq_len}: eigen-solves {k['eigen']:.3f} s + one forward {k['forward']:.3f} s; "
+                f"loop / floor = {k['ceiling']:.1f}x, the ceiling were all other work free"
+            )
     target = min(args.lengths, key=lambda t: abs(t - 256))
     at = {r["method"]: r for r in results if r["T"] == target}
     if "onepass" in at:
-        print(f"RESULT onepass_speedup={at['onepass']['speedup']:.1f} onepass_max_rel_err={at['onepass']['err']:.2e}")
+        k = at["onepass"]["k_floor"]
+        ceiling = f" onepass_ceiling={k['ceiling']:.1f}" if k else ""
+        print(
+            f"RESULT onepass_speedup={at['onepass']['speedup']:.1f} onepass_max_rel_err={at['onepass']['err']:.2e}"
+            + ceiling
+        )
     elif "sketch" in at:
         gap = abs(at["sketch"]["spearman"] - at["loop"]["spearman"])
         print(

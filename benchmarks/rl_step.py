@@ -19,12 +19,15 @@ best step). Usage::
 ``--scaling`` times, on a synthetic rollout (random tokens, ``--batch x --G`` rows of a 16-token prompt and
 ``L`` completion tokens) for each ``--hidden`` width and ``--lengths`` L, against the update it rides on (best
 of ``--repeats`` after a warm-up): ``bonus``, the CorR-PO term as a separate scoring pass, and ``shared``, what
-the term adds to the update when it is scored on the update's own forward (the default where exact). Every row
-prints its compute-floor fraction (``benchmarks/compute_floor.py``).
+the term adds to the update when it is scored on the update's own forward (the default where exact), and
+``eigen``, the term's eigen-solves alone (W_k's nuclear norm: one per token, timed on its own matrices by
+``compute_floor.timed_eigen_solves``): with LAPACK's solver no exact term costs less. Every row prints its
+compute-floor fraction (``benchmarks/compute_floor.py``). The step table prints the same eigen-solve share of
+CorR-PO's step when W_k is scored.
 
 The last line is ``RESULT corrpo_over_grpo=<CorR-PO's seconds over GRPO's>`` (plus, with ``--scaling``,
-``bonus_over_update_h512_T256=<x> shared_over_update_h512_T256=<y>``, or the widest, longest cell when that one
-was not measured).
+``bonus_over_update_h512_T256=<x> shared_over_update_h512_T256=<y> eigen_over_update_h512_T256=<z>``, or the
+widest, longest cell when that one was not measured).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from compute_floor import (  # noqa: E402
     forward_flops,
     matmul_gflops,
     model_widths,
+    timed_eigen_solves,
 )
 
 from corrpo.config import RLConfig  # noqa: E402
@@ -87,12 +91,15 @@ def build(
 
 
 def rl_step(module: CorrPOModule, optimizer: torch.optim.Optimizer, records: list[dict], step: int) -> dict:
-    """One RL step of the pipeline; its stage timings, the total and the completion-token count."""
-    result = module.grpo(
-        module.rl_context(optimizer), [r["prompt"] for r in records], [r["answer"] for r in records], step
-    )
+    """One RL step of the pipeline; its stage timings, the total, the completion-token count and the seconds of its
+    eigen-solves (``eigen``: the CorR-PO measures' LAPACK calls, :func:`compute_floor.timed_eigen_solves`)."""
+    with timed_eigen_solves() as spent:
+        result = module.grpo(
+            module.rl_context(optimizer), [r["prompt"] for r in records], [r["answer"] for r in records], step
+        )
     times = {part: result.timings.get(part, 0.0) for part in PARTS}
     times["total"] = sum(times.values())
+    times["eigen"] = spent["seconds"]
     times["tokens"] = float(result.metrics["completions/mean_length"]) * len(records) * module.rl.num_generations
     return times
 
@@ -164,6 +171,12 @@ def step_table(args, strength: dict, gflops: float) -> float:
         f"per-step ratios: median {ratios[len(ratios) // 2]:.3f}, min {ratios[0]:.3f}, max {ratios[-1]:.3f}; "
         f"{same} of {len(pairs)} steps had the same completion tokens on both sides"
     )
+    eigen = best["corrpo"]["eigen"]
+    if eigen > 0:  # W_k's nuclear norm: one eigen-solve per token, at least min(S, d_kv, d)-square
+        print(
+            f"eigen-solves in CorR-PO's step: {eigen:.4f} s = {eigen / best['grpo']['total']:.3f} of GRPO's step: "
+            f"with this solver the ratio is at least {1 + eigen / best['grpo']['total']:.3f} were all other work free"
+        )
     return best["corrpo"]["total"] / best["grpo"]["total"]
 
 
@@ -189,7 +202,7 @@ def scaling_table(args, strength: dict) -> dict[str, float]:
     )
     header = (
         f"{'hidden':>6} {'L':>5} {'bonus s':>9} {'update s':>9} {'bonus/upd':>10} {'shared/upd':>11} "
-        f"{'bonus fl':>9} {'upd fl':>7}"
+        f"{'eigen/upd':>10} {'bonus fl':>9} {'upd fl':>7}"
     )
     print(header)
     out = {}
@@ -213,14 +226,20 @@ def scaling_table(args, strength: dict) -> dict[str, float]:
                 m.grpo._updates(c, r, a, 0, first)
 
             shared = best_of(shared_then_update, args.repeats)[0] - update  # what the term adds to the update
+            eigen = float("inf")  # the term's eigen-solves alone (W_k's: one per token), best of the repeats
+            for _ in range(args.repeats):
+                with timed_eigen_solves() as spent:
+                    term()
+                eigen = min(eigen, spent["seconds"])
             seq = prompt_len + length
             bonus_flops = forward_flops(config, rows, seq, length) + 2 * forward_flops(config, rows, seq, 0, layers=1)
             update_flops = 3 * forward_flops(config, rows, seq, length)
             out[f"bonus_over_update_h{hidden}_T{length}"] = bonus / update
             out[f"shared_over_update_h{hidden}_T{length}"] = shared / update
+            out[f"eigen_over_update_h{hidden}_T{length}"] = eigen / update
             print(
                 f"{hidden:>6} {length:>5} {bonus:>9.3f} {update:>9.3f} {bonus / update:>10.2f} "
-                f"{shared / update:>11.2f} "
+                f"{shared / update:>11.2f} {eigen / update:>10.2f} "
                 f"{floor_fraction(bonus_flops, gflops, bonus):>9.3f} "
                 f"{floor_fraction(update_flops, gflops, update):>7.3f}"
             )
@@ -268,9 +287,8 @@ def main() -> None:
     last = {k: v for k, v in results.items() if "_over_update_" not in k}
     if any("_over_update_" in k for k in results):  # the issue's cell (hidden 512, 256 tokens) when measured
         cell = "h512_T256" if "bonus_over_update_h512_T256" in results else f"h{max(args.hidden)}_T{max(args.lengths)}"
-        last.update(
-            {f"{kind}_over_update_{cell}": results[f"{kind}_over_update_{cell}"] for kind in ("bonus", "shared")}
-        )
+        kinds = ("bonus", "shared", "eigen")
+        last.update({f"{kind}_over_update_{cell}": results[f"{kind}_over_update_{cell}"] for kind in kinds})
     print("RESULT " + " ".join(f"{k}={v:.4f}" for k, v in last.items()))
 
 

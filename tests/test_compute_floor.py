@@ -8,7 +8,13 @@ from conftest import TINY_ARCH
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from compute_floor import attention_flops, decode_flops, floor_fraction, forward_flops  # noqa: E402
+from compute_floor import (  # noqa: E402
+    attention_flops,
+    decode_flops,
+    floor_fraction,
+    forward_flops,
+    timed_eigen_solves,
+)
 
 from corrpo.module import CorrPOModule  # noqa: E402
 
@@ -38,3 +44,17 @@ def test_decode_flops_per_row_lengths_add_each_rows_own_decode_to_one_prefill():
     per_row = sum(decode_flops(config, 1, P, n) - one_prefill for n in lengths)
     assert decode_flops(config, 3, P, lengths, prefill_rows=1) == one_prefill + per_row
     assert decode_flops(config, 3, P, lengths) < decode_flops(config, 3, P, max(lengths))
+
+
+def test_timed_eigen_solves_sums_every_call_and_restores_the_solvers():
+    originals = torch.linalg.eigvalsh, torch.linalg.eigh
+    m = torch.eye(6, dtype=torch.float64).expand(50, 6, 6)
+    with timed_eigen_solves() as spent:
+        torch.linalg.eigvalsh(m)
+        torch.linalg.eigh(m)
+        assert torch.equal(torch.linalg.eigvalsh(m[0]), torch.ones(6, dtype=torch.float64))  # the real solver
+    assert spent["calls"] == 3 and spent["seconds"] > 0.0
+    assert (torch.linalg.eigvalsh, torch.linalg.eigh) == originals
+    with timed_eigen_solves() as none:
+        pass
+    assert none == {"seconds": 0.0, "calls": 0}
