@@ -37,11 +37,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from compute_floor import (  # noqa: E402
     best_of,
+    eigen_seconds_of,
     floor_fraction,
     forward_flops,
     matmul_gflops,
     model_widths,
-    timed_eigen_solves,
 )
 from transformers import AutoModelForCausalLM, Qwen2Config  # noqa: E402
 
@@ -134,11 +134,7 @@ def run_length(model, seq_len: int, args, device: torch.device) -> list[dict]:
         # its own matrices, best of the repeats; plus the forward onepass rides on: what no exact onepass avoids
         cfg = StrengthConfig(args.measure, layers=args.layers, projections=tuple(args.projections), method="onepass",
                              chunk_size=args.chunk)  # fmt: skip
-        eigen = float("inf")
-        for _ in range(args.repeats):
-            with timed_eigen_solves() as spent:
-                score_tokens(model, ids, attn, full, cfg)
-            eigen = min(eigen, spent["seconds"])
+        eigen = eigen_seconds_of(lambda: score_tokens(model, ids, attn, full, cfg), args.repeats)
         with torch.no_grad():
             forward, _ = best_of(lambda: model(input_ids=ids, attention_mask=attn, use_cache=False), args.repeats)
         k_floor = dict(eigen=eigen, forward=forward, ceiling=loop_secs / (eigen + forward))

@@ -46,6 +46,7 @@ import yaml  # noqa: E402
 from compute_floor import (  # noqa: E402
     best_of,
     decode_flops,
+    eigen_seconds_of,
     floor_fraction,
     forward_flops,
     matmul_gflops,
@@ -226,11 +227,7 @@ def scaling_table(args, strength: dict) -> dict[str, float]:
                 m.grpo._updates(c, r, a, 0, first)
 
             shared = best_of(shared_then_update, args.repeats)[0] - update  # what the term adds to the update
-            eigen = float("inf")  # the term's eigen-solves alone (W_k's: one per token), best of the repeats
-            for _ in range(args.repeats):
-                with timed_eigen_solves() as spent:
-                    term()
-                eigen = min(eigen, spent["seconds"])
+            eigen = eigen_seconds_of(term, args.repeats)  # the term's eigen-solves alone (W_k's: one per token)
             seq = prompt_len + length
             bonus_flops = forward_flops(config, rows, seq, length) + 2 * forward_flops(config, rows, seq, 0, layers=1)
             update_flops = 3 * forward_flops(config, rows, seq, length)

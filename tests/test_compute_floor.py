@@ -11,6 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from compute_floor import (  # noqa: E402
     attention_flops,
     decode_flops,
+    eigen_seconds_of,
     floor_fraction,
     forward_flops,
     timed_eigen_solves,
@@ -58,3 +59,14 @@ def test_timed_eigen_solves_sums_every_call_and_restores_the_solvers():
     with timed_eigen_solves() as none:
         pass
     assert none == {"seconds": 0.0, "calls": 0}
+
+
+def test_eigen_seconds_of_is_the_least_of_the_repeats():
+    calls = []
+
+    def solve():
+        calls.append(1)
+        torch.linalg.eigvalsh(torch.eye(4, dtype=torch.float64).expand(8, 4, 4))
+
+    assert eigen_seconds_of(solve, 3) > 0.0 and len(calls) == 3
+    assert eigen_seconds_of(lambda: None, 2) == 0.0
