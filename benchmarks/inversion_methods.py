@@ -17,10 +17,11 @@ ratio; the ``floor`` column is each row's compute-floor fraction (``benchmarks/c
 ``sketch`` (frobenius only) is an estimate, not exact: its rows also show the median relative error and the
 inversion it gives, ``spearman`` = Spearman(entropy, strength) over the checked tokens, next to the loop's.
 
-With W_k and the nuclear norm (CPU), each length also prints K's floor: the fp64 eigen-solves onepass runs (one per
-token, at least ``min(S, d_kv, d)``-square: the rank bound of W_k's gradient; ``compute_floor.timed_eigen_solves``,
-timed on its own matrices), plus one no-grad forward of the batch; ``loop / floor`` (``ceiling``) is the most a
-onepass that solves those eigenproblems with LAPACK can reach on this machine, were all its other work free.
+With W_k, the nuclear norm and onepass (CPU), each length also prints K's floor: the fp64 eigen-solves onepass
+runs (one per token, at least ``min(S, d_kv, d)``-square: the rank bound of W_k's gradient;
+``compute_floor.timed_eigen_solves``, timed on its own matrices), plus one no-grad forward of the batch;
+``loop / floor`` (``ceiling``) is the most a onepass that solves those eigenproblems with LAPACK can reach on this
+machine, were all its other work free.
 
 The last line is ``RESULT onepass_speedup=<x> onepass_max_rel_err=<y>`` (plus ``onepass_ceiling=<z>`` with K's
 floor) for T=256 (or the nearest T); without
@@ -85,7 +86,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def run_length(model, seq_len: int, args, device: torch.device) -> list[dict]:
+def strength_config(args, method: str) -> StrengthConfig:
+    """The benchmark's parameter set and measure, scored by ``method``."""
+    return StrengthConfig(
+        args.measure, layers=args.layers, projections=tuple(args.projections), method=method,
+        chunk_size=args.chunk, sketch_dim=args.sketch_dim,
+    )  # fmt: skip
+
+
+def run_length(model, seq_len: int, args, device: torch.device) -> tuple[list[dict], dict | None]:
+    """Every method's row at length ``seq_len``, and K's floor there (None unless W_k, nuclear, onepass, CPU)."""
     gen = torch.Generator().manual_seed(seq_len)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, seq_len), generator=gen).to(device)
     attn = torch.ones_like(ids)
@@ -103,10 +113,7 @@ def run_length(model, seq_len: int, args, device: torch.device) -> list[dict]:
         n_sub = int(subset.sum())
     rows, ref = [], None
     for method in args.methods:
-        cfg = StrengthConfig(
-            args.measure, layers=args.layers, projections=tuple(args.projections), method=method,
-            chunk_size=args.chunk, sketch_dim=args.sketch_dim,
-        )  # fmt: skip
+        cfg = strength_config(args, method)
         mask = subset if method in ("loop", "vmap") else full
         reps = args.repeats  # every method: one untimed warm-up, then best of ``repeats``
         secs, (entropy, out) = best_of(
@@ -129,11 +136,10 @@ def run_length(model, seq_len: int, args, device: torch.device) -> list[dict]:
     loop_secs = rows[0]["secs"]
     flops = scoring_flops(model.config, args.batch, seq_len, args.projections)
     k_floor = None
-    if "k" in args.projections and args.measure == "nuclear" and device.type == "cpu":
+    if "k" in args.projections and args.measure == "nuclear" and "onepass" in args.methods and device.type == "cpu":
         # the eigen-solves a onepass call runs (one per token, at least min(S, d_kv, d)-square for W_k), timed on
         # its own matrices, best of the repeats; plus the forward onepass rides on: what no exact onepass avoids
-        cfg = StrengthConfig(args.measure, layers=args.layers, projections=tuple(args.projections), method="onepass",
-                             chunk_size=args.chunk)  # fmt: skip
+        cfg = strength_config(args, "onepass")
         eigen = eigen_seconds_of(lambda: score_tokens(model, ids, attn, full, cfg), args.repeats)
         with torch.no_grad():
             forward, _ = best_of(lambda: model(input_ids=ids, attention_mask=attn, use_cache=False), args.repeats)
@@ -141,8 +147,7 @@ def run_length(model, seq_len: int, args, device: torch.device) -> list[dict]:
     for row in rows:
         row["speedup"] = loop_secs / row["secs"]
         row["floor"] = floor_fraction(flops, args.gflops, row["secs"])
-        row["k_floor"] = k_floor
-    return rows
+    return rows, k_floor
 
 
 def scoring_flops(config, rows: int, seq_len: int, projections: list[str]) -> float:
@@ -208,9 +213,9 @@ def main() -> None:
     )
     print(header)
     print("-" * len(header))
-    results = []
+    results, k_floors = [], {}
     for seq_len in args.lengths:
-        rows = run_length(model, seq_len, args, device)
+        rows, k_floors[seq_len] = run_length(model, seq_len, args, device)
         for row in rows:
             results.append(row)
             star = "*" if row["extrap"] else " "
@@ -219,7 +224,7 @@ def main() -> None:
                 f"{row['speedup']:>8.1f}x {row['err']:>12.2e} {row['median_err']:>12.2e} {row['spearman']:>9.4f} "
                 f"{row['floor']:>6.3f}"
             )
-        if (k := rows[0]["k_floor"]) is not None:
+        if (k := k_floors[seq_len]) is not None:
             print(
                 f"  K floor at T={seq_len}: eigen-solves {k['eigen']:.3f} s + one forward {k['forward']:.3f} s; "
                 f"loop / floor = {k['ceiling']:.1f}x, the ceiling were all other work free"
@@ -227,7 +232,7 @@ def main() -> None:
     target = min(args.lengths, key=lambda t: abs(t - 256))
     at = {r["method"]: r for r in results if r["T"] == target}
     if "onepass" in at:
-        k = at["onepass"]["k_floor"]
+        k = k_floors[target]
         ceiling = f" onepass_ceiling={k['ceiling']:.1f}" if k else ""
         print(
             f"RESULT onepass_speedup={at['onepass']['speedup']:.1f} onepass_max_rel_err={at['onepass']['err']:.2e}"

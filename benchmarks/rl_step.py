@@ -174,9 +174,10 @@ def step_table(args, strength: dict, gflops: float) -> float:
     )
     eigen = best["corrpo"]["eigen"]
     if eigen > 0:  # W_k's nuclear norm: one eigen-solve per token, at least min(S, d_kv, d)-square
+        share = eigen / best["grpo"]["total"]
         print(
-            f"eigen-solves in CorR-PO's step: {eigen:.4f} s = {eigen / best['grpo']['total']:.3f} of GRPO's step: "
-            f"with this solver the ratio is at least {1 + eigen / best['grpo']['total']:.3f} were all other work free"
+            f"eigen-solves in CorR-PO's step: {eigen:.4f} s = {share:.3f} of GRPO's step: "
+            f"with this solver the ratio is at least {1 + share:.3f} were all other work free"
         )
     return best["corrpo"]["total"] / best["grpo"]["total"]
 
