@@ -121,31 +121,58 @@ def floor_fraction(flops: float, gflops: float, seconds: float) -> float:
 
 
 @contextmanager
-def timed_eigen_solves():
-    """Inside: the wall time of every ``torch.linalg.eigvalsh`` / ``eigh`` call (the solvers of K's and V's
-    measures), summed in ``spent["seconds"]`` with their count in ``spent["calls"]``; the functions are restored
-    on exit. Timed on the real matrices: LAPACK's time depends on their spectra (the K Grams' rank-deficient
-    spectra solve faster than random matrices of the same sizes), so no stand-in would be a floor."""
-    spent = {"seconds": 0.0, "calls": 0}
-    originals = {name: getattr(torch.linalg, name) for name in ("eigvalsh", "eigh")}
+def timed_calls(classes: dict[str, list[tuple[object, str]]]):
+    """Inside: the wall time of every call of each class of functions, ``classes = {name: [(owner, attribute),
+    ...]}`` (``(torch, "bmm")``, ``(torch.Tensor, "exponential_")``), summed in ``spent[name]["seconds"]`` with the
+    count in ``spent[name]["calls"]``; the attributes are restored on exit. A timed call made inside another timed
+    call is not counted again (the outer one's time holds it). Wraps the functions the code looks up at call time,
+    so the split is of the very calls a benchmark makes, at their real shapes, without a profiler's overhead on
+    the small ops in between (a wrapper costs two clock reads a call)."""
+    spent = {name: {"seconds": 0.0, "calls": 0} for name in classes}
+    active = [False]  # inside a timed call: nested ones are part of it
+    saved = []
 
-    def timed(fn):
+    def timed(fn, record):
         def call(*args, **kwargs):
+            if active[0]:
+                return fn(*args, **kwargs)
+            active[0] = True
             start = time.perf_counter()
-            out = fn(*args, **kwargs)
-            spent["seconds"] += time.perf_counter() - start
-            spent["calls"] += 1
-            return out
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                record["seconds"] += time.perf_counter() - start
+                record["calls"] += 1
+                active[0] = False
 
         return call
 
-    for name, fn in originals.items():
-        setattr(torch.linalg, name, timed(fn))
     try:
+        for name, targets in classes.items():
+            for owner, attribute in targets:
+                saved.append((owner, attribute, attribute in vars(owner), getattr(owner, attribute)))
+                setattr(owner, attribute, timed(saved[-1][3], spent[name]))
         yield spent
     finally:
-        for name, fn in originals.items():
-            setattr(torch.linalg, name, fn)
+        for owner, attribute, own, fn in reversed(saved):
+            if own:
+                setattr(owner, attribute, fn)
+            else:  # inherited (a Tensor method): drop the shadowing wrapper
+                delattr(owner, attribute)
+
+
+EIGEN_SOLVERS = {"eigen": [(torch.linalg, "eigvalsh"), (torch.linalg, "eigh")]}
+"""The solvers of K's and V's measures (:func:`timed_eigen_solves`)."""
+
+
+@contextmanager
+def timed_eigen_solves():
+    """Inside: the wall time of every ``torch.linalg.eigvalsh`` / ``eigh`` call (the solvers of K's and V's
+    measures), summed in ``spent["seconds"]`` with their count in ``spent["calls"]`` (:func:`timed_calls`). Timed
+    on the real matrices: LAPACK's time depends on their spectra (the K Grams' rank-deficient spectra solve faster
+    than random matrices of the same sizes), so no stand-in would be a floor."""
+    with timed_calls(EIGEN_SOLVERS) as spent:
+        yield spent["eigen"]
 
 
 def eigen_seconds_of(fn, repeats: int) -> float:

@@ -10,12 +10,16 @@ too (the same distribution and the same ``torch.multinomial`` draws give the sam
 
 Beside the seconds, each side's FLOPs (``benchmarks/compute_floor.py``'s ``decode_flops``: HF prefills ``B * G``
 prompt rows and decodes every row to the last step, the lean loop prefills ``B`` and decodes each row to its eos)
-over the matmul rate measured in the same run give its fraction of the compute floor. Usage::
+over the matmul rate measured in the same run give its fraction of the compute floor. Then ``--repeats`` more
+sampled calls of the lean loop run with its big ops timed (``compute_floor.timed_calls``): the linear maps
+(``F.linear``), the attention products (``torch.baddbmm`` / ``torch.bmm``) and the random draws
+(``Tensor.exponential_``, the numbers HF draws too); the fastest call's split says how much of the loop is the
+small ops between them, and ``big_ops_over_hf`` what ``fast_over_hf`` would be were those free. Usage::
 
     python benchmarks/generation.py [--batch 16] [--repeats 5] [--threads 1]
 
 The last line is ``RESULT fast_over_hf=<best fast / best HF> greedy_identical=<true|false>
-sampled_identical=<true|false>``.
+sampled_identical=<true|false> big_ops_over_hf=<the big ops of the fastest timed-split call / best HF>``.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
-from compute_floor import decode_flops, matmul_gflops, model_widths  # noqa: E402
+from compute_floor import decode_flops, matmul_gflops, model_widths, timed_calls  # noqa: E402
 
 from corrpo.batching import encode_prompts  # noqa: E402
 from corrpo.config import RLConfig  # noqa: E402
@@ -39,12 +43,31 @@ from corrpo.models import TinyArchitecture, load_policy  # noqa: E402
 from corrpo.rollout import HFGenerator  # noqa: E402
 
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+BIG_OPS = {
+    "linear maps": [(torch.nn.functional, "linear")],
+    "attention products": [(torch, "baddbmm"), (torch, "bmm")],
+    "random draws": [(torch.Tensor, "exponential_")],
+}
+"""The lean loop's big ops, by the functions it (and the HF prefill it runs) calls: what the split times."""
 
 
 def timed(generator, model, ids, mask, G, sampling, eos, pad, greedy=False):
     start = time.perf_counter()
     rollout = generator.generate(model, ids, mask, G, sampling, eos, pad, greedy=greedy)
     return time.perf_counter() - start, rollout
+
+
+def big_ops_split(generator, model, ids, mask, G, sampling, eos, pad, repeats, seed):
+    """The fastest of ``repeats`` sampled calls of ``generator`` with :data:`BIG_OPS` timed: ``(its seconds,
+    {class: seconds})``, the classes' seconds summed per call (``compute_floor.timed_calls``)."""
+    best, split = float("inf"), {}
+    for repeat in range(max(1, repeats)):
+        torch.manual_seed(seed * 1009 + repeat + 1)
+        with timed_calls(BIG_OPS) as spent:
+            seconds, _ = timed(generator, model, ids, mask, G, sampling, eos, pad)
+        if seconds < best:
+            best, split = seconds, {name: record["seconds"] for name, record in spent.items()}
+    return best, split
 
 
 def main() -> None:
@@ -104,9 +127,17 @@ def main() -> None:
             f"{name:<6}{best[name]:>10.4f}{flops[name] / 1e9:>10.3f}{floor:>10.4f}"
             f"{floor / best[name]:>10.3f}{best[name] / best['hf']:>8.3f}"
         )
+    seconds, split = big_ops_split(sides["fast"], model, ids, mask, G, sampling, eos, pad, args.repeats, args.seed)
+    split["the other ops"] = max(0.0, seconds - sum(split.values()))
+    parts = ", ".join(f"{name} {secs:.4f} s ({secs / seconds:.0%})" for name, secs in split.items())
+    big = (seconds - split["the other ops"]) / best["hf"]
+    print(
+        f"where the lean loop's time goes (the fastest of {args.repeats} more sampled calls, {seconds:.4f} s, its big "
+        f"ops timed): {parts}; were the other ops free, fast_over_hf would be {big:.3f}"
+    )
     print(
         f"RESULT fast_over_hf={best['fast'] / best['hf']:.4f} greedy_identical={str(identical).lower()} "
-        f"sampled_identical={str(same_samples).lower()}"
+        f"sampled_identical={str(same_samples).lower()} big_ops_over_hf={big:.4f}"
     )
 
 

@@ -23,7 +23,10 @@ the term adds to the update when it is scored on the update's own forward (the d
 ``eigen``, the term's eigen-solves alone (W_k's nuclear norm: one per token, timed on its own matrices by
 ``compute_floor.timed_eigen_solves``): with LAPACK's solver no exact term costs less. Every row prints its
 compute-floor fraction (``benchmarks/compute_floor.py``). The step table prints the same eigen-solve share of
-CorR-PO's step when W_k is scored.
+CorR-PO's step when W_k is scored, and what the term adds to GRPO's update (CorR-PO's ``inversion`` + ``update``
+less GRPO's ``update``) split by its big calls (``compute_floor.timed_calls``): ``torch.autograd.grad`` (its
+backward from the chosen logits to the last layer), ``torch.linalg.qr`` (V's measure) and the eigen-solves,
+against the 0.1 of GRPO's step that 1.1x allows.
 
 The last line is ``RESULT corrpo_over_grpo=<CorR-PO's seconds over GRPO's>`` (plus, with ``--scaling``,
 ``bonus_over_update_h512_T256=<x> shared_over_update_h512_T256=<y> eigen_over_update_h512_T256=<z>``, or the
@@ -44,6 +47,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 import torch  # noqa: E402
 import yaml  # noqa: E402
 from compute_floor import (  # noqa: E402
+    EIGEN_SOLVERS,
     best_of,
     decode_flops,
     eigen_seconds_of,
@@ -51,7 +55,7 @@ from compute_floor import (  # noqa: E402
     forward_flops,
     matmul_gflops,
     model_widths,
-    timed_eigen_solves,
+    timed_calls,
 )
 
 from corrpo.config import RLConfig  # noqa: E402
@@ -63,6 +67,12 @@ from corrpo.training.grpo import inversion_term, shared_inversion_term  # noqa: 
 
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 PARTS = ("generate", "score", "inversion", "update")
+TERM_CALLS = {
+    **EIGEN_SOLVERS,
+    "backward": [(torch.autograd, "grad")],  # the term's backward to the last layer (the update uses .backward())
+    "qr": [(torch.linalg, "qr")],
+}
+"""The CorR-PO term's big calls, timed in every step (``compute_floor.timed_calls``)."""
 
 
 def build(
@@ -92,15 +102,15 @@ def build(
 
 
 def rl_step(module: CorrPOModule, optimizer: torch.optim.Optimizer, records: list[dict], step: int) -> dict:
-    """One RL step of the pipeline; its stage timings, the total, the completion-token count and the seconds of its
-    eigen-solves (``eigen``: the CorR-PO measures' LAPACK calls, :func:`compute_floor.timed_eigen_solves`)."""
-    with timed_eigen_solves() as spent:
+    """One RL step of the pipeline; its stage timings, the total, the completion-token count and the seconds of the
+    CorR-PO term's big calls (:data:`TERM_CALLS`; ``eigen``: the measures' LAPACK eigen-solves)."""
+    with timed_calls(TERM_CALLS) as spent:
         result = module.grpo(
             module.rl_context(optimizer), [r["prompt"] for r in records], [r["answer"] for r in records], step
         )
     times = {part: result.timings.get(part, 0.0) for part in PARTS}
     times["total"] = sum(times.values())
-    times["eigen"] = spent["seconds"]
+    times.update({name: record["seconds"] for name, record in spent.items()})
     times["tokens"] = float(result.metrics["completions/mean_length"]) * len(records) * module.rl.num_generations
     return times
 
@@ -179,6 +189,15 @@ def step_table(args, strength: dict, gflops: float) -> float:
             f"eigen-solves in CorR-PO's step: {eigen:.4f} s = {share:.3f} of GRPO's step: "
             f"with this solver the ratio is at least {1 + share:.3f} were all other work free"
         )
+    corrpo, grpo = best["corrpo"], best["grpo"]
+    term = corrpo["inversion"] + corrpo["update"] - grpo["update"]
+    split = {name: corrpo[name] for name in TERM_CALLS}
+    split["the rest"] = term - sum(split.values())
+    print(
+        f"the term over GRPO's update: {term:.4f} s (CorR-PO's inversion + update - GRPO's update): "
+        + ", ".join(f"{name} {secs:.4f} s" for name, secs in split.items())
+        + f"; 1.1x allows {0.1 * grpo['total']:.4f} s for all CorR-PO adds"
+    )
     return best["corrpo"]["total"] / best["grpo"]["total"]
 
 

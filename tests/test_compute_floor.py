@@ -2,7 +2,9 @@
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
 import torch
 from conftest import TINY_ARCH
 from torch.utils.flop_counter import FlopCounterMode
@@ -14,6 +16,7 @@ from compute_floor import (  # noqa: E402
     eigen_seconds_of,
     floor_fraction,
     forward_flops,
+    timed_calls,
     timed_eigen_solves,
 )
 
@@ -70,3 +73,33 @@ def test_eigen_seconds_of_is_the_least_of_the_repeats():
 
     assert eigen_seconds_of(solve, 3) > 0.0 and len(calls) == 3
     assert eigen_seconds_of(lambda: None, 2) == 0.0
+
+
+def test_timed_calls_counts_each_class_and_restores_functions_and_tensor_methods():
+    original_bmm = torch.bmm
+    a = torch.randn(3, 2, 4)
+    with timed_calls({"products": [(torch, "bmm")], "draws": [(torch.Tensor, "exponential_")]}) as spent:
+        for _ in range(3):
+            out = torch.bmm(a, a.mT)
+        torch.empty(5).exponential_(1)
+        torch.empty(5).exponential_(1)
+    assert torch.equal(out, original_bmm(a, a.mT))  # the real function ran
+    assert spent["products"]["calls"] == 3 and spent["draws"]["calls"] == 2
+    assert spent["products"]["seconds"] > 0.0 and spent["draws"]["seconds"] > 0.0
+    assert torch.bmm is original_bmm and "exponential_" not in vars(torch.Tensor)  # inherited: the wrapper is gone
+
+
+def test_timed_calls_counts_a_call_made_inside_another_timed_call_once():
+    holder = SimpleNamespace(outer=lambda: torch.bmm(torch.ones(1, 1, 1), torch.ones(1, 1, 1)))
+    with timed_calls({"outer": [(holder, "outer")], "bmm": [(torch, "bmm")]}) as spent:
+        holder.outer()
+        torch.bmm(torch.ones(1, 1, 1), torch.ones(1, 1, 1))
+    assert spent["outer"]["calls"] == 1 and spent["bmm"]["calls"] == 1
+
+
+def test_timed_calls_restores_the_functions_when_the_body_raises():
+    original = torch.baddbmm
+    with pytest.raises(RuntimeError, match="inside"):
+        with timed_calls({"products": [(torch, "baddbmm")]}):
+            raise RuntimeError("inside")
+    assert torch.baddbmm is original
