@@ -150,8 +150,9 @@ def timed_calls(classes: dict[str, list[tuple[object, str]]]):
     try:
         for name, targets in classes.items():
             for owner, attribute in targets:
-                saved.append((owner, attribute, attribute in vars(owner), getattr(owner, attribute)))
-                setattr(owner, attribute, timed(saved[-1][3], spent[name]))
+                fn = getattr(owner, attribute)
+                saved.append((owner, attribute, attribute in vars(owner), fn))
+                setattr(owner, attribute, timed(fn, spent[name]))
         yield spent
     finally:
         for owner, attribute, own, fn in reversed(saved):

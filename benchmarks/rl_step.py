@@ -182,14 +182,14 @@ def step_table(args, strength: dict, gflops: float) -> float:
         f"per-step ratios: median {ratios[len(ratios) // 2]:.3f}, min {ratios[0]:.3f}, max {ratios[-1]:.3f}; "
         f"{same} of {len(pairs)} steps had the same completion tokens on both sides"
     )
-    eigen = best["corrpo"]["eigen"]
+    corrpo, grpo = best["corrpo"], best["grpo"]
+    eigen = corrpo["eigen"]
     if eigen > 0:  # W_k's nuclear norm: one eigen-solve per token, at least min(S, d_kv, d)-square
-        share = eigen / best["grpo"]["total"]
+        share = eigen / grpo["total"]
         print(
             f"eigen-solves in CorR-PO's step: {eigen:.4f} s = {share:.3f} of GRPO's step: "
             f"with this solver the ratio is at least {1 + share:.3f} were all other work free"
         )
-    corrpo, grpo = best["corrpo"], best["grpo"]
     term = corrpo["inversion"] + corrpo["update"] - grpo["update"]
     split = {name: corrpo[name] for name in TERM_CALLS}
     split["the rest"] = term - sum(split.values())
@@ -198,7 +198,7 @@ def step_table(args, strength: dict, gflops: float) -> float:
         + ", ".join(f"{name} {secs:.4f} s" for name, secs in split.items())
         + f"; 1.1x allows {0.1 * grpo['total']:.4f} s for all CorR-PO adds"
     )
-    return best["corrpo"]["total"] / best["grpo"]["total"]
+    return corrpo["total"] / grpo["total"]
 
 
 def synthetic_rollout(vocab: int, rows: int, prompt_len: int, length: int, seed: int) -> Rollout:
