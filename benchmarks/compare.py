@@ -11,7 +11,7 @@ What it does:
    top ``--top-entropy-quantile`` tokens by entropy ("Beyond the 80/20 rule", TRL's ``top_entropy_quantile``),
    the closest published entropy-aware baseline. Everything else is the config's. The test set
    (``data.n_test`` problems, fixed by ``data.arithmetic.seed``) is the same for every run. Each run's
-   ``results.json`` gets ``method``, ``coef`` and ``seed`` keys so ``corrpo.analysis`` labels it. With
+   ``results.json`` gets ``method``, ``coef`` and ``seed`` keys so ``corrpo.runs.analysis`` labels it. With
    ``--reuse`` a method/seed that already has a finished run under ``<out>`` is collected, not trained again.
 3. Collects per run: test accuracy at the start of RL (the SFT policy) and at the end, the last row of
    ``emergence.csv`` (Spearman rho of the inversion tracker; strength = -rho) and wall time; writes a
@@ -51,8 +51,8 @@ from pathlib import Path
 
 import yaml
 
-from corrpo.comparison import METHODS, collect_run, fmt_mean_std, fmt_number, result_line, write_report
-from corrpo.run_folder import RunFolder, newest_finished_run
+from corrpo.runs.comparison import METHODS, collect_run, fmt_mean_std, fmt_number, result_line, write_report
+from corrpo.runs.run_folder import RunFolder, newest_finished_run
 
 ROOT = Path(__file__).resolve().parents[1]
 

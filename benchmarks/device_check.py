@@ -7,7 +7,7 @@ On CUDA, in under 8 minutes, on the Qwen2.5-0.5B-shaped random model (``benchmar
 2. ``steps``: one corrpo SFT step, GRPO step and CorR-PO step (q,k,v,o and q,v,o): peak
    ``torch.cuda.max_memory_allocated``, bytes a parameter, seconds and tokens/s;
 3. ``generate``: Hugging Face ``generate`` throughput (sampled tokens/s);
-4. ``vllm``: :class:`corrpo.vllm_generator.VLLMGenerator`'s throughput, when vLLM is installed;
+4. ``vllm``: :class:`corrpo.generation.vllm.VLLMGenerator`'s throughput, when vLLM is installed;
 5. ``sharded``: ``benchmarks/sharded_memory.py --device cuda`` (DDP against FSDP2, peak memory per rank, 2 ranks
    on 2 GPUs over NCCL), when the machine has 2 GPUs (NCCL cannot put two ranks on one GPU); skipped otherwise
    and with ``--cpu`` (the CPU measurement is ``benchmarks/sharded_memory.py`` itself).
@@ -105,9 +105,9 @@ def peak(device: str) -> int | None:
 
 
 def steps_section(folder: Path, device: str, shapes: Shapes) -> dict:
-    from corrpo.config import RLConfig, SFTConfig
+    from corrpo.generation.rollout import SamplingConfig
     from corrpo.module import CorrPOModule
-    from corrpo.rollout import SamplingConfig
+    from corrpo.training.config import RLConfig, SFTConfig
     from corrpo.training.sft import sft_step
 
     out = {}
@@ -172,8 +172,8 @@ def vllm_section(folder: Path, device: str, shapes: Shapes) -> dict:
         return {"skipped": "vllm needs a GPU"}
     from transformers import AutoModelForCausalLM
 
-    from corrpo.rollout import SamplingConfig
-    from corrpo.vllm_generator import VLLMGenerator
+    from corrpo.generation.rollout import SamplingConfig
+    from corrpo.generation.vllm import VLLMGenerator
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, shapes.dtype)).to(device)
     generator = VLLMGenerator(gpu_memory_utilization=0.3, max_model_len=1024)

@@ -1,6 +1,6 @@
 """Every listed decoder family x every exact strength method: wall time and max relative error against ``loop``.
 
-Each family's tiny random model (``corrpo.tiny_families.random_family_model``: 2 layers, ``--hidden`` wide,
+Each family's tiny random model (``corrpo.models.tiny_families.random_family_model``: 2 layers, ``--hidden`` wide,
 init std 0.2, perturbed norms, the family's soft-caps / windows / multipliers shrunk so that they bite) scores
 ``--batch`` left-padded random sequences of length ``--seq`` with the last layer's q, k, v, o and MLP
 weights (nuclear norm). ``loop`` is the reference; a family counts EXACT when every method available for it
@@ -32,8 +32,8 @@ from compute_floor import best_of  # noqa: E402
 from corrpo.inversion.correlation import batched_spearman  # noqa: E402
 from corrpo.inversion.strength import StrengthConfig, score_tokens  # noqa: E402
 from corrpo.inversion.strength_common import max_relative_error  # noqa: E402
-from corrpo.models import TinyArchitecture  # noqa: E402
-from corrpo.tiny_families import TINY_FAMILY_NAMES, random_family_model  # noqa: E402
+from corrpo.models.loading import TinyArchitecture  # noqa: E402
+from corrpo.models.tiny_families import TINY_FAMILY_NAMES, random_family_model  # noqa: E402
 
 METHODS = ("loop", "vmap", "onepass")
 TOL = 1e-4

@@ -44,7 +44,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from conftest import TINY_FAST_ARGS  # noqa: E402
 
-from corrpo.run_folder import RunFolder  # noqa: E402
+from corrpo.runs.run_folder import RunFolder  # noqa: E402
 
 STEPS = ["--model.sft.steps=3", "--model.rl.steps=3", "--model.rl.inversion.coef=0.5", "--model.rl.lr=1e-3"]
 OTHER_RUN = ["--model.rl.lr=5e-4"]  # a different experiment sharing the root
@@ -189,7 +189,7 @@ class Campaign:
 
     def finish(self, out: Outcome, root: Path, tmpdir: Path, run: Path, config_bytes: bytes, corrupted=()) -> None:
         """Resume with ``--ckpt_path last`` here and fill in the comparison."""
-        from corrpo.resume import checkpoint_problem
+        from corrpo.runs.resume import checkpoint_problem
 
         try:
             with warnings.catch_warnings():
@@ -252,7 +252,7 @@ class Campaign:
     def wrong_run(self) -> Outcome:
         """Run A crashes; run B (another lr) finishes later in the same root; a third config is refused; A's
         command resumes A, not the newer B, and neither config.yaml changes."""
-        from corrpo.resume import ResumeError
+        from corrpo.runs.resume import ResumeError
 
         out = Outcome("wrong-run-resume")
         root, tmpdir = self.work / out.name, self.work / f"tmp-{out.name}"
@@ -285,7 +285,7 @@ def checkpoints_left(run: Path) -> str:
     """``last=4 step4=4`` (file=global step), ``last=0B`` for a broken one: what resume has to choose from."""
     import torch
 
-    from corrpo.resume import checkpoint_problem
+    from corrpo.runs.resume import checkpoint_problem
 
     out = []
     for ckpt in sorted(run.rglob("*.ckpt")):

@@ -35,12 +35,12 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from compute_floor import decode_flops, matmul_gflops, model_widths, timed_calls  # noqa: E402
 
-from corrpo.batching import encode_prompts  # noqa: E402
-from corrpo.config import RLConfig  # noqa: E402
 from corrpo.data.arithmetic import ArithmeticTask  # noqa: E402
-from corrpo.fast_decode import DecodeLoopGenerator  # noqa: E402
-from corrpo.models import TinyArchitecture, load_policy  # noqa: E402
-from corrpo.rollout import HFGenerator  # noqa: E402
+from corrpo.generation.decode_loop import DecodeLoopGenerator  # noqa: E402
+from corrpo.generation.rollout import HFGenerator  # noqa: E402
+from corrpo.models.batching import encode_prompts  # noqa: E402
+from corrpo.models.loading import TinyArchitecture, load_policy  # noqa: E402
+from corrpo.training.config import RLConfig  # noqa: E402
 
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 BIG_OPS = {

@@ -103,7 +103,7 @@ def run_row(setting: str, seed: int, out: Path, collect_only: bool, recollect: b
 
 
 def collect(setting: str, seed: int, folder: Path, wall: float) -> dict:
-    from corrpo.run_folder import find_runs
+    from corrpo.runs.run_folder import find_runs
 
     (run,) = find_runs([folder])
     frame = run.read_emergence()

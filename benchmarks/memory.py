@@ -65,7 +65,7 @@ def build_model(folder: Path, shape: dict) -> None:
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from corrpo.models import build_char_tokenizer
+    from corrpo.models.loading import build_char_tokenizer
 
     if (folder / "config.json").is_file():
         return
@@ -112,9 +112,9 @@ def measure_plain(folder: Path, device: str) -> dict:
 
 
 def corrpo_module(folder: Path, device: str, coef: float = 0.0, projections: list[str] | None = None):
-    from corrpo.config import RLConfig, SFTConfig
+    from corrpo.generation.rollout import SamplingConfig
     from corrpo.module import CorrPOModule
-    from corrpo.rollout import SamplingConfig
+    from corrpo.training.config import RLConfig, SFTConfig
 
     strength = {"projections": projections} if projections else {}
     rl = RLConfig(

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from conftest import run_tiny  # noqa: E402
 
-from corrpo.run_folder import RunFolder  # noqa: E402
+from corrpo.runs.run_folder import RunFolder  # noqa: E402
 
 
 def main() -> None:

@@ -58,11 +58,11 @@ from compute_floor import (  # noqa: E402
     timed_calls,
 )
 
-from corrpo.config import RLConfig  # noqa: E402
 from corrpo.data.arithmetic import ArithmeticTask  # noqa: E402
-from corrpo.models import TinyArchitecture  # noqa: E402
+from corrpo.generation.rollout import Rollout  # noqa: E402
+from corrpo.models.loading import TinyArchitecture  # noqa: E402
 from corrpo.module import CorrPOModule  # noqa: E402
-from corrpo.rollout import Rollout  # noqa: E402
+from corrpo.training.config import RLConfig  # noqa: E402
 from corrpo.training.grpo import inversion_term, shared_inversion_term  # noqa: E402
 
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"

@@ -7,7 +7,7 @@ module's fused AdamW, micro-batch = the batch) on ``4 x 128`` tokens per rank:
 
 - ``ddp``: ``torch.nn.parallel.DistributedDataParallel`` with its defaults (Lightning's ``ddp`` strategy: weights,
   gradients, the gradient buckets and both AdamW moments whole on every rank, about 20 bytes a parameter);
-- ``fsdp2``: :func:`corrpo.sharding.shard_policy` (``fully_shard`` per decoder layer, then the root), what
+- ``fsdp2``: :func:`corrpo.models.sharding.shard_policy` (``fully_shard`` per decoder layer, then the root), what
   ``CorrPOModule.configure_model`` does under ``ModelParallelStrategy``: each rank keeps half of every
   parameter, gradient and moment, plus one gathered layer at a time and the gathered root (embeddings).
 
@@ -65,10 +65,10 @@ def child(args: argparse.Namespace) -> None:
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from corrpo.config import SFTConfig
-    from corrpo.models import build_char_tokenizer
-    from corrpo.sharding import ShardingConfig, shard_policy
+    from corrpo.models.loading import build_char_tokenizer
+    from corrpo.models.sharding import ShardingConfig, shard_policy
     from corrpo.training.collectives import Collectives
+    from corrpo.training.config import SFTConfig
     from corrpo.training.sft import sft_step
     from corrpo.training.update import adamw
 

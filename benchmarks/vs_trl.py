@@ -41,12 +41,12 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from compute_floor import decode_flops, floor_fraction, forward_flops, matmul_gflops, model_widths  # noqa: E402
 
-from corrpo.batching import encode_sft_batch  # noqa: E402
-from corrpo.config import RLConfig, SFTConfig  # noqa: E402
 from corrpo.data.arithmetic import ArithmeticTask  # noqa: E402
-from corrpo.models import TinyArchitecture  # noqa: E402
+from corrpo.models.batching import encode_sft_batch  # noqa: E402
+from corrpo.models.loading import TinyArchitecture  # noqa: E402
 from corrpo.module import CorrPOModule  # noqa: E402
 from corrpo.rewards.accuracy import accuracy_reward  # noqa: E402
+from corrpo.training.config import RLConfig, SFTConfig  # noqa: E402
 from corrpo.training.sft import sft_step  # noqa: E402
 from corrpo.training.update import adamw  # noqa: E402
 

@@ -32,14 +32,14 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from corrpo.batching import encode_sft_batch
 from corrpo.inversion.anatomy_probe import AnatomyProbe, anatomy_columns, anatomy_factors, factor_table
 from corrpo.inversion.metric import InversionStrength
 from corrpo.inversion.strength import score_tokens
 from corrpo.inversion.strength_config import StrengthConfig, strength_spec
-from corrpo.progress import eval_progress
-from corrpo.run_folder import run_folder
-from corrpo.sharding import gathered_copy, is_sharded
+from corrpo.models.batching import encode_sft_batch
+from corrpo.models.sharding import gathered_copy, is_sharded
+from corrpo.runs.progress import eval_progress
+from corrpo.runs.run_folder import run_folder
 from corrpo.training.host import require_host
 
 TABLE_ROWS = 2000
@@ -270,7 +270,7 @@ class InversionTracker(L.Callback):
         loggers = self._wandb_loggers(trainer)
         if not loggers or len(self.rows) < 2:
             return
-        from corrpo.plotting import emergence_figure
+        from corrpo.runs.plotting import emergence_figure
 
         figure = emergence_figure(self.rows, boundary_batches=pl_module.schedule.boundary_step)
         for logger in loggers:

@@ -8,7 +8,7 @@ Beyond stock LightningCLI:
   ``save_dir`` is unset writes there too: the resolved config, the wandb offline run, emergence.csv,
   results.json, checkpoints (``<run>/checkpoints``) and the exported policy sit side by side;
 - ``--ckpt_path last`` resumes the newest run under ``default_root_dir`` whose saved config.yaml matches the
-  command's (:mod:`corrpo.resume`): its newest checkpoint that loads, its folder and its wandb run id (so
+  command's (:mod:`corrpo.runs.resume`): its newest checkpoint that loads, its folder and its wandb run id (so
   the curves continue in the same wandb run); checkpoints of other configs are refused with the differing
   keys, a corrupt one is skipped with its reason; with no checkpoint there it starts fresh, as Lightning
   does. ``--ckpt_path <run folder>`` names the run explicitly. A resumed run's config.yaml is never rewritten;
@@ -30,9 +30,9 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from corrpo.data.datamodule import ReasoningDataModule
 from corrpo.module import CorrPOModule
-from corrpo.resume import ResumeError, checkpoint_problem, is_distributed_checkpoint, resume_point
-from corrpo.run_folder import CONFIG_FILE, RunFolder
-from corrpo.wandb_segments import newest_run_id
+from corrpo.runs.resume import ResumeError, checkpoint_problem, is_distributed_checkpoint, resume_point
+from corrpo.runs.run_folder import CONFIG_FILE, RunFolder
+from corrpo.runs.wandb_segments import newest_run_id
 
 __all__ = ["CorrPOCLI", "ResumeError", "build_cli", "main", "new_run_folder", "resume_point"]
 
@@ -95,7 +95,7 @@ def quiet_lightning_notices() -> None:
 def tag_wandb_runs(config) -> None:
     """Group each wandb run by method (grpo / corrpo / top_entropy, from ``model.rl``) and tag it with the method
     and the seed, unless the config sets them: a sweep's runs then group and filter by method and seed."""
-    from corrpo.run_folder import method_name
+    from corrpo.runs.run_folder import method_name
 
     method = method_name(config.model.rl)
     seed = config.get("seed_everything")
@@ -149,11 +149,11 @@ class CorrPOCLI(LightningCLI):
         parser_subcommands.add_subcommand("report", report, help=SUBCOMMANDS["report"])
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
-        """Lightning's, with :class:`corrpo.progress.PhaseProgressBar` (a bar per phase) as the progress bar unless
+        """Lightning's, with :class:`corrpo.runs.progress.PhaseProgressBar` (a bar per phase) as the progress bar unless
         the config disables the bar or brings its own."""
         from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 
-        from corrpo.progress import PhaseProgressBar
+        from corrpo.runs.progress import PhaseProgressBar
 
         configured = config.get("callbacks") or []
         configured = configured if isinstance(configured, list) else [configured]
@@ -341,7 +341,7 @@ def main() -> None:
     import sys
 
     if len(sys.argv) > 1 and sys.argv[1] == "report":
-        from corrpo.report import report_main
+        from corrpo.runs.report import report_main
 
         report_main(sys.argv[2:])
         return

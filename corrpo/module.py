@@ -35,23 +35,23 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from corrpo.batching import encode_prompts
-from corrpo.config import RLConfig, SFTConfig
 from corrpo.data.records import load_records
-from corrpo.evaluation import EvalConfig, eval_set_name, generate_and_score, sample_metrics
-from corrpo.fast_decode import DecodeLoopGenerator
-from corrpo.lora import LoRAConfig, apply_lora
-from corrpo.models import TinyArchitecture, enable_gradient_checkpointing, export_policy, load_policy
-from corrpo.progress import eval_progress
+from corrpo.generation.decode_loop import DecodeLoopGenerator
+from corrpo.generation.rollout import Generator, Rollout, SamplingConfig, concat_rollouts
+from corrpo.models.batching import encode_prompts
+from corrpo.models.loading import TinyArchitecture, enable_gradient_checkpointing, export_policy, load_policy
+from corrpo.models.lora import LoRAConfig, apply_lora
+from corrpo.models.sharding import ShardingConfig, full_state_dict, is_sharded, shard_policy
 from corrpo.rewards import reward_functions
-from corrpo.rng import restore_rng_states, rng_states
-from corrpo.rollout import Generator, Rollout, SamplingConfig, concat_rollouts
-from corrpo.run_folder import method_name, run_folder
-from corrpo.sharding import ShardingConfig, full_state_dict, is_sharded, shard_policy
+from corrpo.runs.progress import eval_progress
+from corrpo.runs.run_folder import method_name, run_folder
 from corrpo.training.collectives import SINGLE_PROCESS, Collectives, LightningCollectives
+from corrpo.training.config import RLConfig, SFTConfig
+from corrpo.training.evaluation import EvalConfig, eval_set_name, generate_and_score, sample_metrics
 from corrpo.training.forward import row_chunks
 from corrpo.training.grpo import GRPOStep, RLContext
 from corrpo.training.phases import PhaseSchedule
+from corrpo.training.rng import restore_rng_states, rng_states
 from corrpo.training.sft import sft_step
 from corrpo.training.update import UpdateOutcome, adamw
 
@@ -61,7 +61,7 @@ class CorrPOModule(L.LightningModule):
 
     Args:
         policy: ``tiny-<family>`` (``tiny-qwen2``, ``tiny-llama``, ``tiny-qwen3``, ... built offline, see
-            :mod:`corrpo.tiny_families`), a local folder (with its tokenizer files), or a Hugging Face name.
+            :mod:`corrpo.models.tiny_families`), a local folder (with its tokenizer files), or a Hugging Face name.
         tiny: size of the tiny model (ignored for real models).
         dtype: parameter dtype (``float32``, ``bfloat16``); use Trainer ``precision`` for mixed precision.
         attn_implementation: attention kernel for real models (``sdpa``, ``eager``, ``flash_attention_2``).
@@ -72,17 +72,17 @@ class CorrPOModule(L.LightningModule):
         seed: seed of the tiny model's initial weights (and of the LoRA ``A`` init).
         lora: LoRA adapters through PEFT (``pip install "corrpo[lora]"``): only the adapters train, the
             inversion is measured on the effective weights ``W + (alpha / r) B A``; unset = full fine-tuning.
-        generator: the rollout engine, a :class:`corrpo.rollout.Generator` (class path in a config); None =
-            :class:`corrpo.fast_decode.DecodeLoopGenerator` (a lean decode loop, HF ``generate``'s outputs; it
-            falls back to :class:`corrpo.rollout.HFGenerator` for families it does not cover);
-            :class:`corrpo.rollout.HFGenerator` for ``model.generate`` itself;
-            :class:`corrpo.vllm_generator.VLLMGenerator` for vLLM.
+        generator: the rollout engine, a :class:`corrpo.generation.rollout.Generator` (class path in a config); None =
+            :class:`corrpo.generation.decode_loop.DecodeLoopGenerator` (a lean decode loop, HF ``generate``'s
+            outputs; it falls back to :class:`corrpo.generation.rollout.HFGenerator` for families it does not cover);
+            :class:`corrpo.generation.rollout.HFGenerator` for ``model.generate`` itself;
+            :class:`corrpo.generation.vllm.VLLMGenerator` for vLLM.
         gradient_checkpointing: recompute each decoder layer's activations in the backward (Hugging Face's, with
             ``use_reentrant=False``): activation memory of one layer instead of all, about a third more compute.
             The inversion scoring turns it off for its own pass (exact scores either way).
-        eval: when and how to evaluate (:class:`corrpo.evaluation.EvalConfig`): every N steps, pass@k / mean@k
+        eval: when and how to evaluate (:class:`corrpo.training.evaluation.EvalConfig`): every N steps, pass@k / mean@k
             from k samples at a temperature, greedy accuracy, your own eval files, saved generations.
-        sharding: FSDP2 options (:class:`corrpo.sharding.ShardingConfig`: mixed precision, CPU offload), used
+        sharding: FSDP2 options (:class:`corrpo.models.sharding.ShardingConfig`: mixed precision, CPU offload), used
             when ``trainer.strategy`` is Lightning's ``ModelParallelStrategy``: the policy and the KL reference
             are then sharded per decoder layer in :meth:`configure_model`.
     """
@@ -148,7 +148,7 @@ class CorrPOModule(L.LightningModule):
 
     def configure_model(self) -> None:
         """Under ``ModelParallelStrategy`` (which sets ``device_mesh``): shard the policy and the KL reference
-        with FSDP2, per decoder layer then the root (:func:`corrpo.sharding.shard_policy`); else nothing."""
+        with FSDP2, per decoder layer then the root (:func:`corrpo.models.sharding.shard_policy`); else nothing."""
         mesh = self.device_mesh
         if mesh is None:
             if self.sharding != ShardingConfig():

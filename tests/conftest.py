@@ -12,7 +12,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from corrpo.models import TinyArchitecture  # noqa: E402
+from corrpo.models.loading import TinyArchitecture  # noqa: E402
 
 # The 2-layer, 32-wide policy that the tests building a CorrPOModule directly (no CLI) share.
 TINY_ARCH = TinyArchitecture(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -83,7 +83,7 @@ def csv_metrics(run: Path) -> dict[int, dict]:
 @pytest.fixture
 def packings(monkeypatch) -> list[tuple[int, int]]:
     """``(sequences, packed rows)`` of every packed forward that runs."""
-    import corrpo.packing as packing
+    import corrpo.models.packing as packing
 
     seen, real = [], packing.packed_width
 

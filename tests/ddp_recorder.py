@@ -10,7 +10,7 @@ import json
 
 import lightning as L
 
-from corrpo.run_folder import run_dir
+from corrpo.runs.run_folder import run_dir
 
 
 class GroupRecorder(L.Callback):

@@ -8,8 +8,8 @@ generation ran on the policy's current weights.
 
 import torch
 
-from corrpo.models import build_char_tokenizer
-from corrpo.rollout import Generator, HFGenerator, rollout_from_token_lists
+from corrpo.generation.rollout import Generator, HFGenerator, rollout_from_token_lists
+from corrpo.models.loading import build_char_tokenizer
 
 
 def solve(prompt: str) -> int:

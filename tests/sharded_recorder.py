@@ -10,8 +10,8 @@ import json
 import lightning as L
 from torch.distributed.tensor import DTensor
 
-from corrpo.run_folder import run_dir
-from corrpo.sharding import is_sharded
+from corrpo.models.sharding import is_sharded
+from corrpo.runs.run_folder import run_dir
 
 
 class ShardRecorder(L.Callback):

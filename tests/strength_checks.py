@@ -27,3 +27,39 @@ def assert_close(values: torch.Tensor, ref: torch.Tensor, tol: float = 1e-4) -> 
     """Per-token relative agreement with the reference (NaN where not scored must match too)."""
     err = max_relative_error(values, ref)
     assert err <= tol, f"max relative error {err:.2e} > {tol:.0e}"
+
+
+def flipped_pairs(values: torch.Tensor, reference: torch.Tensor) -> int:
+    """How many pairs ``(i, j)`` the two vectors order differently (ties count as an order of their own)."""
+    a, b = values.double(), reference.double()
+    order_a = torch.sign(a[:, None] - a[None, :])
+    order_b = torch.sign(b[:, None] - b[None, :])
+    return int((order_a != order_b).triu(1).sum())
+
+
+def spearman_flip_bound(
+    entropy: torch.Tensor, strength: torch.Tensor, entropy_ref: torch.Tensor, strength_ref: torch.Tensor
+) -> float:
+    """The largest Spearman gap between ``(entropy, strength)`` and the reference pairs that the pairs whose order
+    the two sides disagree on can cause: ``12 (F_H + F_S) / (n (n + 1))`` over ``n`` tokens, ``F`` the flipped pairs.
+
+    Why: a token's rank moves by at most the number of tokens it flips with, so ``sum_i |r'_i - r_i| <= 2 F``; and
+    ``rho = 1 - 6 sum_i d_i^2 / (n (n^2 - 1))`` moves by ``12 |sum_i (q_i - (n+1)/2)(r'_i - r_i)| / (n (n^2 - 1))
+    <= 6 (n - 1) 2 F / (n (n^2 - 1))`` when one side's ranks ``r`` move against the other's ``q`` (then the other
+    side's, by the triangle inequality). No flip: the ranks are the same and so is rho, to rounding. A rank
+    statistic of two computations that agree per token to rounding can still differ by a swapped near-tie: this is
+    the bound such a swap cannot break, and only such swaps can reach."""
+    n = entropy.numel()
+    if n < 2:
+        return 0.0
+    flips = flipped_pairs(entropy, entropy_ref) + flipped_pairs(strength, strength_ref)
+    return 12.0 * flips / (n * (n + 1))
+
+
+def assert_spearman_within_flip_bound(
+    rho: float, rho_ref: float, entropy, strength, entropy_ref, strength_ref, rounding: float = 1e-9
+) -> None:
+    """``|rho - rho_ref|`` within :func:`spearman_flip_bound` (plus float rounding)."""
+    bound = spearman_flip_bound(entropy, strength, entropy_ref, strength_ref)
+    gap = abs(rho - rho_ref)
+    assert gap <= bound + rounding, f"Spearman gap {gap:.3e} > {bound:.3e}, the bound of the pairs flipped"

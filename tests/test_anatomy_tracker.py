@@ -7,14 +7,14 @@ import pytest
 from conftest import REPO
 from scipy.stats import spearmanr
 
-from corrpo import report
 from corrpo.cli import build_cli
 from corrpo.inversion.anatomy import anatomy_factor_names
 from corrpo.inversion.anatomy_probe import factor_table
-from corrpo.inversion.architectures import decoder_parts
-from corrpo.models import load_policy
-from corrpo.plotting import anatomy_figure
-from corrpo.run_folder import ANATOMY_PREFIX, EMERGENCE_COLUMNS, RunFolder
+from corrpo.models.architectures import decoder_parts
+from corrpo.models.loading import load_policy
+from corrpo.runs import report
+from corrpo.runs.plotting import anatomy_figure
+from corrpo.runs.run_folder import ANATOMY_PREFIX, EMERGENCE_COLUMNS, RunFolder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -2,9 +2,10 @@
 
 import torch
 
-from corrpo.batching import completion_mask, encode_prompts, encode_sft_batch, position_ids_from_mask
-from corrpo.models import build_char_tokenizer
-from corrpo.rollout import rollout_from_sequences
+from corrpo.generation.rollout import rollout_from_sequences
+from corrpo.models.batching import completion_mask, encode_prompts, encode_sft_batch
+from corrpo.models.forward import position_ids_from_mask
+from corrpo.models.loading import build_char_tokenizer
 
 TOK = build_char_tokenizer()
 

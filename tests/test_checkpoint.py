@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from callbacks.checkpoint import AtomicCheckpointIO, atomic_torch_save, remove_partial_files
-from corrpo.resume import ResumeError, checkpoint_problem, config_differences, resume_point
+from corrpo.runs.resume import ResumeError, checkpoint_problem, config_differences, resume_point
 
 CONFIG = {"model": {"rl": {"lr": 2e-5, "steps": 80}}, "trainer": {"default_root_dir": "runs/x", "max_steps": -1}}
 

@@ -1,4 +1,4 @@
-"""corrpo.comparison (collecting, statistics, the report) and benchmarks/compare.py's driver, on fake run folders
+"""corrpo.runs.comparison (collecting, statistics, the report) and benchmarks/compare.py's driver, on fake run folders
 (no training)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from corrpo import comparison
+from corrpo.runs import comparison
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,7 +75,7 @@ def test_find_run_dir_and_tag_results(compare, tmp_path):
     results = json.loads((old / "results.json").read_text())
     assert results["method"] == "corrpo" and results["seed"] == 2 and "test_accuracy" in results
 
-    from corrpo.analysis import method_of
+    from corrpo.runs.analysis import method_of
 
     assert method_of(old) == "corrpo"
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import run_tiny
 
-from corrpo.models import load_policy
+from corrpo.models.loading import load_policy
 
 # a reward that differs within groups, so GRPO's advantages are non-zero and RL moves the weights
 SHAPED = ("--model.rl.rewards=[accuracy, format, shaped_rewards:length]", "--model.rl.reward_weights=[1.0, 0.2, 1.0]")

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from corrpo.covariance_tokens import clip_cov_tokens, kl_cov_tokens, token_covariance
-from corrpo.objectives import clipped_policy_loss
+from corrpo.training.covariance_tokens import clip_cov_tokens, kl_cov_tokens, token_covariance
+from corrpo.training.objectives import clipped_policy_loss
 
 ADV = torch.tensor([1.0, -1.0])
 LOGP = torch.tensor([[-1.0, -2.0], [-3.0, -9.0]])

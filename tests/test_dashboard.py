@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import run_tiny
 
-from corrpo.report import find_wandb_log, wandb_history, wandb_records, wandb_summary
+from corrpo.runs.report import find_wandb_log, wandb_history, wandb_records, wandb_summary
 
 
 @pytest.fixture(scope="module")

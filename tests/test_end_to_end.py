@@ -8,7 +8,7 @@ import torch
 from conftest import REPO
 
 from corrpo.cli import build_cli
-from corrpo.models import load_policy
+from corrpo.models.loading import load_policy
 
 
 def test_run_folder_has_wandb_config_policy_results_and_curve(tiny_run):

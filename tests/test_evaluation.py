@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import run_tiny
 
-from corrpo.evaluation import EvalConfig, pass_at_k, reported_ks, sample_metrics
-from corrpo.run_folder import RunFolder
+from corrpo.runs.run_folder import RunFolder
+from corrpo.training.evaluation import EvalConfig, pass_at_k, reported_ks, sample_metrics
 
 
 def brute_force_pass_at_k(scores: list[float], k: int) -> float:

@@ -10,8 +10,8 @@ import pytest
 from conftest import REPO, TINY_ARCH, run_tiny
 
 from corrpo.cli import build_cli
-from corrpo.models import build_char_tokenizer, build_tiny_policy, export_policy, load_policy
-from corrpo.tiny_families import TINY_FAMILY_NAMES
+from corrpo.models.loading import build_char_tokenizer, build_tiny_policy, export_policy, load_policy
+from corrpo.models.tiny_families import TINY_FAMILY_NAMES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -6,11 +6,11 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
-import corrpo.fast_decode as fast_decode
-from corrpo.fast_decode import DecodeLoopGenerator, cached_attention, draw_tokens, next_token_probs
-from corrpo.models import TinyArchitecture
-from corrpo.rollout import HFGenerator, SamplingConfig
-from corrpo.tiny_families import random_family_model, tiny_config
+import corrpo.generation.decode_loop as fast_decode
+from corrpo.generation.decode_loop import DecodeLoopGenerator, cached_attention, draw_tokens, next_token_probs
+from corrpo.generation.rollout import HFGenerator, SamplingConfig
+from corrpo.models.loading import TinyArchitecture
+from corrpo.models.tiny_families import random_family_model, tiny_config
 
 VOCAB, PAD = 64, 0
 ARCH = TinyArchitecture(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -235,7 +235,7 @@ def test_an_unsupported_model_falls_back_to_hf_generate_and_says_why(model, reas
 
 def test_lora_adapters_fall_back_to_hf_generate():
     pytest.importorskip("peft")
-    from corrpo.lora import LoRAConfig, apply_lora
+    from corrpo.models.lora import LoRAConfig, apply_lora
 
     model = apply_lora(model_of("llama"), LoRAConfig(), 0)
     ids, mask = left_padded([4, 6])

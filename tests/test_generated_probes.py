@@ -10,10 +10,10 @@ import torch
 from conftest import TINY_ARCH
 
 from callbacks.inversion import InversionTracker
-from corrpo.config import RLConfig, SamplingConfig
 from corrpo.data.arithmetic import ArithmeticTask
 from corrpo.data.datamodule import ReasoningDataModule
 from corrpo.module import CorrPOModule
+from corrpo.training.config import RLConfig, SamplingConfig
 
 
 def test_generated_probes_are_the_sampled_tokens_with_no_eos_added_to_truncated_ones(one_thread):

@@ -8,9 +8,9 @@ import torch
 from conftest import REPO, run_tiny
 from fake_generators import ScriptedGenerator, solve
 
-from corrpo.batching import completion_mask
 from corrpo.cli import build_cli
-from corrpo.rollout import rollout_from_sequences, rollout_from_token_lists
+from corrpo.generation.rollout import rollout_from_sequences, rollout_from_token_lists
+from corrpo.models.batching import completion_mask
 
 EOS, PAD = 2, 0
 
@@ -73,12 +73,12 @@ def test_a_scripted_engine_drives_rollouts_and_evaluation_and_is_synced_after_ev
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
 def test_vllm_generator_without_vllm_names_the_extra_before_training(tmp_path, capsys):
-    from corrpo.vllm_generator import VLLMGenerator
+    from corrpo.generation.vllm import VLLMGenerator
 
     with pytest.raises(ImportError, match=r'pip install "corrpo\[vllm\]"'):
         VLLMGenerator()
     with pytest.raises((SystemExit, ImportError, ValueError)) as info:
         build_cli(["fit", "--config", str(REPO / "configs" / "tiny.yaml"), f"--trainer.default_root_dir={tmp_path}",
-                   "--model.generator=corrpo.vllm_generator.VLLMGenerator"])  # fmt: skip
+                   "--model.generator=corrpo.generation.vllm.VLLMGenerator"])  # fmt: skip
     assert "corrpo[vllm]" in str(info.value) + capsys.readouterr().err
     assert not list(tmp_path.rglob("emergence.csv"))

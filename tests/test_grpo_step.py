@@ -8,11 +8,11 @@ import pytest
 import torch
 from conftest import TINY_ARCH
 
-import corrpo.packing
-from corrpo.config import RLConfig
+import corrpo.models.packing
 from corrpo.data.arithmetic import ArithmeticTask
+from corrpo.generation.rollout import SamplingConfig
 from corrpo.module import CorrPOModule
-from corrpo.rollout import SamplingConfig
+from corrpo.training.config import RLConfig
 from corrpo.training.grpo import RLStepResult
 
 G = 4
@@ -130,7 +130,7 @@ def test_the_shared_forward_gives_the_separate_passes_bonus_and_update(
 ):
     """``packing``: the shared forward (and both updates) run on packed rows, the separate pass stays padded. Rows
     of twice the longest sequence, so these near-equal lengths do share rows."""
-    monkeypatch.setattr(corrpo.packing, "WIDTH_FACTORS", (2.0,))
+    monkeypatch.setattr(corrpo.models.packing, "WIDTH_FACTORS", (2.0,))
     shared, shared_module = corrpo_step(True, records, projections, packing)
     separate, separate_module = corrpo_step(False, records, projections, packing)
     assert shared.inversion.shared_forward and not separate.inversion.shared_forward
@@ -164,9 +164,9 @@ def test_the_shared_term_equals_the_separate_pass_on_families_with_a_logit_map(f
     """The shared term reads each chosen logit from the unembedding's input (``chosen_logits``), then the family's
     logit map: Gemma 2's soft-cap (its slope differs per token, so rho would differ without it), Granite's
     ``/ logits_scaling``. The same rho as the separate pass, which scores its own forward, padded or packed."""
-    from corrpo.inversion.rollout_bonus import InversionRewardConfig
-    from corrpo.rollout import Rollout
-    from corrpo.tiny_families import random_family_model
+    from corrpo.generation.rollout import Rollout
+    from corrpo.models.tiny_families import random_family_model
+    from corrpo.training.corrpo_term import InversionRewardConfig
     from corrpo.training.grpo import inversion_term, shared_inversion_term
 
     vocab, rows, P, L = 40, 6, 5, 14

@@ -22,16 +22,16 @@ from fault_rewards import poisoned
 from hostile_completions import BOMBS
 
 from corrpo.cli import build_cli
-from corrpo.config import SFTConfig
 from corrpo.data.arithmetic import ArithmeticTask
 from corrpo.data.datamodule import ReasoningDataModule
 from corrpo.data.records import RecordError
-from corrpo.inversion.rollout_bonus import InversionRewardConfig, inversion_bonus, rollout_correlations
 from corrpo.module import CorrPOModule
-from corrpo.objectives import clipped_policy_loss, group_advantages, masked_mean
 from corrpo.rewards.accuracy import GOLD_TIME_BUDGET_S, TIME_BUDGET_S, accuracy_reward
 from corrpo.rewards.combine import score_completions
 from corrpo.rewards.format import format_reward
+from corrpo.training.config import SFTConfig
+from corrpo.training.corrpo_term import InversionRewardConfig, inversion_bonus, rollout_correlations
+from corrpo.training.objectives import clipped_policy_loss, group_advantages, masked_mean
 
 
 # ------------------------------------------------------------------------------------------- data rows
@@ -148,7 +148,7 @@ def test_empty_completions_give_finite_losses_and_no_correlation():
 
 
 def _tiny_policy():
-    from corrpo.models import load_policy
+    from corrpo.models.loading import load_policy
 
     return load_policy("tiny-qwen2", TINY_ARCH, "float32", None, 0)
 

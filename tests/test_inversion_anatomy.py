@@ -8,7 +8,6 @@ from conftest import TINY_ARCH
 from strength_checks import padded_batch
 
 from corrpo.inversion.anatomy import final_norm_factors, norm_logit_gradient, token_anatomy
-from corrpo.inversion.architectures import decoder_parts, select_matrices
 from corrpo.inversion.strength import StrengthConfig, logit_grad_strength
 from corrpo.inversion.strength_common import (
     ScoringBatch,
@@ -17,7 +16,8 @@ from corrpo.inversion.strength_common import (
     max_relative_error,
     scoring_mode,
 )
-from corrpo.tiny_families import TINY_FAMILY_NAMES, random_family_model
+from corrpo.models.architectures import decoder_parts, select_matrices
+from corrpo.models.tiny_families import TINY_FAMILY_NAMES, random_family_model
 
 VOCAB, T = 64, 12
 TOL = 1e-5

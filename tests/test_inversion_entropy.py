@@ -72,7 +72,7 @@ def test_shape_mismatch_raises() -> None:
 @pytest.mark.parametrize("shape", [(3, 7, 11), (2, 130, 50), (1, 5, 1000)])
 def test_the_update_passes_entropy_is_entropy_bits_from_logits_bit_for_bit(shape):
     """The shared CorR-PO forward takes H_t from the update's log-prob pass: it must be this module's entropy."""
-    from corrpo.objectives import token_log_probs_and_entropy
+    from corrpo.training.objectives import token_log_probs_and_entropy
 
     logits = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 4
     targets = torch.zeros(shape[:-1], dtype=torch.long)

@@ -11,18 +11,18 @@ from strength_checks import assert_close, padded_batch
 from torch.func import functional_call
 from transformers import AutoModelForCausalLM, FalconConfig, OPTConfig
 
-import corrpo.inversion.architectures as architectures
-from corrpo.inversion.architectures import decoder_parts, select_matrices
-from corrpo.inversion.families import FamilyLayout, Slot, find_layout
+import corrpo.models.architectures as architectures
 from corrpo.inversion.strength import StrengthConfig, logit_grad_strength
 from corrpo.inversion.strength_common import (
     ScoringBatch,
     forward_hidden_and_z,
     max_relative_error,
-    position_ids_from_mask,
 )
 from corrpo.inversion.strength_sketch import _support, sketch_squared_norms
-from corrpo.tiny_families import TINY_FAMILY_NAMES, random_family_model
+from corrpo.models.architectures import decoder_parts, select_matrices
+from corrpo.models.families import FamilyLayout, Slot, find_layout
+from corrpo.models.forward import position_ids_from_mask
+from corrpo.models.tiny_families import TINY_FAMILY_NAMES, random_family_model
 
 VOCAB, T = 64, 12
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -257,7 +257,7 @@ def test_bf16_onepass_stays_within_the_documented_bound_of_an_fp64_loop(family: 
 def test_lora_on_fused_projections_every_method_matches_loop(family: str, targets: list[str]) -> None:
     """The LoRA wrapper of a fused (or Conv1D) module: its blocks are those of the effective weight."""
     pytest.importorskip("peft")
-    from corrpo.lora import LoRAConfig, apply_lora
+    from corrpo.models.lora import LoRAConfig, apply_lora
 
     model = apply_lora(tiny_family_model(family), LoRAConfig(r=4, alpha=8, target_modules=targets), 0)
     with torch.no_grad():

@@ -7,15 +7,15 @@ import torch
 from strength_checks import assert_close, padded_batch
 from transformers import AutoModelForCausalLM, BloomConfig, LlamaConfig, Qwen2Config
 
-from corrpo.inversion.architectures import decoder_parts, select_weights
 from corrpo.inversion.entropy import scored_token_entropy_bits
 from corrpo.inversion.strength import StrengthConfig, logit_grad_strength, score_tokens
 from corrpo.inversion.strength_common import (
     ScoringBatch,
     forward_hidden_and_z,
-    position_ids_from_mask,
 )
 from corrpo.inversion.strength_sketch import rademacher_directions, sketch_squared_norms
+from corrpo.models.architectures import decoder_parts, select_weights
+from corrpo.models.forward import position_ids_from_mask
 
 VOCAB, T = 64, 12
 _SHAPE = dict(

@@ -14,8 +14,8 @@ from strength_checks import assert_close  # noqa: E402
 
 from corrpo.inversion.strength import StrengthConfig, logit_grad_strength, score_tokens  # noqa: E402
 from corrpo.inversion.strength_common import max_relative_error  # noqa: E402
-from corrpo.lora import LoRAConfig, apply_lora, merged_copy  # noqa: E402
-from corrpo.models import TinyArchitecture, export_policy, load_policy  # noqa: E402
+from corrpo.models.loading import TinyArchitecture, export_policy, load_policy  # noqa: E402
+from corrpo.models.lora import LoRAConfig, apply_lora, merged_copy  # noqa: E402
 
 ARCH = TinyArchitecture(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -86,9 +86,9 @@ def test_strength_is_on_the_effective_weights_for_every_method(family):
 
 @pytest.mark.parametrize("family", ["tiny-qwen2", "tiny-llama"])
 def test_sketch_is_on_the_effective_weights_too(family):
-    from corrpo.inversion.architectures import select_weights
     from corrpo.inversion.strength_common import ScoringBatch
     from corrpo.inversion.strength_sketch import sketch_squared_norms
+    from corrpo.models.architectures import select_weights
 
     model, _ = _lora_policy(family)
     ids, attn, token_mask = _batch()

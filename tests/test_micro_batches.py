@@ -13,11 +13,11 @@ import pytest
 import torch
 from conftest import TINY_ARCH
 
-from corrpo.config import RLConfig, SFTConfig
 from corrpo.data.arithmetic import ArithmeticTask
-from corrpo.inversion.rollout_bonus import InversionRewardConfig, rollout_correlations
+from corrpo.generation.rollout import SamplingConfig, concat_rollouts
 from corrpo.module import CorrPOModule
-from corrpo.rollout import SamplingConfig, concat_rollouts
+from corrpo.training.config import RLConfig, SFTConfig
+from corrpo.training.corrpo_term import InversionRewardConfig, rollout_correlations
 from corrpo.training.forward import row_chunks
 from corrpo.training.sft import sft_step
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from corrpo.models import TinyArchitecture, build_char_tokenizer, export_policy, load_policy
+from corrpo.models.loading import TinyArchitecture, build_char_tokenizer, export_policy, load_policy
 
 TRACE = "7 +3 *2\n<think>7+3=10 10*2=20</think><answer>20</answer>"
 

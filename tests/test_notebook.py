@@ -1,4 +1,4 @@
-"""notebooks/emergence.ipynb runs headless on a real tiny run; corrpo.analysis on synthetic run folders."""
+"""notebooks/emergence.ipynb runs headless on a real tiny run; corrpo.runs.analysis on synthetic run folders."""
 
 import csv
 import json
@@ -10,7 +10,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from corrpo import analysis
+from corrpo.runs import analysis
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from corrpo.objectives import (
+from corrpo.training.objectives import (
     aggregate_token_loss,
     clipped_policy_loss,
     group_advantages,
@@ -170,7 +170,7 @@ def test_high_entropy_mask_takes_batches_beyond_torch_quantiles_size_limit():
 
 
 def test_sliced_log_probs_and_entropy_are_log_softmax_bit_for_bit(monkeypatch):
-    import corrpo.objectives as objectives
+    import corrpo.training.objectives as objectives
 
     monkeypatch.setattr(objectives, "LOG_PROB_SLICE_ELEMENTS", 3 * 11)  # 3 rows a slice: 15 rows in 5 slices
     logits = torch.randn(3, 5, 11, requires_grad=True)

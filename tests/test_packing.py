@@ -11,14 +11,19 @@ import pytest
 import torch
 from conftest import TINY_ARCH
 
-import corrpo.packing
-from corrpo.config import RLConfig, SFTConfig
+import corrpo.models.packing
 from corrpo.data.arithmetic import ArithmeticTask
+from corrpo.generation.rollout import SamplingConfig
+from corrpo.models.packing import (
+    PackedBatch,
+    first_fit_decreasing,
+    forward_logits,
+    packed_width,
+    packing_unsupported_reason,
+)
+from corrpo.models.tiny_families import TINY_FAMILY_NAMES, random_family_model
 from corrpo.module import CorrPOModule
-from corrpo.packing import PackedBatch, first_fit_decreasing, packed_width, packing_unsupported_reason
-from corrpo.rollout import SamplingConfig
-from corrpo.tiny_families import TINY_FAMILY_NAMES, random_family_model
-from corrpo.training.forward import forward_logits
+from corrpo.training.config import RLConfig, SFTConfig
 from corrpo.training.sft import sft_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -116,7 +121,7 @@ def test_the_packing_check_runs_in_eval_mode_so_dropout_does_not_switch_packing_
 def test_a_model_that_ignores_packed_positions_falls_back_to_the_padded_forward_with_a_warning(caplog):
     model = _DropsPositions(random_family_model("qwen2", VOCAB, TINY_ARCH))
     ids, mask = padded_batch()
-    with caplog.at_level(logging.WARNING, logger="corrpo.packing"):
+    with caplog.at_level(logging.WARNING, logger="corrpo.models.packing"):
         reason = packing_unsupported_reason(model)
     assert reason is not None and "change with its neighbour" in reason and "packing is off" in caplog.text
     with torch.no_grad():
@@ -138,7 +143,9 @@ def _assert_same_gradients(a: list[torch.Tensor], b: list[torch.Tensor]) -> None
 
 @pytest.mark.parametrize("micro_batch_size", [None, 3])
 def test_a_packed_sft_step_is_the_padded_step(micro_batch_size, packings, monkeypatch):
-    monkeypatch.setattr(corrpo.packing, "WIDTH_FACTORS", (2.0,))  # rows of twice the longest: near-equal traces pack
+    monkeypatch.setattr(
+        corrpo.models.packing, "WIDTH_FACTORS", (2.0,)
+    )  # rows of twice the longest: near-equal traces pack
     records = ArithmeticTask().records("train", 8)
     prompts, completions = [r["prompt"] for r in records], [r["completion"] for r in records]
     deltas, losses = [], []
@@ -161,7 +168,7 @@ def test_a_packed_sft_step_is_the_padded_step(micro_batch_size, packings, monkey
 
 @pytest.mark.parametrize("beta", [0.0, 0.1])
 def test_a_packed_rl_step_is_the_padded_step(beta, packings, monkeypatch):
-    monkeypatch.setattr(corrpo.packing, "WIDTH_FACTORS", (2.0,))
+    monkeypatch.setattr(corrpo.models.packing, "WIDTH_FACTORS", (2.0,))
     records = ArithmeticTask().records("train", 3)
     prompts, answers = [r["prompt"] for r in records], [r["answer"] for r in records]
     deltas, results = [], []

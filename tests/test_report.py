@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from corrpo import report
+from corrpo.runs import report
 
 
 def history_independently(path: Path) -> list[dict]:

@@ -13,7 +13,7 @@ from conftest import REPO, TINY_FAST_ARGS, run_tiny
 
 from callbacks.checkpoint import AtomicCheckpointIO
 from corrpo.cli import ResumeError, resume_point
-from corrpo.wandb_segments import wandb_segments
+from corrpo.runs.wandb_segments import wandb_segments
 
 # Both phases, with an RL phase that really moves the weights (the CorR-PO bonus gives every group reward
 # variance even when the tiny model answers nothing right) and sampling that draws from the RNG.
@@ -92,7 +92,7 @@ def test_ckpt_path_last_without_a_checkpoint_starts_fresh(tmp_path):
 
 
 def test_the_report_of_a_resumed_run_reads_both_wandb_segments(runs):
-    from corrpo.report import find_wandb_logs, reward_curve, run_history
+    from corrpo.runs.report import find_wandb_logs, reward_curve, run_history
 
     whole, _, _, second = runs
     split_dir, whole_dir = Path(second.trainer.default_root_dir), Path(whole.trainer.default_root_dir)

@@ -7,9 +7,9 @@ import pytest
 import torch
 from scipy import stats
 
-from corrpo.inversion.rollout_bonus import InversionRewardConfig, inversion_bonus, rollout_correlations
 from corrpo.inversion.strength import score_tokens
-from corrpo.models import TinyArchitecture, load_policy
+from corrpo.models.loading import TinyArchitecture, load_policy
+from corrpo.training.corrpo_term import InversionRewardConfig, inversion_bonus, rollout_correlations
 
 NAN = float("nan")
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from corrpo.run_folder import EMERGENCE_COLUMNS, RunFolder, find_runs, newest_finished_run
+from corrpo.runs.run_folder import EMERGENCE_COLUMNS, RunFolder, find_runs, newest_finished_run
 
 
 def row(batches: int, event: str, rho: float) -> dict:

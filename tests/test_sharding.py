@@ -1,4 +1,4 @@
-"""corrpo.sharding in one process: a 1-rank gloo group is enough for ``fully_shard`` to turn every parameter into
+"""corrpo.models.sharding in one process: a 1-rank gloo group is enough for ``fully_shard`` to turn every parameter into
 a DTensor, so the gathering helpers (full state dict, gathered copy, vLLM weight sync) are checked here against
 the unsharded model they came from; the 2-process runs are tests/test_fsdp2.py. Also the config's errors."""
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from corrpo.models import TinyArchitecture, load_policy
-from corrpo.sharding import ShardingConfig, fsdp_kwargs, full_state_dict, gathered_copy, is_sharded, shard_policy
+from corrpo.models.loading import TinyArchitecture, load_policy
+from corrpo.models.sharding import ShardingConfig, fsdp_kwargs, full_state_dict, gathered_copy, is_sharded, shard_policy
 
 ARCH = TinyArchitecture(hidden_size=32, num_hidden_layers=2, intermediate_size=64)
 
@@ -68,7 +68,7 @@ def test_scores_of_the_gathered_copy_equal_the_unsharded_models(sharded_pair):
 
 
 def test_the_vllm_sync_sends_whole_tensors_gathered_from_the_sharded_policy(sharded_pair):
-    from corrpo.vllm_generator import VLLMGenerator
+    from corrpo.generation.vllm import VLLMGenerator
 
     class Engine:  # what VLLMGenerator calls on a vllm.LLM
         def collective_rpc(self, fn, args):
@@ -115,7 +115,7 @@ def test_sharding_options_without_model_parallel_strategy_are_refused():
 def test_lora_and_tensor_parallelism_under_fsdp2_are_refused_by_name(sharded_pair):
     from torch.distributed.device_mesh import init_device_mesh
 
-    from corrpo.lora import LoRAConfig
+    from corrpo.models.lora import LoRAConfig
     from corrpo.module import CorrPOModule
 
     module = CorrPOModule(tiny=ARCH, lora=LoRAConfig(r=2))
@@ -140,7 +140,7 @@ def test_the_export_of_a_sharded_policy_is_the_unsharded_models_folder(sharded_p
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from corrpo.models import build_char_tokenizer, export_policy
+    from corrpo.models.loading import build_char_tokenizer, export_policy
 
     model, sharded = sharded_pair
     tokenizer = build_char_tokenizer()
@@ -155,8 +155,8 @@ def test_the_export_of_a_sharded_policy_is_the_unsharded_models_folder(sharded_p
 
 
 def test_the_lean_decoder_and_the_shared_forward_leave_a_sharded_policy_to_the_exact_paths(sharded_pair):
-    from corrpo.fast_decode import unsupported_reason
-    from corrpo.inversion.rollout_bonus import InversionRewardConfig
+    from corrpo.generation.decode_loop import unsupported_reason
+    from corrpo.training.corrpo_term import InversionRewardConfig
     from corrpo.training.grpo import shares_update_forward
 
     model, sharded = sharded_pair

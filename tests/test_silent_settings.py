@@ -3,10 +3,10 @@
 import pytest
 from conftest import REPO
 
-from corrpo.batching import encode_prompts, encode_sft_batch
 from corrpo.cli import build_cli
-from corrpo.config import RLConfig
-from corrpo.models import load_policy
+from corrpo.models.batching import encode_prompts, encode_sft_batch
+from corrpo.models.loading import load_policy
+from corrpo.training.config import RLConfig
 
 TINY_YAML = str(REPO / "configs" / "tiny.yaml")
 

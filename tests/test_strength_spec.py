@@ -8,9 +8,9 @@ from dataclasses import fields
 import pytest
 
 from callbacks.inversion import InversionTracker
-from corrpo.config import RLConfig
-from corrpo.inversion.rollout_bonus import InversionRewardConfig
 from corrpo.inversion.strength_config import REWARD_STRENGTH_DEFAULTS, StrengthConfig
+from corrpo.training.config import RLConfig
+from corrpo.training.corrpo_term import InversionRewardConfig
 
 STRENGTH_FIELDS = {f.name for f in fields(StrengthConfig)}
 

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from corrpo.wandb_segments import newest_run_id, newest_run_logs, wandb_segments
+from corrpo.runs.wandb_segments import newest_run_id, newest_run_logs, wandb_segments
 
 
 def _session(run_dir: Path, folder: str, run_id: str) -> Path:

@@ -52,9 +52,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from corrpo.inversion.architectures import DecoderParts, decoder_parts
 from corrpo.inversion.strength_common import ScoringBatch, forward_hidden_and_z, scoring_mode
 from corrpo.inversion.strength_onepass import LayerCapture
+from corrpo.models.architectures import DecoderParts, decoder_parts
 
 NORM_FACTORS = ("inv_rms", "w_norm", "sin", "logit_slope", "dz_dh")
 PATH_FACTORS = ("path_gain", "mlp_path")

@@ -33,13 +33,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from corrpo.inversion.architectures import decoder_parts
 from corrpo.inversion.entropy import entropy_bits_from_logits
 from corrpo.inversion.strength_common import ScoringBatch, check_generic_logits
 from corrpo.inversion.strength_config import StrengthConfig
 from corrpo.inversion.strength_loop import loop_strength, vmap_strength
 from corrpo.inversion.strength_onepass import onepass_strength
 from corrpo.inversion.strength_sketch import sketch_strength
+from corrpo.models.architectures import decoder_parts
 
 __all__ = ["StrengthConfig", "logit_grad_strength", "score_tokens"]
 
@@ -81,7 +81,7 @@ def logit_grad_strength(
     """``S [B, T]`` fp32: gradient strength of each scored token's raw logit, NaN where not scored.
 
     Args:
-        model: a causal LM of a supported family (``corrpo.inversion.families``; any dtype/device, frozen or not).
+        model: a causal LM of a supported family (``corrpo.models.families``; any dtype/device, frozen or not).
         input_ids: ``[B, T]`` token ids.
         attention_mask: ``[B, T]`` 1 for real tokens (left or right padding); ``None`` = all real.
         token_mask: ``[B, T]`` bool, True at the tokens to score (their logits come from position ``j-1``).

@@ -18,12 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from corrpo.inversion.architectures import DecoderParts
-
-
-def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
-    """``(attention_mask.cumsum(-1) - 1).clamp(min=0)``: exact positions for left- or right-padded rows."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+from corrpo.models.architectures import DecoderParts
+from corrpo.models.forward import eval_mode, padded_logits, position_ids_from_mask
 
 
 def effective_scored_mask(attention_mask: Tensor, token_mask: Tensor) -> Tensor:
@@ -52,8 +48,8 @@ class ScoringBatch:
     rows: Tensor
     cols: Tensor
     segments: Tensor | None = None
-    """Packed rows (:mod:`corrpo.packing`): ``[B, T]`` the sequence each position belongs to; a token attends only
-    to earlier positions of its own segment. None: each row is one sequence."""
+    """Packed rows (:mod:`corrpo.models.packing`): ``[B, T]`` the sequence each position belongs to; a token attends
+    only to earlier positions of its own segment. None: each row is one sequence."""
 
     @classmethod
     def build(
@@ -119,13 +115,13 @@ def check_generic_logits(model: nn.Module, parts: DecoderParts, batch: ScoringBa
     with torch.no_grad():
         _, z = forward_hidden_and_z(parts, batch)
         ids, mask = batch.input_ids, batch.attention_mask
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+        logits = padded_logits(model, ids, mask)
         ref = logits[batch.rows, batch.cols - 1, ids[batch.rows, batch.cols]].float()
     tol = 1e-3 if logits.dtype in (torch.float32, torch.float64) else 5e-2  # bf16/fp16 logits: 8-11 mantissa bits
     if not torch.allclose(z.float(), ref, rtol=tol, atol=tol * ref.abs().max().item()):
         raise ValueError(
             f"gradient strength: {type(model).__name__} is not a listed family and its logits are not "
-            "unembed(get_decoder()(...)); add its layout to corrpo/inversion/families.py"
+            "unembed(get_decoder()(...)); add its layout to corrpo/models/families.py"
         )
 
 
@@ -147,25 +143,23 @@ def scoring_mode(model: nn.Module, grad_params: Iterable[nn.Parameter]) -> Itera
     last-layer score never stores activations of earlier layers) and lets frozen models be scored. No
     ``.grad`` is ever written: the methods use ``torch.autograd.grad``.
     """
-    was_training = model.training
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     wanted = {id(p) for p in grad_params}
     checkpointed = checkpointed_modules(model)
-    try:
-        model.eval()
-        for module in checkpointed:
-            module.gradient_checkpointing = False
-        for p in params:
-            p.requires_grad_(id(p) in wanted)
-        with torch.enable_grad():
-            yield
-    finally:
-        for p, flag in zip(params, flags, strict=True):
-            p.requires_grad_(flag)
-        for module in checkpointed:
-            module.gradient_checkpointing = True
-        model.train(was_training)
+    with eval_mode(model):
+        try:
+            for module in checkpointed:
+                module.gradient_checkpointing = False
+            for p in params:
+                p.requires_grad_(id(p) in wanted)
+            with torch.enable_grad():
+                yield
+        finally:
+            for p, flag in zip(params, flags, strict=True):
+                p.requires_grad_(flag)
+            for module in checkpointed:
+                module.gradient_checkpointing = True
 
 
 def nuclear_norm(g: Tensor) -> Tensor:

@@ -14,7 +14,6 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from corrpo.inversion.architectures import Matrix, decoder_parts, select_matrices, unique_weights
 from corrpo.inversion.strength_common import (
     ScoringBatch,
     forward_hidden_and_z,
@@ -22,6 +21,7 @@ from corrpo.inversion.strength_common import (
     scoring_mode,
 )
 from corrpo.inversion.strength_config import StrengthConfig
+from corrpo.models.architectures import Matrix, decoder_parts, select_matrices, unique_weights
 
 
 def _mean_measure(

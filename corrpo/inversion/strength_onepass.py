@@ -23,7 +23,7 @@ layer's sliding window, ``s > t - window`` in sequence indices as transformers' 
 does not depend on the attention backend (eager/SDPA). GQA is handled by grouping query heads by their kv
 head. Biases are not scored (weights only); q/k/v biases enter only through the captured outputs.
 
-Family variants (``corrpo.inversion.families``), each exact:
+Family variants (``corrpo.models.families``), each exact:
 
 * fused q/k/v (Phi-3 ``qkv_proj``, GPT-2 ``c_attn``, GPT-NeoX ``query_key_value``) and fused gate/up (Phi-3):
   the hooks capture the fused module's input and output; a matrix's output is its block of output features,
@@ -50,15 +50,6 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from corrpo.inversion.architectures import (
-    DecoderParts,
-    Projection,
-    decoder_parts,
-    expand_projections,
-    projection,
-    resolve_layers,
-)
-from corrpo.inversion.families import head_counts
 from corrpo.inversion.strength_common import (
     ScoringBatch,
     forward_hidden_and_z,
@@ -67,6 +58,15 @@ from corrpo.inversion.strength_common import (
     scoring_mode,
 )
 from corrpo.inversion.strength_config import StrengthConfig
+from corrpo.models.architectures import (
+    DecoderParts,
+    Projection,
+    decoder_parts,
+    expand_projections,
+    projection,
+    resolve_layers,
+)
+from corrpo.models.families import head_counts
 
 _RANK1 = ("q", "o", "gate", "up", "down")
 

@@ -36,9 +36,9 @@ from torch import Tensor, nn
 from torch.func import functional_call, jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from corrpo.inversion.architectures import DecoderParts, Matrix, decoder_parts, select_matrices
 from corrpo.inversion.strength_common import ScoringBatch, forward_hidden_and_z, scoring_mode
 from corrpo.inversion.strength_config import StrengthConfig
+from corrpo.models.architectures import DecoderParts, Matrix, decoder_parts, select_matrices
 
 __all__ = ["rademacher_directions", "sketch_squared_norms", "sketch_strength"]
 

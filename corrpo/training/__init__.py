@@ -1,9 +1,12 @@
-"""The training steps as plain code, outside Lightning: the module, benchmarks and tests call the same functions.
+"""Training as plain code, outside Lightning: the module, the benchmarks and the tests call the same functions.
 
-- :mod:`corrpo.training.grpo`: one RL step (rollout -> rewards -> CorR-PO term -> advantages -> updates).
-- :mod:`corrpo.training.sft`: one SFT step (completion-token NLL).
-- :mod:`corrpo.training.update`: backward, non-finite guard, clip, lr, optimizer step.
-- :mod:`corrpo.training.collectives`: the few cross-rank reductions the steps need (identity on one process).
-- :mod:`corrpo.training.forward`: logits and completion log-probs of a batch.
-- :mod:`corrpo.training.phases`: the SFT -> RL phase schedule, with the boundary written once.
+The phase configs (``config``), one RL step (``grpo``: rollout -> rewards -> CorR-PO term -> advantages ->
+updates), the CorR-PO term in one home (``corrpo_term``: its config, the bonus, both scoring paths, its result),
+one SFT step (``sft``), the update (``update``: backward, non-finite guard, clip, lr, optimizer step), the
+objective math (``objectives``, ``covariance_tokens``), the completion log-probs of a rollout (``forward``), the
+lr schedule (``schedule``), evaluation (``evaluation``), cross-rank reductions (``collectives``), the phase
+schedule (``phases``), the interface callbacks read (``host``) and the RNG snapshot for exact resume (``rng``).
+
+Imports: :mod:`corrpo.models`, :mod:`corrpo.generation`, :mod:`corrpo.inversion`, :mod:`corrpo.rewards`. Never
+the module, the CLI, the data module, the runs room or the callbacks.
 """

@@ -2,7 +2,7 @@
 
 Every forward here passes ``use_cache=False`` (a training or scoring forward never reads a cache; building one
 costs memory) and computes log-probs and entropy without an fp32 ``[N, L, V]`` copy of the logits
-(:func:`corrpo.objectives.token_log_probs_and_entropy`). :func:`row_chunks` splits a batch into micro-batches.
+(:func:`corrpo.training.objectives.token_log_probs_and_entropy`). :func:`row_chunks` splits a batch into micro-batches.
 """
 
 from __future__ import annotations
@@ -10,34 +10,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from corrpo.batching import position_ids_from_mask
-from corrpo.objectives import token_log_probs_and_entropy
-from corrpo.packing import packed_logits, packing_unsupported_reason
-from corrpo.rollout import Rollout
+from corrpo.generation.rollout import Rollout
+from corrpo.models.packing import forward_logits
+from corrpo.training.objectives import token_log_probs_and_entropy
 
 
 def row_chunks(n_rows: int, micro_batch_size: int | None) -> list[slice]:
     """The row slices of a batch of ``n_rows`` in micro-batches of ``micro_batch_size`` (None: one, the batch)."""
     size = n_rows if micro_batch_size is None else max(1, micro_batch_size)
     return [slice(start, min(start + size, n_rows)) for start in range(0, max(n_rows, 1), max(size, 1))]
-
-
-def forward_logits(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    logits_to_keep: int = 0,
-    packed: bool = False,
-) -> torch.Tensor:
-    """``[B, T, V]`` logits (the last ``logits_to_keep`` positions only when > 0); ``position_ids`` from the mask
-    so left padding never shifts positions. ``packed``: computed on the batch's packed rows
-    (:func:`corrpo.packing.packed_logits`, the same values at every real position) where the model supports it."""
-    if packed and packing_unsupported_reason(model) is None:
-        return packed_logits(model, input_ids, attention_mask, logits_to_keep)
-    position_ids = position_ids_from_mask(attention_mask)
-    keep = {"logits_to_keep": logits_to_keep} if logits_to_keep > 0 else {}
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **keep)
-    return out.logits
 
 
 def completion_log_probs(
@@ -47,7 +28,8 @@ def completion_log_probs(
     ``model``, and their entropy in bits ``[n, L]`` (fp32, no grad; 0 off the completion mask).
 
     Token ``P + j`` is predicted at column ``P + j - 1``: only the ``L + 1`` last positions are unembedded
-    (``logits_to_keep``), so the prompt costs no logits. ``packed``: a padding-free forward (:func:`forward_logits`).
+    (``logits_to_keep``), so the prompt costs no logits. ``packed``: a padding-free forward
+    (:func:`corrpo.models.packing.forward_logits`).
     """
     return completion_scores(completion_logits(model, rollout, rows, packed), rollout, rows)
 

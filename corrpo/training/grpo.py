@@ -7,12 +7,12 @@ benchmark (``benchmarks/rl_step.py``) and unit tests run exactly the same code:
 2. **rewards**: every reward function (:func:`corrpo.rewards.combine.score_completions`), then the CorR-PO term
    ``lambda * clip(-rho_i, -1, 1)`` as one more reward stage (:func:`inversion_term`) that returns its own values;
    ``lambda = 0`` computes nothing and is plain GRPO bit for bit;
-3. **advantages**: group-normalised (:func:`corrpo.objectives.group_advantages`);
+3. **advantages**: group-normalised (:func:`corrpo.training.objectives.group_advantages`);
 4. **updates**: ``num_iterations`` steps of the clipped surrogate (+ optional k3 KL to a frozen reference), each
    through :func:`corrpo.training.update.apply_update` (non-finite guard, clip, lr schedule).
 
 It returns an :class:`RLStepResult`: every number the module logs (TRL's metric names), the per-stage timings
-and one row per completion for the dashboard. The math itself lives in :mod:`corrpo.objectives` and
+and one row per completion for the dashboard. The math itself lives in :mod:`corrpo.training.objectives` and
 :mod:`corrpo.inversion`; this file only orders it.
 """
 
@@ -27,17 +27,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from corrpo.config import RLConfig
-from corrpo.inversion.architectures import decoder_parts
-from corrpo.inversion.rollout_bonus import (
+from corrpo.generation.rollout import Rollout
+from corrpo.inversion.strength_common import ScoringBatch, checkpointed_modules, chosen_logits
+from corrpo.inversion.strength_onepass import onepass_on_forward
+from corrpo.models.architectures import decoder_parts
+from corrpo.models.packing import PackedBatch, model_width, packed_logits, packing_unsupported_reason
+from corrpo.models.sharding import gathered_copy, is_sharded
+from corrpo.rewards.call import RewardLog, StepInfo
+from corrpo.rewards.combine import RewardFailureMonitor, RewardFn, RewardScores, completion_rows, score_completions
+from corrpo.training.collectives import SINGLE_PROCESS, Collectives
+from corrpo.training.config import RLConfig
+from corrpo.training.corrpo_term import (
     InversionRewardConfig,
     inversion_bonus,
     response_correlations,
     rollout_correlations,
 )
-from corrpo.inversion.strength_common import ScoringBatch, checkpointed_modules, chosen_logits
-from corrpo.inversion.strength_onepass import onepass_on_forward
-from corrpo.objectives import (
+from corrpo.training.forward import completion_log_probs, completion_logits, completion_scores, row_chunks
+from corrpo.training.objectives import (
     PolicyLossOutput,
     clipped_policy_loss,
     covariance_selection,
@@ -46,14 +53,7 @@ from corrpo.objectives import (
     masked_mean,
     zero_std_fraction,
 )
-from corrpo.packing import PackedBatch, model_width, packed_logits, packing_unsupported_reason
-from corrpo.rewards.call import RewardLog, StepInfo
-from corrpo.rewards.combine import RewardFailureMonitor, RewardFn, RewardScores, completion_rows, score_completions
-from corrpo.rollout import Rollout
-from corrpo.schedule import warmup_cosine_lr
-from corrpo.sharding import gathered_copy, is_sharded
-from corrpo.training.collectives import SINGLE_PROCESS, Collectives
-from corrpo.training.forward import completion_log_probs, completion_logits, completion_scores, row_chunks
+from corrpo.training.schedule import warmup_cosine_lr
 from corrpo.training.update import UpdateOutcome, apply_update
 
 
@@ -120,8 +120,8 @@ def inversion_term(
     rows_per_chunk: int = 64,
 ) -> InversionTerm:
     """The CorR-PO reward stage: ``coef_at(rl_index) * clip(-rho_i, -1, 1)`` per response, on the policy that
-    sampled it (:mod:`corrpo.inversion.rollout_bonus`), ``rows_per_chunk`` responses per scoring pass. An
-    FSDP2-sharded policy is scored on a gathered full copy (:func:`corrpo.sharding.gathered_copy`): exact for
+    sampled it (:mod:`corrpo.training.corrpo_term`), ``rows_per_chunk`` responses per scoring pass. An
+    FSDP2-sharded policy is scored on a gathered full copy (:func:`corrpo.models.sharding.gathered_copy`): exact for
     every strength method."""
     with gathered_copy(policy) as scored:
         rho, n_tokens = rollout_correlations(
@@ -187,9 +187,9 @@ def shared_inversion_term(
 
     ``S_t`` comes from :func:`corrpo.inversion.strength_onepass.onepass_on_forward` (one backward of the chosen
     raw logits to the last layer's activations), ``H_t`` from the update's log-prob pass over the same logits
-    (:func:`corrpo.objectives.token_log_probs_and_entropy`: :func:`entropy_bits_from_logits`' arithmetic),
+    (:func:`corrpo.training.objectives.token_log_probs_and_entropy`: :func:`entropy_bits_from_logits`' arithmetic),
     ``rho_i`` from :func:`response_correlations`: the separate pass's functions on the same numbers. ``packed``
-    (``rl.packing``): that forward runs on packed rows (:mod:`corrpo.packing`) and the closed forms read its
+    (``rl.packing``): that forward runs on packed rows (:mod:`corrpo.models.packing`) and the closed forms read its
     activations there, with the attention of each token cut to its own sequence (``ScoringBatch.segments``).
     """
     P, (B, T) = rollout.prompt_length, rollout.sequences.shape
@@ -278,7 +278,7 @@ class GRPOStep:
         self, token_entropy: torch.Tensor | None, loss_mask: torch.Tensor, collectives: Collectives
     ) -> torch.Tensor | None:
         """``rl.top_entropy_quantile < 1``: the loss tokens in the top fraction by entropy, the threshold taken over
-        every rank's tokens (:func:`corrpo.objectives.high_entropy_mask`); else None (train on all)."""
+        every rank's tokens (:func:`corrpo.training.objectives.high_entropy_mask`); else None (train on all)."""
         quantile = self.rl.top_entropy_quantile
         if quantile >= 1.0:
             return None

@@ -13,7 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from corrpo.rollout import Rollout
+from corrpo.generation.rollout import Rollout
 from corrpo.training.phases import PhaseSchedule
 
 

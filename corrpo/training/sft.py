@@ -1,6 +1,6 @@
 """One SFT step as plain code: mean NLL over the completion tokens of a batch of traces, then one update.
 
-Prompt tokens are context, not targets (``loss_mask`` from :func:`corrpo.batching.encode_sft_batch`). The mean
+Prompt tokens are context, not targets (``loss_mask`` from :func:`corrpo.models.batching.encode_sft_batch`). The mean
 is over every rank's completion tokens: each rank (and each of its micro-batches) divides its token sum by the token
 count averaged over ranks, and DDP averages the gradients, so a step equals one process's token mean over the whole
 batch.
@@ -12,12 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
-from corrpo.batching import encode_sft_batch
-from corrpo.config import SFTConfig
-from corrpo.objectives import token_log_probs
-from corrpo.schedule import warmup_cosine_lr
+from corrpo.models.batching import encode_sft_batch
+from corrpo.models.packing import forward_logits
 from corrpo.training.collectives import SINGLE_PROCESS, Collectives
-from corrpo.training.forward import forward_logits, row_chunks
+from corrpo.training.config import SFTConfig
+from corrpo.training.forward import row_chunks
+from corrpo.training.objectives import token_log_probs
+from corrpo.training.schedule import warmup_cosine_lr
 from corrpo.training.update import UpdateOutcome, apply_update
 
 

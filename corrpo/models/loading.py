@@ -2,7 +2,7 @@
 
 ``load_policy("Qwen/Qwen2.5-0.5B-Instruct")`` or ``load_policy("/path/to/folder")`` goes through
 ``AutoModelForCausalLM`` / ``AutoTokenizer``. ``load_policy("tiny-qwen2")`` / ``"tiny-llama"`` (or any
-``tiny-<family>`` of :data:`corrpo.tiny_families.TINY_FAMILY_NAMES`: mistral, qwen3, gemma, gemma2, gemma3,
+``tiny-<family>`` of :data:`corrpo.models.tiny_families.TINY_FAMILY_NAMES`: mistral, qwen3, gemma, gemma2, gemma3,
 olmo2, granite, phi3, gpt2, gpt_neox) builds a small random model of that family from a config, with a
 character-level tokenizer built locally by the ``tokenizers`` library: no hub, no download, so the embedded
 default and the tests run anywhere. A folder without tokenizer files is an error naming it. Both kinds
@@ -26,8 +26,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from corrpo.lora import is_peft_model, merged_copy, save_adapter
-from corrpo.tiny_families import TINY_FAMILY_NAMES, tiny_config
+from corrpo.models.lora import is_peft_model, merged_copy, save_adapter
+from corrpo.models.tiny_families import TINY_FAMILY_NAMES, tiny_config
 
 TINY_FAMILIES = {f"tiny-{family}": family for family in TINY_FAMILY_NAMES}
 # Any of these in a folder means it carries its own tokenizer (fast, BPE vocab, sentencepiece, WordPiece).
@@ -95,7 +95,7 @@ def build_char_tokenizer(alphabet: str | None = None) -> PreTrainedTokenizerFast
 def build_tiny_policy(
     family: str, tokenizer: PreTrainedTokenizerBase, arch: TinyArchitecture, seed: int = 0
 ) -> PreTrainedModel:
-    """A random model of ``family`` (``qwen2``, ``llama``, ... :mod:`corrpo.tiny_families`) sized by ``arch``."""
+    """A random model of ``family`` (``qwen2``, ``llama``, ... :mod:`corrpo.models.tiny_families`) sized by ``arch``."""
     config = tiny_config(
         family, len(tokenizer), arch, tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id
     )
@@ -192,7 +192,7 @@ def export_policy(
     """Save the policy and tokenizer as a Hugging Face folder that ``from_pretrained`` loads.
 
     ``state_dict``: the weights to write instead of ``model``'s own, e.g. the full tensors of an FSDP2-sharded
-    policy gathered by :func:`corrpo.sharding.full_state_dict` (its config and class are ``model``'s).
+    policy gathered by :func:`corrpo.models.sharding.full_state_dict` (its config and class are ``model``'s).
 
     A LoRA policy (``model.lora``, a PEFT model) is saved MERGED, ``W + (alpha / r) B A`` in every adapted
     weight (on a copy: ``model`` keeps its adapters), so the folder is a plain model of the base's class; the

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from corrpo.run_folder import CONFIG_FILE
+from corrpo.runs.run_folder import CONFIG_FILE
 
 # Keys a resuming command may set differently from the run it resumes: where the files go (filled in by the
 # CLI from the run folder), how far to train this time, the progress bar, and the --config file names.

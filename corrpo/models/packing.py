@@ -6,7 +6,7 @@ right-padded completions of 1 to ``max_new_tokens`` tokens). Packing puts the re
 side by side in one row, so the matmuls run over real tokens.
 
 Exact, not approximate: row ``i``'s real tokens (``attention_mask == 1``, in order) become one segment of a packed
-row with positions ``0 .. n_i - 1`` -- the positions :func:`corrpo.batching.position_ids_from_mask` gives them in
+row with positions ``0 .. n_i - 1`` -- the positions :func:`corrpo.models.forward.position_ids_from_mask` gives them in
 the padded forward -- and the model is called with those ``position_ids`` and no attention mask. transformers
 then reads the segments off the positions (``masking_utils.find_packed_sequence_indices``: a new segment wherever
 the position does not grow by 1) and builds a block-diagonal causal mask, so every token attends to exactly the
@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from corrpo.models.forward import eval_mode, padded_logits
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +185,21 @@ def packed_logits(
     return out.logits
 
 
+def forward_logits(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    logits_to_keep: int = 0,
+    packed: bool = False,
+) -> Tensor:
+    """The training forward: ``[B, T, V]`` logits (the last ``logits_to_keep`` positions only when > 0), computed
+    on the batch's packed rows when ``packed`` and the model supports it (:func:`packed_logits`, the same values at
+    every real position), else on the padded batch (:func:`corrpo.models.forward.padded_logits`)."""
+    if packed and packing_unsupported_reason(model) is None:
+        return packed_logits(model, input_ids, attention_mask, logits_to_keep)
+    return padded_logits(model, input_ids, attention_mask, logits_to_keep)
+
+
 def _relative(values: Tensor, reference: Tensor) -> float:
     return float((values - reference).abs().max() / reference.abs().max().clamp(min=1e-30))
 
@@ -214,19 +231,13 @@ def packing_unsupported_reason(model: nn.Module) -> str | None:
         for row, changed in enumerate(others):
             changed[row] = (changed[row] + 1) % vocab
         mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], device=param.device)
-        from corrpo.training.forward import forward_logits  # the padded forward; imports this module
-
-        was_training = model.training
-        model.eval()  # dropout would make the forwards differ; the mask and the positions do not depend on the mode
-        try:
-            with torch.no_grad():
-                padded = forward_logits(model, ids, mask).float()
-                packed = packed_logits(model, ids, mask)
-                eps = torch.finfo(packed.dtype).eps
-                packed = packed.float()
-                changed = [packed_logits(model, other, mask).float() for other in others]
-        finally:
-            model.train(was_training)
+        # eval mode: dropout would make the forwards differ; the mask and the positions do not depend on the mode
+        with eval_mode(model), torch.no_grad():
+            padded = padded_logits(model, ids, mask).float()
+            packed = packed_logits(model, ids, mask)
+            eps = torch.finfo(packed.dtype).eps
+            packed = packed.float()
+            changed = [packed_logits(model, other, mask).float() for other in others]
         real = mask.bool()
         leak = max(_relative(changed[0][1], packed[1]), _relative(changed[1][0][:3], packed[0][:3]))
         diff = _relative(packed[real], padded[real])

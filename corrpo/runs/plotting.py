@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from corrpo.inversion.anatomy_probe import anatomy_factors
 
 
 def emergence_figure(rows: Sequence[dict], boundary_batches: int | None = None, label: str | None = None):
@@ -38,7 +39,6 @@ def anatomy_figure(rows: Sequence[dict], boundary_batches: int | None = None, ti
     whose curve follows rho's sign and size is the one carrying the sign (:mod:`corrpo.inversion.anatomy`);
     a factor that is constant on the probe set (NaN rho, e.g. a logit slope of 1) is left out.
     """
-    from corrpo.inversion.anatomy_probe import anatomy_factors
 
     fig, ax = plt.subplots(figsize=(7, 4))
     xs = [int(r["batches"]) for r in rows]

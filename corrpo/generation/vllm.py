@@ -4,7 +4,7 @@
 
     model:
       generator:
-        class_path: corrpo.vllm_generator.VLLMGenerator
+        class_path: corrpo.generation.vllm.VLLMGenerator
         init_args: {gpu_memory_utilization: 0.3}
 
 Colocated means the engine lives in the training process, on the same GPU as the policy (TRL's
@@ -15,9 +15,9 @@ Weights: the engine is built lazily at the first generation from the policy's ow
 :meth:`sync_weights` (called by the module before any generation that follows a policy update) copies the
 current policy tensors in with vLLM's ``load_weights``, so rollouts are always on-policy. With LoRA the
 merged weights are sent; with FSDP2 (``ModelParallelStrategy``) every rank gathers the full weights
-(:func:`corrpo.sharding.full_state_dict`, a collective) and loads them into its own engine. vLLM itself cannot
-run on a CPU-only machine and is untested there; the module only depends on :class:`corrpo.rollout.Generator`,
-which the tests exercise with a scripted generator, and the sync's gather is tested on a sharded model with a
+(:func:`corrpo.models.sharding.full_state_dict`, a collective) and loads them into its own engine. vLLM itself cannot
+run on a CPU-only machine and is untested there; the module only depends on
+:class:`corrpo.generation.rollout.Generator`, which the tests exercise with a scripted generator, and the sync's gather is tested on a sharded model with a
 stand-in engine (``tests/test_sharding.py``).
 """
 
@@ -29,9 +29,9 @@ import tempfile
 import torch
 from transformers import PreTrainedModel
 
-from corrpo.lora import is_peft_model, merged_copy
-from corrpo.rollout import Generator, Rollout, SamplingConfig, rollout_from_token_lists
-from corrpo.sharding import full_state_dict, is_sharded
+from corrpo.generation.rollout import Generator, Rollout, SamplingConfig, rollout_from_token_lists
+from corrpo.models.lora import is_peft_model, merged_copy
+from corrpo.models.sharding import full_state_dict, is_sharded
 
 INSTALL_HINT = 'model.generator=VLLMGenerator needs vLLM: pip install "corrpo[vllm]" (a CUDA GPU is required)'
 

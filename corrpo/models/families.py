@@ -227,7 +227,7 @@ def _generic_layout(model: nn.Module) -> FamilyLayout:
     def refuse(why: str) -> ValueError:
         return ValueError(
             f"gradient strength: {cls} is not a listed family ({listed}) and {why}. "
-            "Add its layout to corrpo/inversion/families.py to support it."
+            "Add its layout to corrpo/models/families.py to support it."
         )
 
     get_decoder = getattr(model, "get_decoder", None)

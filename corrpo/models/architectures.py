@@ -1,6 +1,6 @@
 """Where the decoder layers, attention projections, MLP weights and unembedding live in a supported model.
 
-The per-family tables live in :mod:`corrpo.inversion.families` (Llama, Mistral, Qwen2, Qwen3, Gemma 1/2/3,
+The per-family tables live in :mod:`corrpo.models.families` (Llama, Mistral, Qwen2, Qwen3, Gemma 1/2/3,
 OLMo 2, Granite, Phi-3, GPT-2, GPT-NeoX, plus a generic layout for unlisted models with separate q/k/v/o
 Linears). This module turns a model and a layout into what the methods use: :class:`DecoderParts` (the base
 decoder, its layers, the unembedding and the family's logit map) and :class:`Matrix` (one logical
@@ -16,7 +16,7 @@ DoRA rescales ``W_eff`` by a norm of ``W``, which breaks that identity, and is r
 FSDP2: the strengths read whole projection weights and the unembedding (nuclear norms of ``[d_out, d_in]``
 matrices, ``W_U[y]`` rows), which ``fully_shard`` keeps as 1/N shards outside each layer's own forward. Every
 caller (the InversionTracker, the CorR-PO term) therefore scores a gathered, unsharded copy of the policy
-(:func:`corrpo.sharding.gathered_copy`); the functions here always see whole weights.
+(:func:`corrpo.models.sharding.gathered_copy`); the functions here always see whole weights.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from corrpo.inversion.families import (
+from corrpo.models.families import (
     ATTENTION_PROJECTIONS,
     MLP_PROJECTIONS,
     FamilyLayout,

@@ -1,8 +1,9 @@
 """Text to tensors: SFT batches (right-padded, loss on completion tokens) and RL prompts (left-padded).
 
 Generation needs left padding so every prompt ends at the same column; training forwards then pass
-``position_ids`` derived from the attention mask so that padded rows see the same positions as unpadded
-ones (exactly what ``generate`` does), which keeps old/new log-probs and inversion scores consistent.
+``position_ids`` derived from the attention mask (:func:`corrpo.models.forward.position_ids_from_mask`) so that
+padded rows see the same positions as unpadded ones (exactly what ``generate`` does), which keeps old/new
+log-probs and inversion scores consistent.
 """
 
 from __future__ import annotations
@@ -12,11 +13,6 @@ from collections.abc import Sequence
 
 import torch
 from transformers import PreTrainedTokenizerBase
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted over real tokens only: ``cumsum(mask) - 1``, clamped at 0 on padding."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, use_chat_template: bool) -> str:

@@ -3,7 +3,7 @@ and on the user's own eval files (GSM8K / MATH500 test sets as jsonl with prompt
 
 ``model.eval`` (:class:`EvalConfig`) says when (start, SFT end, end, and every ``every_n_steps`` train batches),
 how (``k`` samples at ``temperature``; greedy) and on what (the test split, ``files``). Every evaluated completion
-can be kept in ``<run>/eval_generations.jsonl`` (:meth:`corrpo.run_folder.RunFolder.append_eval_generations`).
+can be kept in ``<run>/eval_generations.jsonl`` (:meth:`corrpo.runs.run_folder.RunFolder.append_eval_generations`).
 
 pass@k is the unbiased estimator of Chen et al. (2021, "Evaluating Large Language Models Trained on Code"): with
 ``n`` samples of which ``c`` are correct, ``pass@k = 1 - C(n - c, k) / C(n, k)``, averaged over prompts; mean@k is

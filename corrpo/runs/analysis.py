@@ -17,7 +17,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt  # the backend is the caller's: inline in a notebook, Agg when headless
 import pandas as pd
 
-from corrpo.run_folder import RunFolder, find_runs
+from corrpo.runs.run_folder import RunFolder, find_runs
 
 __all__ = [
     "boundary_batches",
@@ -35,7 +35,7 @@ __all__ = [
 
 def expand_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
     """Each path that holds an ``emergence.csv`` as is; any other folder -> every run folder below it, sorted
-    (:func:`corrpo.run_folder.find_runs`). So ``runs/tiny`` works as well as ``runs/tiny/<timestamp>``."""
+    (:func:`corrpo.runs.run_folder.find_runs`). So ``runs/tiny`` works as well as ``runs/tiny/<timestamp>``."""
     return [run.path for run in find_runs(paths)]
 
 

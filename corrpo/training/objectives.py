@@ -20,7 +20,7 @@ from typing import Literal
 
 import torch
 
-from corrpo.covariance_tokens import POLICY_LOSSES, clip_cov_tokens, kl_cov_tokens, token_covariance
+from corrpo.training.covariance_tokens import POLICY_LOSSES, clip_cov_tokens, kl_cov_tokens, token_covariance
 
 LossType = Literal["grpo", "dr_grpo", "dapo", "bnpo"]
 RewardScale = Literal["group", "batch", "none"]
@@ -285,7 +285,7 @@ def clipped_policy_loss(
 
     ``policy_loss``: ``clip`` (the above), ``clip_cov`` (the above with the gradient of a few high-covariance
     tokens removed) or ``kl_cov`` (unclipped ``-ratio * A``, plus ``kl_cov_coef * |logp - logp_old|`` on the
-    highest-covariance tokens); see :mod:`corrpo.covariance_tokens` for the selection and its parameters.
+    highest-covariance tokens); see :mod:`corrpo.training.covariance_tokens` for the selection and its parameters.
     ``cov_tokens``: that selection made already (:func:`covariance_selection`, over a whole batch of which these
     rows are a micro-batch); ``num_sequences`` and ``local_tokens``: see :func:`aggregate_token_loss`.
     """

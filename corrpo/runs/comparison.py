@@ -1,7 +1,7 @@
 """Comparing methods across seeds: per-run numbers from run folders, statistics and the markdown report.
 
 Library half of ``benchmarks/compare.py`` (which only runs the fits): :func:`collect_run` reads one finished run
-through :class:`corrpo.run_folder.RunFolder`; :func:`summarize`, :func:`paired_differences` and
+through :class:`corrpo.runs.run_folder.RunFolder`; :func:`summarize`, :func:`paired_differences` and
 :func:`interpret` compute the statistics and the sentences the report states (every statement is derived from
 the numbers: a difference within about two standard errors is called noise); :func:`write_report` renders the
 tables and plots; :func:`result_line` is the benchmark's ``RESULT`` line.
@@ -14,7 +14,8 @@ import statistics
 import time
 from pathlib import Path
 
-from corrpo.run_folder import RunFolder
+from corrpo.runs.run_folder import RunFolder
+from corrpo.runs.analysis import final_points, load_emergence, plot_accuracy_vs_inversion, plot_emergence
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("grpo", "corrpo", "top_entropy")
@@ -271,10 +272,9 @@ def summary_table(summary: dict[str, dict]) -> str:
 
 
 def make_plots(runs: list[dict], emergence_png: Path, accuracy_png: Path) -> None:
-    """Emergence curves of all runs (coloured by method) and end accuracy vs final strength, via corrpo.analysis."""
+    """Emergence curves of all runs (coloured by method) and end accuracy vs final strength, via corrpo.runs.analysis."""
     import matplotlib.pyplot as plt
 
-    from corrpo.analysis import final_points, load_emergence, plot_accuracy_vs_inversion, plot_emergence
 
     dirs = [Path(r["run_dir"]) for r in runs]
     df = load_emergence(dirs)

@@ -11,7 +11,7 @@ so the policy starts exactly as the base model and only ``A``, ``B`` receive gra
   dict at the SFT -> RL boundary, exactly as without LoRA. PEFT's ``disable_adapter()`` would give the
   *base* model, which is the policy as RL starts only when there was no SFT phase (adapters trained by SFT
   belong to the reference), so it is not used.
-- Export (:func:`corrpo.models.export_policy`): ``<run>/policy`` holds the adapters MERGED into a copy of the
+- Export (:func:`corrpo.models.loading.export_policy`): ``<run>/policy`` holds the adapters MERGED into a copy of the
   base (``merge_and_unload``), a plain ``from_pretrained`` folder; ``<run>/policy/adapter`` holds the adapters
   alone (``PeftModel.from_pretrained(base, folder)``).
 - Inversion: the gradient strength is measured on ``W_eff`` (see ``docs/inversion.md``):

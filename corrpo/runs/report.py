@@ -2,7 +2,7 @@
 
 Why: a run's numbers sit in four files (``emergence.csv``, ``results.json``, ``config.yaml`` and the wandb
 offline run); this gathers them on one Markdown page, without network or wandb login. It imports no Lightning:
-``python -m corrpo.report <run_dir>`` takes about a second.
+``python -m corrpo.runs.report <run_dir>`` takes about a second.
 
 The per-step RL reward is only in wandb: it is read from the run's transaction log
 ``wandb/*run-*/run-*.wandb`` with the wandb SDK's own offline reader, ``wandb leet inspect --json`` (wandb
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from corrpo import analysis
-from corrpo.plotting import anatomy_figure, emergence_figure
-from corrpo.run_folder import ANATOMY_PREFIX, RunFolder
-from corrpo.wandb_segments import newest_run_logs
+from corrpo.runs import analysis
+from corrpo.runs.plotting import anatomy_figure, emergence_figure
+from corrpo.runs.run_folder import ANATOMY_PREFIX, RunFolder
+from corrpo.runs.wandb_segments import newest_run_logs
 
 EVENTS = ("start", "boundary", "end")
 MAX_REWARD_ROWS = 20
@@ -76,7 +76,7 @@ def wandb_summary(path: str | Path, timeout: float = 120.0) -> dict:
 
 def find_wandb_logs(run_dir: str | Path) -> list[Path]:
     """Every ``run-*.wandb`` of the newest wandb run id under ``<run_dir>/wandb``, oldest first
-    (:func:`corrpo.wandb_segments.newest_run_logs`: a resumed run's history spans one file per session)."""
+    (:func:`corrpo.runs.wandb_segments.newest_run_logs`: a resumed run's history spans one file per session)."""
     return newest_run_logs(run_dir)
 
 

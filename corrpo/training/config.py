@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from corrpo.covariance_tokens import POLICY_LOSSES
-from corrpo.inversion.rollout_bonus import InversionRewardConfig
-from corrpo.objectives import LOSS_TYPES, REWARD_SCALES
-from corrpo.rollout import SamplingConfig
+from corrpo.generation.rollout import SamplingConfig
+from corrpo.training.corrpo_term import InversionRewardConfig
+from corrpo.training.covariance_tokens import POLICY_LOSSES
+from corrpo.training.objectives import LOSS_TYPES, REWARD_SCALES
 
 
 @dataclass
@@ -38,7 +38,7 @@ class OptimConfig:
     ``trainer.accumulate_grad_batches``, is gradient accumulation under corrpo's manual optimisation."""
     packing: bool = True
     """Padding-free forwards: each (micro-)batch's sequences packed into fewer rows, with per-sequence positions
-    and a block-diagonal causal mask (:mod:`corrpo.packing`): the same loss and gradients, fewer pad slots. A
+    and a block-diagonal causal mask (:mod:`corrpo.models.packing`): the same loss and gradients, fewer pad slots. A
     model whose packed logits differ from its padded ones (checked once) keeps the padded forward."""
 
     def _check(self, section: str) -> None:
@@ -93,7 +93,8 @@ class RLConfig(OptimConfig):
     """Exclude completions that hit ``max_new_tokens`` from the loss (DAPO)."""
     policy_loss: Literal["clip", "clip_cov", "kl_cov"] = "clip"
     """The surrogate: ``clip`` (PPO/GRPO), ``clip_cov`` or ``kl_cov`` (Cui et al. 2025, verl's loss modes:
-    restrain the few tokens whose log-prob/advantage covariance is largest; :mod:`corrpo.covariance_tokens`)."""
+    restrain the few tokens whose log-prob/advantage covariance is largest;
+    :mod:`corrpo.training.covariance_tokens`)."""
     cov_ratio: float = 2e-4
     """Clip-Cov / KL-Cov: the fraction of loss tokens selected (at least one)."""
     clip_cov_lb: float = 1.0

@@ -1,6 +1,6 @@
 """Tiny random configs of every decoder family the strength code supports (``tiny-<family>`` policies).
 
-Each is the family's own transformers config class, sized by :class:`corrpo.models.TinyArchitecture`, with
+Each is the family's own transformers config class, sized by :class:`corrpo.models.loading.TinyArchitecture`, with
 the few defaults that would break a 2-layer, 32-64 wide model overridden: ``head_dim`` (Gemma/Qwen3 default
 to 128-256) and ``pad_token_id`` (Phi-3 defaults to 32000). Everything else (soft-capping, multipliers,
 partial rotary, window sizes) keeps the family default unless ``overrides`` says otherwise -- the strength

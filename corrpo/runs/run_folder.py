@@ -12,7 +12,7 @@ A corrpo run writes everything into one folder, so it can be read, reported on o
     <run>/policy/           the exported policy, a Hugging Face folder (``from_pretrained``)
     <run>/wandb/            the wandb run (offline unless configured online)
 
-The module, the tracker, ``corrpo report``, the notebook helpers (:mod:`corrpo.analysis`) and
+The module, the tracker, ``corrpo report``, the notebook helpers (:mod:`corrpo.runs.analysis`) and
 ``benchmarks/compare.py`` all go through :class:`RunFolder`, so a file's name and format live here only.
 
 :func:`run_dir` finds a trainer's folder without ``trainer.log_dir``: that property broadcasts from rank 0 (a

@@ -2,9 +2,9 @@
 
 The module depends only on :class:`Generator`; :class:`HFGenerator` (Hugging Face ``generate``) always
 works, but is bound by its number of small ops per token. The default,
-:class:`corrpo.fast_decode.DecodeLoopGenerator`, emits the same tokens with fewer, larger ops for the
+:class:`corrpo.generation.decode_loop.DecodeLoopGenerator`, emits the same tokens with fewer, larger ops for the
 Llama-like families and falls back to :class:`HFGenerator` for the others; for long rollouts on a GPU use
-:class:`corrpo.vllm_generator.VLLMGenerator`.
+:class:`corrpo.generation.vllm.VLLMGenerator`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from corrpo.batching import completion_mask
-from corrpo.sharding import generate_kwargs
+from corrpo.models.batching import completion_mask
+from corrpo.models.forward import eval_mode
+from corrpo.models.sharding import generate_kwargs
 
 
 @dataclass
@@ -70,8 +71,8 @@ class Generator:
     """Samples ``G`` completions per prompt from the current policy: the one thing the module asks of rollouts.
 
     Subclass and set ``model.generator`` (a class path in the config) to swap the engine:
-    :class:`corrpo.fast_decode.DecodeLoopGenerator` (the default), :class:`HFGenerator` (``model.generate``) or
-    :class:`corrpo.vllm_generator.VLLMGenerator`.
+    :class:`corrpo.generation.decode_loop.DecodeLoopGenerator` (the default), :class:`HFGenerator`
+    (``model.generate``) or :class:`corrpo.generation.vllm.VLLMGenerator`.
     The module calls :meth:`sync_weights` before a generation whenever the policy was updated since the last
     one, so an engine that holds its own copy of the weights (vLLM) samples from the current policy.
     """
@@ -110,26 +111,21 @@ class HFGenerator(Generator):
     ) -> Rollout:
         ids = prompt_ids.repeat_interleave(num_generations, dim=0)
         mask = prompt_mask.repeat_interleave(num_generations, dim=0)
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                kwargs = (
-                    dict(do_sample=False)
-                    if greedy
-                    else dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
-                )
-                out = model.generate(
-                    **generate_kwargs(model),  # FSDP2: every rank runs forwards until all are done
-                    input_ids=ids,
-                    attention_mask=mask,
-                    max_new_tokens=sampling.max_new_tokens,
-                    eos_token_id=eos_token_id,
-                    pad_token_id=pad_token_id,
-                    **kwargs,
-                )
-        finally:
-            model.train(was_training)
+        kwargs = (
+            dict(do_sample=False)
+            if greedy
+            else dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+        )
+        with eval_mode(model), torch.no_grad():
+            out = model.generate(
+                **generate_kwargs(model),  # FSDP2: every rank runs forwards until all are done
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=sampling.max_new_tokens,
+                eos_token_id=eos_token_id,
+                pad_token_id=pad_token_id,
+                **kwargs,
+            )
         return rollout_from_sequences(out, mask, eos_token_id, pad_token_id)
 
 

@@ -34,7 +34,7 @@ Supported: ``llama``, ``mistral``, ``qwen2``, ``qwen3`` in fp32 with SDPA attent
 (no LoRA wrappers), a stateless RoPE type, no sliding window shorter than prompt + completion and no
 ``generation_config`` setting that changes HF's logits (:data:`NEUTRAL_GENERATION_SETTINGS`: a repetition
 penalty, a minimum length, ...). For any other
-model :meth:`DecodeLoopGenerator.generate` calls its fallback (:class:`corrpo.rollout.HFGenerator`) and keeps
+model :meth:`DecodeLoopGenerator.generate` calls its fallback (:class:`corrpo.generation.rollout.HFGenerator`) and keeps
 the reason in :attr:`DecodeLoopGenerator.fallback_reason`.
 """
 
@@ -48,8 +48,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from corrpo.rollout import Generator, HFGenerator, Rollout, SamplingConfig, rollout_from_sequences
-from corrpo.sharding import is_sharded
+from corrpo.generation.rollout import Generator, HFGenerator, Rollout, SamplingConfig, rollout_from_sequences
+from corrpo.models.forward import eval_mode, position_ids_from_mask
+from corrpo.models.sharding import is_sharded
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 STATELESS_ROPE = ("default", "linear", "llama3", "yarn")
@@ -196,15 +197,10 @@ class DecodeLoopGenerator(Generator):
             return self.fallback.generate(
                 model, prompt_ids, prompt_mask, num_generations, sampling, eos_token_id, pad_token_id, greedy
             )
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                sequences = self._decode(
-                    model, prompt_ids, prompt_mask, num_generations, sampling, eos_token_id, pad_token_id, greedy
-                )
-        finally:
-            model.train(was_training)
+        with eval_mode(model), torch.no_grad():
+            sequences = self._decode(
+                model, prompt_ids, prompt_mask, num_generations, sampling, eos_token_id, pad_token_id, greedy
+            )
         mask = prompt_mask.repeat_interleave(num_generations, dim=0)
         return rollout_from_sequences(sequences, mask, eos_token_id, pad_token_id)
 
@@ -258,7 +254,7 @@ class DecodeLoopGenerator(Generator):
         device = prompt_ids.device
 
         # prefill: the HF model's own forward on the B prompts, positions as generate() makes them
-        prompt_positions = (prompt_mask.long().cumsum(-1) - 1).masked_fill(prompt_mask == 0, 0)
+        prompt_positions = position_ids_from_mask(prompt_mask)
         out = model(
             input_ids=prompt_ids,
             attention_mask=prompt_mask,

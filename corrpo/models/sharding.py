@@ -28,6 +28,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from corrpo.models.architectures import decoder_parts
+
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -80,8 +82,6 @@ def shard_policy(model: nn.Module, mesh, config: ShardingConfig) -> nn.Module:
     """``fully_shard`` every decoder layer of ``model`` (one all-gather unit each), then the root (embeddings,
     final norm, unembedding) over the 1-D ``mesh``; in place, returns ``model``. Idempotent."""
     from torch.distributed.fsdp import fully_shard
-
-    from corrpo.inversion.architectures import decoder_parts
 
     if is_sharded(model):
         return model
