@@ -15,10 +15,10 @@ Weights: the engine is built lazily at the first generation from the policy's ow
 :meth:`sync_weights` (called by the module before any generation that follows a policy update) copies the
 current policy tensors in with vLLM's ``load_weights``, so rollouts are always on-policy. With LoRA the
 merged weights are sent; with FSDP2 (``ModelParallelStrategy``) every rank gathers the full weights
-(:func:`corrpo.models.sharding.full_state_dict`, a collective) and loads them into its own engine. vLLM itself cannot
-run on a CPU-only machine and is untested there; the module only depends on
-:class:`corrpo.generation.rollout.Generator`, which the tests exercise with a scripted generator, and the sync's gather is tested on a sharded model with a
-stand-in engine (``tests/test_sharding.py``).
+(:func:`corrpo.models.sharding.full_state_dict`, a collective) and loads them into its own engine. vLLM itself
+cannot run on a CPU-only machine and is untested there; the module only depends on
+:class:`corrpo.generation.rollout.Generator`, which the tests exercise with a scripted generator, and the sync's
+gather is tested on a sharded model with a stand-in engine (``tests/test_sharding.py``).
 """
 
 from __future__ import annotations
