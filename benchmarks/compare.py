@@ -51,7 +51,14 @@ from pathlib import Path
 
 import yaml
 
-from corrpo.runs.comparison import METHODS, collect_run, fmt_mean_std, fmt_number, result_line, write_report
+from corrpo.runs.comparison import (
+    METHODS,
+    collect_run,
+    fmt_mean_std,
+    fmt_number,
+    result_line,
+    write_comparison_report,
+)
 from corrpo.runs.run_folder import RunFolder, newest_finished_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -275,7 +282,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
             f"{len(reused)} of {len(runs)}, trained by an earlier invocation: their wall times were measured then, "
             "beside other runs, so compare wall times only between runs trained together"
         )
-    summary = write_report(report, runs, settings, command, sft=sft, n_test=n_test)
+    summary = write_comparison_report(report, runs, settings, command, sft=sft, n_test=n_test)
     print(f"[compare] report: {report}", flush=True)
     print_summary(runs, summary)
     return summary

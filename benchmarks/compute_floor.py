@@ -28,20 +28,42 @@ from contextlib import contextmanager
 import torch
 
 
+def timed(fn, sync=None) -> tuple[float, object]:
+    """The wall time of one call of ``fn`` and its result; ``sync`` (e.g. a CUDA synchronise) runs before each
+    clock read. The one clock of :func:`best_of` and :func:`alternating_best`."""
+    if sync is not None:
+        sync()
+    t0 = time.perf_counter()
+    out = fn()
+    if sync is not None:
+        sync()
+    return time.perf_counter() - t0, out
+
+
 def best_of(fn, repeats: int, sync=None) -> tuple[float, object]:
     """The best wall time of ``repeats`` calls of ``fn`` after one untimed warm-up call, and the last call's result;
     ``sync`` (e.g. a CUDA synchronise) runs before each clock read. Every benchmark's single-side timer."""
     fn()
     best, out = float("inf"), None
     for _ in range(max(1, repeats)):
-        if sync is not None:
-            sync()
-        t0 = time.perf_counter()
-        out = fn()
-        if sync is not None:
-            sync()
-        best = min(best, time.perf_counter() - t0)
+        seconds, out = timed(fn, sync)
+        best = min(best, seconds)
     return best, out
+
+
+def alternating_best(sides: dict, repeats: int, sync=None) -> dict[str, float]:
+    """Each side's best wall time over ``repeats`` rounds, after one warm-up call each: the A/B timer.
+
+    Unlike :func:`best_of` per side, the sides run in turn within each round (A, B, A, B, ...), so a drift of the
+    machine (another process, clock boost, a warming cache) falls on both sides alike instead of on whichever ran
+    second; their ratio is then the comparison."""
+    for fn in sides.values():
+        fn()
+    best = dict.fromkeys(sides, float("inf"))
+    for _ in range(repeats):
+        for name, fn in sides.items():
+            best[name] = min(best[name], timed(fn, sync)[0])
+    return best
 
 
 def matmul_gflops(d_model: int, widths: list[int], tokens: int = 1024, repeats: int = 5) -> float:
@@ -49,12 +71,7 @@ def matmul_gflops(d_model: int, widths: list[int], tokens: int = 1024, repeats: 
     best = 0.0
     for width in widths:
         a, b = torch.randn(tokens, d_model), torch.randn(d_model, width)
-        a @ b  # warm-up
-        secs = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            a @ b
-            secs = min(secs, time.perf_counter() - t0)
+        secs, _ = best_of(lambda a=a, b=b: a @ b, repeats)
         best = max(best, 2 * tokens * d_model * width / secs / 1e9)
     return best
 

@@ -36,7 +36,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from memory import QWEN2_5_0_5B, build_model  # noqa: E402
@@ -108,7 +107,7 @@ def steps_section(folder: Path, device: str, shapes: Shapes) -> dict:
     from corrpo.generation.rollout import SamplingConfig
     from corrpo.module import CorrPOModule
     from corrpo.training.config import RLConfig, SFTConfig
-    from corrpo.training.sft import sft_step
+    from corrpo.training.sft import SFTContext, sft_step
 
     out = {}
     text = "0123456789+-*= abcdefghij" * 64
@@ -129,7 +128,8 @@ def steps_section(folder: Path, device: str, shapes: Shapes) -> dict:
         synchronize(device)
         start = time.perf_counter()
         if name == "sft":
-            result = sft_step(module.policy, module.tokenizer, sft_opt, sft, sft_prompts, sft_completions, 0)
+            context = SFTContext(module.policy, module.tokenizer, sft_opt)
+            result = sft_step(context, sft, sft_prompts, sft_completions, 0)
             tokens, timings = shapes.sft_batch * shapes.sft_length, {}
         else:
             result = module.grpo(module.rl_context(rl_opt), prompts, ["0"] * len(prompts), rl_index=0)

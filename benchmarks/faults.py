@@ -40,9 +40,8 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
 
-from conftest import TINY_FAST_ARGS  # noqa: E402
+from tiny_runs import TINY_FAST_ARGS  # noqa: E402
 
 from corrpo.runs.run_folder import RunFolder  # noqa: E402
 

@@ -3,10 +3,11 @@
 The embedded default's policy and RL settings (configs/tiny.yaml: tiny Qwen2, hidden 128, 4 layers, G=8,
 64 new tokens), ``--batch`` arithmetic prompts per call. Both sides sample from the same random-init policy: some
 rows emit eos on the way (``live_tokens`` is the share of row-steps up to each row's eos, about 0.78); HF keeps
-computing them to the last step, the lean loop drops them from its batch. Each repeat runs both, alternating who
-goes first, after one untimed warm-up each; the best of ``--repeats`` counts. A greedy call on the same prompts
-checks that both sides emit the same tokens; the sampled calls share their seed, so their samples are compared
-too (the same distribution and the same ``torch.multinomial`` draws give the same tokens).
+computing them to the last step, the lean loop drops them from its batch. Both sides run in turn, ``--repeats``
+rounds after one untimed warm-up each (``compute_floor.alternating_best``); each side's best counts. Every call
+is seeded by its round, the same seed on both sides, so the last round's samples are compared (the same
+distribution and the same ``torch.multinomial`` draws give the same tokens); a greedy call on the same prompts
+checks that both sides emit the same tokens.
 
 Beside the seconds, each side's FLOPs (``benchmarks/compute_floor.py``'s ``decode_flops``: HF prefills ``B * G``
 prompt rows and decodes every row to the last step, the lean loop prefills ``B`` and decodes each row to its eos)
@@ -25,19 +26,20 @@ sampled_identical=<true|false> big_ops_over_hf=<the big ops of the fastest timed
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
-import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
-from compute_floor import decode_flops, matmul_gflops, model_widths, timed_calls  # noqa: E402
+from compute_floor import alternating_best, decode_flops, matmul_gflops, model_widths, timed, timed_calls  # noqa: E402
 
 from corrpo.data.arithmetic import ArithmeticTask  # noqa: E402
 from corrpo.generation.decode_loop import DecodeLoopGenerator  # noqa: E402
-from corrpo.generation.rollout import HFGenerator  # noqa: E402
+from corrpo.generation.rollout import Generator, HFGenerator, Rollout, SamplingConfig  # noqa: E402
 from corrpo.models.batching import encode_prompts  # noqa: E402
 from corrpo.models.loading import TinyArchitecture, load_policy  # noqa: E402
 from corrpo.training.config import RLConfig  # noqa: E402
@@ -51,20 +53,45 @@ BIG_OPS = {
 """The lean loop's big ops, by the functions it (and the HF prefill it runs) calls: what the split times."""
 
 
-def timed(generator, model, ids, mask, G, sampling, eos, pad, greedy=False):
-    start = time.perf_counter()
-    rollout = generator.generate(model, ids, mask, G, sampling, eos, pad, greedy=greedy)
-    return time.perf_counter() - start, rollout
+@dataclass(frozen=True)
+class GenerateCall:
+    """One ``generate`` call's inputs, the same for every side: the policy, the prompts and the RL settings."""
+
+    model: torch.nn.Module
+    ids: torch.Tensor
+    mask: torch.Tensor
+    num_generations: int
+    sampling: SamplingConfig
+    eos: int
+    pad: int
+
+    def run(self, generator: Generator, greedy: bool = False) -> Rollout:
+        return generator.generate(
+            self.model, self.ids, self.mask, self.num_generations, self.sampling, self.eos, self.pad, greedy=greedy
+        )
 
 
-def big_ops_split(generator, model, ids, mask, G, sampling, eos, pad, repeats, seed):
+def seeded_side(generator: Generator, call: GenerateCall, seed: int, last: dict, name: str):
+    """One side for ``alternating_best``: its ``k``-th call (0: the warm-up) seeded ``seed * 1009 + k`` -- the same
+    seed as the other side's ``k``-th call -- its rollout kept in ``last[name]``."""
+    calls = itertools.count()
+
+    def run() -> None:
+        torch.manual_seed(seed * 1009 + next(calls))
+        last[name] = call.run(generator)
+
+    return run
+
+
+def big_ops_split(generator: Generator, call: GenerateCall, repeats: int, seed: int) -> tuple[float, dict]:
     """The fastest of ``repeats`` sampled calls of ``generator`` with :data:`BIG_OPS` timed: ``(its seconds,
-    {class: seconds})``, the classes' seconds summed per call (``compute_floor.timed_calls``)."""
+    {class: seconds})``, the classes' seconds summed per call (``compute_floor.timed_calls``). Its own loop, not
+    ``best_of``: the split kept is the fastest call's, and the calls follow the timed rounds (no warm-up)."""
     best, split = float("inf"), {}
     for repeat in range(max(1, repeats)):
         torch.manual_seed(seed * 1009 + repeat + 1)
         with timed_calls(BIG_OPS) as spent:
-            seconds, _ = timed(generator, model, ids, mask, G, sampling, eos, pad)
+            seconds, _ = timed(lambda: call.run(generator))
         if seconds < best:
             best, split = seconds, {name: record["seconds"] for name, record in spent.items()}
     return best, split
@@ -84,26 +111,20 @@ def main() -> None:
     model.eval()
     records = ArithmeticTask().records("train", args.batch)
     enc = encode_prompts(tokenizer, [r["prompt"] for r in records], rl.max_prompt_length)
-    ids, mask = enc["input_ids"], enc["attention_mask"]
-    G, sampling, eos, pad = rl.num_generations, rl.sampling, tokenizer.eos_token_id, tokenizer.pad_token_id
+    ids = enc["input_ids"]
+    G, sampling = rl.num_generations, rl.sampling
+    call = GenerateCall(model, ids, enc["attention_mask"], G, sampling, tokenizer.eos_token_id, tokenizer.pad_token_id)
     sides = {"hf": HFGenerator(), "fast": DecodeLoopGenerator()}
 
-    best = {name: float("inf") for name in sides}
-    steps, sampled, lengths = {}, {}, {}
-    for repeat in range(args.repeats + 1):  # repeat 0 is the untimed warm-up
-        order = list(sides) if repeat % 2 else list(sides)[::-1]
-        for name in order:
-            torch.manual_seed(args.seed * 1009 + repeat)
-            seconds, rollout = timed(sides[name], model, ids, mask, G, sampling, eos, pad)
-            steps[name] = rollout.completion_mask.shape[1]
-            sampled[name] = rollout.sequences
-            lengths[name] = rollout.completion_mask.sum(1).tolist()
-            if repeat:
-                best[name] = min(best[name], seconds)
+    last: dict[str, Rollout] = {}
+    runs = {name: seeded_side(generator, call, args.seed, last, name) for name, generator in sides.items()}
+    best = alternating_best(runs, args.repeats)
+    steps = {name: rollout.completion_mask.shape[1] for name, rollout in last.items()}
+    lengths = {name: rollout.completion_mask.sum(1).tolist() for name, rollout in last.items()}
     reason = sides["fast"].fallback_reason
-    greedy = {name: timed(gen, model, ids, mask, 1, sampling, eos, pad, greedy=True)[1] for name, gen in sides.items()}
+    greedy = {name: replace(call, num_generations=1).run(gen, greedy=True) for name, gen in sides.items()}
     identical = torch.equal(greedy["hf"].sequences, greedy["fast"].sequences)
-    same_samples = torch.equal(sampled["hf"], sampled["fast"])  # same seed, same distribution, same draws
+    same_samples = torch.equal(last["hf"].sequences, last["fast"].sequences)  # same seed, distribution and draws
 
     gflops = matmul_gflops(model.config.hidden_size, model_widths(model.config))
     B, P = ids.shape
@@ -127,7 +148,7 @@ def main() -> None:
             f"{name:<6}{best[name]:>10.4f}{flops[name] / 1e9:>10.3f}{floor:>10.4f}"
             f"{floor / best[name]:>10.3f}{best[name] / best['hf']:>8.3f}"
         )
-    seconds, split = big_ops_split(sides["fast"], model, ids, mask, G, sampling, eos, pad, args.repeats, args.seed)
+    seconds, split = big_ops_split(sides["fast"], call, args.repeats, args.seed)
     split["the other ops"] = max(0.0, seconds - sum(split.values()))
     parts = ", ".join(f"{name} {secs:.4f} s ({secs / seconds:.0%})" for name, secs in split.items())
     big = (seconds - split["the other ops"]) / best["hf"]

@@ -42,6 +42,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # corrpo and callbacks from a checkout not pip-installed
 
 ROWS = ("runtime", "plain", "sft", "grpo", "corrpo_qkvo", "corrpo_qvo", "fit")
 QWEN2_5_0_5B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
@@ -126,13 +127,13 @@ def corrpo_module(folder: Path, device: str, coef: float = 0.0, projections: lis
 
 
 def measure_sft(folder: Path, device: str) -> dict:
-    from corrpo.training.sft import sft_step
+    from corrpo.training.sft import SFTContext, sft_step
 
     module = corrpo_module(folder, device)
     optimizer, _ = module.configure_optimizers()
     prompts, completions = sft_texts()
     start = time.perf_counter()
-    result = sft_step(module.policy, module.tokenizer, optimizer, module.sft, prompts, completions, 0)
+    result = sft_step(SFTContext(module.policy, module.tokenizer, optimizer), module.sft, prompts, completions, 0)
     assert result.update.applied
     return {"shape": f"{BATCH}x{SEQ}", "seconds": time.perf_counter() - start, "tokens": BATCH * SEQ}
 
@@ -189,7 +190,6 @@ def child(row: str, folder: Path, device: str) -> dict:
     torch.manual_seed(0)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # callbacks/ for the fit row
     if row == "runtime":
         import corrpo.module  # noqa: F401
 

@@ -8,8 +8,9 @@ same batch, same model, same run.
   :func:`corrpo.training.forward.completion_log_probs` and a backward of the masked log-prob sum, padded vs packed.
 
 Both sides alternate (padded, packed, padded, ...) ``--repeats`` times after a warm-up each; each side's figure is
-its best. Every row prints its density (real tokens over the slots the forward runs) and its compute-floor fraction
-(real tokens' FLOPs, 3x the forward, over the matmul rate measured in this run: ``benchmarks/compute_floor.py``).
+its best (``alternating_best`` of ``benchmarks/compute_floor.py``). Every row prints its density (real tokens over
+the slots the forward runs) and its compute-floor fraction (real tokens' FLOPs, 3x the forward, over the matmul
+rate measured in this run: ``benchmarks/compute_floor.py``).
 The same run checks that both sides give the same loss (relative difference printed). Usage::
 
     python benchmarks/packing.py [--threads 1 --repeats 10]
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -29,7 +29,13 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
-from compute_floor import floor_fraction, forward_flops, matmul_gflops, model_widths  # noqa: E402
+from compute_floor import (  # noqa: E402
+    alternating_best,
+    floor_fraction,
+    forward_flops,
+    matmul_gflops,
+    model_widths,
+)
 
 from corrpo.data.arithmetic import ArithmeticTask  # noqa: E402
 from corrpo.generation.rollout import SamplingConfig  # noqa: E402
@@ -39,23 +45,10 @@ from corrpo.models.packing import PackedBatch  # noqa: E402
 from corrpo.module import CorrPOModule  # noqa: E402
 from corrpo.training.config import SFTConfig  # noqa: E402
 from corrpo.training.forward import completion_log_probs  # noqa: E402
-from corrpo.training.sft import sft_step  # noqa: E402
+from corrpo.training.sft import SFTContext, sft_step  # noqa: E402
 from corrpo.training.update import adamw  # noqa: E402
 
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
-
-
-def alternating_best(sides: dict, repeats: int) -> dict[str, float]:
-    """Each side's best wall time over ``repeats`` rounds, the sides run in turn each round, after a warm-up each."""
-    for fn in sides.values():
-        fn()
-    best = dict.fromkeys(sides, float("inf"))
-    for _ in range(repeats):
-        for name, fn in sides.items():
-            t0 = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - t0)
-    return best
 
 
 def real_flops(config, lengths: list[int], unembedded: list[int]) -> int:
@@ -88,8 +81,8 @@ def main() -> None:
     optimizer = adamw(policy.parameters(), warm.lr, 0.0)
     policy.train()
     for step, batch in enumerate(batches[: args.sft_steps]):
-        sft_step(policy, tokenizer, optimizer, warm, [r["prompt"] for r in batch], [r["completion"] for r in batch],
-                 step)  # fmt: skip
+        sft_step(SFTContext(policy, tokenizer, optimizer), warm, [r["prompt"] for r in batch],
+                 [r["completion"] for r in batch], step)  # fmt: skip
 
     rows = []
     # SFT: a full step (forward, backward, update) on one batch; SGD at lr 0 keeps the weights, so every repeat
@@ -102,7 +95,7 @@ def main() -> None:
     def sft_side(packing: bool):
         sft = SFTConfig(steps=1, lr=1e-12, max_length=128, packing=packing)
         return lambda: losses.__setitem__(
-            packing, float(sft_step(policy, tokenizer, sgd, sft, prompts, completions, 0).loss)
+            packing, float(sft_step(SFTContext(policy, tokenizer, sgd), sft, prompts, completions, 0).loss)
         )
 
     best = alternating_best({"padded": sft_side(False), "packed": sft_side(True)}, args.repeats)

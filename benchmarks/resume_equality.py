@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from conftest import run_tiny  # noqa: E402
+from tiny_runs import run_tiny  # noqa: E402
 
 from corrpo.runs.run_folder import RunFolder  # noqa: E402
 

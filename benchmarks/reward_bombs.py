@@ -1,6 +1,6 @@
 """Time the rewards on hostile completions: every one must score 0 within 1 s (issue: hostile inputs).
 
-For each completion of ``tests/hostile_completions.py`` it times ``accuracy_reward`` + ``format_reward``
+For each completion of ``benchmarks/hostile_completions.py`` it times ``accuracy_reward`` + ``format_reward``
 (gold ``42``) ``--repeats`` times and prints the worst time, the score, and the ratio to a plain right
 answer measured in the same run. Usage::
 
@@ -12,16 +12,12 @@ The last line is ``RESULT worst_s=<seconds> over_budget=<count of completions ab
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from hostile_completions import BOMBS
 
-from hostile_completions import BOMBS  # noqa: E402
-
-from corrpo.rewards.accuracy import accuracy_reward  # noqa: E402
-from corrpo.rewards.format import format_reward  # noqa: E402
+from corrpo.rewards.accuracy import accuracy_reward
+from corrpo.rewards.format import format_reward
 
 BUDGET_S = 1.0
 

@@ -63,7 +63,7 @@ from corrpo.generation.rollout import Rollout  # noqa: E402
 from corrpo.models.loading import TinyArchitecture  # noqa: E402
 from corrpo.module import CorrPOModule  # noqa: E402
 from corrpo.training.config import RLConfig  # noqa: E402
-from corrpo.training.grpo import inversion_term, shared_inversion_term  # noqa: E402
+from corrpo.training.corrpo_term import corrpo_term, corrpo_term_on_update_forward  # noqa: E402
 
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 PARTS = ("generate", "score", "inversion", "update")
@@ -236,15 +236,15 @@ def scaling_table(args, strength: dict) -> dict[str, float]:
         for length in args.lengths:
             rollout = synthetic_rollout(config.vocab_size, rows, prompt_len, length, args.seed)
             advantages = torch.randn(rows)
-            term = lambda m=module, r=rollout: inversion_term(m.policy, r, m.rl.inversion, 10, args.G, rows)  # noqa: E731
+            term = lambda m=module, r=rollout: corrpo_term(m.policy, r, m.rl.inversion, 10, args.G, rows)  # noqa: E731
             bonus, _ = best_of(term, args.repeats)
             update, _ = best_of(
-                lambda m=module, c=ctx, r=rollout, a=advantages: m.grpo._updates(c, r, a, 0), args.repeats
+                lambda m=module, c=ctx, r=rollout, a=advantages: m.grpo.update(c, r, a, 0), args.repeats
             )
 
             def shared_then_update(m=module, c=ctx, r=rollout, a=advantages):
-                _, first = shared_inversion_term(m.policy, r, m.rl.inversion, 10, args.G)
-                m.grpo._updates(c, r, a, 0, first)
+                _, first = corrpo_term_on_update_forward(m.policy, r, m.rl.inversion, 10, args.G)
+                m.grpo.update(c, r, a, 0, first)
 
             shared = best_of(shared_then_update, args.repeats)[0] - update  # what the term adds to the update
             eigen = eigen_seconds_of(term, args.repeats)  # the term's eigen-solves alone (W_k's: one per token)

@@ -43,7 +43,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # corrpo from a checkout not pip-installed
 
 WORLD = 2
 BATCH, SEQ = 4, 128  # rows per rank, tokens per row (prompt + completion)
@@ -69,7 +69,7 @@ def child(args: argparse.Namespace) -> None:
     from corrpo.models.sharding import ShardingConfig, shard_policy
     from corrpo.training.collectives import Collectives
     from corrpo.training.config import SFTConfig
-    from corrpo.training.sft import sft_step
+    from corrpo.training.sft import SFTContext, sft_step
     from corrpo.training.update import adamw
 
     rank = int(os.environ["RANK"])
@@ -116,7 +116,8 @@ def child(args: argparse.Namespace) -> None:
         torch.cuda.reset_peak_memory_stats(device)
     losses, start = [], time.perf_counter()
     for step in range(args.steps):
-        result = sft_step(wrapped, tokenizer, optimizer, sft, prompts, completions, step, collectives=Ranks())
+        context = SFTContext(wrapped, tokenizer, optimizer, collectives=Ranks())
+        result = sft_step(context, sft, prompts, completions, step)
         losses.append(float(result.loss.item()))
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) if cuda else _rss_bytes()

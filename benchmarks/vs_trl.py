@@ -39,7 +39,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
-from compute_floor import decode_flops, floor_fraction, forward_flops, matmul_gflops, model_widths  # noqa: E402
+from compute_floor import (  # noqa: E402
+    best_of,
+    decode_flops,
+    floor_fraction,
+    forward_flops,
+    matmul_gflops,
+    model_widths,
+)
 
 from corrpo.data.arithmetic import ArithmeticTask  # noqa: E402
 from corrpo.models.batching import encode_sft_batch  # noqa: E402
@@ -47,7 +54,7 @@ from corrpo.models.loading import TinyArchitecture  # noqa: E402
 from corrpo.module import CorrPOModule  # noqa: E402
 from corrpo.rewards.accuracy import accuracy_reward  # noqa: E402
 from corrpo.training.config import RLConfig, SFTConfig  # noqa: E402
-from corrpo.training.sft import sft_step  # noqa: E402
+from corrpo.training.sft import SFTContext, sft_step  # noqa: E402
 from corrpo.training.update import adamw  # noqa: E402
 
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
@@ -75,7 +82,8 @@ def export_policy(folder: Path) -> None:
 
 
 class StepTimer:
-    """A transformers TrainerCallback recording each optimizer step's wall time (on_step_begin -> on_step_end)."""
+    """A transformers TrainerCallback recording each optimizer step's wall time (on_step_begin -> on_step_end): the
+    TRL side's clock, since TRL's own loop runs its steps (corrpo's side times its steps with ``best_of``)."""
 
     def __init__(self) -> None:
         self.times: list[float] = []
@@ -93,7 +101,8 @@ class StepTimer:
         raise AttributeError(name)
 
 
-def corrpo_rl(folder: Path, args, records: list[dict]) -> list[float]:
+def corrpo_rl(folder: Path, args, records: list[dict]) -> float:
+    """corrpo's best RL step (:func:`compute_floor.best_of`: batch 0 the untimed warm-up, then ``--steps`` timed)."""
     rl = RLConfig(
         steps=args.steps + 1, lr=2e-5, num_generations=args.G, rewards=["accuracy"], reward_weights=[1.0],
         loss_type="dapo", scale_rewards="group", sampling={"temperature": 1.0, "max_new_tokens": args.new_tokens},
@@ -101,13 +110,14 @@ def corrpo_rl(folder: Path, args, records: list[dict]) -> list[float]:
     module = CorrPOModule(policy=str(folder), rl=rl, seed=0)
     optimizer = adamw(module.policy.parameters(), rl.lr, 0.0)
     ctx = module.rl_context(optimizer)
-    times = []
-    for step in range(args.steps + 1):
+    steps = iter(range(args.steps + 1))
+
+    def rl_step() -> None:
+        step = next(steps)
         batch = records[step * args.prompts : (step + 1) * args.prompts]
-        t0 = time.perf_counter()
         module.grpo(ctx, [r["prompt"] for r in batch], [r["answer"] for r in batch], step)
-        times.append(time.perf_counter() - t0)
-    return times[1:]
+
+    return best_of(rl_step, args.steps)[0]
 
 
 # the same on both TRL sides: CPU, no logging or saving, constant lr, data in order, and no gradient checkpointing
@@ -128,7 +138,8 @@ def trl_peer(folder: Path):
     return trl, Dataset, AutoTokenizer.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder)
 
 
-def trl_rl(folder: Path, args, records: list[dict], out_dir: Path) -> list[float]:
+def trl_rl(folder: Path, args, records: list[dict], out_dir: Path) -> float:
+    """TRL's best RL step after its first (untimed: the warm-up), as :class:`StepTimer` records them."""
     trl, Dataset, tokenizer, model = trl_peer(folder)
     config = trl.GRPOConfig(
         output_dir=str(out_dir), max_steps=args.steps + 1, learning_rate=2e-5,
@@ -143,25 +154,28 @@ def trl_rl(folder: Path, args, records: list[dict], out_dir: Path) -> list[float
         processing_class=tokenizer, callbacks=[timer],
     )  # fmt: skip
     trainer.train()
-    return timer.times[1:]
+    return min(timer.times[1:])
 
 
-def corrpo_sft(folder: Path, args, records: list[dict]) -> list[float]:
+def corrpo_sft(folder: Path, args, records: list[dict]) -> float:
+    """corrpo's best SFT step (:func:`compute_floor.best_of`: batch 0 the untimed warm-up, then ``--steps``)."""
     sft = SFTConfig(steps=args.steps + 1, lr=1e-3, max_length=128)
     module = CorrPOModule(policy=str(folder), sft=sft, seed=0)
     optimizer = adamw(module.policy.parameters(), sft.lr, 0.0)
     module.policy.train()
-    times = []
-    for step in range(args.steps + 1):
+    steps = iter(range(args.steps + 1))
+
+    def train_step() -> None:
+        step = next(steps)
         batch = records[step * args.sft_batch : (step + 1) * args.sft_batch]
-        t0 = time.perf_counter()
-        sft_step(module.policy, module.tokenizer, optimizer, sft, [r["prompt"] for r in batch],
+        sft_step(SFTContext(module.policy, module.tokenizer, optimizer), sft, [r["prompt"] for r in batch],
                  [r["completion"] for r in batch], step)  # fmt: skip
-        times.append(time.perf_counter() - t0)
-    return times[1:]
+
+    return best_of(train_step, args.steps)[0]
 
 
-def trl_sft(folder: Path, args, records: list[dict], out_dir: Path) -> list[float]:
+def trl_sft(folder: Path, args, records: list[dict], out_dir: Path) -> float:
+    """TRL's best SFT step after its first (untimed: the warm-up), as :class:`StepTimer` records them."""
     trl, Dataset, tokenizer, model = trl_peer(folder)
     config = trl.SFTConfig(
         output_dir=str(out_dir), max_steps=args.steps + 1, learning_rate=1e-3,
@@ -173,7 +187,7 @@ def trl_sft(folder: Path, args, records: list[dict], out_dir: Path) -> list[floa
     trainer = trl.SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                              callbacks=[timer])  # fmt: skip
     trainer.train()
-    return timer.times[1:]
+    return min(timer.times[1:])
 
 
 def _sft_lengths(tokenizer, records: list[dict]) -> list[int]:
@@ -192,6 +206,8 @@ def main() -> None:
     parser.add_argument("--sft-batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    if args.steps < 1:
+        parser.error("--steps must be at least 1 (one untimed warm-up step runs before them)")
     import_trl()  # fail before any work when the peer is missing
     torch.set_num_threads(args.threads)
     task = ArithmeticTask()
@@ -211,7 +227,7 @@ def main() -> None:
             if round_ % 2:  # alternate who goes first
                 sides = [sides[1], sides[0], sides[3], sides[2]]
             for name, run in sides:
-                best[name] = min([best.get(name, float("inf")), *run()])
+                best[name] = min(best.get(name, float("inf")), run())
         from transformers import AutoConfig, AutoTokenizer
 
         config = AutoConfig.from_pretrained(folder)

@@ -21,15 +21,10 @@ import math
 import lightning as L
 
 from callbacks.inversion import InversionTracker
+from callbacks.loggers import wandb_loggers
 from corrpo.training.host import require_host
 
 TEXT_CHARS = 2000  # long completions are cut in the table (the row count is the budget that matters)
-
-
-def _wandb_loggers(trainer: L.Trainer) -> list:
-    from lightning.pytorch.loggers import WandbLogger
-
-    return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)] if trainer.is_global_zero else []
 
 
 class WandbDashboard(L.Callback):
@@ -51,7 +46,7 @@ class WandbDashboard(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         if pl_module.schedule.is_boundary(batch["step"]):
-            for logger in _wandb_loggers(trainer):
+            for logger in wandb_loggers(trainer):
                 logger.log_metrics({"phase/boundary": 1.0}, step=trainer.global_step)
                 logger.experiment.summary["phase/boundary_step"] = trainer.global_step
 
@@ -62,7 +57,7 @@ class WandbDashboard(L.Callback):
         if rl_step % self.every_n_steps and rl_step != pl_module.schedule.rl_steps:
             return
         rows = pl_module.last_completions[: self.max_rows]
-        loggers = _wandb_loggers(trainer)
+        loggers = wandb_loggers(trainer)
         if not rows or not loggers:
             return
         columns = list(rows[0])
@@ -73,7 +68,7 @@ class WandbDashboard(L.Callback):
     def teardown(self, trainer, pl_module, stage: str) -> None:
         # teardown, not on_train_end: the end-of-training accuracy and inversion are measured in other
         # on_train_end hooks (the module's, the tracker's), which may run after this callback's.
-        loggers = _wandb_loggers(trainer)
+        loggers = wandb_loggers(trainer)
         if stage != "fit" or not loggers:
             return
         summary = {f"final/test_accuracy_{e['when']}": e["accuracy"] for e in pl_module.eval_history}

@@ -32,6 +32,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from callbacks.loggers import wandb_loggers
 from corrpo.inversion.anatomy_probe import AnatomyProbe, anatomy_columns, anatomy_factors, factor_table
 from corrpo.inversion.metric import InversionStrength
 from corrpo.inversion.strength import score_tokens
@@ -40,7 +41,7 @@ from corrpo.models.batching import encode_sft_batch
 from corrpo.models.sharding import gathered_copy, is_sharded
 from corrpo.runs.progress import eval_progress
 from corrpo.runs.run_folder import run_folder
-from corrpo.training.host import require_host
+from corrpo.training.host import require_even_split, require_held_out_data, require_host
 
 TABLE_ROWS = 2000
 
@@ -91,6 +92,7 @@ class InversionTracker(L.Callback):
     # ------------------------------------------------------------------------------------------ hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         require_host(pl_module, "InversionTracker")
+        require_held_out_data(trainer.datamodule, "InversionTracker")  # the probe set
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.rows:
@@ -149,12 +151,11 @@ class InversionTracker(L.Callback):
         if self.anatomy is not None:
             self.anatomy.reset()
         token_rows, tables = [], event in ("boundary", "end", "validate")
-        n_probe = len(trainer.datamodule.probe_records()[trainer.global_rank :: trainer.world_size])
-        if is_sharded(pl_module.policy) and len(trainer.datamodule.probe_records()) % trainer.world_size:
-            raise ValueError(
-                f"data.n_probe={len(trainer.datamodule.probe_records())} must be divisible by the number of "
-                f"processes ({trainer.world_size}) under FSDP2: every rank must score the same number of batches"
-            )
+        probe = trainer.datamodule.probe_records()
+        n_probe = len(probe[trainer.global_rank :: trainer.world_size])
+        if is_sharded(pl_module.policy):
+            why = "under FSDP2: every rank must score the same number of batches"
+            require_even_split("data.n_probe", len(probe), trainer.world_size, why)
         # FSDP2: the probes read whole weights, so they score a gathered copy (every method exact)
         with (
             eval_progress(trainer, f"inversion probe ({event})", n_probe) as advance,
@@ -235,19 +236,14 @@ class InversionTracker(L.Callback):
             # file holds no row measured after the checkpoint it resumed from.
             run_folder(trainer).write_emergence(r for r in self.rows if r["event"] != "validate")
 
-    def _wandb_loggers(self, trainer: L.Trainer) -> list:
-        from lightning.pytorch.loggers import WandbLogger
-
-        return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)] if trainer.is_global_zero else []
-
     def _log_table(self, trainer: L.Trainer, key: str, columns: list[str], rows: list[list]) -> None:
-        for logger in self._wandb_loggers(trainer):
+        for logger in wandb_loggers(trainer):
             logger.log_table(key=key, columns=columns, data=rows)
 
     def _log_curve_chart(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """The emergence curve so far as a wandb line chart (Spearman rho against train batches), redrawn at every
         probe, with the SFT -> RL boundary as a vertical line."""
-        loggers = self._wandb_loggers(trainer)
+        loggers = wandb_loggers(trainer)
         rows = [r for r in self.rows if r["event"] != "validate" and math.isfinite(r["spearman"])]
         if not loggers or not rows:
             return
@@ -267,7 +263,7 @@ class InversionTracker(L.Callback):
             logger.experiment.log({"inversion/emergence_curve": chart, "trainer/global_step": trainer.global_step})
 
     def _log_curve_figure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        loggers = self._wandb_loggers(trainer)
+        loggers = wandb_loggers(trainer)
         if not loggers or len(self.rows) < 2:
             return
         from corrpo.runs.plotting import emergence_figure

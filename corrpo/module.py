@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import asdict, replace
+from dataclasses import asdict
+from functools import partial
 from typing import Literal
 
 import lightning as L
@@ -47,12 +48,13 @@ from corrpo.runs.progress import eval_progress
 from corrpo.runs.run_folder import method_name, run_folder
 from corrpo.training.collectives import SINGLE_PROCESS, Collectives, LightningCollectives
 from corrpo.training.config import RLConfig, SFTConfig
-from corrpo.training.evaluation import EvalConfig, eval_set_name, generate_and_score, sample_metrics
+from corrpo.training.evaluation import EvalConfig, EvalContext, Evaluator
 from corrpo.training.forward import row_chunks
 from corrpo.training.grpo import GRPOStep, RLContext
+from corrpo.training.host import HeldOutData, require_held_out_data
 from corrpo.training.phases import PhaseSchedule
 from corrpo.training.rng import restore_rng_states, rng_states
-from corrpo.training.sft import sft_step
+from corrpo.training.sft import SFTContext, sft_step
 from corrpo.training.update import UpdateOutcome, adamw
 
 
@@ -118,12 +120,7 @@ class CorrPOModule(L.LightningModule):
             enable_gradient_checkpointing(self.policy)
         if lora is not None:
             self.policy = apply_lora(self.policy, lora, seed)
-        reward_fns = reward_functions(self.rl.rewards)
-        reward_weights = self.rl.reward_weights or [1.0] * len(reward_fns)
-        if len(reward_weights) != len(reward_fns):
-            n_weights, n_rewards = len(reward_weights), len(reward_fns)
-            raise ValueError(f"rl.reward_weights has {n_weights} entries for {n_rewards} rewards (rl.rewards)")
-        self.grpo = GRPOStep(self.rl, reward_fns, reward_weights)
+        self.grpo = GRPOStep(self.rl, reward_functions(self.rl.rewards))
         self.schedule = PhaseSchedule(sft.steps, rl.steps)
         self.generator: Generator = generator if generator is not None else DecodeLoopGenerator()
         self._generator_stale = False  # the policy changed since the generator last synced its weights
@@ -139,12 +136,19 @@ class CorrPOModule(L.LightningModule):
         self.eval_history: list[dict] = []
         self.eval_config = eval
         self.eval_results: list[dict] = []  # one entry per (evaluation point, eval set): pass@k, mean@k, greedy
-        self._eval_sets: dict[str, list[dict]] | None = None
+        self.evaluator = Evaluator(eval, self.eval_context)
+        self._data: HeldOutData | None = None  # the Trainer's data module, checked at setup
         self.last_completions: list[dict] = []  # this rank's last RL batch, one row per completion
         self.steps_done = 0  # train batches finished; where a resumed run starts
         self._rng_to_restore: dict | None = None
         self.sharding = sharding
         self._lora = lora is not None
+
+    def setup(self, stage: str) -> None:
+        """Check the Trainer's data module once (:class:`corrpo.training.host.HeldOutData`); without one there is
+        nothing to evaluate on."""
+        datamodule = self.trainer.datamodule
+        self._data = None if datamodule is None else require_held_out_data(datamodule, "CorrPOModule")
 
     def configure_model(self) -> None:
         """Under ``ModelParallelStrategy`` (which sets ``device_mesh``): shard the policy and the KL reference
@@ -247,12 +251,11 @@ class CorrPOModule(L.LightningModule):
 
     def seeds(self) -> dict[str, int | None]:
         """The seeds of this run: ``seed_everything`` (Lightning's global seed), the model's and the data's."""
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         global_seed = os.environ.get("PL_GLOBAL_SEED")
         return {
             "seed_everything": int(global_seed) if global_seed is not None else None,
             "model": self.hparams.get("seed"),
-            "data": getattr(datamodule, "seed", None),
+            "data": self._data.seed if self._data is not None else None,
         }
 
     # -------------------------------------------------------------------------------------- updates
@@ -274,10 +277,10 @@ class CorrPOModule(L.LightningModule):
 
     def _sft_step(self, batch: dict) -> None:
         sft_opt, _ = self.optimizers()
-        result = sft_step(
-            self.policy, self.tokenizer, sft_opt, self.sft, batch["prompt"], batch["completion"], batch["step"],
-            self.use_chat_template, self.collectives, self.manual_backward,
-        )  # fmt: skip
+        context = SFTContext(
+            self.policy, self.tokenizer, sft_opt, self.use_chat_template, self.collectives, self.manual_backward
+        )
+        result = sft_step(context, self.sft, batch["prompt"], batch["completion"], batch["step"])
         self._log_update(result.update, "sft")
         self._log_step("sft/loss", result.loss, prog_bar=True)
 
@@ -341,125 +344,53 @@ class CorrPOModule(L.LightningModule):
             self._log_step(f"rl/{key}", value, prog_bar=key in ("reward", "loss"))
 
     # ------------------------------------------------------------------------------------- evaluation
-    def eval_texts(self, prompts: list[str], n: int, greedy: bool) -> list[str]:
-        """``n`` completions per prompt (prompt-major): greedy, or sampled at ``eval.temperature`` / ``eval.top_p``."""
-        cfg = self.eval_config
-        sampling = None if greedy else replace(self.rl.sampling, temperature=cfg.temperature, top_p=cfg.top_p)
-        return self.decode_completions(self.generate_rollout(prompts, n, greedy=greedy, sampling=sampling))
-
-    @torch.no_grad()
-    def accuracy_counts(self, records: list[dict], rows: list | None = None, progress=None) -> tuple[float, int]:
-        """Greedy decoding, math-verify: ``(correct, scored)`` over held-out prompts; unscorable golds are
-        left out of both. ``rows`` (a list) receives one row per completion."""
-        correct, generated = generate_and_score(self.eval_texts, records, 1, self.eval_batch_size, True, progress)
-        if rows is not None:
-            rows.extend(generated)
-        return float(sum(c[0] for c in correct)), len(correct)
-
-    def test_accuracy(self, records: list[dict]) -> float:
-        """Greedy-decoding accuracy (math-verify) on held-out prompts; unscorable golds are excluded."""
-        correct, scored = self.accuracy_counts(records)
-        return correct / max(scored, 1)
+    def eval_context(self) -> EvalContext:
+        """What :attr:`evaluator` acts on now: this module's rollouts, ranks and device, the Trainer's loggers and
+        progress bars (none outside a Trainer)."""
+        return EvalContext(
+            generate=self.generate_rollout,
+            decode=self.decode_completions,
+            sampling=self.rl.sampling,
+            batch_size=self.eval_batch_size,
+            collectives=self.collectives,
+            device=self.device,
+            sharded=is_sharded(self.policy),
+            log=self._log_eval,
+            progress=partial(eval_progress, self._trainer),
+        )
 
     def evaluate_and_log(self, when: str) -> float | None:
         """Measure test accuracy now, log it as ``eval/test_accuracy`` and keep it for ``results.json``; then
-        the ``model.eval`` suite (pass@k / mean@k, the eval files) and the generations file.
-
-        Under DDP each rank decodes every ``world_size``-th test prompt and the counts are summed across
-        ranks, so the test set is decoded once in all, not once per rank.
-        """
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is None or not hasattr(datamodule, "test_records"):
+        the ``model.eval`` suite (pass@k / mean@k, the eval files) and the generations file
+        (:class:`corrpo.training.evaluation.Evaluator`). Nothing without a data module."""
+        if self._data is None:
             return None
-        test = datamodule.test_records()
-        self._check_even_split("data.n_test", len(test))
-        shard = test[self.global_rank :: self.trainer.world_size]
-        rows: list[dict] = []
-        with eval_progress(self.trainer, f"eval {when}: test", len(shard)) as advance:
-            correct, scored = self.collectives.sum_floats(
-                *self.accuracy_counts(shard, rows, advance), device=self.device
-            )
-        accuracy = correct / max(scored, 1)
-        self.eval_history.append({"when": when, "step": self.global_step, "accuracy": accuracy, "scored": int(scored)})
-        self._log_eval({"eval/test_accuracy": accuracy})
-        rank_zero_info(f"[corrpo] test accuracy at {when} (step {self.global_step}): {accuracy:.3f}")
-        generations = [{**row, "split": "test", "mode": "greedy"} for row in rows]
-        self._eval_suite(when, shard, accuracy, generations)
-        return accuracy
+        test = self.evaluator.test_split(when, self.global_step, self._data.test_records())
+        self.eval_history.append(test.entry)
+        self._log_eval({"eval/test_accuracy": test.accuracy})
+        rank_zero_info(f"[corrpo] test accuracy at {when} (step {self.global_step}): {test.accuracy:.3f}")
+        sets = self.evaluator.eval_sets(self._load_eval_file)
+        entries, generations = self.evaluator.suite(when, self.global_step, test, sets)
+        self.eval_results.extend(entries)
+        if self.eval_config.save_generations and generations:
+            run_folder(self.trainer).append_eval_generations(generations, rank=self.global_rank)
+        return test.accuracy
 
-    def _check_even_split(self, key: str, n: int) -> None:
-        """Under FSDP2 every rank must make the same generate calls (each forward is a collective)."""
-        world = self.trainer.world_size
-        if is_sharded(self.policy) and n % world:
-            raise ValueError(
-                f"{key}={n} must be divisible by the number of processes ({world}) under FSDP2: every rank must "
-                "decode the same number of prompts"
-            )
+    def _load_eval_file(self, source: str) -> list[dict]:
+        """The records of one ``model.eval.files`` source, read with ``data.rl_fields``."""
+        return load_records(source, kind="rl", fields=self._data.fields.get("rl")).records
 
     def _log_eval(self, metrics: dict[str, float]) -> None:
         for logger in self.trainer.loggers:
             logger.log_metrics(metrics, step=self.global_step)
 
-    def eval_sets(self) -> dict[str, list[dict]]:
-        """``model.eval.files`` loaded once (with ``data.rl_fields``), this rank's share of each."""
-        if self._eval_sets is None:
-            datamodule = getattr(self.trainer, "datamodule", None)
-            fields = getattr(datamodule, "fields", {}).get("rl") if datamodule is not None else None
-            self._eval_sets = {}
-            for source in self.eval_config.files:
-                records = load_records(source, kind="rl", fields=fields).records[: self.eval_config.max_records]
-                self._check_even_split(f"model.eval.files ({source}: records)", len(records))
-                self._eval_sets[eval_set_name(source)] = records[self.global_rank :: self.trainer.world_size]
-        return self._eval_sets
-
-    def _eval_suite(self, when: str, test_shard: list[dict], test_accuracy: float, generations: list[dict]) -> None:
-        """pass@k / mean@k on the test split, greedy and pass@k on each eval file; logged as ``eval/<set>/<key>``,
-        kept for results.json (``eval``), every completion appended to eval_generations.jsonl."""
-        cfg = self.eval_config
-        sets = [("test", test_shard)] + list(self.eval_sets().items())
-        for name, records in sets:
-            entry: dict = {"when": when, "step": self.global_step, "split": name}
-            if name == "test":
-                entry["greedy_accuracy"] = test_accuracy
-            elif cfg.greedy:
-                rows: list[dict] = []
-                with eval_progress(self.trainer, f"eval {when}: {name} greedy", len(records)) as advance:
-                    counts = self.accuracy_counts(records, rows, advance)
-                counts = self.collectives.sum_floats(*counts, device=self.device)
-                entry["greedy_accuracy"] = counts[0] / max(counts[1], 1)
-                generations += [{**row, "split": name, "mode": "greedy"} for row in rows]
-            if cfg.k:
-                # sampled on a copy of the RNG streams: turning eval@k on does not change the training run
-                states = rng_states()
-                with eval_progress(self.trainer, f"eval {when}: {name} pass@{cfg.k}", len(records)) as advance:
-                    with torch.no_grad():
-                        correct, rows = generate_and_score(
-                            self.eval_texts, records, cfg.k, self.eval_batch_size, False, advance
-                        )
-                restore_rng_states(states)
-                sums = sample_metrics(correct, cfg.k)
-                totals = self.collectives.sum_floats(*sums.values(), device=self.device)
-                scored = max(totals[-1], 1)
-                entry.update({key: total / scored for key, total in zip(sums, totals[:-1], strict=False)})
-                entry["scored"] = int(totals[-1])
-                generations += [{**row, "split": name, "mode": f"T={cfg.temperature}"} for row in rows]
-            if len(entry) > 3:
-                self.eval_results.append(entry)
-                skip = ("when", "step", "split", "scored", "greedy_accuracy" if name == "test" else "")
-                metrics = {f"eval/{name}/{key}": value for key, value in entry.items() if key not in skip}
-                if metrics:  # the test split's greedy accuracy is eval/test_accuracy already
-                    self._log_eval(metrics)
-        if cfg.save_generations and generations:
-            stamped = [{"when": when, "step": self.global_step, **row} for row in generations]
-            run_folder(self.trainer).append_eval_generations(stamped, rank=self.global_rank)
-
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         records = [{"prompt": p, "answer": a} for p, a in zip(batch["prompt"], batch["answer"], strict=True)]
-        self.log("val/accuracy", self.test_accuracy(records), batch_size=len(records))
+        self.log("val/accuracy", self.evaluator.test_accuracy(records), batch_size=len(records))
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         records = [{"prompt": p, "answer": a} for p, a in zip(batch["prompt"], batch["answer"], strict=True)]
-        self.log("test/accuracy", self.test_accuracy(records), batch_size=len(records))
+        self.log("test/accuracy", self.evaluator.test_accuracy(records), batch_size=len(records))
 
     # ------------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -8,46 +8,23 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
 from corrpo.models.loading import TinyArchitecture  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[1]
+
+# benchmarks/ holds what the tests share with the benchmarks (a benchmark imports nothing from tests/): the
+# shrunken tiny run (tiny_runs), the hostile completions and compute_floor. Appended: it shadows no installed module.
+sys.path.append(str(REPO / "benchmarks"))
+from tiny_runs import TINY_FAST_ARGS, run_tiny  # noqa: E402, F401 -- tests import both from conftest
+
 # The 2-layer, 32-wide policy that the tests building a CorrPOModule directly (no CLI) share.
 TINY_ARCH = TinyArchitecture(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                              intermediate_size=64, max_position_embeddings=256)  # fmt: skip
-
-REPO = Path(__file__).resolve().parents[1]
-
-# A shrunken configs/tiny.yaml: both phases in a few steps, every tracker hook exercised.
-TINY_FAST_ARGS = [
-    "--model.tiny.hidden_size=32",
-    "--model.tiny.num_hidden_layers=2",
-    "--model.tiny.intermediate_size=64",
-    "--model.sft.steps=6",
-    "--model.sft.warmup_steps=0",
-    "--model.rl.steps=3",
-    "--model.rl.num_generations=4",
-    "--model.rl.sampling.max_new_tokens=24",
-    "--model.eval_batch_size=16",
-    "--data.sft_batch_size=8",
-    "--data.rl_batch_size=2",
-    "--data.n_test=16",
-    "--data.n_probe=8",
-    "--data.n_train=200",
-    "--trainer.callbacks.every_n_steps=2",
-    "--trainer.callbacks.batch_size=4",
-]
-
-
-def run_tiny(root: Path, *extra: str, subcommand: str = "fit"):
-    """Run ``corrpo <subcommand> --config configs/tiny.yaml`` shrunken, in-process; returns the CLI."""
-    from corrpo.cli import build_cli
-
-    args = [subcommand, "--config", str(REPO / "configs" / "tiny.yaml"), *TINY_FAST_ARGS]
-    args += [f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false", *extra]
-    return build_cli(args)
 
 
 @pytest.fixture(scope="session")

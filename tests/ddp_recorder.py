@@ -15,14 +15,14 @@ from corrpo.runs.run_folder import run_dir
 
 class GroupRecorder(L.Callback):
     def setup(self, trainer, pl_module, stage) -> None:
-        count = pl_module.accuracy_counts
+        count = pl_module.evaluator.accuracy_counts
 
         def counted(records, *args, **kwargs):
             with (run_dir(trainer) / f"eval-rank{trainer.global_rank}.jsonl").open("a") as handle:
                 handle.write(json.dumps({"decoded": len(records)}) + "\n")
             return count(records, *args, **kwargs)
 
-        pl_module.accuracy_counts = counted
+        pl_module.evaluator.accuracy_counts = counted
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         row = {"step": batch["step"], "phase": batch["phase"], "rank": trainer.global_rank, "prompts": batch["prompt"]}

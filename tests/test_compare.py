@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from corrpo.runs import comparison
+from corrpo.runs import analysis, comparison
+from corrpo.runs.run_folder import RunFolder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,6 +67,20 @@ def test_collect_run_reads_accuracy_and_last_emergence_row(compare, tmp_path):
     assert run["rl_steps"] == 40 and run["wall_s"] == 5.0
 
 
+def test_collect_run_and_the_notebooks_final_points_share_one_definition(tmp_path):
+    run_dir = fake_run(tmp_path, "corrpo/seed0", 0.6, 0.7, [0.5, 0.2, -0.1])
+    run = comparison.collect_run(run_dir)
+    (point,) = analysis.final_points(analysis.load_emergence([run_dir])).to_dict("records")
+    final = analysis.final_numbers(RunFolder(run_dir).read_emergence(), run_dir)
+    assert (point["spearman"], point["inversion_strength"], point["test_accuracy"]) == (
+        run["spearman"],
+        run["strength"],
+        run["end_acc"],
+    )
+    assert (final["spearman"], final["strength"], final["end_acc"], final["batches"]) == (-0.1, 0.1, 0.7, 40)
+    assert final["spearman_start"] == run["spearman_start"] == 0.5 and final["method"] is None
+
+
 def test_find_run_dir_and_tag_results(compare, tmp_path):
     old = fake_run(tmp_path / "a", "x", 0.1, 0.2, [0.1, 0.2])
     assert compare.find_run_dir(tmp_path / "a" / "x") == old
@@ -112,10 +127,10 @@ def test_interpret_is_computed_from_numbers(compare, tmp_path):
     assert "single seed" in " ".join(shows)
 
 
-def test_write_report_writes_markdown_and_plots(compare, tmp_path):
+def test_write_comparison_report_writes_markdown_and_plots(compare, tmp_path):
     runs = fake_runs(compare, tmp_path)
     report = tmp_path / "docs" / "results.md"
-    summary = comparison.write_report(
+    summary = comparison.write_comparison_report(
         report, runs, {"seeds": "0 1", "RL steps": 40}, "python benchmarks/compare.py --seeds 0 1", n_test=200
     )
     assert set(summary) == {"grpo", "corrpo"}

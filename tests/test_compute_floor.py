@@ -1,17 +1,13 @@
 """The benchmarks' compute floor (``benchmarks/compute_floor.py``) counts the FLOPs a real forward performs."""
 
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TINY_ARCH
-from torch.utils.flop_counter import FlopCounterMode
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from compute_floor import (  # noqa: E402
+from compute_floor import (  # benchmarks/, on sys.path through conftest
+    alternating_best,
     attention_flops,
+    best_of,
     decode_flops,
     eigen_seconds_of,
     floor_fraction,
@@ -19,8 +15,10 @@ from compute_floor import (  # noqa: E402
     timed_calls,
     timed_eigen_solves,
 )
+from conftest import TINY_ARCH
+from torch.utils.flop_counter import FlopCounterMode
 
-from corrpo.module import CorrPOModule  # noqa: E402
+from corrpo.module import CorrPOModule
 
 
 def test_forward_flops_equal_torchs_count_of_a_real_forward():
@@ -103,3 +101,17 @@ def test_timed_calls_restores_the_functions_when_the_body_raises():
         with timed_calls({"products": [(torch, "baddbmm")]}):
             raise RuntimeError("inside")
     assert torch.baddbmm is original
+
+
+def test_best_of_warms_up_once_then_keeps_the_least_time_and_the_last_result():
+    calls, synced = [], []
+    seconds, out = best_of(lambda: calls.append(len(calls)) or len(calls), 3, sync=lambda: synced.append(1))
+    assert len(calls) == 4 and out == 4  # one untimed warm-up, then 3 timed calls: the last one's result
+    assert len(synced) == 6 and 0.0 <= seconds < float("inf")  # a sync before each of the 2 clock reads a call
+
+
+def test_alternating_best_runs_the_sides_in_turn_each_round():
+    order = []
+    best = alternating_best({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, 2)
+    assert order == ["a", "b", "a", "b", "a", "b"]  # a warm-up each, then 2 rounds of a, b
+    assert set(best) == {"a", "b"} and all(0.0 <= s < float("inf") for s in best.values())

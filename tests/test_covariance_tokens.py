@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from corrpo.training.covariance_tokens import clip_cov_tokens, kl_cov_tokens, token_covariance
-from corrpo.training.objectives import clipped_policy_loss
+from corrpo.training.objectives import LossOptions, clipped_policy_loss
 
 ADV = torch.tensor([1.0, -1.0])
 LOGP = torch.tensor([[-1.0, -2.0], [-3.0, -9.0]])
@@ -51,14 +51,14 @@ def test_clip_cov_removes_the_gradient_of_the_chosen_tokens_only():
     old[0, 0] -= 1.0  # ratio e > 1 + eps with A > 0: the clip stops this token already
     mask = torch.ones(2, 3, dtype=torch.bool)
     advantages = torch.tensor([1.0, -2.0])
-    out = clipped_policy_loss(log_probs, old, advantages, mask, policy_loss="clip_cov", cov_ratio=1.0,
-                              clip_cov_bounds=(-100.0, 100.0))  # fmt: skip
+    options = LossOptions(policy_loss="clip_cov", cov_ratio=1.0, clip_cov_bounds=(-100.0, 100.0))
+    out = clipped_policy_loss(log_probs, old, advantages, mask, options)
     out.loss.backward()
     # every token but the clipped one is chosen: nothing keeps a gradient (the clipped one has none either)
     assert torch.count_nonzero(log_probs.grad) == 0
     assert out.cov_selected.item() == pytest.approx(5 / 6)
     plain = log_probs.detach().clone().requires_grad_(True)
-    reference = clipped_policy_loss(plain, old, advantages, mask, policy_loss="clip")
+    reference = clipped_policy_loss(plain, old, advantages, mask, LossOptions(policy_loss="clip"))
     reference.loss.backward()
     assert torch.count_nonzero(plain.grad) == 5 and reference.cov_selected is None
 
@@ -68,16 +68,20 @@ def test_kl_cov_by_hand_off_policy_and_plain_gradient_on_policy():
     old = torch.tensor([[-1.5, -2.0], [-0.5, -1.0]])
     mask = torch.ones(2, 2, dtype=torch.bool)
     advantages = torch.tensor([1.0, -1.0])
-    out = clipped_policy_loss(log_probs, old, advantages, mask, policy_loss="kl_cov", cov_ratio=1.0, kl_cov_coef=0.5)
+    out = clipped_policy_loss(
+        log_probs, old, advantages, mask, LossOptions(policy_loss="kl_cov", cov_ratio=1.0, kl_cov_coef=0.5)
+    )
     ratio = torch.exp(log_probs.detach() - old)
     expected = (-advantages.unsqueeze(1) * ratio + 0.5 * (log_probs.detach() - old).abs()).mean()
     assert out.loss.item() == pytest.approx(expected.item())  # every token chosen, no clip anywhere
     on_policy = log_probs.detach().clone().requires_grad_(True)
-    out = clipped_policy_loss(on_policy, on_policy.detach(), advantages, mask, policy_loss="kl_cov", cov_ratio=1.0)
+    out = clipped_policy_loss(
+        on_policy, on_policy.detach(), advantages, mask, LossOptions(policy_loss="kl_cov", cov_ratio=1.0)
+    )
     out.loss.backward()
     torch.testing.assert_close(on_policy.grad, -advantages.unsqueeze(1).expand(2, 2) / 4)
 
 
 def test_unknown_policy_loss_is_refused():
     with pytest.raises(ValueError, match="policy_loss"):
-        clipped_policy_loss(LOGP, LOGP, ADV, MASK, policy_loss="ppo2")
+        clipped_policy_loss(LOGP, LOGP, ADV, MASK, LossOptions(policy_loss="ppo2"))

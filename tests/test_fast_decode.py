@@ -7,8 +7,11 @@ from transformers import AutoModelForCausalLM
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 import corrpo.generation.decode_loop as fast_decode
-from corrpo.generation.decode_loop import DecodeLoopGenerator, cached_attention, draw_tokens, next_token_probs
+import corrpo.generation.decode_step as decode_step
+from corrpo.generation.decode_loop import DecodeLoopGenerator
+from corrpo.generation.decode_step import cached_attention
 from corrpo.generation.rollout import HFGenerator, SamplingConfig
+from corrpo.generation.sampling import draw_tokens, next_token_probs
 from corrpo.models.loading import TinyArchitecture
 from corrpo.models.tiny_families import random_family_model, tiny_config
 
@@ -199,7 +202,7 @@ def test_cached_attention_equals_sdpa_over_the_whole_cache():
     real = torch.rand(N, S, generator=gen) > 0.3
     real[:, -1] = True
     same = (torch.arange(heads_q) // n_rep)[:, None] == torch.arange(heads_kv)
-    bias = fast_decode._additive((real[:, None, :, None] & same[None, :, None, :]).flatten(2))
+    bias = decode_step._additive((real[:, None, :, None] & same[None, :, None, :]).flatten(2))
     out = cached_attention(q, keys.transpose(1, 2).flatten(1, 2), values.transpose(1, 2).flatten(1, 2), bias, d**-0.5)
     visible = real[:, None, None, :]
     reference = F.scaled_dot_product_attention(
@@ -251,7 +254,7 @@ def test_the_module_decodes_rollouts_and_greedy_evaluation_with_the_lean_loop_by
     module = CorrPOModule(tiny=ARCH)
     assert isinstance(module.generator, DecodeLoopGenerator)
     records = ArithmeticTask().records("test", 3)
-    module.test_accuracy(records)  # greedy evaluation: through module.generator
+    module.evaluator.test_accuracy(records)  # greedy evaluation: through module.generator
     assert module.generator.fallback_reason is None
     rollout = module.generate_rollout([r["prompt"] for r in records], 2)
     assert module.generator.fallback_reason is None and rollout.sequences.shape[0] == 6

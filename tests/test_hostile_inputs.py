@@ -20,6 +20,7 @@ import torch
 from conftest import REPO, TINY_ARCH, run_tiny
 from fault_rewards import poisoned
 from hostile_completions import BOMBS
+from reward_inputs import reward_inputs
 
 from corrpo.cli import build_cli
 from corrpo.data.arithmetic import ArithmeticTask
@@ -30,8 +31,8 @@ from corrpo.rewards.accuracy import GOLD_TIME_BUDGET_S, TIME_BUDGET_S, accuracy_
 from corrpo.rewards.combine import score_completions
 from corrpo.rewards.format import format_reward
 from corrpo.training.config import SFTConfig
-from corrpo.training.corrpo_term import InversionRewardConfig, inversion_bonus, rollout_correlations
-from corrpo.training.objectives import clipped_policy_loss, group_advantages, masked_mean
+from corrpo.training.corrpo_term import CorrPOTermConfig, corrpo_bonus, rollout_correlations
+from corrpo.training.objectives import LossOptions, clipped_policy_loss, group_advantages, masked_mean
 
 
 # ------------------------------------------------------------------------------------------- data rows
@@ -110,14 +111,18 @@ def test_a_gold_answer_math_verify_cannot_parse_makes_the_sample_unscorable_not_
     start = time.perf_counter()
     assert accuracy_reward(["p"], ["<answer>1</answer>"], answer=[gold]) == [None]
     assert time.perf_counter() - start <= 1.0
-    scores = score_completions({"accuracy": accuracy_reward}, [1.0], ["p"], ["<answer>1</answer>"], [gold])
+    scores = score_completions(
+        {"accuracy": accuracy_reward}, [1.0], reward_inputs(["p"], ["<answer>1</answer>"], [gold])
+    )
     assert scores.per_function["accuracy"].isnan().all() and scores.total.tolist() == [0.0]
 
 
 def test_a_batch_of_bombs_and_empty_completions_scores_finite_totals():
     completions = list(BOMBS.values())
     fns = {"accuracy": accuracy_reward, "format": format_reward}
-    scores = score_completions(fns, [1.0, 0.2], ["p"] * len(completions), completions, ["42"] * len(completions))
+    scores = score_completions(
+        fns, [1.0, 0.2], reward_inputs(["p"] * len(completions), completions, ["42"] * len(completions))
+    )
     assert torch.isfinite(scores.total).all() and scores.total.abs().sum() == 0
     assert scores.n_failed == {"accuracy": 0, "format": 0}
 
@@ -140,8 +145,9 @@ def test_empty_completions_give_finite_losses_and_no_correlation():
     mask = torch.zeros(4, 6, dtype=torch.bool)
     mask[1, :3] = True  # one non-empty completion among empty ones
     for loss_type in ("grpo", "dr_grpo", "dapo"):
-        out = clipped_policy_loss(log_probs, log_probs.detach(), torch.tensor([1.0, -1.0, 0.5, 0.0]), mask,
-                                  loss_type=loss_type)  # fmt: skip
+        out = clipped_policy_loss(
+            log_probs, log_probs.detach(), torch.tensor([1.0, -1.0, 0.5, 0.0]), mask, LossOptions(loss_type=loss_type)
+        )  # fmt: skip
         assert torch.isfinite(out.loss) and torch.isfinite(out.clip_low)
     all_empty = torch.zeros(4, 6, dtype=torch.bool)
     assert masked_mean(torch.randn(4, 6), all_empty).item() == 0.0
@@ -160,15 +166,15 @@ def test_a_constant_entropy_response_and_an_empty_one_get_rho_nan_bonus_zero_and
     completion = torch.zeros_like(ids, dtype=torch.bool)
     completion[:, 5:] = True
     completion[2] = False  # the third response is empty
-    config = InversionRewardConfig(coef=1.0, min_tokens=2)
-    rho, n_tokens = rollout_correlations(policy, ids, attention, completion, config)
+    config = CorrPOTermConfig(coef=1.0, min_tokens=2)
+    rho, n_tokens, *_ = rollout_correlations(policy, ids, attention, completion, config)
     assert torch.isfinite(rho[:2]).all() and rho[2].isnan() and n_tokens[2] == 0
     # Constant logits (zero unembedding and no bias): every token's entropy is log2(V), a constant side.
     with torch.no_grad():
         policy.lm_head.weight.zero_()
-    rho_const, n_const = rollout_correlations(policy, ids, attention, completion, config)
+    rho_const, n_const, *_ = rollout_correlations(policy, ids, attention, completion, config)
     assert rho_const.isnan().all() and n_const[:2].gt(2).all()
-    bonus, valid = inversion_bonus(rho_const, n_const, coef=1.0, min_tokens=2, group_size=3)
+    bonus, valid = corrpo_bonus(rho_const, n_const, coef=1.0, min_tokens=2, group_size=3)
     assert bonus.tolist() == [0.0, 0.0, 0.0] and not valid.any()
     assert 1.0 - valid.float().mean() == 1.0  # what the module logs as inversion/rollout_nan_frac
 

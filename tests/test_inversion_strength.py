@@ -285,7 +285,7 @@ def test_sketch_falls_back_to_one_jvp_per_direction_with_the_same_result(monkeyp
 @pytest.mark.parametrize("positions", [5, 40])  # fewer than both sides, and more
 @pytest.mark.parametrize("measure", ["nuclear", "frobenius", "l1"])
 def test_k_measure_equals_the_norm_of_the_built_matrix(positions, measure, route) -> None:
-    from corrpo.inversion.strength_onepass import _k_measure
+    from corrpo.inversion.strength_kv import k_measure
 
     gen = torch.Generator().manual_seed(positions)
     gk = torch.randn(6, positions, 16, generator=gen, dtype=torch.float64)
@@ -295,11 +295,11 @@ def test_k_measure_equals_the_norm_of_the_built_matrix(positions, measure, route
     ord_ = {"nuclear": "nuc", "frobenius": "fro"}.get(measure)
     expected = mat.abs().sum((-2, -1)) if measure == "l1" else torch.linalg.matrix_norm(mat, ord=ord_)
     route = "built" if measure == "l1" else route  # the l1 norm needs the entries
-    assert torch.allclose(_k_measure(gk.float(), x.float(), measure, route).double(), expected, rtol=1e-5)
+    assert torch.allclose(k_measure(gk.float(), x.float(), measure, route).double(), expected, rtol=1e-5)
 
 
 def test_the_k_route_is_the_s_square_problem_for_short_key_ranges_and_the_built_matrix_for_long_ones() -> None:
-    from corrpo.inversion.strength_onepass import k_route
+    from corrpo.inversion.strength_kv import k_route
 
     d_kv, d = 64, 128
     assert k_route(8, d_kv, d, "nuclear") == "root"  # S < d_kv: the S-square eigen-solve is the smallest

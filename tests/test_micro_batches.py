@@ -17,9 +17,9 @@ from corrpo.data.arithmetic import ArithmeticTask
 from corrpo.generation.rollout import SamplingConfig, concat_rollouts
 from corrpo.module import CorrPOModule
 from corrpo.training.config import RLConfig, SFTConfig
-from corrpo.training.corrpo_term import InversionRewardConfig, rollout_correlations
+from corrpo.training.corrpo_term import CorrPOTermConfig, rollout_correlations
 from corrpo.training.forward import row_chunks
-from corrpo.training.sft import sft_step
+from corrpo.training.sft import SFTContext, sft_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 G = 4
@@ -65,7 +65,8 @@ def test_a_micro_batched_sft_step_gives_the_full_batch_weights(records, micro_ba
         config = SFTConfig(steps=2, lr=0.5, max_length=64, micro_batch_size=size)
         module = CorrPOModule(tiny=TINY_ARCH, sft=config, seed=0)
         optimizer = sgd(module)
-        losses = [sft_step(module.policy, module.tokenizer, optimizer, config, prompts, completions, s) for s in (0, 1)]
+        context = SFTContext(module.policy, module.tokenizer, optimizer)
+        losses = [sft_step(context, config, prompts, completions, s) for s in (0, 1)]
         results[size] = module, losses
     (full, full_losses), (micro, micro_losses) = results[None], results[micro_batch_size]
     assert max_relative_difference(micro.policy, full.policy) <= 1e-6
@@ -170,7 +171,7 @@ def test_gradient_checkpointing_gives_the_same_sft_and_rl_weights(records):
     assert all(m.gradient_checkpointing for m in checkpointed.policy.model.layers)
     assert not any(m.gradient_checkpointing for m in plain.policy.model.layers)
     for module in (plain, checkpointed):
-        sft_step(module.policy, module.tokenizer, sgd(module), config, prompts, completions, 0)
+        sft_step(SFTContext(module.policy, module.tokenizer, sgd(module)), config, prompts, completions, 0)
         rl_step(module, records)
     assert max_relative_difference(checkpointed.policy, plain.policy) <= 1e-6
 
@@ -180,11 +181,11 @@ def test_gradient_checkpointing_keeps_the_inversion_scores_exact(records, method
     plain, checkpointed = rl_module(None), rl_module(None, gradient_checkpointing=True)
     rollout = plain.generate_rollout([r["prompt"] for r in records[:2]], 2)
     checkpointed.policy.train()  # checkpointing is live in train mode: scoring must switch it off for its pass
-    reference = InversionRewardConfig(strength={"method": "loop", "projections": ["q", "k", "v", "o"]})
-    config = InversionRewardConfig(strength={"method": method, "projections": ["q", "k", "v", "o"]})
+    reference = CorrPOTermConfig(strength={"method": "loop", "projections": ["q", "k", "v", "o"]})
+    config = CorrPOTermConfig(strength={"method": method, "projections": ["q", "k", "v", "o"]})
     args = (rollout.sequences, rollout.attention_mask, rollout.token_mask)
-    rho_loop, n_loop = rollout_correlations(plain.policy, *args, reference, rows_per_chunk=4)
-    rho, n = rollout_correlations(checkpointed.policy, *args, config, rows_per_chunk=3)
+    rho_loop, n_loop, *_ = rollout_correlations(plain.policy, *args, reference, rows_per_chunk=4)
+    rho, n, *_ = rollout_correlations(checkpointed.policy, *args, config, rows_per_chunk=3)
     assert torch.equal(n, n_loop) and n.min() > 2
     torch.testing.assert_close(rho, rho_loop, rtol=1e-4, atol=1e-4)
     assert checkpointed.policy.training  # restored, and checkpointing with it

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from corrpo.training.objectives import (
+    LossOptions,
+    TokenSelection,
     aggregate_token_loss,
     clipped_policy_loss,
     group_advantages,
@@ -97,11 +99,11 @@ def test_clipped_surrogate_by_hand():
     old = torch.log(torch.tensor([[0.2, 0.4]]))
     new = torch.log(torch.tensor([[0.3, 0.2]]))
     mask = torch.ones(1, 2, dtype=torch.bool)
-    pos = clipped_policy_loss(new, old, torch.tensor([1.0]), mask, 0.2, 0.2, loss_type="dapo")
+    pos = clipped_policy_loss(new, old, torch.tensor([1.0]), mask, LossOptions(0.2, 0.2, loss_type="dapo"))
     # A>0: min(1.5, 1.2) = 1.2 ; min(0.5, 0.8) = 0.5 -> loss = -(1.2 + 0.5)/2
     assert pos.loss.item() == pytest.approx(-(1.2 + 0.5) / 2)
     assert pos.clip_high.item() == pytest.approx(0.5) and pos.clip_low.item() == 0.0
-    neg = clipped_policy_loss(new, old, torch.tensor([-1.0]), mask, 0.2, 0.28, loss_type="dapo")
+    neg = clipped_policy_loss(new, old, torch.tensor([-1.0]), mask, LossOptions(0.2, 0.28, loss_type="dapo"))
     # A<0: -min(-1.5, -1.28) = 1.5 ; -min(-0.5, -0.8) = 0.8
     assert neg.loss.item() == pytest.approx((1.5 + 0.8) / 2)
     assert neg.clip_low.item() == pytest.approx(0.5) and neg.clip_high.item() == 0.0
@@ -113,15 +115,15 @@ def test_ratio_one_gives_policy_gradient_and_kl_term():
     logp = token_log_probs(logits, targets)
     mask = torch.ones(2, 3, dtype=torch.bool)
     adv = torch.tensor([1.0, -1.0])
-    out = clipped_policy_loss(logp, logp.detach(), adv, mask, loss_type="dapo")
+    out = clipped_policy_loss(logp, logp.detach(), adv, mask, LossOptions(loss_type="dapo"))
     assert out.loss.item() == pytest.approx(-(adv.unsqueeze(1).expand(2, 3)).mean().item())
     ref = logp.detach() - 0.1
-    with_kl = clipped_policy_loss(logp, logp.detach(), adv, mask, loss_type="dapo", ref_log_probs=ref, beta=0.5)
+    with_kl = clipped_policy_loss(logp, logp.detach(), adv, mask, LossOptions(loss_type="dapo", beta=0.5), ref)
     expected_kl = math.exp(-0.1) + 0.1 - 1
     assert with_kl.kl.item() == pytest.approx(expected_kl, rel=1e-4)
     assert with_kl.loss.item() == pytest.approx(out.loss.item() + 0.5 * expected_kl, rel=1e-4)
     with pytest.raises(ValueError, match="ref_log_probs"):
-        clipped_policy_loss(logp, logp, adv, mask, beta=0.1)
+        clipped_policy_loss(logp, logp, adv, mask, LossOptions(beta=0.1))
 
 
 def test_high_entropy_mask_keeps_the_top_fraction_by_numpys_quantile():
@@ -154,7 +156,9 @@ def test_train_mask_zeroes_the_other_tokens_but_keeps_the_normaliser():
     mask = torch.tensor([[True, True, True], [True, True, False]])
     train = torch.tensor([[True, False, True], [False, True, False]])
     advantages = torch.tensor([1.0, -2.0])
-    out = clipped_policy_loss(log_probs, log_probs.detach(), advantages, mask, loss_type="dapo", train_mask=train)
+    out = clipped_policy_loss(
+        log_probs, log_probs.detach(), advantages, mask, LossOptions(loss_type="dapo"), selection=TokenSelection(train)
+    )
     # ratio 1: per-token loss -A; kept tokens: row 0 twice (A=1), row 1 once (A=-2); 5 tokens in the mask
     assert out.loss.item() == pytest.approx((-1.0 - 1.0 + 2.0) / 5)
     out.loss.backward()

@@ -24,7 +24,7 @@ from corrpo.models.packing import (
 from corrpo.models.tiny_families import TINY_FAMILY_NAMES, random_family_model
 from corrpo.module import CorrPOModule
 from corrpo.training.config import RLConfig, SFTConfig
-from corrpo.training.sft import sft_step
+from corrpo.training.sft import SFTContext, sft_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 VOCAB, T = 64, 12
@@ -156,9 +156,8 @@ def test_a_packed_sft_step_is_the_padded_step(micro_batch_size, packings, monkey
         module.policy.train()
 
         def run(optimizer, module=module, sft=sft):
-            losses.append(
-                float(sft_step(module.policy, module.tokenizer, optimizer, sft, prompts, completions, 0).loss)
-            )
+            context = SFTContext(module.policy, module.tokenizer, optimizer)
+            losses.append(float(sft_step(context, sft, prompts, completions, 0).loss))
 
         deltas.append(_sgd_delta(module, run))
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)

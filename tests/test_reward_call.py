@@ -9,6 +9,7 @@ import json
 
 import pytest
 from conftest import run_tiny
+from reward_inputs import reward_inputs
 
 from corrpo.rewards import accuracy_reward, format_reward
 from corrpo.rewards.call import RewardInputs, RewardLog, StepInfo, call_reward
@@ -62,11 +63,12 @@ def test_trl_forms_corrpo_rewards_async_and_named_only_keywords():
     assert call_reward(async_reward, inputs) == [1.0, 1.0, 1.0]
     assert call_reward(accuracy_reward, inputs) == [1.0, 0.0, 0.0]
     assert call_reward(format_reward, inputs) == [1.0, 0.0, 0.0]
-    scores = score_completions(
-        {"len": reward_len, "sol": solution_reward}, [1.0, 2.0], inputs.prompts, inputs.completions, ["4"] * 3,
+    scored = reward_inputs(
+        inputs.prompts, inputs.completions, ["4"] * 3,
         columns={"solution": ["4", "5", "x"], "difficulty": [1, 2, 3]}, completion_ids=[[1], [2], [3]],
         trainer_state=StepInfo(global_step=7, max_steps=9, rl_step=1),
     )  # fmt: skip
+    scores = score_completions({"len": reward_len, "sol": solution_reward}, [1.0, 2.0], scored)
     assert scores.total.tolist() == [-14.0 + 2.0, -19.0 + 2.0, -16.0]
     seen = SEEN["solution_reward"][-1]
     assert seen["ids"] == [[1], [2], [3]] and seen["difficulty"] == [1, 2, 3] and seen["state"].global_step == 7
@@ -81,12 +83,12 @@ def test_async_reward_inside_a_running_event_loop():
 
 def test_a_reward_raising_on_every_sample_is_an_error_naming_it():
     with pytest.raises(RewardError, match="'always_raises' raised on every one of the 3 samples"):
-        score_completions({"always_raises": always_raises}, [1.0], ["p"] * 3, ["a", "b", "c"], ["1"] * 3)
+        score_completions({"always_raises": always_raises}, [1.0], reward_inputs(["p"] * 3, ["a", "b", "c"], ["1"] * 3))
 
 
 def test_log_metric_and_log_extra_are_collected():
     log = RewardLog()
-    score_completions({"logs": logs}, [1.0], ["p"] * 2, ["a", "bb"], ["1"] * 2, log=log)
+    score_completions({"logs": logs}, [1.0], reward_inputs(["p"] * 2, ["a", "bb"], ["1"] * 2, log=log))
     assert log.metrics == {"my_metric": 3.0} and log.extra == {"length": [1, 2]}
 
 

@@ -4,6 +4,7 @@ import math
 import warnings
 
 import pytest
+from reward_inputs import reward_inputs
 
 from corrpo.rewards.combine import RewardError, RewardFailureMonitor, score_completions
 
@@ -25,21 +26,25 @@ class Counted:
 def test_a_reward_returning_the_wrong_number_of_values_is_an_error_naming_it_and_the_counts_not_retried():
     eleven = Counted(lambda n: [1.0] * 11)
     with pytest.raises(RewardError, match=r"reward 'eleven' returned 11 values for 8 samples"):
-        score_completions({"eleven": eleven}, [1.0], PROMPTS, COMPLETIONS, ANSWERS)
+        score_completions({"eleven": eleven}, [1.0], reward_inputs(PROMPTS, COMPLETIONS, ANSWERS))
     assert eleven.calls == 1  # not retried per sample (which used to take element 0 of each call)
 
 
 def test_a_reward_returning_a_non_number_or_a_non_list_is_an_error_naming_it():
     with pytest.raises(RewardError, match=r"reward 'words' returned 'good' for sample 0"):
-        score_completions({"words": Counted(lambda n: ["good"] * n)}, [1.0], PROMPTS, COMPLETIONS, ANSWERS)
+        score_completions(
+            {"words": Counted(lambda n: ["good"] * n)}, [1.0], reward_inputs(PROMPTS, COMPLETIONS, ANSWERS)
+        )
     with pytest.raises(RewardError, match=r"reward 'scalar' returned float, expected a list of 8"):
-        score_completions({"scalar": Counted(lambda n: 1.0)}, [1.0], PROMPTS, COMPLETIONS, ANSWERS)
+        score_completions({"scalar": Counted(lambda n: 1.0)}, [1.0], reward_inputs(PROMPTS, COMPLETIONS, ANSWERS))
 
 
 def test_infinite_rewards_are_counted_as_failed_scored_zero_and_warned():
     values = [1.0, math.inf, -math.inf, 0.5, None, 1.0, 1.0, 1.0]
     with pytest.warns(UserWarning, match=r"reward 'inf' returned \+-inf for 2 of 8 samples"):
-        scores = score_completions({"inf": Counted(lambda n: values)}, [1.0], PROMPTS, COMPLETIONS, ANSWERS)
+        scores = score_completions(
+            {"inf": Counted(lambda n: values)}, [1.0], reward_inputs(PROMPTS, COMPLETIONS, ANSWERS)
+        )
     assert scores.n_failed == {"inf": 2}
     assert scores.n_unscored == {"inf": 1}
     assert scores.total.tolist() == [1.0, 0.0, 0.0, 0.5, 0.0, 1.0, 1.0, 1.0]
@@ -48,7 +53,9 @@ def test_infinite_rewards_are_counted_as_failed_scored_zero_and_warned():
 @pytest.mark.parametrize("unscored", [None, math.nan], ids=["none", "nan"])
 def test_a_reward_that_scores_no_sample_is_reported_and_its_mean_is_nan_not_zero(unscored):
     with pytest.warns(UserWarning, match=r"reward 'blind' scored none of the 8 samples"):
-        scores = score_completions({"blind": Counted(lambda n: [unscored] * n)}, [1.0], PROMPTS, COMPLETIONS, ANSWERS)
+        scores = score_completions(
+            {"blind": Counted(lambda n: [unscored] * n)}, [1.0], reward_inputs(PROMPTS, COMPLETIONS, ANSWERS)
+        )
     assert scores.n_unscored == {"blind": 8} and scores.n_failed == {"blind": 0}
     assert scores.per_function["blind"].nanmean().isnan()  # what the module logs as rewards/blind/mean
 
@@ -61,7 +68,7 @@ def test_a_reward_raising_on_some_samples_warns_once_with_the_count():
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        scores = score_completions({"odd": odd}, [1.0], PROMPTS, COMPLETIONS, ANSWERS)
+        scores = score_completions({"odd": odd}, [1.0], reward_inputs(PROMPTS, COMPLETIONS, ANSWERS))
     messages = [str(w.message) for w in caught]
     assert messages == ["reward 'odd' raised on sample 1 (RuntimeError('odd')) and 3 more: 4 of 8 samples scored 0"]
     assert scores.n_failed == {"odd": 4} and scores.total.tolist() == [1.0, 0.0] * 4
@@ -80,9 +87,9 @@ def test_a_reward_failing_on_too_many_samples_for_patience_steps_aborts_naming_i
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for _ in range(2):  # two bad steps: still under the patience
-            score_completions(fns, [1.0, 1.0], PROMPTS, COMPLETIONS, ANSWERS, monitor=monitor)
+            score_completions(fns, [1.0, 1.0], reward_inputs(PROMPTS, COMPLETIONS, ANSWERS), monitor)
         with pytest.raises(RewardError, match=r"reward 'broken' failed on 6 of 8 samples \(75%\).*3 consecutive"):
-            score_completions(fns, [1.0, 1.0], PROMPTS, COMPLETIONS, ANSWERS, monitor=monitor)
+            score_completions(fns, [1.0, 1.0], reward_inputs(PROMPTS, COMPLETIONS, ANSWERS), monitor)
 
 
 def test_a_step_under_the_failure_share_resets_the_streak():
@@ -92,5 +99,5 @@ def test_a_step_under_the_failure_share_resets_the_streak():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for fns in (bad, good, bad, good, bad):
-            score_completions(fns, [1.0], PROMPTS, COMPLETIONS, ANSWERS, monitor=monitor)
+            score_completions(fns, [1.0], reward_inputs(PROMPTS, COMPLETIONS, ANSWERS), monitor)
     assert monitor.streak == {"r": 1}

@@ -9,7 +9,7 @@ from scipy import stats
 
 from corrpo.inversion.strength import score_tokens
 from corrpo.models.loading import TinyArchitecture, load_policy
-from corrpo.training.corrpo_term import InversionRewardConfig, inversion_bonus, rollout_correlations
+from corrpo.training.corrpo_term import CorrPOTermConfig, corrpo_bonus, rollout_correlations
 
 NAN = float("nan")
 
@@ -17,7 +17,7 @@ NAN = float("nan")
 def _bonus(rho, n=None, coef=1.0, min_tokens=2, group_size=None, center=False):
     rho = torch.tensor(rho, dtype=torch.float64)
     n = torch.full_like(rho, 10, dtype=torch.long) if n is None else torch.tensor(n)
-    return inversion_bonus(rho, n, coef, min_tokens, group_size or len(rho), center)
+    return corrpo_bonus(rho, n, coef, min_tokens, group_size or len(rho), center)
 
 
 # ------------------------------------------------------------------------------------------------ bonus
@@ -63,23 +63,23 @@ def test_bonus_rejects_bad_shapes():
     with pytest.raises(ValueError, match="multiple of group_size"):
         _bonus([0.1, 0.2, 0.3], group_size=2)
     with pytest.raises(ValueError, match=r"\[N\]"):
-        inversion_bonus(torch.zeros(2, 2), torch.zeros(2, 2), 1.0, 2, 2)
+        corrpo_bonus(torch.zeros(2, 2), torch.zeros(2, 2), 1.0, 2, 2)
 
 
 # ----------------------------------------------------------------------------------------------- config
 def test_warmup_schedule():
-    config = InversionRewardConfig(coef=0.4, warmup_steps=4)
+    config = CorrPOTermConfig(coef=0.4, warmup_steps=4)
     assert [config.coef_at(s) for s in range(6)] == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4, 0.4])
-    assert InversionRewardConfig(coef=0.4).coef_at(0) == 0.4
-    assert InversionRewardConfig().coef_at(10) == 0.0
+    assert CorrPOTermConfig(coef=0.4).coef_at(0) == 0.4
+    assert CorrPOTermConfig().coef_at(10) == 0.0
 
 
 def test_a_partial_strength_section_keeps_the_reward_defaults():
-    strength = InversionRewardConfig(strength={"measure": "l1", "layers": [-1], "chunk_size": 7}).strength
+    strength = CorrPOTermConfig(strength={"measure": "l1", "layers": [-1], "chunk_size": 7}).strength
     assert (strength.measure, strength.layers, strength.chunk_size) == ("l1", (-1,), 7)
     assert strength.projections == ("q", "v", "o")  # REWARD_STRENGTH_DEFAULTS, not the tracker's q, k, v, o
     given = {"measure": "frobenius", "layers": "all", "method": "sketch", "sketch_dim": 5}
-    sketch = InversionRewardConfig(strength=given).strength
+    sketch = CorrPOTermConfig(strength=given).strength
     assert (sketch.method, sketch.layers, sketch.sketch_dim) == ("sketch", "all", 5)
 
 
@@ -105,7 +105,7 @@ def test_a_partial_strength_section_keeps_the_reward_defaults():
 )
 def test_config_validation_names_the_key(kwargs, key):
     with pytest.raises(ValueError, match=rf"rl\.inversion\.{key}"):
-        InversionRewardConfig(**kwargs)
+        CorrPOTermConfig(**kwargs)
 
 
 # --------------------------------------------------------------------------------- correlations on a model
@@ -144,35 +144,40 @@ def _reference(model, ids, mask, comp, config, i):
     e, s = entropy[0].double().numpy(), strength[0].double().numpy()
     keep = np.isfinite(e) & np.isfinite(s)
     if keep.sum() < 2:
-        return NAN, int(keep.sum())
+        return NAN, int(keep.sum()), entropy[0], strength[0]
     corr = stats.spearmanr if config.correlation == "spearman" else stats.pearsonr
-    return float(corr(e[keep], s[keep])[0]), int(keep.sum())
+    return float(corr(e[keep], s[keep])[0]), int(keep.sum()), entropy[0], strength[0]
 
 
 @pytest.mark.parametrize("correlation", ["spearman", "pearson"])
 def test_rollout_correlations_match_per_response_reference(tiny_model, correlation):
     vocab = tiny_model.config.vocab_size
     ids, mask, comp = _left_padded_rollout(vocab, [3, 7, 5, 2, 6], [12, 9, 1, 15, 6])
-    config = InversionRewardConfig(coef=1.0, correlation=correlation)
-    rho, n_tokens = rollout_correlations(tiny_model, ids, mask, comp, config, rows_per_chunk=2)
+    config = CorrPOTermConfig(coef=1.0, correlation=correlation)
+    rho, n_tokens, entropy, strength = rollout_correlations(tiny_model, ids, mask, comp, config, rows_per_chunk=2)
+    assert entropy.shape == strength.shape == ids.shape
     assert rho.dtype == torch.float64 and n_tokens.dtype == torch.long
     assert n_tokens.tolist() == [12, 9, 1, 15, 6]
     assert math.isnan(rho[2])  # a single completion token: no correlation
     for i in range(len(rho)):
-        ref, n_ref = _reference(tiny_model, ids, mask, comp, config, i)
+        ref, n_ref, entropy_ref, strength_ref = _reference(tiny_model, ids, mask, comp, config, i)
         assert n_tokens[i] == n_ref
+        real = mask[i].bool()  # the per-token values the correlation saw, in the rollout's own columns
+        torch.testing.assert_close(entropy[i, real], entropy_ref, equal_nan=True)
+        torch.testing.assert_close(strength[i, real], strength_ref, equal_nan=True, rtol=1e-5, atol=0)
+        assert entropy[i, ~real].isnan().all() and strength[i, ~real].isnan().all()
         if math.isnan(ref):
             assert math.isnan(rho[i])
         else:
             assert rho[i].item() == pytest.approx(ref, abs=1e-6)
     assert torch.isfinite(rho[[0, 1, 3, 4]]).all()
-    bonus, valid = inversion_bonus(rho, n_tokens, 0.5, 8, group_size=5, center=False)
+    bonus, valid = corrpo_bonus(rho, n_tokens, 0.5, 8, group_size=5, center=False)
     assert valid.tolist() == [True, True, False, True, False] and torch.isfinite(bonus).all()
 
 
 def test_rollout_correlations_leave_model_state_alone(tiny_model):
     ids, mask, comp = _left_padded_rollout(tiny_model.config.vocab_size, [2, 4], [5, 8])
     tiny_model.train()
-    rho, _ = rollout_correlations(tiny_model, ids, mask, comp, InversionRewardConfig(coef=1.0))
+    rho, *_ = rollout_correlations(tiny_model, ids, mask, comp, CorrPOTermConfig(coef=1.0))
     assert tiny_model.training and all(p.grad is None for p in tiny_model.parameters())
     assert rho.shape == (2,)

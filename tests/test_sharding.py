@@ -156,10 +156,9 @@ def test_the_export_of_a_sharded_policy_is_the_unsharded_models_folder(sharded_p
 
 def test_the_lean_decoder_and_the_shared_forward_leave_a_sharded_policy_to_the_exact_paths(sharded_pair):
     from corrpo.generation.decode_loop import unsupported_reason
-    from corrpo.training.corrpo_term import InversionRewardConfig
-    from corrpo.training.grpo import shares_update_forward
+    from corrpo.training.corrpo_term import CorrPOTermConfig, shares_update_forward
 
     model, sharded = sharded_pair
     assert unsupported_reason(model, 64) is None and "FSDP2" in unsupported_reason(sharded, 64)
-    config = InversionRewardConfig(coef=0.1)
+    config = CorrPOTermConfig(coef=0.1)
     assert shares_update_forward(model, config, 1) is None and "FSDP2" in shares_update_forward(sharded, config, 1)

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from corrpo.data.arithmetic import ArithmeticTask
 from corrpo.data.reasoning_gym_source import reasoning_gym_records, task_name
 from corrpo.data.records import load_records
-from corrpo.training.host import require_host
+from corrpo.training.host import require_even_split, require_host
 
 EMBEDDED = "arithmetic"
 
@@ -109,9 +109,7 @@ def shard_batch(batch: dict, rank: int, world_size: int) -> dict:
     if world_size == 1:
         return batch
     rows = len(batch["prompt"])
-    if rows % world_size:
-        key = "sft_batch_size" if batch["phase"] == "sft" else "rl_batch_size"
-        raise ValueError(f"data.{key}={rows} must be divisible by the number of processes ({world_size})")
+    require_even_split("data.sft_batch_size" if batch["phase"] == "sft" else "data.rl_batch_size", rows, world_size)
     per_rank = rows // world_size
     lo, hi = rank * per_rank, (rank + 1) * per_rank
 
@@ -330,8 +328,8 @@ class ReasoningDataModule(L.LightningDataModule):
         rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         for key, size, steps in (("sft_batch_size", self.sft_batch_size, self.sft_steps),
                                  ("rl_batch_size", self.rl_batch_size, self.rl_steps)):  # fmt: skip
-            if steps and size % world_size:  # here, not at the first batch of the phase
-                raise ValueError(f"data.{key}={size} must be divisible by the number of processes ({world_size})")
+            if steps:  # here, not at the first batch of the phase
+                require_even_split(f"data.{key}", size, world_size)
         stream = StepStream(self.step_batches(), start, rank, world_size)
         # Lightning's mid-epoch-resume warning assumes a loader that restarts at batch 0; this one starts at
         # ``steps_done`` (tests/test_resume.py), and its length warning concerns num_workers > 1 only.

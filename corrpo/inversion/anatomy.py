@@ -52,8 +52,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from corrpo.inversion.strength_common import ScoringBatch, forward_hidden_and_z, scoring_mode
-from corrpo.inversion.strength_onepass import LayerCapture
+from corrpo.inversion.strength_common import LayerCapture, ScoringBatch, forward_hidden_and_z, scoring_mode
 from corrpo.models.architectures import DecoderParts, decoder_parts
 
 NORM_FACTORS = ("inv_rms", "w_norm", "sin", "logit_slope", "dz_dh")

@@ -5,13 +5,12 @@ H = -sum_v p_v log2 p_v with p = softmax(logits) over the FULL vocabulary. It is
 in slices along the sequence so a bf16 ``[B, T, V]`` tensor with a 150k vocabulary is never copied to
 fp32 all at once.
 
-Two alignments exist and both are offered:
-
-* :func:`token_entropy_bits` -- ``logits[:, t]`` and ``mask[:, t]`` describe the same position ``t`` (the
-  caller has already shifted; this is what a policy-loss path that gathers log-probs uses).
-* :func:`scored_token_entropy_bits` -- values aligned to *token* positions: the entropy reported at a
-  scored token ``j`` is that of the distribution it was drawn from, ``logits[:, j - 1]`` (the standard
-  next-token shift). This is the alignment of :func:`corrpo.inversion.strength.logit_grad_strength`.
+One formula, :func:`entropy_bits_of_log_probs`, is the entropy everywhere: :func:`entropy_bits_from_logits` (every
+position), :func:`scored_token_entropy_bits` (aligned to *token* positions: the entropy reported at a scored token
+``j`` is that of the distribution it was drawn from, ``logits[:, j - 1]``, the alignment of
+:func:`corrpo.inversion.strength.logit_grad_strength`) and the update's log-prob pass
+(:func:`corrpo.training.objectives.token_log_probs_and_entropy`), so the CorR-PO term scored on the update's
+forward sees bit for bit the entropy a separate scoring pass computes.
 """
 
 from __future__ import annotations
@@ -22,6 +21,11 @@ import torch
 from torch import Tensor
 
 _LN2 = math.log(2.0)
+
+
+def entropy_bits_of_log_probs(log_probs: Tensor) -> Tensor:
+    """``H = -sum_v p_v log2 p_v`` over the last axis from fp32 ``log_softmax`` values (``p = exp(log_probs)``)."""
+    return -(log_probs.exp() * log_probs).sum(-1) / _LN2
 
 
 def entropy_bits_from_logits(logits: Tensor, slice_len: int = 128) -> Tensor:
@@ -37,22 +41,8 @@ def entropy_bits_from_logits(logits: Tensor, slice_len: int = 128) -> Tensor:
     with torch.no_grad():
         for start in range(0, n, slice_len):
             chunk = logits[..., start : start + slice_len, :].detach().float()
-            logp = torch.log_softmax(chunk, dim=-1)
-            out[..., start : start + slice_len] = -(logp.exp() * logp).sum(-1) / _LN2
+            out[..., start : start + slice_len] = entropy_bits_of_log_probs(torch.log_softmax(chunk, dim=-1))
     return out
-
-
-def token_entropy_bits(logits: Tensor, mask: Tensor) -> Tensor:
-    """Per-position entropy in bits, ``[B, T]`` fp32; ``0`` where ``mask`` is False.
-
-    Args:
-        logits: ``[B, T, V]`` next-token logits (any float dtype).
-        mask: ``[B, T]`` bool (or 0/1) -- positions to report; both are indexed by the SAME position.
-    """
-    if logits.shape[:-1] != mask.shape:
-        raise ValueError(f"mask shape {tuple(mask.shape)} must equal logits.shape[:-1] {tuple(logits.shape[:-1])}")
-    ent = entropy_bits_from_logits(logits)
-    return torch.where(mask.bool(), ent, torch.zeros_like(ent))
 
 
 def scored_token_entropy_bits(logits: Tensor, token_mask: Tensor) -> Tensor:

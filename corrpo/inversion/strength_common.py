@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from corrpo.models.architectures import DecoderParts
+from corrpo.models.architectures import DecoderParts, Projection, projection
 from corrpo.models.forward import eval_mode, padded_logits, position_ids_from_mask
 
 
@@ -216,3 +216,36 @@ def max_relative_error(values: Tensor, reference: Tensor, floor: float = 1e-2) -
     ref, val = reference[fin].double(), values[fin].double()
     denom = ref.abs().clamp(min=floor * ref.abs().max().item())
     return ((val - ref).abs() / denom.clamp(min=torch.finfo(torch.float64).tiny)).max().item()
+
+
+class LayerCapture:
+    """Forward hooks keeping the input and output of each last-layer projection module and the RoPE cos/sin."""
+
+    def __init__(self, parts: DecoderParts, layer: nn.Module) -> None:
+        self.proj: dict[str, Projection] = {n: projection(parts, layer, n) for n in parts.layout.slots}
+        self.io: dict[int, tuple[Tensor, Tensor]] = {}
+        self.rope: tuple[Tensor, Tensor] | None = None
+        self._handles = []
+        for module in {id(p.module): p.module for p in self.proj.values()}.values():
+            self._handles.append(module.register_forward_hook(self._hook))
+        attn = getattr(layer, parts.layout.attention)
+        self._handles.append(attn.register_forward_pre_hook(self._attn_hook, with_kwargs=True))
+
+    def _hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        self.io[id(module)] = (inputs[0], output)
+
+    def _attn_hook(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.rope = kwargs.get("position_embeddings")
+
+    def input(self, name: str) -> Tensor:
+        return self.io[id(self.proj[name].module)][0]
+
+    def full_output(self, name: str) -> Tensor:
+        return self.io[id(self.proj[name].module)][1]
+
+    def output(self, name: str) -> Tensor:
+        return self.proj[name].output(self.full_output(name))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()

@@ -10,18 +10,8 @@ one backward of ``Z`` yields every per-token cotangent at once. The same holds f
 
 * q_proj, o_proj, gate/up/down_proj: ``dz_t/dW = delta_t a_t^T`` -- rank 1, so nuclear = Frobenius
   = ``|delta_t| |a_t|`` and l1 = ``|delta_t|_1 |a_t|_1``.
-* v_proj (mixes positions): ``ctx_{t,h} = sum_s P_{h,t,s} (W_v x_s + b)_{kv(h)}`` so
-  ``dz_t/dW_v[kv] = sum_{h in kv} g_{t,h} c_{t,h}^T`` with ``g_{t,h} = dz_t/dctx_{t,h}`` (exact from the
-  one backward) and ``c_{t,h} = sum_s P_{h,t,s} x_s`` (``x`` = the normed layer input). Rank <= #heads.
-* k_proj (mixes positions, RoPE): with ``dS_{h,t,s} = P_{h,t,s} (g_{t,h}.v_s - g_{t,h}.ctx_{t,h})`` the
-  softmax backward, the gradient w.r.t. the rotated key is ``kt_{t,s} = scale sum_{h in kv} dS_{h,t,s}
-  q~_{t,h}``; undoing RoPE (its transpose: ``y cos - rotate_half(y sin)``) gives ``gk_{t,s}`` and
-  ``dz_t/dW_k = sum_s gk_{t,s} x_s^T``. Cost O(T^2 d) per token block; built in chunks.
-
-``P`` is recomputed from the captured q, k and RoPE cos/sin with the causal + key-padding mask (and the
-layer's sliding window, ``s > t - window`` in sequence indices as transformers' mask has it), so the result
-does not depend on the attention backend (eager/SDPA). GQA is handled by grouping query heads by their kv
-head. Biases are not scored (weights only); q/k/v biases enter only through the captured outputs.
+* v_proj and k_proj mix positions: closed forms through the attention weights, in
+  :mod:`corrpo.inversion.strength_kv`.
 
 Family variants (``corrpo.models.families``), each exact:
 
@@ -51,76 +41,22 @@ import torch
 from torch import Tensor, nn
 
 from corrpo.inversion.strength_common import (
+    LayerCapture,
     ScoringBatch,
     forward_hidden_and_z,
-    matrix_measure,
     rank1_measure,
     scoring_mode,
 )
 from corrpo.inversion.strength_config import StrengthConfig
+from corrpo.inversion.strength_kv import kv_strengths
 from corrpo.models.architectures import (
     DecoderParts,
-    Projection,
     decoder_parts,
     expand_projections,
-    projection,
     resolve_layers,
 )
-from corrpo.models.families import head_counts
 
 _RANK1 = ("q", "o", "gate", "up", "down")
-
-
-def _rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """RoPE on the first ``cos.shape[-1]`` dims of each head (all of them unless partial), as transformers."""
-    rot = cos.shape[-1]
-    head, rest = x[..., :rot], x[..., rot:]
-    return torch.cat((head * cos + _rotate_half(head) * sin, rest), dim=-1)
-
-
-def _rope_transpose(y: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """The transpose of :func:`_rope`: ``rotate_half`` is antisymmetric, so ``R^T y = y cos - rotate_half(y sin)``."""
-    rot = cos.shape[-1]
-    head, rest = y[..., :rot], y[..., rot:]
-    return torch.cat((head * cos - _rotate_half(head * sin), rest), dim=-1)
-
-
-class LayerCapture:
-    """Forward hooks keeping the input and output of each last-layer projection module and the RoPE cos/sin."""
-
-    def __init__(self, parts: DecoderParts, layer: nn.Module) -> None:
-        self.proj: dict[str, Projection] = {n: projection(parts, layer, n) for n in parts.layout.slots}
-        self.io: dict[int, tuple[Tensor, Tensor]] = {}
-        self.rope: tuple[Tensor, Tensor] | None = None
-        self._handles = []
-        for module in {id(p.module): p.module for p in self.proj.values()}.values():
-            self._handles.append(module.register_forward_hook(self._hook))
-        attn = getattr(layer, parts.layout.attention)
-        self._handles.append(attn.register_forward_pre_hook(self._attn_hook, with_kwargs=True))
-
-    def _hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-        self.io[id(module)] = (inputs[0], output)
-
-    def _attn_hook(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.rope = kwargs.get("position_embeddings")
-
-    def input(self, name: str) -> Tensor:
-        return self.io[id(self.proj[name].module)][0]
-
-    def full_output(self, name: str) -> Tensor:
-        return self.io[id(self.proj[name].module)][1]
-
-    def output(self, name: str) -> Tensor:
-        return self.proj[name].output(self.full_output(name))
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
 
 
 def _check_onepass(parts: DecoderParts, config: StrengthConfig) -> tuple[nn.Module, tuple[str, ...]]:
@@ -170,7 +106,7 @@ def onepass_on_forward(
 
     The same closed forms as :func:`onepass_strength` on the same captured activations; the graph is kept
     (``retain_graph``), so the caller can go on to backpropagate its own loss through the very same forward: the
-    CorR-PO term then costs no forward of its own (``corrpo.training.grpo.shared_inversion_term``). No ``.grad``
+    CorR-PO term then costs no forward of its own (``corrpo.training.grpo.corrpo_term_on_update_forward``). No ``.grad``
     is written (``torch.autograd.grad`` with respect to the captured activations only).
     """
     parts = decoder_parts(model)
@@ -212,266 +148,6 @@ def _strengths(
             act = cap.input(name).detach()[rows, pos]
             per_matrix.append(rank1_measure(delta[rows, pos], act, config.measure))
     if "k" in names or "v" in names:
-        kv = _kv_strengths(parts, getattr(layer, parts.layout.attention), cap, grads[id(ctx)], batch, config, names)
+        kv = kv_strengths(parts, getattr(layer, parts.layout.attention), cap, grads[id(ctx)], batch, config, names)
         per_matrix.extend(kv[n] for n in names if n in kv)
     return torch.stack(per_matrix).mean(0)
-
-
-def _normed(norm: nn.Module | None, x: Tensor, flat: bool) -> Tensor:
-    """Apply the family's q/k norm to heads ``x [..., heads, hd]`` (per head, or over the flattened vector)."""
-    if norm is None:
-        return x
-    return norm(x.flatten(-2)).view_as(x) if flat else norm(x)
-
-
-def _norm_transpose(norm: nn.Module | None, x: Tensor, cot: Tensor, flat: bool) -> Tensor:
-    """``J_norm(x)^T cot``: the exact VJP of the (position-wise) norm module at ``x``."""
-    if norm is None:
-        return cot
-    with torch.enable_grad():
-        x = x.detach().requires_grad_(True)
-        (out,) = torch.autograd.grad(_normed(norm, x, flat), x, cot)
-    return out
-
-
-def _kv_strengths(
-    parts: DecoderParts,
-    attn: nn.Module,
-    cap: LayerCapture,
-    ctx_grad: Tensor,
-    batch: ScoringBatch,
-    config: StrengthConfig,
-    names: tuple[str, ...],
-) -> dict[str, Tensor]:
-    """Per-token v / k measures by the closed forms of the module docstring, token-chunked."""
-    layout = parts.layout
-    n_heads, n_kv, hd = head_counts(parts.config)
-    rep, scale = n_heads // n_kv, attn.scaling
-    softcap = getattr(attn, "attn_logit_softcapping", None)
-    window = getattr(parts.config if layout.window_from_config else attn, "sliding_window", None)
-    flat = layout.qk_norm == "flat"
-    q_norm = getattr(attn, "q_norm", None) if layout.qk_norm else None
-    k_norm = getattr(attn, "k_norm", None) if layout.qk_norm else None
-    x_k, x_v = cap.input("k").detach().float(), cap.input("v").detach().float()  # [B, T, d]
-    bsz, seq, _ = x_k.shape
-    if layout.rope:
-        if cap.rope is None:
-            raise ValueError(f"{layout.name}: the last attention got no position_embeddings; use method='vmap'")
-        cos, sin = (t.detach().float() for t in cap.rope)  # [B, T, rot]
-    else:  # no rotation: cos = 1, sin = 0 on zero rotated dims
-        cos = sin = x_k.new_zeros(bsz, seq, 0)
-    with torch.no_grad():
-        q = _normed(q_norm, cap.output("q").detach().float().view(bsz, seq, n_heads, hd), flat)
-        k_raw = cap.output("k").detach().float().view(bsz, seq, n_kv, hd)
-        k = _normed(k_norm, k_raw, flat)
-    q = q.view(bsz, seq, n_kv, rep, hd)
-    v = cap.output("v").detach().float().view(bsz, seq, n_kv, hd)
-    k_rot = _rope(k, cos[:, :, None], sin[:, :, None])
-    g_all = ctx_grad.float().view(bsz, seq, n_kv, rep, hd)
-    key_ok = batch.attention_mask.bool()
-    arange = torch.arange(seq, device=x_k.device)
-    if "k" not in names:  # v alone needs only each token's attention context: every token at once, no block loop
-        q_tok = q[batch.rows, batch.cols - 1]
-        c = _v_contexts(q_tok, k_rot, x_v, cos, sin, batch, scale, softcap, window)
-        return {"v": _v_measure(g_all[batch.rows, batch.cols - 1], c, config.measure)}
-    out: dict[str, list[Tensor]] = {"k": [], "v": []}
-    v_parts: list[tuple[Tensor, Tensor]] = []  # (g, c) per block: v's measure runs once over all tokens
-    for b, pos in _row_blocks(batch, config.chunk_size):
-        # every token of the block reads row b's keys/values up to the block's last position only (causal):
-        # shared [S, ...] operands instead of one gathered copy per token, and no work past position S - 1
-        S = int(pos.max()) + 1
-        # a packed row: the block is of one sequence, its keys start at that sequence's first column lo
-        lo = 0 if batch.segments is None else int((batch.segments[b, :S] != batch.segments[b, pos[0]]).sum())
-        cos_b, sin_b = cos[b, lo:S][:, None], sin[b, lo:S][:, None]
-        q_rot = _rope(q[b, pos], cos[b, pos][:, None, None], sin[b, pos][:, None, None])  # [n, kv, rep, hd]
-        raw = torch.einsum("nkre,ske->nkrs", q_rot, k_rot[b, lo:S]) * scale
-        allowed = _allowed(arange[lo:S], pos, key_ok[b, None, lo:S], window)  # [n, S - lo]
-        probs = _attention_probs(raw, allowed[:, None, None, :], softcap)
-        g = g_all[b, pos]  # [n, kv, rep, hd]
-        if "v" in names:
-            v_parts.append((g, torch.einsum("nkrs,sd->nkrd", probs, x_v[b, lo:S])))
-        if "k" in names:
-            gv = torch.einsum("nkre,ske->nkrs", g, v[b, lo:S])
-            d_scores = probs * (gv - (probs * gv).sum(-1, keepdim=True))
-            if softcap is not None:
-                d_scores = d_scores * (1 - torch.tanh(raw / softcap).square())
-            gk_rot = torch.einsum("nkrs,nkre->nske", d_scores, q_rot) * scale  # [n, S, kv, hd]
-            gk = _rope_transpose(gk_rot, cos_b, sin_b)
-            if k_norm is not None:
-                gk = _norm_transpose(k_norm, k_raw[b, lo:S].expand_as(gk), gk, flat)
-            gk = gk.flatten(2)
-            # each sub-block's measure reads the keys up to its own last position: a token's gradient is exactly
-            # 0 on the keys after it (their attention weight is 0), and the eigen-solves shrink with S
-            for i in range(0, len(pos), K_SUB_BLOCK):
-                end = int(pos[i : i + K_SUB_BLOCK].max()) + 1
-                out["k"].append(_k_measure(gk[i : i + K_SUB_BLOCK, : end - lo], x_k[b, lo:end], config.measure))
-    if v_parts:  # per token, so batching the blocks' tokens changes no value, only the number of small ops
-        out["v"].append(_v_measure(*(torch.cat(t) for t in zip(*v_parts, strict=True)), config.measure))
-    return {n: torch.cat(vals) for n, vals in out.items() if vals}
-
-
-V_BATCH_ELEMENTS = 1 << 24
-"""At most about this many score (and context) elements at once in :func:`_v_contexts` (64 MB in fp32)."""
-
-
-def _allowed(keys: Tensor, pos: Tensor, key_ok: Tensor, window: int | None) -> Tensor:
-    """Which ``keys`` (positions) the queries at ``pos`` attend to: causal, real keys, inside the window."""
-    allowed = (keys <= pos[..., None]) & key_ok
-    if window is not None:
-        allowed &= keys > pos[..., None] - window
-    return allowed
-
-
-def _attention_probs(raw: Tensor, allowed: Tensor, softcap: float | None) -> Tensor:
-    """The attention weights from the scaled raw scores: the family's soft-cap, the mask, softmax over keys."""
-    scores = raw if softcap is None else torch.tanh(raw / softcap) * softcap
-    return scores.masked_fill(~allowed, float("-inf")).softmax(-1)
-
-
-def _v_contexts(
-    q: Tensor,
-    k_rot: Tensor,
-    x_v: Tensor,
-    cos: Tensor,
-    sin: Tensor,
-    batch: ScoringBatch,
-    scale: float,
-    softcap: float | None,
-    window: int | None,
-) -> Tensor:
-    """``c [N, kv, rep, d]``: each scored token's attention-weighted v_proj INPUTS ``sum_s p_{n,h,s} x_s`` (what
-    V's closed form needs), for every token of a group of rows at once: row ``b``'s tokens padded to the longest
-    row's count and scored against all of row ``b``'s keys, the keys a token may not see masked (causal, padding,
-    window, and in a packed row every other sequence's: ``batch.segments``). The same weights as the per-block
-    loop of :func:`_kv_strengths` (masked keys weigh exactly 0), in a handful of large ops instead of a dozen small
-    ones per block. Memory: a row's tokens go in pieces, pieces in groups, of at most :data:`V_BATCH_ELEMENTS`
-    score elements."""
-    rows, pos = batch.rows, batch.cols - 1
-    bsz, seq = batch.input_ids.shape
-    n, n_kv, rep, _ = q.shape
-    q_rot = _rope(q, cos[rows, pos][:, None, None], sin[rows, pos][:, None, None])  # [N, kv, rep, hd]
-    per_token = n_kv * rep * max(seq, x_v.shape[-1])  # score (or context) elements of one token
-    # a row's tokens in pieces of at most `width`, so one piece stays within the budget however long the row
-    counts = torch.bincount(rows, minlength=bsz)
-    width = max(1, min(int(counts.max()), V_BATCH_ELEMENTS // per_token))
-    slot = torch.arange(n, device=rows.device) - (counts.cumsum(0) - counts)[rows]  # index within its row
-    pieces = (counts + width - 1) // width
-    piece = (pieces.cumsum(0) - pieces)[rows] + slot // width  # each token's piece; pieces are row-major
-    piece_row = torch.repeat_interleave(torch.arange(bsz, device=rows.device), pieces)
-    keys = torch.arange(seq, device=rows.device)
-    key_ok = batch.attention_mask.bool()
-    out = x_v.new_empty(n, n_kv, rep, x_v.shape[-1])
-    group = max(1, V_BATCH_ELEMENTS // (width * per_token))
-    for p0 in range(0, len(piece_row), group):
-        p1 = min(len(piece_row), p0 + group)
-        idx = ((piece >= p0) & (piece < p1)).nonzero().squeeze(1)
-        at = (piece[idx] - p0, slot[idx] % width)
-        of = piece_row[p0:p1]  # the row of each piece
-        q_pad = q_rot.new_zeros(p1 - p0, width, *q_rot.shape[1:])
-        q_pad[at] = q_rot[idx]
-        pos_pad = pos.new_zeros(p1 - p0, width)
-        pos_pad[at] = pos[idx]
-        allowed = _allowed(keys, pos_pad, key_ok[of, None, :], window)  # [pieces, width, T]
-        if batch.segments is not None:  # a packed row: only the token's own sequence
-            seg = batch.segments[of]
-            allowed &= seg[:, None, :] == seg.gather(1, pos_pad)[:, :, None]
-        real = torch.zeros_like(pos_pad, dtype=torch.bool)
-        real[at] = True
-        allowed[~real] = keys == 0  # padded slots see key 0 alone (no empty softmax); they are dropped below
-        raw = torch.einsum("bnkre,bske->bnkrs", q_pad, k_rot[of]) * scale
-        probs = _attention_probs(raw, allowed[:, :, None, None, :], softcap)
-        out[idx] = torch.einsum("bnkrs,bsd->bnkrd", probs, x_v[of])[at]
-    return out
-
-
-def _row_blocks(batch: ScoringBatch, size: int) -> list[tuple[int, Tensor]]:
-    """The scored tokens as ``(row, positions)`` blocks of at most ``size`` tokens of ONE row and sequence each, in the
-    order of ``batch.rows`` / ``batch.cols`` (row-major): ``positions`` are the predicting columns ``j - 1``."""
-    blocks = []
-    rows, pos = batch.rows.tolist(), batch.cols - 1
-    # a packed row holds several sequences: a block never spans two (their keys are apart)
-    seqs = rows if batch.segments is None else batch.segments[batch.rows, batch.cols].tolist()
-    start = 0
-    while start < len(rows):
-        stop = start
-        while stop < len(rows) and rows[stop] == rows[start] and seqs[stop] == seqs[start] and stop - start < size:
-            stop += 1
-        blocks.append((rows[start], pos[start:stop]))
-        start = stop
-    return blocks
-
-
-K_SUB_BLOCK = 16
-"""Tokens per K measure: the block's tokens in groups of this many, each against the keys up to its own last
-position (smaller eigen-solves for the earlier tokens of a block, one more root per group)."""
-EIGEN_WEIGHT = 16
-"""Matmul multiply-adds one multiply-add of a LAPACK eigen-solve costs here (measured: ``eigvalsh`` at
-1.7-3.2 GFLOP/s against 37-100 GFLOP/s for the matmuls on these shapes): the weight of the eigen-solve in the cost
-by which :func:`_k_measure` picks its route."""
-
-
-def k_route(S: int, d_kv: int, d: int, measure: str) -> str:
-    """The route of least cost for :func:`_k_measure` (see there) over ``S`` keys, ``d_kv`` and ``d``."""
-    if measure == "l1":
-        return "built"
-    m = min(d_kv, d)
-    routes = {  # fp64 products count twice (half the fp32 rate), fp64 eigen-solves EIGEN_WEIGHT times
-        "gram": 2 * (S * S * d_kv + S * d_kv * d_kv) + EIGEN_WEIGHT * d_kv**3,
-        "root": 2 * (2 * S * S * d_kv) + EIGEN_WEIGHT * S**3,
-        "built": S * d_kv * d + 2 * d_kv * d * m + EIGEN_WEIGHT * m**3,  # M itself in fp32, its Gram in fp64
-    }
-    return min(routes, key=routes.__getitem__)
-
-
-def _k_measure(gk: Tensor, x: Tensor, measure: str, route: str | None = None) -> Tensor:
-    """Measure of ``M_n = sum_s gk_{n,s} x_s^T = B_n^T X`` (``B_n = gk[n]`` ``[S, d_kv]``, ``X`` ``[S, d]``).
-
-    Three exact routes to the singular values of ``M_n`` (the eigenvalues of a Gram matrix, fp64 as
-    :func:`nuclear_norm`); with ``K = X X^T`` (once per call, shared by its tokens) and ``m = min(d_kv, d)``:
-
-    * ``gram``: ``M_n M_n^T = B_n^T K B_n``, a ``d_kv``-square problem: ``S^2 d_kv + S d_kv^2`` fp64
-      multiply-adds a token, and the ``d_kv^3`` eigen-solve;
-    * ``root``: with ``R = K^(1/2)`` (one eigen-solve of ``K``), ``C_n = R B_n``: ``C_n C_n^T`` has the nonzero
-      eigenvalues of ``B_n^T K B_n``, an ``S``-square problem: ``2 S^2 d_kv`` fp64 and ``S^3``;
-    * ``built``: ``M_n`` itself (fp32: an entry's rounding moves a singular value by ~1e-7 of the largest), then
-      its smaller Gram: ``S d_kv d`` fp32 + ``d_kv d m`` fp64, and ``m^3``.
-
-    The route of least cost runs, an fp64 multiply-add counted twice and an eigen-solve's :data:`EIGEN_WEIGHT`
-    times (LAPACK runs them that much slower than matmuls): key ranges up to about ``d_kv`` take ``root``,
-    somewhat longer ones ``gram`` (while ``S`` is well below ``d``), then ``built`` (:func:`k_route`; ``route``
-    forces one). The l1 norm needs the entries: ``M_n``. Frobenius is ``sqrt(trace(B^T K B))``.
-    """
-    route = route or k_route(x.shape[0], gk.shape[-1], x.shape[-1], measure)
-    if route == "built":
-        return matrix_measure(torch.einsum("nse,sd->ned", gk, x), measure)
-    x64, b = x.double(), gk.double()
-    kernel = x64 @ x64.mT
-    if route == "gram":
-        gram = b.mT @ (kernel @ b)  # [n, d_kv, d_kv]
-    else:
-        lam, vec = torch.linalg.eigh(kernel)
-        c = ((vec * lam.clamp_min(0).sqrt()) @ vec.mT) @ b  # K^(1/2) B, [n, S, d_kv]
-        gram = c @ c.mT
-    if measure == "frobenius":
-        return gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(0).sqrt().float()
-    return torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().sum(-1).float()
-
-
-def _v_measure(g: Tensor, c: Tensor, measure: str) -> Tensor:
-    """Measure of ``M_n = sum_h g_{n,h} c_{n,h}^T`` (rows of head h in its kv block) = ``U_n V_n^T``.
-
-    ``U`` ``[n, kv*hd, H]`` holds ``g_h`` in the rows of kv head ``kv(h)``, ``V`` ``[n, d, H]`` holds ``c_h``.
-    For nuclear / Frobenius the singular values of ``U V^T`` are those of the ``H x H`` core ``R_u R_v^T``
-    (``U = Q_u R_u``, ``V = Q_v R_v``, orthonormal ``Q`` leave singular values unchanged): H x H SVDs
-    instead of ``kv*hd x d`` ones. The l1 norm is not unitarily invariant, so it builds ``M``.
-    """
-    n, n_kv, rep, hd = g.shape
-    heads = n_kv * rep
-    if measure == "l1" or heads > min(n_kv * hd, c.shape[-1]):
-        return matrix_measure(torch.einsum("nkre,nkrd->nked", g, c).flatten(1, 2), measure)
-    u = g.new_zeros(n, n_kv, hd, n_kv, rep)
-    idx = torch.arange(n_kv, device=g.device)
-    u[:, idx, :, idx, :] = g.permute(1, 0, 3, 2)
-    r_u = torch.linalg.qr(u.reshape(n, n_kv * hd, heads), mode="r").R
-    r_v = torch.linalg.qr(c.reshape(n, heads, -1).mT, mode="r").R
-    return matrix_measure(r_u @ r_v.mT, measure)

@@ -9,13 +9,11 @@ Configs name a reward by registry name (``accuracy``, ``format``) or by import p
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
 
 from corrpo.rewards.accuracy import accuracy_reward
 from corrpo.rewards.answer import extract_answer
+from corrpo.rewards.call import RewardFn
 from corrpo.rewards.format import format_reward
-
-RewardFn = Callable[..., list]
 
 REWARD_REGISTRY: dict[str, RewardFn] = {"accuracy": accuracy_reward, "format": format_reward}
 

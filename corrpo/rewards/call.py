@@ -27,6 +27,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+RewardFn = Callable[..., list]
+"""A reward as TRL defines one: called by keyword (``prompts``, ``completions``, columns, ...), one value or None per
+sample."""
+
 
 @dataclass
 class StepInfo:

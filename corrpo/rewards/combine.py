@@ -27,14 +27,12 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from corrpo.rewards.call import RewardInputs, RewardLog, StepInfo, call_reward
-
-RewardFn = Callable[..., list]
+from corrpo.rewards.call import RewardFn, RewardInputs, call_reward
 
 
 class RewardError(ValueError):
@@ -155,35 +153,30 @@ class RewardFailureMonitor:
                 )
 
 
+def checked_reward_weights(weights: Sequence[float] | None, n_rewards: int) -> list[float]:
+    """``rl.reward_weights``: one weight per reward (None = 1 each); a ValueError naming the key otherwise, since a
+    zip over the two would silently drop the unmatched rewards."""
+    weights = [1.0] * n_rewards if weights is None else list(weights)
+    if len(weights) != n_rewards:
+        raise ValueError(f"rl.reward_weights has {len(weights)} entries for {n_rewards} rl.rewards")
+    return weights
+
+
 def score_completions(
     reward_fns: dict[str, RewardFn],
     weights: Sequence[float],
-    prompts: Sequence[str],
-    completions: Sequence[str],
-    answers: Sequence[str] | None = None,
-    *,
-    columns: dict[str, Sequence] | None = None,
-    completion_ids: list[list[int]] | None = None,
-    trainer_state: StepInfo | None = None,
-    log: RewardLog | None = None,
+    inputs: RewardInputs,
     monitor: RewardFailureMonitor | None = None,
 ) -> RewardScores:
     """Run every reward function and combine: ``total_i = sum_k w_k * r_k,i`` over finite ``r_k,i``.
 
-    Each function is called by keyword as TRL calls it (:mod:`corrpo.rewards.call`): ``prompts``,
-    ``completions``, ``completion_ids``, every dataset column (``columns``, one value per completion; ``answers``
-    is the ``answer`` column), ``trainer_state`` and the ``log_metric`` / ``log_extra`` hooks (into ``log``).
-    ``monitor`` (optional) sees the fault counts and may stop the run.
+    Each function is called by keyword as TRL calls it (:mod:`corrpo.rewards.call`) with ``inputs``: ``prompts``,
+    ``completions``, ``completion_ids``, every dataset column (``answer`` among them, one value per completion),
+    ``trainer_state`` and the ``log_metric`` / ``log_extra`` hooks. ``monitor`` (optional) sees the fault counts
+    and may stop the run.
     """
-    if len(weights) != len(reward_fns):
-        raise ValueError(f"rl.reward_weights has {len(weights)} entries for {len(reward_fns)} rewards")
-    columns = {name: list(values) for name, values in (columns or {}).items()}
-    if answers is not None:
-        columns["answer"] = list(answers)
-    inputs = RewardInputs(
-        prompts=list(prompts), completions=list(completions), columns=columns, completion_ids=completion_ids,
-        trainer_state=trainer_state, log=log,
-    )  # fmt: skip
+    weights = checked_reward_weights(weights, len(reward_fns))
+    completions = inputs.completions
     per_function, n_failed, n_unscored = {}, {}, {}
     total = torch.zeros(len(completions), dtype=torch.float32)
     for (name, fn), weight in zip(reward_fns.items(), weights, strict=True):
@@ -207,26 +200,24 @@ def score_completions(
 
 def completion_rows(
     step: int,
-    prompts: Sequence[str],
-    completions: Sequence[str],
+    inputs: RewardInputs,
     scores: RewardScores,
     rewards: torch.Tensor,
     advantages: torch.Tensor,
     rho: torch.Tensor | None = None,
-    *,
-    answers: Sequence[str] | None = None,
-    extra: dict[str, Sequence] | None = None,
 ) -> list[dict]:
     """One row per completion (prompt, gold answer, completion, each reward part, total reward, advantage, rho_i,
-    then any ``extra`` column a reward added through ``log_extra``).
+    then any ``extra`` column a reward added through ``log_extra`` into ``inputs.log``).
 
     The dashboard's completions table and the tests read these; NaN (unscored, or rho of a too-short or
     constant response) is kept as NaN rather than dropped, so every sampled completion has its row.
     """
     rewards, advantages = rewards.detach().float().cpu(), advantages.detach().float().cpu()
     rho = rho.detach().float().cpu() if rho is not None else None
+    completions, answers = inputs.completions, inputs.columns.get("answer")
+    extra = inputs.log.extra if inputs.log is not None else {}
     rows = []
-    for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
+    for i, (prompt, completion) in enumerate(zip(inputs.prompts, completions, strict=True)):
         row = {"step": step, "prompt": prompt}
         if answers is not None:
             row["answer"] = answers[i]
@@ -234,6 +225,6 @@ def completion_rows(
         row.update({f"reward/{name}": float(values[i]) for name, values in scores.per_function.items()})
         row.update({"reward": float(rewards[i]), "advantage": float(advantages[i])})
         row["rho"] = float(rho[i]) if rho is not None else math.nan
-        row.update({column: values[i] for column, values in (extra or {}).items() if len(values) == len(completions)})
+        row.update({column: values[i] for column, values in extra.items() if len(values) == len(completions)})
         rows.append(row)
     return rows

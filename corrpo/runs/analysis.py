@@ -22,6 +22,7 @@ from corrpo.runs.run_folder import RunFolder, find_runs
 __all__ = [
     "boundary_batches",
     "expand_run_dirs",
+    "final_numbers",
     "final_points",
     "load_emergence",
     "load_wandb",
@@ -121,11 +122,34 @@ def boundary_batches(run: pd.DataFrame) -> float | None:
     return float(run["batches"].iloc[rl[0] - 1])
 
 
-def final_points(df: pd.DataFrame, run_dirs: Iterable[str | Path] | None = None) -> pd.DataFrame:
-    """One row per run: final ``spearman``, ``inversion_strength = -spearman`` (last row) and end test accuracy.
+def final_numbers(rows: pd.DataFrame, run_dir: str | Path | None) -> dict:
+    """One run's final numbers: the one definition behind :func:`final_points` (the notebook's accuracy-vs-inversion
+    points) and :func:`corrpo.runs.comparison.collect_run` (the comparison's per-run table).
 
-    The accuracy is the ``when == "end"`` entry of the run's ``results.json`` (NaN when absent). ``run_dirs``
-    defaults to the frame's own ``run_dir`` column.
+    ``rows`` are the run's emergence rows in any order; the last and first by ``batches`` (a stable sort: the
+    file's order among ties) give ``batches``, ``spearman``, ``strength = -spearman`` and ``spearman_start``, and
+    the last row's ``method`` label (None when the rows carry none). ``end_acc`` is the ``when == "end"`` test
+    accuracy of ``run_dir``'s results.json (NaN when absent, or without a folder: wandb rows).
+    """
+    rows = rows.sort_values("batches", kind="stable")
+    first, last = rows.iloc[0], rows.iloc[-1]
+    spearman = float(last["spearman"])
+    return {
+        "method": last["method"] if "method" in last.index else None,
+        "batches": int(last["batches"]),
+        "spearman_start": float(first["spearman"]),
+        "spearman": spearman,
+        "strength": -spearman,
+        "end_acc": RunFolder(run_dir).test_accuracy("end") if run_dir is not None else math.nan,
+    }
+
+
+def final_points(df: pd.DataFrame, run_dirs: Iterable[str | Path] | None = None) -> pd.DataFrame:
+    """One row per run of ``df`` (:func:`final_numbers`): final ``spearman``, ``inversion_strength = -spearman``
+    (last row) and end test accuracy (``test_accuracy``).
+
+    ``run_dirs``, when given, keeps only the runs of those folders (rows without a folder, from wandb, are kept);
+    by default every run of the frame is a point.
     """
     dirs = {str(d) for d in run_dirs} if run_dirs is not None else None
     rows = []
@@ -134,16 +158,15 @@ def final_points(df: pd.DataFrame, run_dirs: Iterable[str | Path] | None = None)
         run_dir = run_dir if isinstance(run_dir, str) else None  # wandb rows have no folder
         if dirs is not None and run_dir is not None and run_dir not in dirs:
             continue
-        last = group.sort_values("batches", kind="stable").iloc[-1]
-        accuracy = RunFolder(run_dir).test_accuracy("end") if run_dir is not None else math.nan
+        final = final_numbers(group, run_dir)
         rows.append(
             {
                 "run": run,
-                "method": last["method"],
-                "batches": int(last["batches"]),
-                "spearman": float(last["spearman"]),
-                "inversion_strength": -float(last["spearman"]),
-                "test_accuracy": accuracy,
+                "method": final["method"],
+                "batches": final["batches"],
+                "spearman": final["spearman"],
+                "inversion_strength": final["strength"],
+                "test_accuracy": final["end_acc"],
             }
         )
     return pd.DataFrame(rows, columns=["run", "method", "batches", "spearman", "inversion_strength", "test_accuracy"])

@@ -1,10 +1,11 @@
 """Comparing methods across seeds: per-run numbers from run folders, statistics and the markdown report.
 
 Library half of ``benchmarks/compare.py`` (which only runs the fits): :func:`collect_run` reads one finished run
-through :class:`corrpo.runs.run_folder.RunFolder`; :func:`summarize`, :func:`paired_differences` and
-:func:`interpret` compute the statistics and the sentences the report states (every statement is derived from
-the numbers: a difference within about two standard errors is called noise); :func:`write_report` renders the
-tables and plots; :func:`result_line` is the benchmark's ``RESULT`` line.
+through :class:`corrpo.runs.run_folder.RunFolder` (its final numbers are :func:`corrpo.runs.analysis.final_numbers`,
+the notebook's too); :func:`summarize`, :func:`paired_differences` and :func:`interpret` compute the statistics and
+the sentences the report states (every statement is derived from the numbers: a difference within about two
+standard errors is called noise); :func:`write_comparison_report` writes the markdown report with its tables and
+plots; :func:`result_line` is the benchmark's ``RESULT`` line.
 """
 
 from __future__ import annotations
@@ -14,37 +15,42 @@ import statistics
 import time
 from pathlib import Path
 
+import matplotlib.pyplot as plt  # the backend is the caller's, as in corrpo.runs.analysis
+
+from corrpo.runs.analysis import (
+    final_numbers,
+    final_points,
+    load_emergence,
+    plot_accuracy_vs_inversion,
+    plot_emergence,
+)
 from corrpo.runs.run_folder import RunFolder
-from corrpo.runs.analysis import final_points, load_emergence, plot_accuracy_vs_inversion, plot_emergence
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("grpo", "corrpo", "top_entropy")
 LABELS = {"grpo": "GRPO", "corrpo": "CorR-PO", "top_entropy": "80/20 (top-entropy tokens)"}
-# The fields the report's tables show per run, in order.
-RUN_FIELDS = ("method", "seed", "coef", "start_acc", "end_acc", "spearman", "strength", "rl_steps", "wall_s")
 
 
 # --------------------------------------------------------------------------------------- collecting
 def collect_run(run_dir: Path, wall_s: float = math.nan, **defaults) -> dict:
     """One run's numbers: method/coef/seed (results.json, else ``defaults``), start and end test accuracy, the
-    last ``emergence.csv`` row's Spearman rho and strength (-rho), the first row's rho, RL steps and wall time.
+    last ``emergence.csv`` row's Spearman rho and strength (-rho), the first row's rho
+    (:func:`corrpo.runs.analysis.final_numbers`), RL steps and wall time.
     """
     run = RunFolder(run_dir)
     results = run.read_results()
-    emergence = run.read_emergence().sort_values("batches", kind="stable")
-    last, first = emergence.iloc[-1], emergence.iloc[0]
+    final = final_numbers(run.read_emergence(), run.path)
     ends = [r for r in results.get("test_accuracy", []) if r.get("when") == "end"]
-    spearman = float(last["spearman"])
     return {
         "method": results.get("method", defaults.get("method", "run")),
         "seed": results.get("seed", defaults.get("seed")),
         "coef": results.get("coef", defaults.get("coef", math.nan)),
         "start_acc": run.test_accuracy("start"),
-        "end_acc": run.test_accuracy("end"),
-        "spearman_start": float(first["spearman"]),
-        "spearman": spearman,
-        "strength": -spearman,
-        "rl_steps": int(ends[-1]["step"]) if ends else int(last["batches"]),
+        "end_acc": final["end_acc"],
+        "spearman_start": final["spearman_start"],
+        "spearman": final["spearman"],
+        "strength": final["strength"],
+        "rl_steps": int(ends[-1]["step"]) if ends else final["batches"],
         "wall_s": float(results.get("wall_s", math.nan)) if math.isnan(wall_s) else float(wall_s),
         "run_dir": str(run.path),
     }
@@ -272,10 +278,7 @@ def summary_table(summary: dict[str, dict]) -> str:
 
 
 def make_plots(runs: list[dict], emergence_png: Path, accuracy_png: Path) -> None:
-    """Emergence curves of all runs (coloured by method) and end accuracy vs final strength, via corrpo.runs.analysis."""
-    import matplotlib.pyplot as plt
-
-
+    """Emergence curves of all runs (coloured by method) and end accuracy vs final strength (corrpo.runs.analysis)."""
     dirs = [Path(r["run_dir"]) for r in runs]
     df = load_emergence(dirs)
     names = {str(Path(r["run_dir"])): f"{r['method']}-s{r['seed']}" for r in runs}
@@ -289,7 +292,7 @@ def make_plots(runs: list[dict], emergence_png: Path, accuracy_png: Path) -> Non
     plt.close(fig)
 
 
-def write_report(
+def write_comparison_report(
     report: Path,
     runs: list[dict],
     settings: dict,
@@ -297,9 +300,11 @@ def write_report(
     sft: dict | None = None,
     n_test: int | None = None,
 ) -> dict[str, dict]:
-    """Write the markdown report and its two plots (``<stem>_emergence.png``, ``<stem>_accuracy.png``).
+    """Write the comparison's markdown report (settings, per-run and per-method tables, what the numbers show and
+    do not show) and its two plots (``<stem>_emergence.png``, ``<stem>_accuracy.png``) beside it.
 
-    Returns the per-method summary.
+    Named apart from :func:`corrpo.runs.report.write_report`, which writes one run's ``summary.md``. Returns the
+    per-method summary.
     """
     report = Path(report)
     report.parent.mkdir(parents=True, exist_ok=True)

@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from corrpo.generation.rollout import SamplingConfig
-from corrpo.training.corrpo_term import InversionRewardConfig
+from corrpo.rewards.combine import checked_reward_weights
+from corrpo.training.corrpo_term import CorrPOTermConfig
 from corrpo.training.covariance_tokens import POLICY_LOSSES
-from corrpo.training.objectives import LOSS_TYPES, REWARD_SCALES
+from corrpo.training.objectives import LOSS_TYPES, REWARD_SCALES, LossOptions
 
 
 @dataclass
@@ -76,7 +77,7 @@ class RLConfig(OptimConfig):
     """Reward functions: registry names or import paths ``pkg.module:function``."""
     reward_weights: list[float] | None = None
     """One weight per reward; None = all 1."""
-    inversion: InversionRewardConfig = field(default_factory=InversionRewardConfig)
+    inversion: CorrPOTermConfig = field(default_factory=CorrPOTermConfig)
     """CorR-PO's reward term ``coef * clip(-rho_i, -1, 1)``; ``coef = 0`` (default) is plain GRPO."""
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """Advantage normalisation: ``group`` (GRPO), ``batch``, or ``none`` (Dr. GRPO)."""
@@ -122,7 +123,7 @@ class RLConfig(OptimConfig):
         if isinstance(self.sampling, dict):
             self.sampling = SamplingConfig(**self.sampling)
         if isinstance(self.inversion, dict):
-            self.inversion = InversionRewardConfig(**self.inversion)
+            self.inversion = CorrPOTermConfig(**self.inversion)
         self._check("rl")
         _check_optional_positive_int("rl", generation_batch_size=self.generation_batch_size)
         _check_non_negative("rl", beta=self.beta)
@@ -155,10 +156,21 @@ class RLConfig(OptimConfig):
             raise ValueError("rl.epsilon_low must be in [0, 1) and rl.epsilon_high >= 0")
         if not self.rewards:
             raise ValueError("rl.rewards must name at least one reward function")
-        if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
-            raise ValueError(
-                f"rl.reward_weights has {len(self.reward_weights)} entries for {len(self.rewards)} rl.rewards"
-            )
+        checked_reward_weights(self.reward_weights, len(self.rewards))  # one per reward, or a ValueError naming the key
+
+    def loss_options(self) -> LossOptions:
+        """The surrogate's settings these keys give (:func:`corrpo.training.objectives.clipped_policy_loss`)."""
+        return LossOptions(
+            epsilon_low=self.epsilon_low,
+            epsilon_high=self.epsilon_high,
+            loss_type=self.loss_type,
+            max_completion_length=self.sampling.max_new_tokens,
+            beta=self.beta,
+            policy_loss=self.policy_loss,
+            cov_ratio=self.cov_ratio,
+            clip_cov_bounds=(self.clip_cov_lb, self.clip_cov_ub),
+            kl_cov_coef=self.kl_cov_coef,
+        )
 
 
 def _check_positive(section: str, **values: float) -> None:

@@ -9,16 +9,28 @@ pass@k is the unbiased estimator of Chen et al. (2021, "Evaluating Large Languag
 ``n`` samples of which ``c`` are correct, ``pass@k = 1 - C(n - c, k) / C(n, k)``, averaged over prompts; mean@k is
 the mean correct fraction of the ``k`` samples (= the unbiased pass@1). Correctness is
 :func:`corrpo.rewards.accuracy.accuracy_reward` (math-verify); prompts whose gold cannot be parsed are left out.
+
+:class:`Evaluator` runs the suite at one evaluation point (the test split, then each eval file) as plain code: it
+decodes, scores, sums the counts over the ranks and hands back what to keep, log and save. The Lightning module
+says when to evaluate and passes, through :class:`EvalContext`, how to generate, the ranks, where to log, the
+progress bars; it keeps the results (checkpointed, results.json) and writes the generations through the run folder.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
+
+from corrpo.generation.rollout import Rollout, SamplingConfig
 from corrpo.rewards.accuracy import accuracy_reward
+from corrpo.training.collectives import SINGLE_PROCESS, Collectives
+from corrpo.training.host import require_even_split
+from corrpo.training.rng import restore_rng_states, rng_states
 
 
 @dataclass
@@ -119,3 +131,159 @@ def eval_set_name(source: str) -> str:
     """The name an eval file is logged under: its stem (``data/math500.jsonl`` -> ``math500``)."""
     stem = Path(source).stem if Path(source).suffix else source
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in stem) or "eval"
+
+
+@contextmanager
+def no_progress(description: str, total: int | None = None) -> Iterator[Callable[[int], None]]:
+    """No bar: what :class:`EvalContext` shows outside a Trainer (``advance(n)`` does nothing)."""
+    yield lambda n: None
+
+
+@dataclass
+class EvalContext:
+    """What an evaluation acts on, as of now: the device, the ranks and the loggers change as a Trainer attaches."""
+
+    generate: Callable[..., Rollout]
+    """``generate(prompts, n, greedy=..., sampling=...)``: ``n`` completions per prompt, prompt-major."""
+    decode: Callable[[Rollout], list[str]]
+    """Completion texts of a rollout (special tokens dropped)."""
+    sampling: SamplingConfig
+    """The RL sampling settings; the ``k`` samples take ``model.eval``'s temperature and top-p instead."""
+    batch_size: int
+    """Prompts per greedy generate call (``model.eval_batch_size``; ``batch_size // k`` when sampling ``k``)."""
+    collectives: Collectives = SINGLE_PROCESS
+    device: torch.device | str = "cpu"
+    """Where the cross-rank sums are reduced."""
+    sharded: bool = False
+    """FSDP2: every forward is a collective, so every rank must decode the same number of prompts."""
+    log: Callable[[dict[str, float]], None] = lambda metrics: None
+    """Send metrics to every logger at the current step."""
+    progress: Callable[[str, int], AbstractContextManager[Callable[[int], None]]] = no_progress
+    """``progress(description, total)``: a bar while a block runs, yielding ``advance(n)``."""
+
+
+@dataclass
+class SplitAccuracy:
+    """The test split's greedy accuracy at one evaluation point, summed over the ranks."""
+
+    entry: dict
+    """``{when, step, accuracy, scored}``: one entry of results.json ``test_accuracy``."""
+    shard: list[dict]
+    """This rank's test records (the suite samples pass@k on them)."""
+    generations: list[dict]
+    """One row per greedy completion of this rank."""
+
+    @property
+    def accuracy(self) -> float:
+        return self.entry["accuracy"]
+
+
+class Evaluator:
+    """The ``model.eval`` suite of one run: greedy accuracy, pass@k / mean@k, the eval files.
+
+    Args:
+        config: ``model.eval``.
+        context: returns the :class:`EvalContext` of now (called at each use: the module moves, the Trainer
+            attaches).
+    """
+
+    def __init__(self, config: EvalConfig, context: Callable[[], EvalContext]) -> None:
+        self.config = config
+        self.context = context
+        self._sets: dict[str, list[dict]] | None = None
+
+    def texts(self, prompts: list[str], n: int, greedy: bool) -> list[str]:
+        """``n`` completions per prompt (prompt-major): greedy, or sampled at ``eval.temperature`` / ``eval.top_p``."""
+        ctx, cfg = self.context(), self.config
+        sampling = None if greedy else replace(ctx.sampling, temperature=cfg.temperature, top_p=cfg.top_p)
+        return ctx.decode(ctx.generate(prompts, n, greedy=greedy, sampling=sampling))
+
+    @torch.no_grad()
+    def accuracy_counts(self, records: list[dict], rows: list | None = None, progress=None) -> tuple[float, int]:
+        """Greedy decoding, math-verify: ``(correct, scored)`` over held-out prompts; unscorable golds are
+        left out of both. ``rows`` (a list) receives one row per completion."""
+        batch_size = self.context().batch_size
+        correct, generated = generate_and_score(self.texts, records, 1, batch_size, True, progress)
+        if rows is not None:
+            rows.extend(generated)
+        return float(sum(c[0] for c in correct)), len(correct)
+
+    def test_accuracy(self, records: list[dict]) -> float:
+        """Greedy-decoding accuracy (math-verify) on held-out prompts; unscorable golds are excluded."""
+        correct, scored = self.accuracy_counts(records)
+        return correct / max(scored, 1)
+
+    def test_split(self, when: str, step: int, records: list[dict]) -> SplitAccuracy:
+        """Greedy accuracy on the test split: each rank decodes every ``world_size``-th record and the counts are
+        summed across ranks, so the test set is decoded once in all, not once per rank."""
+        ctx = self.context()
+        self._check_even_split(ctx, "data.n_test", len(records))
+        shard = records[ctx.collectives.rank :: ctx.collectives.world_size]
+        rows: list[dict] = []
+        with ctx.progress(f"eval {when}: test", len(shard)) as advance:
+            correct, scored = ctx.collectives.sum_floats(*self.accuracy_counts(shard, rows, advance), device=ctx.device)
+        accuracy = correct / max(scored, 1)
+        entry = {"when": when, "step": step, "accuracy": accuracy, "scored": int(scored)}
+        return SplitAccuracy(entry, shard, [{**row, "split": "test", "mode": "greedy"} for row in rows])
+
+    def eval_sets(self, load: Callable[[str], list[dict]]) -> dict[str, list[dict]]:
+        """``model.eval.files`` read once by ``load(source)`` (their first ``max_records``), this rank's share of
+        each, by :func:`eval_set_name`."""
+        if self._sets is None:
+            ctx = self.context()
+            self._sets = {}
+            for source in self.config.files:
+                records = load(source)[: self.config.max_records]
+                self._check_even_split(ctx, f"model.eval.files ({source}: records)", len(records))
+                self._sets[eval_set_name(source)] = records[ctx.collectives.rank :: ctx.collectives.world_size]
+        return self._sets
+
+    def suite(self, when: str, step: int, test: SplitAccuracy, sets: dict[str, list[dict]]) -> tuple[list[dict], list]:
+        """pass@k / mean@k on the test split, greedy and pass@k on each eval set, each set's figures logged as
+        ``eval/<set>/<key>``: ``(entries, generations)``, the entries for results.json ``eval`` and every
+        completion (the test split's greedy ones first) stamped with ``when`` and ``step``."""
+        ctx, cfg = self.context(), self.config
+        entries, generations = [], list(test.generations)
+        for name, records in [("test", test.shard), *sets.items()]:
+            entry: dict = {"when": when, "step": step, "split": name}
+            if name == "test":
+                entry["greedy_accuracy"] = test.accuracy
+            elif cfg.greedy:
+                rows: list[dict] = []
+                with ctx.progress(f"eval {when}: {name} greedy", len(records)) as advance:
+                    counts = self.accuracy_counts(records, rows, advance)
+                counts = ctx.collectives.sum_floats(*counts, device=ctx.device)
+                entry["greedy_accuracy"] = counts[0] / max(counts[1], 1)
+                generations += [{**row, "split": name, "mode": "greedy"} for row in rows]
+            if cfg.k:
+                generations += self._sampled(ctx, when, name, records, entry)
+            if len(entry) > 3:
+                entries.append(entry)
+                skip = ("when", "step", "split", "scored", "greedy_accuracy" if name == "test" else "")
+                metrics = {f"eval/{name}/{key}": value for key, value in entry.items() if key not in skip}
+                if metrics:  # the test split's greedy accuracy is eval/test_accuracy already
+                    ctx.log(metrics)
+        return entries, [{"when": when, "step": step, **row} for row in generations]
+
+    def _sampled(self, ctx: EvalContext, when: str, name: str, records: list[dict], entry: dict) -> list[dict]:
+        """pass@j / mean@k of ``k`` samples per record into ``entry``; the sampled rows. Sampled on a copy of the
+        RNG streams: turning eval@k on does not change the training run."""
+        cfg = self.config
+        states = rng_states()
+        with ctx.progress(f"eval {when}: {name} pass@{cfg.k}", len(records)) as advance:
+            with torch.no_grad():
+                correct, rows = generate_and_score(self.texts, records, cfg.k, ctx.batch_size, False, advance)
+        restore_rng_states(states)
+        sums = sample_metrics(correct, cfg.k)
+        totals = ctx.collectives.sum_floats(*sums.values(), device=ctx.device)
+        scored = max(totals[-1], 1)
+        entry.update({key: total / scored for key, total in zip(sums, totals[:-1], strict=False)})
+        entry["scored"] = int(totals[-1])
+        return [{**row, "split": name, "mode": f"T={cfg.temperature}"} for row in rows]
+
+    @staticmethod
+    def _check_even_split(ctx: EvalContext, key: str, n: int) -> None:
+        """Under FSDP2 every rank must make the same generate calls (each forward is a collective)."""
+        if ctx.sharded:
+            why = "under FSDP2: every rank must decode the same number of prompts"
+            require_even_split(key, n, ctx.collectives.world_size, why)

@@ -5,7 +5,8 @@ benchmark (``benchmarks/rl_step.py``) and unit tests run exactly the same code:
 
 1. **rollout**: ``G`` sampled completions per prompt from the context's generator;
 2. **rewards**: every reward function (:func:`corrpo.rewards.combine.score_completions`), then the CorR-PO term
-   ``lambda * clip(-rho_i, -1, 1)`` as one more reward stage (:func:`inversion_term`) that returns its own values;
+   ``lambda * clip(-rho_i, -1, 1)`` as one more reward stage (:mod:`corrpo.training.corrpo_term`, its one home)
+   that returns its own values;
    ``lambda = 0`` computes nothing and is plain GRPO bit for bit;
 3. **advantages**: group-normalised (:func:`corrpo.training.objectives.group_advantages`);
 4. **updates**: ``num_iterations`` steps of the clipped surrogate (+ optional k3 KL to a frozen reference), each
@@ -21,31 +22,34 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from corrpo.generation.rollout import Rollout
-from corrpo.inversion.strength_common import ScoringBatch, checkpointed_modules, chosen_logits
-from corrpo.inversion.strength_onepass import onepass_on_forward
-from corrpo.models.architectures import decoder_parts
-from corrpo.models.packing import PackedBatch, model_width, packed_logits, packing_unsupported_reason
-from corrpo.models.sharding import gathered_copy, is_sharded
-from corrpo.rewards.call import RewardLog, StepInfo
-from corrpo.rewards.combine import RewardFailureMonitor, RewardFn, RewardScores, completion_rows, score_completions
+from corrpo.rewards.call import RewardFn, RewardInputs, RewardLog, StepInfo
+from corrpo.rewards.combine import (
+    RewardFailureMonitor,
+    RewardScores,
+    checked_reward_weights,
+    completion_rows,
+    score_completions,
+)
 from corrpo.training.collectives import SINGLE_PROCESS, Collectives
 from corrpo.training.config import RLConfig
 from corrpo.training.corrpo_term import (
-    InversionRewardConfig,
-    inversion_bonus,
-    response_correlations,
-    rollout_correlations,
+    CorrPOTerm,
+    corrpo_term,
+    corrpo_term_on_update_forward,
+    shares_update_forward,
+    with_reward_term,
 )
-from corrpo.training.forward import completion_log_probs, completion_logits, completion_scores, row_chunks
+from corrpo.training.forward import completion_log_probs, row_chunks
 from corrpo.training.objectives import (
+    LossNormalisers,
     PolicyLossOutput,
+    TokenSelection,
     clipped_policy_loss,
     covariance_selection,
     group_advantages,
@@ -75,22 +79,6 @@ class RLContext:
 
 
 @dataclass
-class InversionTerm:
-    """The CorR-PO reward stage's values for one rollout batch (``N = B * G`` responses)."""
-
-    bonus: torch.Tensor
-    """``[N]`` float32 ``coef * clip(-rho_i, -1, 1)``, 0 for invalid responses."""
-    rho: torch.Tensor
-    """``[N]`` float64 per-response correlation (NaN where not computable)."""
-    valid: torch.Tensor
-    """``[N]`` bool: finite ``rho_i`` over at least ``min_tokens`` tokens."""
-    coef: float
-    """``lambda`` at this RL step (after the warm-up ramp)."""
-    shared_forward: bool = False
-    """Scored on the update's own forward (:func:`shared_inversion_term`), not by a separate pass."""
-
-
-@dataclass
 class RLStepResult:
     """Everything one RL step produced, for logging."""
 
@@ -106,168 +94,26 @@ class RLStepResult:
     """``[N]`` group advantages."""
     scores: RewardScores
     """Per-function scores, the CorR-PO term included as ``inversion``."""
-    inversion: InversionTerm | None = None
+    inversion: CorrPOTerm | None = None
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds per stage: ``generate``, ``score``, ``inversion`` (when on), ``update``."""
-
-
-def inversion_term(
-    policy: nn.Module,
-    rollout: Rollout,
-    config: InversionRewardConfig,
-    rl_index: int,
-    group_size: int,
-    rows_per_chunk: int = 64,
-) -> InversionTerm:
-    """The CorR-PO reward stage: ``coef_at(rl_index) * clip(-rho_i, -1, 1)`` per response, on the policy that
-    sampled it (:mod:`corrpo.training.corrpo_term`), ``rows_per_chunk`` responses per scoring pass. An
-    FSDP2-sharded policy is scored on a gathered full copy (:func:`corrpo.models.sharding.gathered_copy`): exact for
-    every strength method."""
-    with gathered_copy(policy) as scored:
-        rho, n_tokens = rollout_correlations(
-            scored, rollout.sequences, rollout.attention_mask, rollout.token_mask, config, rows_per_chunk
-        )
-    return _term(rho, n_tokens, config, rl_index, group_size, shared_forward=False)
-
-
-def _term(
-    rho: torch.Tensor, n_tokens: torch.Tensor, config: InversionRewardConfig, rl_index: int, group_size: int,
-    shared_forward: bool,
-) -> InversionTerm:  # fmt: skip
-    """The :class:`InversionTerm` of per-response correlations: the bonus at this step's ``lambda``."""
-    coef = config.coef_at(rl_index)
-    bonus, valid = inversion_bonus(rho, n_tokens, coef, config.min_tokens, group_size, config.center)
-    return InversionTerm(bonus=bonus, rho=rho, valid=valid, coef=coef, shared_forward=shared_forward)
-
-
-def shares_update_forward(policy: nn.Module, config: InversionRewardConfig, n_chunks: int) -> str | None:
-    """None when the CorR-PO term can be scored on the update's own forward with the very values a separate
-    scoring pass gives; else why not (the separate pass is then used).
-
-    The update's forward runs in training mode with every trainable weight, the scoring pass in eval mode: they
-    agree when no dropout is active. The shared forward's graph must live until the advantages exist, so the
-    update must be one micro-batch; and checkpointed layers keep no activations for the closed forms.
-    """
-    if not config.shared_forward:
-        return "rl.inversion.shared_forward is false"
-    if config.strength.method != "onepass":
-        return f"rl.inversion.strength.method is {config.strength.method!r}, not onepass"
-    if n_chunks != 1:
-        return f"the update runs in {n_chunks} micro-batches (rl.micro_batch_size)"
-    if is_sharded(policy):
-        return "the policy is FSDP2-sharded (the term is scored on a gathered copy)"
-    if checkpointed_modules(policy):
-        return "gradient checkpointing is on"
-    if has_active_dropout(policy):
-        return "the policy has active dropout (its training forward differs from the eval-mode score)"
-    return None
-
-
-def has_active_dropout(model: nn.Module) -> bool:
-    """True when a training-mode forward of ``model`` is random: an ``nn.Dropout`` with ``p > 0``, or a config
-    dropout rate > 0 (transformers' attention applies ``config.attention_dropout`` functionally)."""
-    if any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
-        return True
-    config = getattr(model, "config", None)
-    keys = ("attention_dropout", "attn_pdrop", "hidden_dropout", "resid_pdrop", "embd_pdrop", "dropout")
-    return any(isinstance(getattr(config, k, 0), float) and getattr(config, k) > 0 for k in keys)
-
-
-def shared_inversion_term(
-    policy: nn.Module,
-    rollout: Rollout,
-    config: InversionRewardConfig,
-    rl_index: int,
-    group_size: int,
-    packed: bool = False,
-) -> tuple[InversionTerm, tuple[torch.Tensor, torch.Tensor]]:
-    """The CorR-PO term scored on the update's forward (:func:`completion_log_probs`' own forward, run here once
-    with the onepass capture): returns the term and that forward's ``(log_probs, entropy)``, the graph kept, for
-    the first update to backpropagate through instead of running its forward again.
-
-    ``S_t`` comes from :func:`corrpo.inversion.strength_onepass.onepass_on_forward` (one backward of the chosen
-    raw logits to the last layer's activations), ``H_t`` from the update's log-prob pass over the same logits
-    (:func:`corrpo.training.objectives.token_log_probs_and_entropy`: :func:`entropy_bits_from_logits`' arithmetic),
-    ``rho_i`` from :func:`response_correlations`: the separate pass's functions on the same numbers. ``packed``
-    (``rl.packing``): that forward runs on packed rows (:mod:`corrpo.models.packing`) and the closed forms read its
-    activations there, with the attention of each token cut to its own sequence (``ScoringBatch.segments``).
-    """
-    P, (B, T) = rollout.prompt_length, rollout.sequences.shape
-    layout = None
-    if packed and packing_unsupported_reason(policy) is None:
-        # the update's forward runs on packed rows: the closed forms read its activations there, each token
-        # attending to its own sequence only (``segments``); (rows, cols) say where each scored token came from
-        layout = PackedBatch.build(rollout.sequences, rollout.attention_mask, model_width(policy))
-        batch = ScoringBatch.build(
-            layout.input_ids, layout.pack(rollout.attention_mask), layout.pack(rollout.token_mask, False),
-            layout.segments,
-        )  # fmt: skip
-        where = layout.padded_index()[batch.rows * layout.input_ids.shape[1] + batch.cols]
-        rows, cols = where // T, where % T
-    else:
-        batch = ScoringBatch.build(rollout.sequences, rollout.attention_mask, rollout.token_mask)
-        rows, cols = batch.rows, batch.cols
-    kept: dict[str, torch.Tensor] = {}
-    parts = decoder_parts(policy)
-
-    def keep_hidden(_module, args, _output):  # the unembedding's input, in the padded layout (after packing's gather)
-        kept["hidden"] = args[0]
-
-    def forward() -> torch.Tensor:
-        width = rollout.completion_mask.shape[1] + 1
-        handle = parts.unembed.register_forward_hook(keep_hidden)
-        try:
-            if layout is None:
-                kept["logits"] = completion_logits(policy, rollout)
-            else:
-                kept["logits"] = packed_logits(policy, rollout.sequences, rollout.attention_mask, width, layout)
-        finally:
-            handle.remove()
-        # the kept columns start at P - 1: token c is predicted at c - 1, kept index c - P. z from the final
-        # hidden state (chosen_logits: the logits' own value, a backward without the vocabulary-wide product)
-        return chosen_logits(parts, kept.pop("hidden")[rows, cols - P], rollout.sequences[rows, cols])
-
-    values = onepass_on_forward(policy, batch, config.strength, forward)
-    strength = torch.full((B, T), float("nan"), dtype=torch.float32, device=values.device)
-    strength[rows, cols] = values.float()
-    strength = strength[:, P:]
-    # H_t: the update's own pass over the logits (the same fp32 log_softmax and sum as entropy_bits_from_logits,
-    # row by row), so the logits are read once, not twice
-    log_probs, token_entropy = completion_scores(kept["logits"], rollout)
-    entropy = token_entropy.masked_fill(~rollout.completion_mask.bool(), float("nan"))
-    rho, n_tokens = response_correlations(entropy, strength, rollout.completion_mask, config.correlation)
-    term = _term(rho, n_tokens, config, rl_index, group_size, shared_forward=True)
-    return term, (log_probs, token_entropy)
-
-
-def with_reward_term(scores: RewardScores, name: str, values: torch.Tensor) -> RewardScores:
-    """A new :class:`RewardScores` with one more per-response term ``name`` added to the total (weight 1)."""
-    values = values.detach().float().cpu()
-    return RewardScores(
-        per_function={**scores.per_function, name: values},
-        total=scores.total + values,
-        n_failed=dict(scores.n_failed),
-        n_unscored=dict(scores.n_unscored),
-    )
 
 
 class GRPOStep:
     """The RL step of a run: built once from ``rl`` and the reward functions, called once per rollout batch."""
 
-    def __init__(self, rl: RLConfig, reward_fns: dict[str, RewardFn], reward_weights: Sequence[float]) -> None:
+    def __init__(self, rl: RLConfig, reward_fns: dict[str, RewardFn], weights: Sequence[float] | None = None) -> None:
+        """``weights``: one per reward function (default ``rl.reward_weights``, which defaults to 1 each)."""
         self.rl = rl
         self.reward_fns = reward_fns
-        self.reward_weights = list(reward_weights)
+        self.reward_weights = checked_reward_weights(rl.reward_weights if weights is None else weights, len(reward_fns))
         # stops a run whose reward fails on most samples for rl.reward_failure_patience steps in a row
         self.reward_monitor = RewardFailureMonitor(rl.max_reward_failure_share, rl.reward_failure_patience)
 
     # ---------------------------------------------------------------------------------------- stages
-    def score(self, prompts: list[str], answers: list[str], completions: list[str], **inputs: Any) -> RewardScores:
-        """Task rewards of the ``N = B * G`` completions (prompts and answers repeated per group member); ``inputs``
-        are :func:`corrpo.rewards.combine.score_completions`'s keywords (columns, completion_ids, trainer_state)."""
-        return score_completions(
-            self.reward_fns, self.reward_weights, prompts, completions, answers, monitor=self.reward_monitor, **inputs
-        )
+    def score(self, inputs: RewardInputs) -> RewardScores:
+        """Task rewards of the ``N = B * G`` completions (prompts and columns repeated per group member)."""
+        return score_completions(self.reward_fns, self.reward_weights, inputs, self.reward_monitor)
 
     def lr_at(self, update_index: int) -> float:
         """RL learning rate at 0-based RL optimizer step ``update_index`` (warm-up + cosine over all updates)."""
@@ -325,13 +171,13 @@ class GRPOStep:
         group_prompts = [p for p in prompts for _ in range(G)]
         group_answers = [a for a in answers for _ in range(G)]
         reward_log = RewardLog()
-        scores = self.score(
-            group_prompts, group_answers, completions,
-            columns={name: [v for v in values for _ in range(G)] for name, values in (columns or {}).items()},
+        group_columns = {name: [v for v in values for _ in range(G)] for name, values in (columns or {}).items()}
+        inputs = RewardInputs(
+            prompts=group_prompts, completions=list(completions), columns={**group_columns, "answer": group_answers},
             completion_ids=completion_token_ids(rollout),
-            trainer_state=StepInfo(rl_index if step is None else step, max_steps, rl_index),
-            log=reward_log,
+            trainer_state=StepInfo(rl_index if step is None else step, max_steps, rl_index), log=reward_log,
         )  # fmt: skip
+        scores = self.score(inputs)
         timings["score"] = time.perf_counter() - t0
         device = rollout.sequences.device
 
@@ -340,21 +186,23 @@ class GRPOStep:
             t0 = time.perf_counter()
             n_chunks = len(row_chunks(rollout.sequences.shape[0], rl.micro_batch_size))
             if shares_update_forward(ctx.policy, rl.inversion, n_chunks) is None:
-                term, first_forward = shared_inversion_term(ctx.policy, rollout, rl.inversion, rl_index, G, rl.packing)
+                term, first_forward = corrpo_term_on_update_forward(
+                    ctx.policy, rollout, rl.inversion, rl_index, G, rl.packing
+                )
             else:
                 rows = rl.inversion.rows_per_chunk or rl.micro_batch_size or 64
-                term = inversion_term(ctx.policy, rollout, rl.inversion, rl_index, G, rows)
+                term = corrpo_term(ctx.policy, rollout, rl.inversion, rl_index, G, rows)
             scores = with_reward_term(scores, "inversion", term.bonus)
             timings["inversion"] = time.perf_counter() - t0
         rewards = scores.total.to(device)
         advantages = group_advantages(rewards, G, rl.scale_rewards)
         rows = completion_rows(
-            rl_index if step is None else step, group_prompts, completions, scores, rewards, advantages,
-            term.rho if term is not None else None, answers=group_answers, extra=reward_log.extra,
+            rl_index if step is None else step, inputs, scores, rewards, advantages,
+            term.rho if term is not None else None,
         )  # fmt: skip
 
         t0 = time.perf_counter()
-        out, entropy, updates = self._updates(ctx, rollout, advantages, rl_index, first_forward)
+        out, entropy, updates = self.update(ctx, rollout, advantages, rl_index, first_forward)
         timings["update"] = time.perf_counter() - t0
 
         metrics = self._metrics(ctx, rollout, rewards, scores, out, entropy, term)
@@ -365,7 +213,7 @@ class GRPOStep:
             scores=scores, inversion=term, timings=timings,
         )  # fmt: skip
 
-    def _updates(
+    def update(
         self,
         ctx: RLContext,
         rollout: Rollout,
@@ -380,7 +228,8 @@ class GRPOStep:
         the top-entropy threshold and the Clip-Cov / KL-Cov tokens come from the chunk's own forward when there
         is one chunk, else from a no-grad pass over all chunks first (same weights, so the same values).
         ``first_forward``: the one chunk's ``(log_probs, entropy)`` already computed, graph kept, by the shared
-        CorR-PO scoring (:func:`shared_inversion_term`); the first update backpropagates through it.
+        CorR-PO scoring (:func:`corrpo.training.corrpo_term.corrpo_term_on_update_forward`); the first update
+        backpropagates through it.
         """
         rl = self.rl
         loss_mask = rollout.completion_mask
@@ -394,11 +243,12 @@ class GRPOStep:
             if ctx.ref_policy is not None:
                 ref_log_probs = _whole_batch(ctx.ref_policy, rollout, chunks, rl.packing)[0]
         local_tokens = loss_mask.sum().float().clamp(min=1.0)
-        normalisers = dict(
+        normalisers = LossNormalisers(
             num_tokens=ctx.collectives.mean(local_tokens) if rl.loss_type == "dapo" else None,
             num_sequences=loss_mask.shape[0],
             local_tokens=local_tokens,
         )
+        options = rl.loss_options()
         needs_whole_batch = rl.top_entropy_quantile < 1.0 or rl.policy_loss != "clip"
         updates, entropy = [], None
         for iteration in range(rl.num_iterations):
@@ -425,19 +275,10 @@ class GRPOStep:
                         old_log_probs[rows] if old_log_probs is not None else log_probs.detach(),
                         advantages[rows],
                         loss_mask[rows],
-                        rl.epsilon_low,
-                        rl.epsilon_high,
-                        rl.loss_type,
-                        rl.sampling.max_new_tokens,
+                        options,
                         ref_log_probs[rows] if ref_log_probs is not None else None,
-                        rl.beta,
-                        train_mask=train_mask,
-                        policy_loss=rl.policy_loss,
-                        cov_ratio=rl.cov_ratio,
-                        clip_cov_bounds=(rl.clip_cov_lb, rl.clip_cov_ub),
-                        kl_cov_coef=rl.kl_cov_coef,
-                        cov_tokens=cov_tokens,
-                        **normalisers,
+                        TokenSelection(train_mask, cov_tokens),
+                        normalisers,
                     )
                     stats.add(out, loss_mask[rows], token_entropy, rollout.completion_mask[rows])
                     stats.cov_tokens = selection[1]
@@ -462,10 +303,7 @@ class GRPOStep:
         cov_tokens = None
         if rl.policy_loss != "clip":
             old = old_log_probs if old_log_probs is not None else log_probs
-            cov_tokens = covariance_selection(
-                log_probs, old, advantages, loss_mask, rl.epsilon_low, rl.epsilon_high, rl.policy_loss, rl.cov_ratio,
-                (rl.clip_cov_lb, rl.clip_cov_ub),
-            )  # fmt: skip
+            cov_tokens = covariance_selection(log_probs, old, advantages, loss_mask, rl.loss_options())
         return self.train_mask(token_entropy, loss_mask, ctx.collectives), cov_tokens
 
     def _metrics(self, ctx, rollout, rewards, scores, out, entropy, term) -> dict[str, torch.Tensor | float]:

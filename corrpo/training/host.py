@@ -1,9 +1,14 @@
-"""The one interface callbacks and the data module read a training module through.
+"""The contracts between a training module, its data module and the callbacks, each checked once at ``setup``.
 
-Callbacks used to read a dozen module attributes by duck typing, some through ``getattr(..., default)``, so a
-renamed attribute silently switched a feature off. Now each of them calls :func:`require_host` once, at
-``setup``: a module that lacks part of :class:`TrainingHost` is an error naming what is missing, before any
-step runs. :class:`corrpo.module.CorrPOModule` is the implementation.
+Callbacks used to read a dozen module attributes by duck typing, and the module and the tracker read the data
+module through ``getattr(..., default)`` and ``hasattr``, so a renamed attribute silently switched a feature off.
+Now each reader calls :func:`require_host` (the module: :class:`TrainingHost`) or :func:`require_held_out_data`
+(the data module: :class:`HeldOutData`) once, at ``setup``: a gap is an error naming what is missing, before any
+step runs. :class:`corrpo.module.CorrPOModule` and :class:`corrpo.data.datamodule.ReasoningDataModule` are the
+implementations.
+
+:func:`require_even_split` is the one check that a count splits evenly across the processes (batch sizes, the test
+and probe sets, eval files): here, the lowest room the module, the data module and the callbacks all import.
 """
 
 from __future__ import annotations
@@ -58,3 +63,44 @@ def require_host(module: object, who: str) -> TrainingHost:
     if not isinstance(module.schedule, PhaseSchedule):
         raise TypeError(f"{who}: {type(module).__name__}.schedule must be a PhaseSchedule")
     return module
+
+
+@runtime_checkable
+class HeldOutData(Protocol):
+    """What the module (evaluation, results.json) and the inversion tracker read from the data module."""
+
+    seed: int
+    """Seed of the batch order and of held-out splits (results.json ``seeds.data``)."""
+    fields: dict[str, dict[str, str] | None]
+    """Canonical field -> column name, by kind (``sft``, ``rl``): the eval files are read with the ``rl`` one."""
+
+    def test_records(self) -> list[dict]:
+        """Held-out (prompt, answer) records for accuracy, all ranks' together."""
+        ...
+
+    def probe_records(self) -> list[dict]:
+        """Held-out (prompt, completion) traces for the inversion probes, all ranks' together."""
+        ...
+
+
+HELD_OUT_ATTRIBUTES = tuple(HeldOutData.__annotations__) + ("test_records", "probe_records")
+
+
+def require_held_out_data(datamodule: object, who: str) -> HeldOutData:
+    """``datamodule`` if it offers every part of :class:`HeldOutData`, else a TypeError naming ``who`` and the
+    gaps (a Trainer without a data module lacks them all)."""
+    missing = [name for name in HELD_OUT_ATTRIBUTES if not hasattr(datamodule, name)]
+    if missing:
+        raise TypeError(
+            f"{who} needs a data module implementing corrpo.training.host.HeldOutData (such as "
+            f"corrpo.data.datamodule.ReasoningDataModule); {type(datamodule).__name__} lacks {', '.join(missing)}"
+        )
+    return datamodule
+
+
+def require_even_split(key: str, n: int, world_size: int, why: str = "") -> None:
+    """A ValueError ``<key>=<n> must be divisible by the number of processes (<world_size>) <why>`` unless ``n``
+    splits evenly: unequal shares would weight ranks unequally, or (FSDP2) make ranks run different collectives."""
+    if n % world_size:
+        reason = f" {why}" if why else ""
+        raise ValueError(f"{key}={n} must be divisible by the number of processes ({world_size}){reason}")

@@ -14,12 +14,12 @@ an entropy-quantile token mask (the 80/20 baseline) and the Clip-Cov / KL-Cov va
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
+from corrpo.inversion.entropy import entropy_bits_of_log_probs
 from corrpo.training.covariance_tokens import POLICY_LOSSES, clip_cov_tokens, kl_cov_tokens, token_covariance
 
 LossType = Literal["grpo", "dr_grpo", "dapo", "bnpo"]
@@ -91,7 +91,7 @@ class _TokenLogProbs(torch.autograd.Function):
             part = slice(start, start + rows)
             logp = torch.log_softmax(flat[part].float(), dim=-1)
             log_probs[part] = logp.gather(-1, flat_targets[part]).squeeze(-1)
-            entropy[part] = -(logp.exp() * logp).sum(-1) / math.log(2.0)
+            entropy[part] = entropy_bits_of_log_probs(logp)
         ctx.save_for_backward(logits, targets)
         ctx.rows = rows
         ctx.mark_non_differentiable(entropy)
@@ -222,31 +222,71 @@ def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, top_quantile: f
     return mask & (entropy.float() >= threshold)
 
 
+@dataclass(frozen=True)
+class LossOptions:
+    """The surrogate's settings (from ``rl.*``: :meth:`corrpo.training.config.RLConfig.loss_options`)."""
+
+    epsilon_low: float = 0.2
+    """Lower clip: ``ratio >= 1 - epsilon_low``."""
+    epsilon_high: float = 0.2
+    """Upper clip: ``ratio <= 1 + epsilon_high`` (DAPO's clip-higher when larger than ``epsilon_low``)."""
+    loss_type: LossType = "dapo"
+    """The aggregation (:func:`aggregate_token_loss`)."""
+    max_completion_length: int | None = None
+    """``dr_grpo``'s constant normaliser; None = the mask's width."""
+    beta: float = 0.0
+    """Weight of the k3 KL to the reference (needs ``ref_log_probs`` when > 0)."""
+    policy_loss: str = "clip"
+    """``clip``, ``clip_cov`` or ``kl_cov`` (:mod:`corrpo.training.covariance_tokens`)."""
+    cov_ratio: float = 2e-4
+    """Clip-Cov / KL-Cov: the fraction of tokens restrained."""
+    clip_cov_bounds: tuple[float, float] = (1.0, 5.0)
+    """Clip-Cov: the covariance window a restrained token's covariance must fall in."""
+    kl_cov_coef: float = 1.0
+    """KL-Cov: the weight of ``|logp - logp_old|`` on the restrained tokens."""
+
+
+@dataclass(frozen=True)
+class LossNormalisers:
+    """The whole batch's normalisers when the loss is computed on a micro-batch of it (see
+    :func:`aggregate_token_loss`); each None = the chunk's own (the chunk is the batch)."""
+
+    num_tokens: torch.Tensor | float | None = None
+    num_sequences: int | None = None
+    local_tokens: torch.Tensor | float | None = None
+
+
+@dataclass(frozen=True)
+class TokenSelection:
+    """Tokens chosen over a whole batch before the loss is split into micro-batches (each None = off)."""
+
+    train_mask: torch.Tensor | None = None
+    """``[N, L]`` the tokens the policy term trains on (e.g. :func:`high_entropy_mask`); the others' loss is 0."""
+    cov_tokens: torch.Tensor | None = None
+    """``[N, L]`` Clip-Cov / KL-Cov's restrained tokens (:func:`covariance_selection`); None = select here."""
+
+
 def covariance_selection(
     log_probs: torch.Tensor,
     old_log_probs: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
-    epsilon_low: float,
-    epsilon_high: float,
-    policy_loss: str,
-    cov_ratio: float,
-    clip_cov_bounds: tuple[float, float] = (1.0, 5.0),
+    options: LossOptions,
 ) -> torch.Tensor:
     """Clip-Cov / KL-Cov's restrained tokens ``[N, L]`` bool over a whole batch (detached): the covariance means,
     the token count and Clip-Cov's random draw all span the batch, so a micro-batched step selects what the
     full-batch step would and applies the selection chunk by chunk."""
     with torch.no_grad():
         cov = token_covariance(advantages, log_probs, mask)
-        if policy_loss == "clip_cov":
+        if options.policy_loss == "clip_cov":
             adv = advantages.unsqueeze(-1).to(log_probs.dtype)
             ratio = torch.exp(log_probs - old_log_probs)
-            clipped = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
+            clipped = torch.clamp(ratio, 1.0 - options.epsilon_low, 1.0 + options.epsilon_high)
             stopped = clipped * adv < ratio * adv  # the clip is the active term there already
-            return clip_cov_tokens(cov, mask, stopped, cov_ratio, *clip_cov_bounds)
-        if policy_loss == "kl_cov":
-            return kl_cov_tokens(cov, mask, cov_ratio)
-    raise ValueError(f"covariance_selection: policy_loss must be clip_cov or kl_cov, got {policy_loss!r}")
+            return clip_cov_tokens(cov, mask, stopped, options.cov_ratio, *options.clip_cov_bounds)
+        if options.policy_loss == "kl_cov":
+            return kl_cov_tokens(cov, mask, options.cov_ratio)
+    raise ValueError(f"covariance_selection: policy_loss must be clip_cov or kl_cov, got {options.policy_loss!r}")
 
 
 def clipped_policy_loss(
@@ -254,21 +294,10 @@ def clipped_policy_loss(
     old_log_probs: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
-    epsilon_low: float = 0.2,
-    epsilon_high: float = 0.2,
-    loss_type: LossType = "dapo",
-    max_completion_length: int | None = None,
+    options: LossOptions = LossOptions(),
     ref_log_probs: torch.Tensor | None = None,
-    beta: float = 0.0,
-    num_tokens: torch.Tensor | float | None = None,
-    train_mask: torch.Tensor | None = None,
-    policy_loss: str = "clip",
-    cov_ratio: float = 2e-4,
-    clip_cov_bounds: tuple[float, float] = (1.0, 5.0),
-    kl_cov_coef: float = 1.0,
-    cov_tokens: torch.Tensor | None = None,
-    num_sequences: int | None = None,
-    local_tokens: torch.Tensor | float | None = None,
+    selection: TokenSelection = TokenSelection(),
+    normalisers: LossNormalisers = LossNormalisers(),
 ) -> PolicyLossOutput:
     """The clipped surrogate, per token, aggregated.
 
@@ -279,51 +308,50 @@ def clipped_policy_loss(
 
     Clip statistics follow TRL: a token is low-clipped when ``ratio < 1 - eps_low`` and ``A < 0`` (the
     clip is what stops the gradient), high-clipped when ``ratio > 1 + eps_high`` and ``A > 0``.
-    ``num_tokens``: see :func:`aggregate_token_loss`. ``train_mask`` (e.g. :func:`high_entropy_mask`) zeroes
-    the loss of the other tokens while the normaliser still counts every token of ``mask``, as TRL does: a
+    ``normalisers``: see :func:`aggregate_token_loss`. ``selection.train_mask`` (e.g. :func:`high_entropy_mask`)
+    zeroes the loss of the other tokens while the normaliser still counts every token of ``mask``, as TRL does: a
     smaller kept set means a smaller step, not a rescaled one.
 
-    ``policy_loss``: ``clip`` (the above), ``clip_cov`` (the above with the gradient of a few high-covariance
-    tokens removed) or ``kl_cov`` (unclipped ``-ratio * A``, plus ``kl_cov_coef * |logp - logp_old|`` on the
-    highest-covariance tokens); see :mod:`corrpo.training.covariance_tokens` for the selection and its parameters.
-    ``cov_tokens``: that selection made already (:func:`covariance_selection`, over a whole batch of which these
-    rows are a micro-batch); ``num_sequences`` and ``local_tokens``: see :func:`aggregate_token_loss`.
+    ``options.policy_loss``: ``clip`` (the above), ``clip_cov`` (the above with the gradient of a few
+    high-covariance tokens removed) or ``kl_cov`` (unclipped ``-ratio * A``, plus ``kl_cov_coef * |logp -
+    logp_old|`` on the highest-covariance tokens); see :mod:`corrpo.training.covariance_tokens` for the selection
+    and its parameters. ``selection.cov_tokens``: that selection made already (:func:`covariance_selection`, over a
+    whole batch of which these rows are a micro-batch).
     """
-    if beta > 0 and ref_log_probs is None:
+    o = options
+    if o.beta > 0 and ref_log_probs is None:
         raise ValueError("beta > 0 needs ref_log_probs")
     adv = advantages.unsqueeze(-1).to(log_probs.dtype)
     ratio = torch.exp(log_probs - old_log_probs)
-    clipped = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
+    clipped = torch.clamp(ratio, 1.0 - o.epsilon_low, 1.0 + o.epsilon_high)
     per_token = -torch.minimum(ratio * adv, clipped * adv)
     cov_selected = None
-    if policy_loss != "clip":
-        if policy_loss not in POLICY_LOSSES:
-            raise ValueError(f"policy_loss must be one of {POLICY_LOSSES}, got {policy_loss!r}")
-        chosen = cov_tokens
+    if o.policy_loss != "clip":
+        if o.policy_loss not in POLICY_LOSSES:
+            raise ValueError(f"policy_loss must be one of {POLICY_LOSSES}, got {o.policy_loss!r}")
+        chosen = selection.cov_tokens
         if chosen is None:
-            chosen = covariance_selection(
-                log_probs, old_log_probs, advantages, mask, epsilon_low, epsilon_high, policy_loss, cov_ratio,
-                clip_cov_bounds,
-            )  # fmt: skip
-        if policy_loss == "clip_cov":
+            chosen = covariance_selection(log_probs, old_log_probs, advantages, mask, o)
+        if o.policy_loss == "clip_cov":
             per_token = per_token * (~chosen).to(per_token.dtype)
         else:
-            penalty = kl_cov_coef * (log_probs - old_log_probs).abs() * chosen.to(log_probs.dtype)
+            penalty = o.kl_cov_coef * (log_probs - old_log_probs).abs() * chosen.to(log_probs.dtype)
             per_token = -ratio * adv + penalty
         cov_selected = masked_mean(chosen.float(), mask)
     kl = torch.zeros((), device=log_probs.device)
     if ref_log_probs is not None:
         kl_tok = kl_k3(log_probs, ref_log_probs)
         kl = masked_mean(kl_tok.detach(), mask)
-        if beta > 0:
-            per_token = per_token + beta * kl_tok
-    if train_mask is not None:
-        per_token = per_token * train_mask.to(per_token.dtype)
-    length = max_completion_length if max_completion_length is not None else mask.shape[-1]
-    loss = aggregate_token_loss(per_token, mask, loss_type, length, num_tokens, num_sequences, local_tokens)
+        if o.beta > 0:
+            per_token = per_token + o.beta * kl_tok
+    if selection.train_mask is not None:
+        per_token = per_token * selection.train_mask.to(per_token.dtype)
+    length = o.max_completion_length if o.max_completion_length is not None else mask.shape[-1]
+    n = normalisers
+    loss = aggregate_token_loss(per_token, mask, o.loss_type, length, n.num_tokens, n.num_sequences, n.local_tokens)
     with torch.no_grad():
-        low = (ratio < 1.0 - epsilon_low) & (adv < 0)
-        high = (ratio > 1.0 + epsilon_high) & (adv > 0)
+        low = (ratio < 1.0 - o.epsilon_low) & (adv < 0)
+        high = (ratio > 1.0 + o.epsilon_high) & (adv > 0)
         clip_low = masked_mean(low.float(), mask)
         clip_high = masked_mean(high.float(), mask)
     return PolicyLossOutput(loss=loss, kl=kl, clip_low=clip_low, clip_high=clip_high, cov_selected=cov_selected)

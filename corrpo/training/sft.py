@@ -8,7 +8,9 @@ batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -23,6 +25,21 @@ from corrpo.training.update import UpdateOutcome, apply_update
 
 
 @dataclass
+class SFTContext:
+    """What an SFT step acts on: the policy, its tokenizer and optimizer, how prompts are encoded, and the ranks
+    (the SFT counterpart of :class:`corrpo.training.grpo.RLContext`)."""
+
+    policy: torch.nn.Module
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer
+    use_chat_template: bool = False
+    """Wrap prompts with the tokenizer's chat template."""
+    collectives: Collectives = SINGLE_PROCESS
+    backward: Callable[[torch.Tensor], None] = torch.Tensor.backward
+    """Lightning's ``manual_backward`` inside a Trainer."""
+
+
+@dataclass
 class SFTStepResult:
     """What one SFT step produced, for logging."""
 
@@ -32,16 +49,7 @@ class SFTStepResult:
 
 
 def sft_step(
-    policy: torch.nn.Module,
-    tokenizer,
-    optimizer: torch.optim.Optimizer,
-    config: SFTConfig,
-    prompts: list[str],
-    completions: list[str],
-    step: int,
-    use_chat_template: bool = False,
-    collectives: Collectives = SINGLE_PROCESS,
-    backward=torch.Tensor.backward,
+    context: SFTContext, config: SFTConfig, prompts: list[str], completions: list[str], step: int
 ) -> SFTStepResult:
     """NLL of ``completions`` given ``prompts`` (token mean), one update at SFT step ``step``'s learning rate.
 
@@ -49,8 +57,9 @@ def sft_step(
     longest row) and the gradients accumulate; every chunk divides by the WHOLE batch's token count, so the
     update is the full-batch one.
     """
+    policy, collectives = context.policy, context.collectives
     device = next(policy.parameters()).device
-    enc = encode_sft_batch(tokenizer, prompts, completions, config.max_length, use_chat_template)
+    enc = encode_sft_batch(context.tokenizer, prompts, completions, config.max_length, context.use_chat_template)
     enc = {k: v.to(device) for k, v in enc.items()}
     mask = enc["loss_mask"][:, 1:]
     num_tokens = collectives.mean(mask.sum().float()).clamp(min=1.0)
@@ -64,5 +73,5 @@ def sft_step(
             yield (nll * mask[rows, : width - 1]).sum() / num_tokens
 
     lr = warmup_cosine_lr(config.lr, step, config.steps, config.warmup_steps, config.min_lr_ratio)
-    update = apply_update(losses(), optimizer, policy, lr, config.max_grad_norm, collectives, backward)
+    update = apply_update(losses(), context.optimizer, policy, lr, config.max_grad_norm, collectives, context.backward)
     return SFTStepResult(loss=update.loss, update=update)

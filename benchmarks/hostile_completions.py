@@ -1,7 +1,8 @@
-"""Hostile completions for the reward functions (tests/test_hostile_inputs.py, benchmarks/reward_bombs.py).
+"""Hostile completions for the reward functions (benchmarks/reward_bombs.py, tests/test_hostile_inputs.py).
 
 Garbage, brace bombs of every bracket kind, expressions whose evaluation explodes, and empty answers: each
-must score 0 within a second and never raise.
+must score 0 within a second and never raise. Here, not in tests/, because a benchmark imports nothing from tests/
+(the tests reach this folder through tests/conftest.py).
 """
 
 import random
