@@ -7,7 +7,9 @@ What it does:
    names an existing policy folder. Both methods start RL from this same policy.
 2. For each seed and each method, one RL-only run from that policy (``--model.sft.steps 0``), with the seed
    setting ``seed_everything`` (sampling) and ``data.seed`` (batch order). ``grpo`` uses
-   ``--model.rl.inversion.coef 0``, ``corrpo`` uses ``--coef``, ``top_entropy`` is GRPO trained only on the
+   ``--model.rl.inversion.coef 0`` with ``log_only`` (the control: the per-response statistic CorR-PO rewards is
+   scored and logged, nothing else changes; ``--no-control`` turns it off), ``corrpo`` uses ``--coef`` entered as
+   ``--apply`` says (``rl.inversion.apply``), ``top_entropy`` is GRPO trained only on the
    top ``--top-entropy-quantile`` tokens by entropy ("Beyond the 80/20 rule", TRL's ``top_entropy_quantile``),
    the closest published entropy-aware baseline. Everything else is the config's. The test set
    (``data.n_test`` problems, fixed by ``data.arithmetic.seed``) is the same for every run. Each run's
@@ -148,6 +150,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--coef", type=float, default=0.1, help="CorR-PO's inversion coef (default: %(default)s)")
     parser.add_argument(
+        "--apply",
+        choices=("reward", "advantage"),
+        default="reward",
+        help="where CorR-PO's term enters: rl.inversion.apply (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--no-control",
+        action="store_true",
+        help="run GRPO without rl.inversion.log_only (by default it logs the statistic CorR-PO rewards, untouched)",
+    )
+    parser.add_argument(
         "--top-entropy-quantile", type=float, default=0.2, help="top_entropy's kept token fraction (default: 0.2)"
     )
     parser.add_argument("--rl-steps", type=int, default=None, help="RL steps (default: the config's model.rl.steps)")
@@ -240,6 +253,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
                 "--model.rl.inversion.coef", str(coef),
             ]  # fmt: skip
             tags = {}
+            if method == "grpo" and not args.no_control:
+                # the control: CorR-PO's per-response statistic scored and logged, rewards untouched
+                extra += ["--model.rl.inversion.log_only", "true"]
+                tags["log_only"] = True
+            if method == "corrpo":
+                extra += ["--model.rl.inversion.apply", args.apply]
+                tags["apply"] = args.apply
             if method == "top_entropy":
                 extra += ["--model.rl.top_entropy_quantile", str(args.top_entropy_quantile)]
                 tags["top_entropy_quantile"] = args.top_entropy_quantile

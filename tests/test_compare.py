@@ -200,3 +200,27 @@ def test_wall_from_log_reads_the_log_named_after_the_runs_start(compare, tmp_pat
         os.utime(log, (start + seconds, start + seconds))
     (run_dir.parent / "fit-20261127-090000.log").write_text("a later run's log")
     assert compare.wall_from_log(run_dir) == 140.0
+
+
+def test_grpo_runs_as_the_control_and_corrpo_with_its_apply_mode(compare, tmp_path, monkeypatch):
+    """The driver's RL commands: GRPO logs CorR-PO's statistic untouched (``log_only``) unless ``--no-control``,
+    CorR-PO enters its term where ``--apply`` says; the fits themselves are stood in for by finished fake runs."""
+    out = tmp_path / "runs"
+    fake_run(out, "sft", 0.0, 0.65, [0.2, 0.7])
+    commands: dict[str, list[str]] = {}
+
+    def fake_fit(config, extra, root):
+        method = root.parent.name
+        commands[method] = extra
+        return fake_run(root.parent, root.name + "-run", 0.65, 0.7, [0.7, 0.6], {"method": method}), 1.0
+
+    monkeypatch.setattr(compare, "run_fit", fake_fit)
+    sft_policy = str(out / "sft" / "20260101-000000" / "policy")
+    args = ["--out", str(out), "--report", str(tmp_path / "r.md"), "--seeds", "0", "--sft-policy", sft_policy]
+    compare.main([*args, "--methods", "grpo", "corrpo", "--apply", "advantage"])
+    grpo, corrpo = (" ".join(commands[m]) for m in ("grpo", "corrpo"))
+    assert "--model.rl.inversion.log_only true" in grpo and "--model.rl.inversion.coef 0.0" in grpo
+    assert "--model.rl.inversion.apply advantage" in corrpo and "log_only" not in corrpo
+    commands.clear()
+    compare.main([*args, "--methods", "grpo", "--no-control", "--out", str(tmp_path / "again")])
+    assert "log_only" not in " ".join(commands["grpo"])

@@ -42,8 +42,8 @@ from corrpo.training.corrpo_term import (
     CorrPOTerm,
     corrpo_term,
     corrpo_term_on_update_forward,
+    enter_term,
     shares_update_forward,
-    with_reward_term,
 )
 from corrpo.training.forward import completion_log_probs, row_chunks
 from corrpo.training.objectives import (
@@ -52,7 +52,6 @@ from corrpo.training.objectives import (
     TokenSelection,
     clipped_policy_loss,
     covariance_selection,
-    group_advantages,
     high_entropy_mask,
     masked_mean,
     zero_std_fraction,
@@ -182,7 +181,7 @@ class GRPOStep:
         device = rollout.sequences.device
 
         term = first_forward = None
-        if rl.inversion.coef > 0:
+        if rl.inversion.scored:
             t0 = time.perf_counter()
             n_chunks = len(row_chunks(rollout.sequences.shape[0], rl.micro_batch_size))
             if shares_update_forward(ctx.policy, rl.inversion, n_chunks) is None:
@@ -192,10 +191,8 @@ class GRPOStep:
             else:
                 rows = rl.inversion.rows_per_chunk or rl.micro_batch_size or 64
                 term = corrpo_term(ctx.policy, rollout, rl.inversion, rl_index, G, rows)
-            scores = with_reward_term(scores, "inversion", term.bonus)
             timings["inversion"] = time.perf_counter() - t0
-        rewards = scores.total.to(device)
-        advantages = group_advantages(rewards, G, rl.scale_rewards)
+        scores, rewards, advantages = enter_term(term, rl.inversion, scores, G, rl.scale_rewards, device)
         rows = completion_rows(
             rl_index if step is None else step, inputs, scores, rewards, advantages,
             term.rho if term is not None else None,
@@ -313,7 +310,8 @@ class GRPOStep:
             key = "spearman" if self.rl.inversion.correlation == "spearman" else "pearson"
             metrics[f"inversion/rollout_{key}"] = pooled_mean(term.rho[term.valid], ctx.collectives, rewards.device)
             metrics["inversion/rollout_nan_frac"] = 1.0 - term.valid.float().mean()
-            metrics["rewards/inversion/std"] = term.bonus.float().std() if term.bonus.numel() > 1 else 0.0
+            if "inversion" in scores.per_function:  # apply: reward (its mean is logged with the other rewards')
+                metrics["rewards/inversion/std"] = term.bonus.float().std() if term.bonus.numel() > 1 else 0.0
         lengths = rollout.completion_mask.sum(dim=1).float()
         metrics.update(
             {

@@ -27,15 +27,20 @@ it on the update's own forward where that is exact (:func:`shares_update_forward
 measurement itself (entropy, strengths, correlations) lives in :mod:`corrpo.inversion`: nothing is re-implemented.
 
 Files: ``config`` (:class:`CorrPOTermConfig`, the ``rl.inversion.*`` keys), ``correlations`` (each response's
-``rho_i``), ``bonus`` (the bonus, and where the term enters: the reward or the advantage), ``scoring`` (both scoring
-paths and :class:`CorrPOTerm`). Import the names from here.
+``rho_i``), ``bonus`` (:class:`CorrPOTerm`, the bonus, and where the term enters: the reward or the advantage),
+``scoring`` (both scoring paths). Import the names from here.
 """
 
-from corrpo.training.corrpo_term.bonus import corrpo_bonus, with_reward_term
-from corrpo.training.corrpo_term.config import CORRELATIONS, CorrPOTermConfig
+from corrpo.training.corrpo_term.bonus import (
+    CorrPOTerm,
+    corrpo_bonus,
+    enter_term,
+    standardised_bonus,
+    with_reward_term,
+)
+from corrpo.training.corrpo_term.config import APPLY_MODES, CORRELATIONS, CorrPOTermConfig
 from corrpo.training.corrpo_term.correlations import response_correlations, rollout_correlations
 from corrpo.training.corrpo_term.scoring import (
-    CorrPOTerm,
     corrpo_term,
     corrpo_term_on_update_forward,
     has_active_dropout,
@@ -43,15 +48,18 @@ from corrpo.training.corrpo_term.scoring import (
 )
 
 __all__ = [
+    "APPLY_MODES",
     "CORRELATIONS",
     "CorrPOTerm",
     "CorrPOTermConfig",
     "corrpo_bonus",
     "corrpo_term",
     "corrpo_term_on_update_forward",
+    "enter_term",
     "has_active_dropout",
     "response_correlations",
     "rollout_correlations",
     "shares_update_forward",
+    "standardised_bonus",
     "with_reward_term",
 ]

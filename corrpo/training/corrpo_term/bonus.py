@@ -1,11 +1,39 @@
-"""The term's math on per-response correlations: the bonus, and how it enters the rewards or the advantages."""
+"""The term's values (:class:`CorrPOTerm`), its math on per-response correlations (the bonus), and where it
+enters: the rewards or the advantages."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from corrpo.rewards.combine import RewardScores
+from corrpo.training.corrpo_term.config import CorrPOTermConfig
+from corrpo.training.objectives import RewardScale, group_advantages
+
+STANDARDISE_EPS = 1e-4
+"""The ``eps`` of :func:`standardised_bonus`'s ``std + eps``: :func:`group_advantages`' own."""
+
+
+@dataclass
+class CorrPOTerm:
+    """The CorR-PO term's values for one rollout batch (``N = B * G`` responses)."""
+
+    bonus: Tensor
+    """``[N]`` float32 ``coef * clip(-rho_i, -1, 1)``, 0 for invalid responses."""
+    rho: Tensor
+    """``[N]`` float64 per-response correlation (NaN where not computable)."""
+    valid: Tensor
+    """``[N]`` bool: finite ``rho_i`` over at least ``min_tokens`` tokens."""
+    coef: float
+    """``lambda`` at this RL step (after the warm-up ramp)."""
+    entropy: Tensor
+    """``[N, L]`` fp32 ``H_t`` (bits) of each completion token the correlation saw (NaN where not scored)."""
+    strength: Tensor
+    """``[N, L]`` fp32 ``S_t`` of the same tokens (NaN where not scored)."""
+    shared_forward: bool = False
+    """Scored on the update's own forward (:func:`corrpo_term_on_update_forward`), not by a separate pass."""
 
 
 def corrpo_bonus(
@@ -52,3 +80,46 @@ def with_reward_term(scores: RewardScores, name: str, values: Tensor) -> RewardS
         n_failed=dict(scores.n_failed),
         n_unscored=dict(scores.n_unscored),
     )
+
+
+def standardised_bonus(rho: Tensor, valid: Tensor, eps: float = STANDARDISE_EPS) -> Tensor:
+    """``z_i = (b_i - mean_j b_j) / (std_j b_j + eps)`` with ``b_i = clip(-rho_i, -1, 1)``, mean and (unbiased) std
+    over the batch's valid responses ``j``; 0 for invalid responses, and everywhere when fewer than two are valid
+    (no spread to standardise). float32 ``[N]``.
+
+    Why the batch and not the group: the term's job in ``apply: advantage`` is a signal of known scale beside the
+    task advantage (itself about unit scale per group), so that lambda means the same in a group whose task rewards
+    all agree (task advantage 0) as in one where they differ; standardising over the batch keeps the differences
+    between groups that the correlation really has, where a per-group standardisation would inflate a group whose
+    responses correlate almost alike to unit spread."""
+    b = torch.where(valid, (-rho.double()).clamp(-1.0, 1.0), 0.0)
+    if int(valid.sum()) < 2:
+        return torch.zeros_like(b, dtype=torch.float32)
+    mean, std = b[valid].mean(), b[valid].std()
+    return torch.where(valid, (b - mean) / (std + eps), 0.0).float()
+
+
+def enter_term(
+    term: CorrPOTerm | None,
+    config: CorrPOTermConfig,
+    scores: RewardScores,
+    group_size: int,
+    scale: RewardScale,
+    device: torch.device | str = "cpu",
+) -> tuple[RewardScores, Tensor, Tensor]:
+    """The step's reward scores, total rewards and group advantages (both on ``device``) with the term entered where
+    ``config`` says.
+
+    - no term, or ``log_only`` (the control): the task's scores and :func:`group_advantages`, untouched;
+    - ``apply: reward``: ``r_i' = r_i + bonus_i`` (``bonus_i = lambda * clip(-rho_i, -1, 1)``, logged as the reward
+      ``inversion``), then :func:`group_advantages` of ``r'``;
+    - ``apply: advantage``: ``A_i' = A_i + lambda * z_i``, ``A`` the task advantage and ``z``
+      :func:`standardised_bonus`; the rewards stay the task's.
+    """
+    if term is not None and not config.log_only and config.apply == "reward":
+        scores = with_reward_term(scores, "inversion", term.bonus)
+    rewards = scores.total.to(device)
+    advantages = group_advantages(rewards, group_size, scale)
+    if term is not None and not config.log_only and config.apply == "advantage":
+        advantages = advantages + term.coef * standardised_bonus(term.rho, term.valid).to(advantages)
+    return scores, rewards, advantages

@@ -9,14 +9,25 @@ from typing import Literal
 from corrpo.inversion.strength_config import REWARD_STRENGTH_DEFAULTS, StrengthConfig, strength_spec
 
 CORRELATIONS = ("spearman", "pearson")
+APPLY_MODES = ("reward", "advantage")
 
 
 @dataclass
 class CorrPOTermConfig:
-    """``rl.inversion``: the CorR-PO term ``lambda * clip(-rho_i, -1, 1)``, added to each response's reward."""
+    """``rl.inversion``: the CorR-PO term ``lambda * clip(-rho_i, -1, 1)``, entered in each response's reward or
+    advantage (``apply``); ``log_only`` scores it under plain GRPO as the control."""
 
     coef: float = 0.0
-    """``lambda``, the bonus weight; 0 = plain GRPO (no scoring pass at all)."""
+    """``lambda``, the bonus weight; 0 = plain GRPO (no scoring pass at all unless ``log_only``)."""
+    apply: Literal["reward", "advantage"] = "reward"
+    """Where the term enters. ``reward``: ``lambda * clip(-rho_i, -1, 1)`` is added to the reward before the group
+    normalisation (so a group whose task rewards are all equal gets the bonus alone at unit scale, whatever lambda).
+    ``advantage``: ``lambda`` times the bonus standardised over the batch's valid responses is added to the
+    normalised task advantage, so lambda weighs the term against the task signal in every group (docs/corrpo.md)."""
+    log_only: bool = False
+    """The control: score and log the per-response correlations (``rl/inversion/rollout_*``) under plain GRPO,
+    rewards, advantages and weights untouched (needs ``coef: 0``): what GRPO alone does to the statistic CorR-PO
+    rewards."""
     warmup_steps: int = 0
     """``lambda`` ramps linearly from 0 to ``coef`` over the first ``warmup_steps`` RL steps."""
     correlation: Literal["spearman", "pearson"] = "spearman"
@@ -51,6 +62,15 @@ class CorrPOTermConfig:
             raise ValueError(
                 f"rl.inversion.min_tokens must be >= 2 (a correlation needs 2 tokens), got {self.min_tokens}"
             )
+        if self.apply not in APPLY_MODES:
+            raise ValueError(f"rl.inversion.apply must be one of {APPLY_MODES}, got {self.apply!r}")
+        if not isinstance(self.log_only, bool):
+            raise ValueError(f"rl.inversion.log_only must be true or false, got {self.log_only!r}")
+        if self.log_only and self.coef > 0:
+            raise ValueError(
+                f"rl.inversion.log_only scores the term without applying it, but rl.inversion.coef is {self.coef}: "
+                "set coef to 0 for the control, or log_only to false for CorR-PO"
+            )
         if self.correlation not in CORRELATIONS:
             raise ValueError(f"rl.inversion.correlation must be one of {CORRELATIONS}, got {self.correlation!r}")
         if not isinstance(self.shared_forward, bool):
@@ -59,6 +79,11 @@ class CorrPOTermConfig:
         if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
             raise ValueError(f"rl.inversion.rows_per_chunk must be a positive int or null, got {rows!r}")
         self.strength = strength_spec(self.strength, "rl.inversion.strength", REWARD_STRENGTH_DEFAULTS)
+
+    @property
+    def scored(self) -> bool:
+        """Whether an RL step scores the term at all: CorR-PO (``coef > 0``) or the control (``log_only``)."""
+        return self.coef > 0 or self.log_only
 
     def coef_at(self, rl_step: int) -> float:
         """``lambda`` at 0-based RL step ``rl_step``: ``coef * min(1, rl_step / warmup_steps)``.

@@ -1,8 +1,6 @@
-"""The two scoring paths of the CorR-PO term and their result: a pass of its own, or the update's own forward."""
+"""The two scoring paths of the CorR-PO term: a pass of its own, or the update's own forward."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -13,30 +11,10 @@ from corrpo.inversion.strength_onepass import onepass_on_forward
 from corrpo.models.architectures import decoder_parts
 from corrpo.models.packing import PackedBatch, model_width, packed_logits, packing_unsupported_reason
 from corrpo.models.sharding import gathered_copy, is_sharded
-from corrpo.training.corrpo_term.bonus import corrpo_bonus
+from corrpo.training.corrpo_term.bonus import CorrPOTerm, corrpo_bonus
 from corrpo.training.corrpo_term.config import CorrPOTermConfig
 from corrpo.training.corrpo_term.correlations import response_correlations, rollout_correlations
 from corrpo.training.forward import completion_logits, completion_scores
-
-
-@dataclass
-class CorrPOTerm:
-    """The CorR-PO term's values for one rollout batch (``N = B * G`` responses)."""
-
-    bonus: Tensor
-    """``[N]`` float32 ``coef * clip(-rho_i, -1, 1)``, 0 for invalid responses."""
-    rho: Tensor
-    """``[N]`` float64 per-response correlation (NaN where not computable)."""
-    valid: Tensor
-    """``[N]`` bool: finite ``rho_i`` over at least ``min_tokens`` tokens."""
-    coef: float
-    """``lambda`` at this RL step (after the warm-up ramp)."""
-    entropy: Tensor
-    """``[N, L]`` fp32 ``H_t`` (bits) of each completion token the correlation saw (NaN where not scored)."""
-    strength: Tensor
-    """``[N, L]`` fp32 ``S_t`` of the same tokens (NaN where not scored)."""
-    shared_forward: bool = False
-    """Scored on the update's own forward (:func:`corrpo_term_on_update_forward`), not by a separate pass."""
 
 
 def corrpo_term(
