@@ -36,6 +36,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from corrpo.data.arithmetic import ArithmeticTask
 from corrpo.data.records import load_records
 from corrpo.generation.decode_loop import DecodeLoopGenerator
 from corrpo.generation.rollout import Generator, Rollout, SamplingConfig, concat_rollouts
@@ -115,7 +116,9 @@ class CorrPOModule(L.LightningModule):
         if eval_batch_size < 1:
             raise ValueError(f"model.eval_batch_size must be >= 1, got {eval_batch_size}")
         self.eval_batch_size = eval_batch_size
-        self.policy, self.tokenizer = load_policy(policy, tiny, dtype, attn_implementation, seed)
+        # a tiny.tokenizer=bpe policy's tokenizer trains on word-problem traces (called only then; cached by its text)
+        corpus = partial(ArithmeticTask(render="words").corpus, tiny.corpus_records)
+        self.policy, self.tokenizer = load_policy(policy, tiny, dtype, attn_implementation, seed, corpus)
         if gradient_checkpointing:
             enable_gradient_checkpointing(self.policy)
         if lora is not None:
@@ -128,7 +131,7 @@ class CorrPOModule(L.LightningModule):
         # moves with the module and is saved in checkpoints.
         self.ref_policy = None
         if self.rl.beta > 0:
-            self.ref_policy, _ = load_policy(policy, tiny, dtype, attn_implementation, seed)
+            self.ref_policy, _ = load_policy(policy, tiny, dtype, attn_implementation, seed, corpus)
             if lora is not None:  # wrapped like the policy, so the boundary refresh is a plain load_state_dict
                 self.ref_policy = apply_lora(self.ref_policy, lora, seed)
             self.ref_policy.requires_grad_(False).eval()

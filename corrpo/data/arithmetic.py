@@ -15,9 +15,12 @@ Format (one problem, ``"4 +3 *2 -5 ="``):
   ``"<think>4+3=7 7*2=14 14-5=9</think><answer>9</answer>"``.
 * answer: the final integer as a string, ``"9"``.
 
+``render="words"`` tells the same chains as English word problems with a prose trace whose every step holds its
+``a <op> b = c`` (:mod:`corrpo.data.word_problems`): same problems, same order, same splits, same answers.
+
 Every intermediate value stays in ``0..max_value`` (steps that would leave it are never drawn), so the
-numbers stay short. A problem belongs to exactly one split, fixed by a hash of its prompt, so "train",
-"probe" and "test" never share a problem whatever the seed or the sizes asked for.
+numbers stay short. A problem belongs to exactly one split, fixed by a hash of its (digits) prompt, so "train",
+"probe" and "test" never share a problem whatever the seed, the sizes asked for or the rendering.
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass
+from typing import Literal
+
+from corrpo.data.word_problems import ALPHABET as WORD_ALPHABET
+from corrpo.data.word_problems import Step, word_record
 
 SPLITS: tuple[str, ...] = ("train", "probe", "test")
 _SUPPORTED_OPS = "+-*"
@@ -36,6 +43,20 @@ def split_of(prompt: str) -> str:
     """The split a prompt belongs to: ``probe`` and ``test`` get 10% of the hash space each, ``train`` 80%."""
     bucket = int.from_bytes(hashlib.sha256(prompt.encode("utf-8")).digest()[:8], "big") % 10
     return "probe" if bucket == 0 else "test" if bucket == 1 else "train"
+
+
+def _digits_record(start: int, chain: list[Step]) -> dict[str, str]:
+    """The digits rendering of a chain: ``"4 +3 *2 -5 ="`` -> ``"<think>4+3=7 7*2=14 14-5=9</think>..."``."""
+    prompt, trace, value = [str(start)], [], start
+    for op, operand, result in chain:
+        prompt.append(f"{op}{operand}")
+        trace.append(f"{value}{op}{operand}={result}")
+        value = result
+    return {
+        "prompt": " ".join(prompt) + " =",
+        "completion": f"<think>{' '.join(trace)}</think><answer>{value}</answer>",
+        "answer": str(value),
+    }
 
 
 def _apply(value: int, op: str, operand: int) -> int:
@@ -57,6 +78,8 @@ class ArithmeticTask:
         max_operand: operands and start numbers are drawn from ``1..max_operand``.
         ops: the operations used, a subset of ``"+-*"``.
         max_value: every intermediate (and final) value lies in ``0..max_value``.
+        render: ``digits`` (``"4 +3 *2 -5 ="``, the default) or ``words`` (the same problems as English word
+            problems with prose traces, :mod:`corrpo.data.word_problems`).
     """
 
     seed: int = 0
@@ -65,6 +88,7 @@ class ArithmeticTask:
     max_operand: int = 9
     ops: str = "+-*"
     max_value: int = 99
+    render: Literal["digits", "words"] = "digits"
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_ops <= self.max_ops:
@@ -75,10 +99,14 @@ class ArithmeticTask:
             raise ValueError(f"ops must be distinct characters from {_SUPPORTED_OPS!r}, got {self.ops!r}")
         if self.max_value < self.max_operand:
             raise ValueError(f"max_value ({self.max_value}) must be >= max_operand ({self.max_operand})")
+        if self.render not in ("digits", "words"):
+            raise ValueError(f"render must be 'digits' or 'words', got {self.render!r}")
 
-    @staticmethod
-    def alphabet() -> str:
-        """Every character that can occur in a prompt or completion, sorted (for a character tokenizer)."""
+    def alphabet(self) -> str:
+        """Every character that can occur in a prompt or completion of this rendering, sorted (for a character
+        tokenizer; both renderings are printable ASCII, which the default character tokenizer covers)."""
+        if self.render == "words":
+            return WORD_ALPHABET
         return "".join(sorted(set("0123456789+-*= <>/") | set("<think></think><answer></answer>")))
 
     def _valid_steps(self, value: int) -> dict[str, list[int]]:
@@ -90,25 +118,28 @@ class ArithmeticTask:
                 steps[op] = operands
         return steps
 
-    def sample(self, rng: random.Random) -> dict[str, str]:
-        """Draw one problem (whatever its split): op first, then an operand that keeps the value in range."""
-        value = rng.randint(1, self.max_operand)
-        prompt, trace = [str(value)], []
+    def _chain(self, rng: random.Random) -> tuple[int, list[Step]]:
+        """Draw one chain (whatever its split): the start, then per step an op, then an operand keeping the value
+        in range. The only use of ``rng``: both renderings consume the problem stream identically."""
+        start = value = rng.randint(1, self.max_operand)
+        chain = []
         for _ in range(rng.randint(self.min_ops, self.max_ops)):
             steps = self._valid_steps(value)
             if not steps:  # cannot happen while max_value >= max_operand (+1 or *1 always fits); kept as a guard
                 raise ValueError(f"no operation keeps {value} inside 0..{self.max_value}")
             op = rng.choice(sorted(steps))
             operand = rng.choice(steps[op])
-            result = _apply(value, op, operand)
-            prompt.append(f"{op}{operand}")
-            trace.append(f"{value}{op}{operand}={result}")
-            value = result
-        return {
-            "prompt": " ".join(prompt) + " =",
-            "completion": f"<think>{' '.join(trace)}</think><answer>{value}</answer>",
-            "answer": str(value),
-        }
+            value = _apply(value, op, operand)
+            chain.append((op, operand, value))
+        return start, chain
+
+    def _render(self, start: int, chain: list[Step], digits: dict[str, str]) -> dict[str, str]:
+        return digits if self.render == "digits" else word_record(start, chain)
+
+    def sample(self, rng: random.Random) -> dict[str, str]:
+        """Draw one problem (whatever its split), rendered as :attr:`render` says."""
+        start, chain = self._chain(rng)
+        return self._render(start, chain, _digits_record(start, chain))
 
     def space_size(self) -> int:
         """The number of distinct problems (all splits together), counted exactly by dynamic programming."""
@@ -148,8 +179,9 @@ class ArithmeticTask:
         out: list[dict[str, str]] = []
         rejects = 0
         while len(out) < n:
-            record = self.sample(rng)
-            prompt = record["prompt"]
+            start, chain = self._chain(rng)
+            record = _digits_record(start, chain)
+            prompt = record["prompt"]  # the digits prompt: the split and the distinctness never depend on render
             if prompt in seen or split_of(prompt) != split:
                 rejects += 1
                 if rejects > _MAX_REJECTS:
@@ -161,5 +193,10 @@ class ArithmeticTask:
                 continue
             rejects = 0
             seen.add(prompt)
-            out.append(record)
+            out.append(self._render(start, chain, record))
         return out
+
+    def corpus(self, n: int) -> list[str]:
+        """The texts of the first ``n`` train records, each prompt and each completion a text of its own (as
+        :func:`corrpo.models.batching.encode_sft_batch` tokenizes them): what a tokenizer for this task trains on."""
+        return [text for record in self.records("train", n) for text in (record["prompt"], record["completion"])]

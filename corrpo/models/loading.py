@@ -4,8 +4,9 @@
 ``AutoModelForCausalLM`` / ``AutoTokenizer``. ``load_policy("tiny-qwen2")`` / ``"tiny-llama"`` (or any
 ``tiny-<family>`` of :data:`corrpo.models.tiny_families.TINY_FAMILY_NAMES`: mistral, qwen3, gemma, gemma2, gemma3,
 olmo2, granite, phi3, gpt2, gpt_neox) builds a small random model of that family from a config, with a
-character-level tokenizer built locally by the ``tokenizers`` library: no hub, no download, so the embedded
-default and the tests run anywhere. A folder without tokenizer files is an error naming it. Both kinds
+character-level tokenizer built locally by the ``tokenizers`` library (or, with ``tiny.tokenizer: bpe``, a byte-level
+BPE tokenizer trained locally on a corpus the caller gives, :mod:`corrpo.models.bpe_tokenizer`): no hub, no download,
+so the embedded default and the tests run anywhere. A folder without tokenizer files is an error naming it. Both kinds
 round-trip through ``save_pretrained`` / ``from_pretrained``.
 """
 
@@ -13,8 +14,10 @@ from __future__ import annotations
 
 import json
 import string
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -26,6 +29,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from corrpo.models.bpe_tokenizer import cached_bpe_tokenizer
 from corrpo.models.lora import is_peft_model, merged_copy, save_adapter
 from corrpo.models.tiny_families import TINY_FAMILY_NAMES, tiny_config
 
@@ -39,11 +43,14 @@ TOKENIZER_FILES = (
     "spiece.model",
     "vocab.txt",
 )
-SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
+TOKENIZER_SPECIALS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>"}
+"""The tiny tokenizers' special tokens, as the tokenizer attributes they are set as (ids 0-3 in this order)."""
+SPECIAL_TOKENS = tuple(TOKENIZER_SPECIALS.values())
 # The reasoning tags are single tokens, as in real reasoning tokenizers: shorter sequences, and the model
 # does not have to learn to spell them.
 GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 TAG_TOKENS = ("<think>", "</think>", "<answer>", "</answer>")
+MIN_BPE_VOCAB = 256 + len(SPECIAL_TOKENS) + len(TAG_TOKENS)
 
 
 @dataclass
@@ -66,12 +73,29 @@ class TinyArchitecture:
     """RoPE base."""
     tie_word_embeddings: bool = True
     """Share the unembedding with the input embedding (False: a separate ``lm_head``, as the search varies)."""
+    tokenizer: Literal["char", "bpe"] = "char"
+    """``char``: a token per printable ASCII character (and per reasoning tag); ``bpe``: byte-level BPE trained
+    offline, and cached, on a corpus the caller passes (:func:`load_policy`'s ``corpus``)."""
+    bpe_vocab_size: int = 2048
+    """Most tokens of the ``bpe`` tokenizer (fewer if its corpus runs out of pairs to merge); at least 264."""
+    corpus_records: int = 4000
+    """Train records of the word-problem task whose texts the ``bpe`` tokenizer is trained on (the module builds
+    that corpus; the model's config cannot see the data's)."""
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads:
             raise ValueError("tiny.hidden_size must be divisible by tiny.num_attention_heads")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("tiny.num_attention_heads must be divisible by tiny.num_key_value_heads")
+        if self.tokenizer not in ("char", "bpe"):
+            raise ValueError(f"model.tiny.tokenizer must be 'char' or 'bpe', got {self.tokenizer!r}")
+        if self.bpe_vocab_size < MIN_BPE_VOCAB:
+            raise ValueError(
+                f"model.tiny.bpe_vocab_size must be >= {MIN_BPE_VOCAB} (256 bytes + {len(SPECIAL_TOKENS)} special "
+                f"+ {len(TAG_TOKENS)} tag tokens), got {self.bpe_vocab_size}"
+            )
+        if self.corpus_records < 1:
+            raise ValueError(f"model.tiny.corpus_records must be >= 1, got {self.corpus_records}")
 
 
 def build_char_tokenizer(alphabet: str | None = None) -> PreTrainedTokenizerFast:
@@ -87,9 +111,23 @@ def build_char_tokenizer(alphabet: str | None = None) -> PreTrainedTokenizerFast
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(f"{tags}|[\\s\\S]"), behavior="isolated")
     backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **TOKENIZER_SPECIALS)
+
+
+def build_tiny_tokenizer(
+    arch: TinyArchitecture, corpus: Callable[[], Iterable[str]] | None = None
+) -> PreTrainedTokenizerFast:
+    """The tokenizer ``arch.tokenizer`` names: the character one, or byte-level BPE of ``arch.bpe_vocab_size`` tokens
+    trained on ``corpus()`` (cached by the corpus's hash, :func:`corrpo.models.bpe_tokenizer.cached_bpe_tokenizer`),
+    with the same special tokens and the reasoning tags as single tokens."""
+    if arch.tokenizer == "char":
+        return build_char_tokenizer()
+    if corpus is None:
+        raise ValueError(
+            "model.tiny.tokenizer=bpe trains its tokenizer on a corpus, and none was given: pass "
+            "load_policy(..., corpus=<callable returning texts>) (CorrPOModule passes the word-problem task's)"
+        )
+    return cached_bpe_tokenizer(corpus, arch.bpe_vocab_size, special_tokens=TOKENIZER_SPECIALS, added_tokens=TAG_TOKENS)
 
 
 def build_tiny_policy(
@@ -115,6 +153,7 @@ def load_policy(
     dtype: str = "float32",
     attn_implementation: str | None = None,
     seed: int = 0,
+    corpus: Callable[[], Iterable[str]] | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load (or build) the policy and its tokenizer.
 
@@ -123,13 +162,15 @@ def load_policy(
         tiny: architecture for the tiny families (ignored otherwise).
         dtype: ``float32``, ``bfloat16`` or ``float16``.
         attn_implementation: passed to ``from_pretrained`` (``sdpa``, ``eager``, ``flash_attention_2``).
+        corpus: the texts a tiny ``bpe`` tokenizer trains on, called only then (``models`` cannot import the data).
     """
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
         raise ValueError(f"model.dtype: unknown dtype {dtype!r}")
     if policy in TINY_FAMILIES:
-        tokenizer = build_char_tokenizer()
-        model = build_tiny_policy(TINY_FAMILIES[policy], tokenizer, tiny or TinyArchitecture(), seed)
+        tiny = tiny or TinyArchitecture()
+        tokenizer = build_tiny_tokenizer(tiny, corpus)
+        model = build_tiny_policy(TINY_FAMILIES[policy], tokenizer, tiny, seed)
         return model.to(torch_dtype), tokenizer
     if policy.startswith("~"):
         policy = str(Path(policy).expanduser())

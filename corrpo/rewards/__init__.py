@@ -4,6 +4,11 @@ Every reward is ``fn(prompts: list[str], completions: list[str], answer: list[st
 list[float | None]``, with ``None`` where a sample cannot be scored (e.g. an unparseable gold answer).
 Configs name a reward by registry name (``accuracy``, ``format``) or by import path
 (``package.module:function`` or ``package.module.function``), so user rewards need no registration.
+
+The calling convention (``call``: TRL's keywords, async allowed), the weighted combination with its fault counts
+and failure monitor (``combine``), math-verify accuracy (``accuracy``) with its time bound (``deadline``), the
+answer extraction (``answer``) and the format reward (``format``). Imports nothing else of corrpo: every room above
+may call a reward.
 """
 
 from __future__ import annotations
