@@ -191,29 +191,41 @@ def per_step(results: dict, arm: str, name: str) -> tuple[list[int], list[float]
     return steps, means, halves
 
 
+PANELS = {
+    "statistic": ("rollout Spearman rho", "what CorR-PO rewards"),
+    "accuracy": ("rl/rewards/accuracy/mean", "task accuracy on the rollouts"),
+    "zero_std": ("rl/frac_reward_zero_std", "groups whose rewards all agree"),
+}
+
+
 def plot(results: dict, path: Path) -> None:
-    """The rewarded statistic per RL step (mean and 95% band over seeds) and the probe rho, every arm."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    """Per RL step (mean and 95% band over seeds, every arm): the rewarded statistic, the rollouts' accuracy, the
+    fraction of zero-variance groups; and the probe-set rho at each tracker row."""
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
     for arm in results:
-        steps, means, halves = per_step(results, arm, "statistic")
-        line = left.plot(steps, means, label=arm, lw=2.2 if arm == CONTROL else 1.2)[0]
-        lo = np.array(means) - np.nan_to_num(halves)
-        hi = np.array(means) + np.nan_to_num(halves)
-        left.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.12)
+        width = 2.2 if arm == CONTROL else 1.2
+        color = None
+        for ax, name in zip(axes, PANELS, strict=False):
+            steps, means, halves = per_step(results, arm, name)
+            line = ax.plot(steps, means, label=arm, lw=width, color=color)[0]
+            color = line.get_color()
+            lo, hi = np.array(means) - np.nan_to_num(halves), np.array(means) + np.nan_to_num(halves)
+            ax.fill_between(steps, lo, hi, color=color, alpha=0.12)
         probes = [r["probe"].sort_values("batches") for r in results[arm].values()]
         batches = sorted(set().union(*(set(p["batches"]) for p in probes)))
         rho = [
             mean_ci([float(p.loc[p["batches"] == b, "spearman"].iloc[-1]) for p in probes if b in set(p["batches"])])[0]
             for b in batches
         ]
-        right.plot(batches, rho, marker="o", ms=3, color=line.get_color(), label=arm, lw=2.2 if arm == CONTROL else 1.2)
-    left.set(xlabel="RL step", ylabel="rollout Spearman rho (the rewarded statistic)", title="what CorR-PO rewards")
-    right.set(xlabel="RL step", ylabel="probe-set Spearman rho", title="the tracked fingerprint")
-    for ax in (left, right):
+        axes[3].plot(batches, rho, marker="o", ms=3, color=color, label=arm, lw=width)
+    for ax, (ylabel, title) in zip(axes, PANELS.values(), strict=False):
+        ax.set(xlabel="RL step", ylabel=ylabel, title=title)
+    axes[3].set(xlabel="RL step", ylabel="probe-set Spearman rho", title="the tracked fingerprint")
+    for ax in (axes[0], axes[3]):
         ax.axhline(0, color="grey", lw=0.6)
-        ax.legend(fontsize=7)
+    axes[3].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 

@@ -12,8 +12,10 @@ The seed sets the initial weights (``model.seed``), the sampling (``seed_everyth
 Per row it reports rho = Spearman(H, S) at the start, at SFT end (the boundary) and at RL end, and at each of
 those points Spearman(H, factor) of the factors that carry the sign (1/rms, sin, |gamma w_y|, path gain,
 |a_o|; see ``corrpo.inversion.anatomy``), the end test accuracy and the wall time. The command that reproduces
-a row is printed with it. What this cannot show: anything beyond a char-level tokenizer (no word / BPE
-tokenizer is built offline), these tiny widths, and 16 RL steps.
+a row is printed with it. The ``bpe*`` settings start from ``configs/tiny-bpe.yaml`` instead: the same task as
+English word problems with prose traces, a byte-level BPE tokenizer trained offline on them, a ~5M-parameter model
+(and its narrow and shallow variants), 300 SFT steps. What this cannot show: anything beyond these tiny widths, this
+synthetic task, and 16 RL steps.
 
 Usage::
 
@@ -62,7 +64,25 @@ SETTINGS: dict[str, list[str]] = {
     "corrpo_term": ["--model.rl.inversion.coef=0.5"],
     "wide": ["--model.tiny.hidden_size=256", "--model.tiny.intermediate_size=768"],
     "deep": ["--model.tiny.num_hidden_layers=8"],
+    # the natural-language setting (configs/tiny-bpe.yaml: word problems, byte-level BPE, ~5M parameters); its SFT
+    # length stays the config's 300 steps (the tracker every 25 steps shows rho along the SFT length)
+    "bpe": ["--model.sft.steps=300", "--model.sft.warmup_steps=20"],
+    "bpe_narrow": [
+        "--model.sft.steps=300",
+        "--model.sft.warmup_steps=20",
+        "--model.tiny.hidden_size=128",
+        "--model.tiny.intermediate_size=384",
+        "--model.tiny.num_attention_heads=4",
+        "--model.tiny.num_key_value_heads=2",
+    ],
+    "bpe_shallow": ["--model.sft.steps=300", "--model.sft.warmup_steps=20", "--model.tiny.num_hidden_layers=2"],
 }
+CONFIGS = {
+    "bpe": "configs/tiny-bpe.yaml",
+    "bpe_narrow": "configs/tiny-bpe.yaml",
+    "bpe_shallow": "configs/tiny-bpe.yaml",
+}
+"""The config a setting starts from (default ``configs/tiny.yaml``)."""
 FACTORS = ("inv_rms", "sin", "w_norm", "path_gain", "o_act", "o_grad", "dz_dh")
 POINTS = ("start", "boundary", "end")
 
@@ -70,7 +90,8 @@ POINTS = ("start", "boundary", "end")
 def command(setting: str, seed: int, out: Path) -> list[str]:
     folder = out / setting / f"seed{seed}"
     return [
-        sys.executable, "-m", "corrpo.cli", "fit", "--config", "configs/tiny.yaml", *BASE, *SETTINGS[setting],
+        sys.executable, "-m", "corrpo.cli", "fit", "--config", CONFIGS.get(setting, "configs/tiny.yaml"), *BASE,
+        *SETTINGS[setting],
         f"--seed_everything={seed}", f"--model.seed={seed}", f"--data.seed={seed}",
         f"--trainer.default_root_dir={folder}",
     ]  # fmt: skip
