@@ -101,9 +101,7 @@ def test_fewer_than_two_valid_responses_give_no_standardised_term():
     assert torch.equal(standardised_bonus(rho, rho.isfinite()), torch.zeros(3))
 
 
-def test_apply_advantage_in_the_step_adds_lambda_times_the_standardised_bonus(
-    records, one_thread
-):
+def test_apply_advantage_in_the_step_adds_lambda_times_the_standardised_bonus(records, one_thread):
     result = one_step(module_with(coef=0.5, apply="advantage"), records)
     term = result.inversion
     assert term is not None and term.valid.sum() >= 2 and "inversion" not in result.scores.per_function
