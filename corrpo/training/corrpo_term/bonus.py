@@ -36,6 +36,12 @@ class CorrPOTerm:
     """Scored on the update's own forward (:func:`corrpo_term_on_update_forward`), not by a separate pass."""
 
 
+def clipped_bonus(rho: Tensor, valid: Tensor) -> Tensor:
+    """``b_i = clip(-rho_i, -1, 1)`` for valid responses, 0 otherwise (float64): the unweighted term, before
+    :func:`corrpo_bonus` scales (and optionally centres) it or :func:`standardised_bonus` standardises it."""
+    return torch.where(valid, (-rho.to(torch.float64)).clamp(-1.0, 1.0), 0.0)
+
+
 def corrpo_bonus(
     rho: Tensor, n_tokens: Tensor, coef: float, min_tokens: int, group_size: int, center: bool = False
 ) -> tuple[Tensor, Tensor]:
@@ -63,7 +69,7 @@ def corrpo_bonus(
     if group_size < 1 or rho.numel() % group_size:
         raise ValueError(f"N={rho.numel()} responses is not a multiple of group_size={group_size}")
     valid = rho.isfinite() & (n_tokens >= min_tokens)
-    raw = torch.where(valid, (-rho.to(torch.float64)).clamp(-1.0, 1.0), 0.0)
+    raw = clipped_bonus(rho, valid)
     if center:
         grouped, mask = raw.view(-1, group_size), valid.view(-1, group_size)
         mean = grouped.sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp_min(1)
@@ -92,7 +98,7 @@ def standardised_bonus(rho: Tensor, valid: Tensor, eps: float = STANDARDISE_EPS)
     all agree (task advantage 0) as in one where they differ; standardising over the batch keeps the differences
     between groups that the correlation really has, where a per-group standardisation would inflate a group whose
     responses correlate almost alike to unit spread."""
-    b = torch.where(valid, (-rho.double()).clamp(-1.0, 1.0), 0.0)
+    b = clipped_bonus(rho, valid)
     if int(valid.sum()) < 2:
         return torch.zeros_like(b, dtype=torch.float32)
     mean, std = b[valid].mean(), b[valid].std()
@@ -116,10 +122,11 @@ def enter_term(
     - ``apply: advantage``: ``A_i' = A_i + lambda * z_i``, ``A`` the task advantage and ``z``
       :func:`standardised_bonus`; the rewards stay the task's.
     """
-    if term is not None and not config.log_only and config.apply == "reward":
+    applied = term is not None and not config.log_only
+    if applied and config.apply == "reward":
         scores = with_reward_term(scores, "inversion", term.bonus)
     rewards = scores.total.to(device)
     advantages = group_advantages(rewards, group_size, scale)
-    if term is not None and not config.log_only and config.apply == "advantage":
+    if applied and config.apply == "advantage":
         advantages = advantages + term.coef * standardised_bonus(term.rho, term.valid).to(advantages)
     return scores, rewards, advantages
