@@ -250,6 +250,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
                 "--model.rl.steps", str(rl_steps),
                 "--seed_everything", str(seed),
                 "--data.seed", str(seed),
+                "--data.arithmetic.seed", "0",  # the same problems and test set for every seed
                 "--model.rl.inversion.coef", str(coef),
             ]  # fmt: skip
             tags = {}

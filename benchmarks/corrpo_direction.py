@@ -356,7 +356,8 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
             run_dir = find_run_dir(root) if args.reuse else None
             if run_dir is None:
                 common = ["--model.policy", str(policy), "--model.sft.steps", "0", "--model.rl.steps", str(rl_steps)]
-                seeds = ["--seed_everything", str(seed), "--data.seed", str(seed)]
+                # the same problems and test set for every seed (an unset data.arithmetic.seed follows seed_everything)
+                seeds = ["--seed_everything", str(seed), "--data.seed", str(seed), "--data.arithmetic.seed", "0"]
                 run_dir, wall = run_fit(config, common + seeds + extra, root)
                 tag_results(run_dir, arm=name, seed=seed, wall_s=round(wall, 1))
             results.setdefault(name, {})[seed] = collect(run_dir)

@@ -92,7 +92,7 @@ def command(setting: str, seed: int, out: Path) -> list[str]:
     return [
         sys.executable, "-m", "corrpo.cli", "fit", "--config", CONFIGS.get(setting, "configs/tiny.yaml"), *BASE,
         *SETTINGS[setting],
-        f"--seed_everything={seed}", f"--model.seed={seed}", f"--data.seed={seed}",
+        f"--seed_everything={seed}", f"--model.seed={seed}", f"--data.seed={seed}", "--data.arithmetic.seed=0",
         f"--trainer.default_root_dir={folder}",
     ]  # fmt: skip
 

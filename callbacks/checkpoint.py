@@ -178,10 +178,10 @@ class ResumableCheckpoint(ModelCheckpoint):
         if _cut_short(pl_module):
             return
         super().on_train_epoch_end(trainer, pl_module)
-        if self.save_last and self._last_global_step_saved != trainer.global_step:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):  # a fast_dev_run saves nothing
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))  # last.ckpt = the finished run
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._restore_signal_handlers()
-        if not _cut_short(pl_module):
+        if not _cut_short(pl_module) and not trainer.fast_dev_run:  # Lightning's saves last.ckpt under fast_dev_run
             super().on_train_end(trainer, pl_module)

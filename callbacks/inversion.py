@@ -1,9 +1,9 @@
 """InversionTracker: measure the entropy-gradient inversion on a fixed probe set as training runs.
 
-At the start, every ``every_n_steps`` batches, at the SFT->RL boundary and at the end it scores the probe
-set (per token: entropy in bits and the gradient strength of the chosen token's raw logit, see
-:mod:`corrpo.inversion`), feeds the pairs to an :class:`InversionStrength` metric on the module's device,
-and records Spearman rho, Pearson r, strength (= -rho) and the token count:
+At the start, every ``every_n_steps`` batches, at the SFT->RL boundary and at the end (under ``trainer.fast_dev_run``
+at the end only) it scores the probe set (per token: entropy in bits and the gradient strength of the chosen token's
+raw logit, see :mod:`corrpo.inversion`), feeds the pairs to an :class:`InversionStrength` metric on the module's
+device, and records Spearman rho, Pearson r, strength (= -rho) and the token count:
 
 - logged as ``inversion/spearman|pearson|strength|n_tokens`` and ``phase`` against ``trainer/global_step``;
 - appended to ``<run_dir>/emergence.csv`` (one tidy row per measurement);
@@ -95,12 +95,12 @@ class InversionTracker(L.Callback):
         require_held_out_data(trainer.datamodule, "InversionTracker")  # the probe set
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self.rows:
+        if not self.rows and not trainer.fast_dev_run:  # a fast_dev_run measures once, at the end
             self.measure(trainer, pl_module, event="start", batches=0)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         done = batch["step"] + 1
-        if done == pl_module.schedule.total:
+        if done == pl_module.schedule.total or trainer.fast_dev_run:
             return  # the end is measured in on_train_end, after the last update
         boundary = pl_module.schedule.is_boundary(done)
         if boundary or done % self.every_n_steps == 0:
@@ -141,7 +141,7 @@ class InversionTracker(L.Callback):
                 }
                 continue
             completions = [r["completion"] for r in chunk]
-            enc = encode_sft_batch(pl_module.tokenizer, prompts, completions, 10**9, pl_module.use_chat_template)
+            enc = encode_sft_batch(pl_module.tokenizer, prompts, completions, 10**9, pl_module.prompt_format)
             yield {k: v.to(pl_module.device) for k, v in enc.items()}
 
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule, event: str, batches: int) -> dict:

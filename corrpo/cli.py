@@ -6,7 +6,10 @@ Beyond stock LightningCLI:
   are set once;
 - every run gets its own folder ``<trainer.default_root_dir>/<YYYYmmdd-HHMMSS>``, and a logger whose
   ``save_dir`` is unset writes there too: the resolved config, the wandb offline run, emergence.csv,
-  results.json, checkpoints (``<run>/checkpoints``) and the exported policy sit side by side;
+  results.json, checkpoints (``<run>/checkpoints``) and the exported policy sit side by side, whatever the loggers
+  (a CSV or TensorBoard logger keeps only its own files in its ``<name>/version_<n>/``);
+- ``seed_everything`` (default 0) also seeds the model, the data order and the embedded task where
+  ``model.seed``, ``data.seed``, ``data.arithmetic.seed`` are unset (:func:`fill_unset_seeds`);
 - ``--ckpt_path last`` resumes the newest run under ``default_root_dir`` whose saved config.yaml matches the
   command's (:mod:`corrpo.runs.resume`): its newest checkpoint that loads, its folder and its wandb run id (so
   the curves continue in the same wandb run); checkpoints of other configs are refused with the differing
@@ -29,9 +32,11 @@ import yaml
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from corrpo.data.datamodule import ReasoningDataModule
+from corrpo.data.records import RecordError
 from corrpo.module import CorrPOModule
+from corrpo.rewards.dry_run import RewardDryRunError
 from corrpo.runs.resume import ResumeError, checkpoint_problem, is_distributed_checkpoint, resume_point
-from corrpo.runs.run_folder import CONFIG_FILE, RunFolder
+from corrpo.runs.run_folder import CONFIG_FILE, RunFolder, run_dir
 from corrpo.runs.wandb_segments import newest_run_id
 
 __all__ = ["CorrPOCLI", "ResumeError", "build_cli", "main", "new_run_folder", "resume_point"]
@@ -44,7 +49,8 @@ SUBCOMMANDS: dict[str, str] = {
     "validate": "Fingerprint a checkpoint: measure the entropy/logit-gradient inversion once on the probe set "
     "(--ckpt_path; writes fingerprint.json).",
     "test": "Greedy test accuracy of a checkpoint (--ckpt_path) on the data module's test split.",
-    "report": "Summarise run folders offline: emergence.png and summary.md (corrpo report <run|parent|latest>).",
+    "report": "Summarise run folders offline: summary.md and figures (emergence, reward, accuracy, completion "
+    "length) (corrpo report <run|parent|latest>).",
 }
 """Every subcommand of ``corrpo`` with its one-line help (``report`` is dispatched before LightningCLI)."""
 
@@ -170,6 +176,7 @@ class CorrPOCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        fill_unset_seeds(config)  # before the resume check: a saved config.yaml holds the seeds its run used
         if self.subcommand == "fit":
             _check_something_to_train(config)
         refuse_unsupported([], config.trainer)
@@ -218,18 +225,33 @@ class CorrPOCLI(LightningCLI):
                     init_args.dirpath = str(RunFolder(root).checkpoints)
 
     def _run_subcommand(self, subcommand: str) -> None:
-        """Lightning's, but a run stopped by a signal (``SystemExit(143)``) still closes its wandb run."""
+        """Lightning's, but a run stopped by a signal (``SystemExit(143)``, Ctrl+C) says how far it got and still
+        closes its wandb run."""
         try:
             super()._run_subcommand(subcommand)
         except SystemExit:
+            if subcommand == "fit":
+                self._say_where_it_stopped()
             self._finish_wandb()
             raise
 
+    def _say_where_it_stopped(self) -> None:
+        """Warn ``the run stopped after N of M SFT steps; RL never ran`` (or how many RL steps ran) for a run stopped
+        before its last step (a finished run, or one stopped by ``max_steps``, says so in ``on_train_end``)."""
+        module = self.model
+        if isinstance(module, CorrPOModule) and self.trainer.is_global_zero:
+            note = module.schedule.stop_note(module.steps_done)
+            if note is not None:
+                warnings.warn(f"{note} (interrupted)", stacklevel=2)
+
     def instantiate_classes(self) -> None:
         """Lightning's, but a run that cannot even be built (a wrong ``model.policy`` path, a bad data file)
-        takes back the run folder it was given while that is still empty: no litter of empty timestamps."""
+        takes back the run folder it was given while that is still empty: no litter of empty timestamps. The data
+        are read here, before the Trainer starts a logger: a misnamed field stops the run with no folder left."""
         try:
             super().instantiate_classes()
+            if isinstance(self.datamodule, ReasoningDataModule):
+                self.datamodule.pools()
         except BaseException:
             folder = getattr(self, "_new_folder", None)
             if folder is not None and folder.is_dir() and not any(folder.iterdir()):
@@ -265,7 +287,8 @@ def check_no_automatic_accumulation(accumulate_grad_batches: int | None) -> None
 
 
 class RunConfigSaver(SaveConfigCallback):
-    """Lightning's SaveConfigCallback, except that a resumed run (``keep_existing``) keeps its config.yaml.
+    """Lightning's SaveConfigCallback, except that config.yaml goes to the run folder whatever the loggers, and a
+    resumed run (``keep_existing``) keeps its config.yaml.
 
     The CLI has already checked that the saved config matches the command's; rewriting it would replace the
     run's own record with the resuming command's (another ``max_steps``), and before that check existed it
@@ -277,10 +300,36 @@ class RunConfigSaver(SaveConfigCallback):
         self.keep_existing = keep_existing
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if self.keep_existing and (Path(trainer.log_dir) / self.config_filename).is_file():  # log_dir: all ranks
+        """Lightning's, but into the run folder (:func:`corrpo.runs.run_folder.run_dir`, whatever the loggers), not
+        ``trainer.log_dir`` (a CSV or TensorBoard logger's ``<name>/version_<n>/``)."""
+        if self.already_saved:
+            return
+        path = run_dir(trainer) / self.config_filename  # the same folder on every rank, no broadcast
+        if self.keep_existing and path.is_file():
             self.already_saved = True
             return
-        super().setup(trainer, pl_module, stage)
+        if trainer.is_global_zero:
+            if self.save_to_log_dir:
+                self.parser.save(self.config, str(path), skip_none=False, overwrite=self.overwrite,
+                                 multifile=self.multifile)  # fmt: skip
+            self.save_config(trainer, pl_module, stage)
+        self.already_saved = True
+
+
+SEED_KEYS = ("model.seed", "data.seed", "data.arithmetic.seed")
+"""The seeds of their own that take ``seed_everything``'s value when unset: the tiny model's initial weights (and
+LoRA's init), the batch order and held-out splits, the embedded task's problems."""
+
+
+def fill_unset_seeds(config) -> None:
+    """Set each unset seed of :data:`SEED_KEYS` to ``seed_everything``'s value (Lightning's drawn one for ``true``; 0
+    for ``false``), in the config itself: config.yaml then records the seeds the run used, and a resume compares
+    them. So ``--seed_everything 1`` alone changes the weights, the data order and the problems, not only sampling."""
+    seed = config.get("seed_everything")
+    default = seed if isinstance(seed, int) and not isinstance(seed, bool) else 0
+    for key in SEED_KEYS:
+        if key in config and config[key] is None:
+            config[key] = default
 
 
 def _check_something_to_train(config) -> None:
@@ -330,6 +379,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> CorrPOCLI:
         parser_kwargs={"parser_mode": "omegaconf", "description": "corrpo: SFT then GRPO / CorR-PO on a causal LM."},
         save_config_callback=RunConfigSaver,
         save_config_kwargs={"overwrite": True, "config_filename": CONFIG_FILE},
+        seed_everything_default=0,  # not Lightning's random seed: unset, a run is seeded (weights, data, sampling) 0
         auto_configure_optimizers=False,  # no --optimizer / --lr_scheduler: each phase owns its AdamW + schedule
         args=args,
         run=run,
@@ -345,7 +395,12 @@ def main() -> None:
 
         report_main(sys.argv[2:])
         return
-    build_cli()
+    try:
+        build_cli()
+    except RecordError as err:  # a data row the user must fix: the message names file, line, field and columns
+        raise SystemExit(f"corrpo: {err}") from None
+    except RewardDryRunError as err:  # a reward broken before any training: the message names it and what it did
+        raise SystemExit(f"corrpo: {err}") from None
 
 
 if __name__ == "__main__":

@@ -40,19 +40,23 @@ from corrpo.data.arithmetic import ArithmeticTask
 from corrpo.data.records import load_records
 from corrpo.generation.decode_loop import DecodeLoopGenerator
 from corrpo.generation.rollout import Generator, Rollout, SamplingConfig, concat_rollouts
-from corrpo.models.batching import encode_prompts
+from corrpo.models.batching import PromptFormat, encode_prompts
 from corrpo.models.loading import TinyArchitecture, enable_gradient_checkpointing, export_policy, load_policy
 from corrpo.models.lora import LoRAConfig, apply_lora
 from corrpo.models.sharding import ShardingConfig, full_state_dict, is_sharded, shard_policy
 from corrpo.rewards import reward_functions
+from corrpo.rewards.call import StepInfo
+from corrpo.rewards.dry_run import dry_run_rewards
+from corrpo.rewards.reward_model import place_rewards
 from corrpo.runs.progress import eval_progress
-from corrpo.runs.run_folder import method_name, run_folder
+from corrpo.runs.run_folder import run_folder
+from corrpo.trainer_state import forget_earlier_step_metrics, phases_run, run_schedule
 from corrpo.training.collectives import SINGLE_PROCESS, Collectives, LightningCollectives
 from corrpo.training.config import RLConfig, SFTConfig
 from corrpo.training.evaluation import EvalConfig, EvalContext, Evaluator
 from corrpo.training.forward import row_chunks
 from corrpo.training.grpo import GRPOStep, RLContext
-from corrpo.training.host import HeldOutData, require_held_out_data
+from corrpo.training.host import HeldOutData, require_held_out_data, seed_or_global
 from corrpo.training.phases import PhaseSchedule
 from corrpo.training.rng import restore_rng_states, rng_states
 from corrpo.training.sft import SFTContext, sft_step
@@ -70,9 +74,14 @@ class CorrPOModule(L.LightningModule):
         attn_implementation: attention kernel for real models (``sdpa``, ``eager``, ``flash_attention_2``).
         sft: phase-1 arguments.
         rl: phase-2 arguments.
-        use_chat_template: wrap prompts with the tokenizer's chat template.
+        use_chat_template: wrap text prompts with the tokenizer's chat template (message-list prompts, TRL's
+            conversational format, always are).
+        system_prompt: a system message put first in every chat-rendered prompt that has none of its own
+            (message-list prompts, and text prompts with ``use_chat_template``).
+        chat_template_kwargs: extra keyword arguments of ``apply_chat_template``, e.g. ``{enable_thinking: false}``
+            for Qwen3.
         eval_batch_size: prompts per greedy generate call when measuring test accuracy.
-        seed: seed of the tiny model's initial weights (and of the LoRA ``A`` init).
+        seed: seed of the tiny model's initial weights and the LoRA ``A`` init; None: ``seed_everything``'s value.
         lora: LoRA adapters through PEFT (``pip install "corrpo[lora]"``): only the adapters train, the
             inversion is measured on the effective weights ``W + (alpha / r) B A``; unset = full fine-tuning.
         generator: the rollout engine, a :class:`corrpo.generation.rollout.Generator` (class path in a config); None =
@@ -99,8 +108,10 @@ class CorrPOModule(L.LightningModule):
         sft: SFTConfig = SFTConfig(),
         rl: RLConfig = RLConfig(),
         use_chat_template: bool = False,
+        system_prompt: str | None = None,
+        chat_template_kwargs: dict | None = None,
         eval_batch_size: int = 64,
-        seed: int = 0,
+        seed: int | None = None,
         lora: LoRAConfig | None = None,
         generator: Generator | None = None,
         gradient_checkpointing: bool = False,
@@ -113,9 +124,11 @@ class CorrPOModule(L.LightningModule):
         self.sft = sft
         self.rl = rl
         self.use_chat_template = use_chat_template
+        self.prompt_format = PromptFormat(use_chat_template, system_prompt, dict(chat_template_kwargs or {}))
         if eval_batch_size < 1:
             raise ValueError(f"model.eval_batch_size must be >= 1, got {eval_batch_size}")
         self.eval_batch_size = eval_batch_size
+        self.seed = seed = seed_or_global(seed)
         # a tiny.tokenizer=bpe policy's tokenizer trains on word-problem traces (called only then; cached by its text)
         corpus = partial(ArithmeticTask(render="words").corpus, tiny.corpus_records)
         self.policy, self.tokenizer = load_policy(policy, tiny, dtype, attn_implementation, seed, corpus)
@@ -149,9 +162,10 @@ class CorrPOModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Check the Trainer's data module once (:class:`corrpo.training.host.HeldOutData`); without one there is
-        nothing to evaluate on."""
+        nothing to evaluate on. Under ``trainer.fast_dev_run`` shorten the run to a batch of each phase."""
         datamodule = self.trainer.datamodule
         self._data = None if datamodule is None else require_held_out_data(datamodule, "CorrPOModule")
+        self.schedule = run_schedule(self.trainer, PhaseSchedule(self.sft.steps, self.rl.steps))
 
     def configure_model(self) -> None:
         """Under ``ModelParallelStrategy`` (which sets ``device_mesh``): shard the policy and the KL reference
@@ -196,6 +210,18 @@ class CorrPOModule(L.LightningModule):
         sft_opt, _ = self.optimizers(use_pl_optimizer=False)
         sft_opt.state.clear()
 
+    def on_fit_start(self) -> None:
+        """Put the reward models on the policy's device, then dry-run every reward on a few RL records
+        (:func:`corrpo.rewards.dry_run.dry_run_rewards`): a broken reward stops the run here, before SFT."""
+        place_rewards(self.grpo.reward_fns.values(), self.device)
+        if self.rl.steps and self.rl.reward_dry_run and self._data is not None:
+            summary = dry_run_rewards(
+                self.grpo.reward_fns, self._data.rl_records(),
+                encode=lambda text: self.tokenizer(text, add_special_tokens=False)["input_ids"],
+                trainer_state=StepInfo(self.schedule.sft_steps, self.schedule.total, 0),
+            )  # fmt: skip
+            rank_zero_info(f"[corrpo] {summary}")
+
     def on_train_start(self) -> None:
         if self.steps_done == 0:  # a resumed run measured its start already
             self.evaluate_and_log("start")
@@ -209,6 +235,7 @@ class CorrPOModule(L.LightningModule):
         if self._rng_to_restore is not None:
             restore_rng_states(self._rng_to_restore)
             self._rng_to_restore = None
+        forget_earlier_step_metrics(self.trainer)  # a row holds its own step's keys: no sft/loss in RL rows
         if self.schedule.is_boundary(batch["step"]):
             self.evaluate_and_log("sft_end")
         if self.schedule.starts_rl(batch["step"]):
@@ -242,7 +269,7 @@ class CorrPOModule(L.LightningModule):
             folder = export_policy(self.policy, self.tokenizer, run.policy, state_dict=state)
             run.write_results(
                 {
-                    "method": method_name(self.rl),
+                    **phases_run(self.trainer, self.schedule, self.steps_done, self.sft.steps, self.rl),
                     "seeds": self.seeds(),
                     "test_accuracy": self.eval_history,
                     "eval": self.eval_results,
@@ -257,7 +284,7 @@ class CorrPOModule(L.LightningModule):
         global_seed = os.environ.get("PL_GLOBAL_SEED")
         return {
             "seed_everything": int(global_seed) if global_seed is not None else None,
-            "model": self.hparams.get("seed"),
+            "model": self.seed,
             "data": self._data.seed if self._data is not None else None,
         }
 
@@ -281,7 +308,7 @@ class CorrPOModule(L.LightningModule):
     def _sft_step(self, batch: dict) -> None:
         sft_opt, _ = self.optimizers()
         context = SFTContext(
-            self.policy, self.tokenizer, sft_opt, self.use_chat_template, self.collectives, self.manual_backward
+            self.policy, self.tokenizer, sft_opt, self.prompt_format, self.collectives, self.manual_backward
         )
         result = sft_step(context, self.sft, batch["prompt"], batch["completion"], batch["step"])
         self._log_update(result.update, "sft")
@@ -289,12 +316,13 @@ class CorrPOModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------------------- RL
     def generate_rollout(
-        self, prompts: list[str], num_generations: int, greedy: bool = False, sampling: SamplingConfig | None = None
+        self, prompts: list, num_generations: int, greedy: bool = False, sampling: SamplingConfig | None = None
     ) -> Rollout:
-        """``num_generations`` completions per prompt (``sampling``: default ``rl.sampling``),
+        """``num_generations`` completions per prompt (text or message lists, rendered by
+        :func:`corrpo.models.batching.format_prompt` with :attr:`prompt_format`; ``sampling``: default ``rl.sampling``),
         ``rl.generation_batch_size`` completions (whole groups) per generate call; the prompts are encoded together,
         so every chunk shares one prompt width."""
-        enc = encode_prompts(self.tokenizer, prompts, self.rl.max_prompt_length, self.use_chat_template)
+        enc = encode_prompts(self.tokenizer, prompts, self.rl.max_prompt_length, self.prompt_format)
         if self._generator_stale:  # e.g. vLLM holds its own copy of the weights: refresh it after updates
             self.generator.sync_weights(self.policy)
             self._generator_stale = False

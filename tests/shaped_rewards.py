@@ -9,3 +9,9 @@ prove nothing. This reward differs between almost any two completions.
 def length(prompts, completions, **kwargs):
     """``len(completion) / 100`` per sample."""
     return [len(c) / 100 for c in completions]
+
+
+def none_on_third(prompts, completions, **kwargs):
+    """``len(completion) / 100``, but ``None`` (unscorable) for the third sample of every group of 4: an all-None
+    row whenever it is the only reward."""
+    return [None if i % 4 == 2 else len(c) / 100 + i / 1000 for i, c in enumerate(completions)]

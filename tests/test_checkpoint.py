@@ -165,3 +165,15 @@ def test_resume_takes_a_whole_distributed_checkpoint_and_skips_a_partial_one_say
         assert resume_point(tmp_path, CONFIG) == (run, good)
     (good / "meta.pt").unlink()
     assert "not a whole distributed checkpoint (no meta.pt)" in checkpoint_problem(good)
+
+
+def test_a_key_newer_than_the_saved_config_is_no_difference_but_is_warned_and_a_changed_shape_still_is():
+    saved = {"model": {"seed": 0, "rl": {"rewards": ["accuracy", "format"]}}}
+    current = {"model": {"seed": 0, "system_prompt": None, "rl": {"entropy_coef": 0.0,
+               "rewards": ["accuracy", {"function": "pkg:f"}]}}}  # fmt: skip
+    with pytest.warns(UserWarning, match="predates these keys.*model.rl.entropy_coef=0.0.*model.system_prompt=None"):
+        differences = config_differences(saved, current)
+    assert differences == [
+        ("model.rl.rewards[1]", "format", "<unset>"),
+        ("model.rl.rewards[1].function", "<unset>", "pkg:f"),
+    ]

@@ -77,9 +77,9 @@ def test_a_micro_batched_sft_step_gives_the_full_batch_weights(records, micro_ba
 
 # ------------------------------------------------------------------------------------------------- RL
 def rl_module(micro_batch_size: int | None, gradient_checkpointing: bool = False, **rl) -> CorrPOModule:
+    rl.setdefault("sampling", SamplingConfig(max_new_tokens=12))
     config = RLConfig(
-        steps=2, lr=0.5, num_generations=G, sampling=SamplingConfig(max_new_tokens=12), rewards=REWARDS,
-        micro_batch_size=micro_batch_size, **rl,
+        steps=2, lr=0.5, num_generations=G, rewards=REWARDS, micro_batch_size=micro_batch_size, **rl,
     )  # fmt: skip
     module = CorrPOModule(tiny=TINY_ARCH, rl=config, seed=0, gradient_checkpointing=gradient_checkpointing)
     if module.ref_policy is not None:  # a reference that differs from the policy, so the KL has a gradient
@@ -106,6 +106,16 @@ RL_VARIANTS = {
     "top_entropy": dict(loss_type="dapo", top_entropy_quantile=0.3),
     "clip_cov": dict(loss_type="dapo", policy_loss="clip_cov", cov_ratio=0.1, clip_cov_lb=-10.0, clip_cov_ub=10.0),
     "kl_cov": dict(loss_type="dr_grpo", policy_loss="kl_cov", cov_ratio=0.1, num_iterations=2),
+    "gspo_delta_temperature": dict(
+        loss_type="grpo",
+        importance_sampling_level="sequence",
+        num_iterations=2,
+        delta=1.05,
+        epsilon_low=0.01,
+        epsilon_high=0.01,
+        sampling=dict(temperature=0.7, max_new_tokens=12),
+    ),  # fmt: skip
+    "entropy_bonus_top_entropy": dict(loss_type="dapo", entropy_coef=0.1, top_entropy_quantile=0.5),
 }
 
 

@@ -35,10 +35,12 @@ def _kernel_name() -> str:
     return "python3"
 
 
-@pytest.mark.parametrize("kernel_dir", ["repo root", "notebooks"])
+@pytest.mark.parametrize("kernel_dir", ["outside the checkout", "notebooks"])
 def test_notebook_runs_on_a_tiny_run(kernel_dir, tiny_run, tmp_path, monkeypatch):
     """``CORRPO_RUNS`` given relative to the repository root, as the README documents, whether the kernel
-    starts in the root or (as Jupyter starts it) in notebooks/; the figures show inline in the cells."""
+    starts (as Jupyter starts it) in notebooks/ or in a folder outside the checkout (the root is found from the
+    installed corrpo; the root itself: test_repo_root_is_found_from_any_working_directory); the figures show
+    inline in the cells."""
     from nbclient import NotebookClient
 
     figures = tmp_path / "figures"
@@ -47,7 +49,7 @@ def test_notebook_runs_on_a_tiny_run(kernel_dir, tiny_run, tmp_path, monkeypatch
     monkeypatch.delenv("CORRPO_WANDB_PROJECT", raising=False)
     monkeypatch.delenv("MPLBACKEND", raising=False)
     nb = nbformat.read(REPO / "notebooks" / "emergence.ipynb", as_version=4)
-    cwd = REPO if kernel_dir == "repo root" else REPO / "notebooks"
+    cwd = tmp_path if kernel_dir == "outside the checkout" else REPO / "notebooks"
     NotebookClient(nb, kernel_name=_kernel_name(), timeout=300, resources={"metadata": {"path": str(cwd)}}).execute()
     assert "1 run folder(s)" in "".join(o.get("text", "") for o in nb.cells[1].outputs)
     images = [c for c in nb.cells if any("image/png" in o.get("data", {}) for o in c.get("outputs", []))]
@@ -145,3 +147,43 @@ def test_the_notebook_saves_figures_in_a_git_ignored_folder():
     assert '"runs/figures"' in source and "notebooks/figures" not in source
     ignored = subprocess.run(["git", "check-ignore", "-q", "runs/figures/x.png"], cwd=REPO, check=False)
     assert ignored.returncode == 0
+
+
+def test_repo_root_is_found_from_any_working_directory(tmp_path, monkeypatch):
+    monkeypatch.delenv(analysis.REPO_ENV, raising=False)
+    assert analysis.repo_root(REPO) == REPO and analysis.repo_root(REPO / "notebooks") == REPO
+    assert analysis.repo_root(tmp_path) == REPO  # outside any checkout: the one corrpo is imported from
+    monkeypatch.chdir(tmp_path)
+    assert analysis.repo_root() == REPO
+    monkeypatch.setenv(analysis.REPO_ENV, str(tmp_path))  # named explicitly: taken as is
+    assert analysis.repo_root(REPO) == tmp_path
+
+
+def test_runs_of_one_method_are_told_apart_by_folder_and_seed(tmp_path):
+    """Two GRPO seeds in same-named timestamp folders: distinct legend entries naming folder and seed, distinct
+    line styles, the legend outside the axes; a long label is shortened in the middle."""
+    rows = [(0, "init", "start", 0.1), (4, "sft", "boundary", 0.2), (8, "rl", "end", 0.3)]
+    runs = [
+        _write_run(tmp_path / "grpo" / f"arm{seed}" / "20260101-000000", rows,
+                   {"method": "grpo", "seeds": {"seed_everything": seed, "model": seed, "data": seed}})
+        for seed in (0, 1)
+    ]  # fmt: skip
+    config_only = _write_run(tmp_path / "other" / "20260101-000000", rows, None)
+    (config_only / "config.yaml").write_text("seed_everything: 7\n")
+    assert [analysis.seed_of(r) for r in [*runs, config_only]] == [0, 1, 7]
+
+    fig = analysis.plot_emergence(analysis.load_emergence(runs))
+    ax = fig.axes[0]
+    legend = ax.get_legend()
+    texts = [t.get_text() for t in legend.get_texts()]
+    assert texts == ["grpo: arm0/20260101-000000 (seed 0)", "grpo: arm1/20260101-000000 (seed 1)"]
+    styles = {(line.get_linestyle(), line.get_marker()) for line in ax.lines if line.get_label() in texts}
+    assert len(styles) == 2
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    assert legend.get_window_extent(renderer).x0 >= ax.get_window_extent(renderer).x1  # outside: hides no line
+
+    name = "runs/compare/corrpo_lam0.05/seed12/20261127-082332"
+    short = analysis.short_label(name)
+    assert len(short) == 32 and short.startswith("runs/c") and short.endswith("seed12/20261127-082332")
+    assert analysis.short_label("tiny/20261127-082332") == "tiny/20261127-082332"

@@ -15,6 +15,7 @@ from corrpo.training.objectives import (
     high_entropy_mask,
     kl_k3,
     token_log_probs,
+    token_log_probs_and_entropy,
     zero_std_fraction,
 )
 
@@ -45,10 +46,81 @@ def test_group_advantages_batch_and_none_scale():
 def test_group_advantages_rejects_bad_input():
     with pytest.raises(ValueError, match="multiple of G"):
         group_advantages(torch.zeros(5), 2)
-    with pytest.raises(ValueError, match="NaN"):
-        group_advantages(torch.tensor([1.0, float("nan")]), 2)
+    with pytest.raises(ValueError, match="inf"):
+        group_advantages(torch.tensor([1.0, float("inf")]), 2)
     with pytest.raises(ValueError, match="scale_rewards"):
         group_advantages(torch.zeros(2), 2, scale="rank")
+
+
+NAN = float("nan")
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_unscorable_rewards_leave_the_baseline_and_get_zero_advantage_as_trl_computes_it(scale):
+    """A NaN reward (every reward returned None) is left out of its group's mean and std and gets advantage 0: the
+    scored samples' advantages are those of the batch without it (numpy by hand, TRL's formula: (r - nanmean) /
+    (Bessel nanstd + 1e-4))."""
+    rewards = torch.tensor([1.0, NAN, 0.0, 2.0, 5.0, 5.0, NAN, 3.0])
+    adv = group_advantages(rewards, 4, scale=scale)
+    r = rewards.numpy().astype(np.float64).reshape(2, 4)
+    mean = np.nanmean(r, axis=1, keepdims=True)
+    if scale == "group":
+        std = np.nanstd(r, axis=1, ddof=1, keepdims=True)
+    else:
+        std = np.full_like(mean, np.nanstd(r, ddof=1))
+    expected = (r - mean) if scale == "none" else (r - mean) / (std + 1e-4)
+    expected = np.nan_to_num(expected, nan=0.0).reshape(-1)
+    np.testing.assert_allclose(adv.numpy(), expected, rtol=1e-6, atol=1e-7)
+    assert adv[1] == 0 and adv[6] == 0
+
+
+def test_a_group_with_one_scored_reward_gets_zero_advantages_and_counts_as_zero_std():
+    rewards = torch.tensor([NAN, 1.0, NAN, NAN, 0.0, 1.0])
+    adv = group_advantages(rewards, 3)
+    assert torch.equal(adv[:3], torch.zeros(3))
+    assert adv[4] < 0 < adv[5]
+    assert zero_std_fraction(rewards, 3).item() == 0.5
+
+
+def test_finite_rewards_take_the_plain_arithmetic_bit_for_bit():
+    """Without NaN the advantages are exactly the plain mean/std formula (the default run is unchanged)."""
+    rewards = torch.rand(64, generator=torch.Generator().manual_seed(0))
+    grouped = rewards.view(-1, 8)
+    expected = ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)).view(-1)
+    assert torch.equal(group_advantages(rewards, 8), expected)
+
+
+def test_top_entropy_mask_drops_the_policy_term_only_and_keeps_the_kl_on_every_token():
+    """TRL masks the policy term by entropy and adds beta * KL on every completion token afterwards."""
+    torch.manual_seed(0)
+    logp = torch.randn(2, 4, requires_grad=True)
+    ref = torch.randn(2, 4)
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    keep = torch.tensor([[True, False, True, False], [False, False, True, True]])
+    adv = torch.tensor([1.0, -0.5])
+    options = LossOptions(beta=0.1, loss_type="dapo")
+    out = clipped_policy_loss(logp, logp.detach(), adv, mask, options, ref, TokenSelection(train_mask=keep))
+    per_token = -adv[:, None] * keep + 0.1 * kl_k3(logp, ref)
+    torch.testing.assert_close(out.loss, per_token.sum() / mask.sum())
+    (grad,) = torch.autograd.grad(out.loss, logp)
+    (expected,) = torch.autograd.grad((-(adv[:, None]) * torch.exp(logp - logp.detach()) * keep
+                                       + 0.1 * kl_k3(logp, ref)).sum() / 8, logp)  # fmt: skip
+    torch.testing.assert_close(grad, expected)
+    assert (grad[~keep] != 0).all()  # the KL still pulls the unselected tokens
+
+
+def test_bias_corrected_kl_multiplies_k3_by_the_ratio_with_its_gradient():
+    torch.manual_seed(1)
+    logp = torch.randn(3, 5, requires_grad=True)
+    old, ref = torch.randn(3, 5), torch.randn(3, 5)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    adv = torch.zeros(3)  # the policy term is 0: the gradient is the KL's alone
+    options = LossOptions(beta=1.0, loss_type="dapo", use_bias_correction_kl=True)
+    out = clipped_policy_loss(logp, old, adv, mask, options, ref)
+    (grad,) = torch.autograd.grad(out.loss, logp)
+    (expected,) = torch.autograd.grad((kl_k3(logp, ref) * torch.exp(logp - old)).sum() / 15, logp)
+    torch.testing.assert_close(grad, expected)
+    torch.testing.assert_close(out.kl, (kl_k3(logp, ref) * torch.exp(logp - old)).detach().mean())
 
 
 def test_kl_k3_by_hand():
@@ -193,3 +265,39 @@ def test_sliced_log_probs_and_entropy_are_log_softmax_bit_for_bit(monkeypatch):
     assert lp_half.dtype == torch.float32
     (grad_half,) = torch.autograd.grad(lp_half.sum(), half)
     assert grad_half.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_the_entropy_gradient_and_the_temperature_equal_autograd_of_the_explicit_formula(temperature):
+    torch.manual_seed(2)
+    logits = torch.randn(3, 4, 11, dtype=torch.float64).float().requires_grad_(True)
+    targets = torch.randint(0, 11, (3, 4))
+    weights_lp, weights_h = torch.randn(3, 4), torch.randn(3, 4)
+    log_probs, entropy = token_log_probs_and_entropy(logits, targets, temperature, entropy_grad=True)
+    (ours,) = torch.autograd.grad((log_probs * weights_lp).sum() + (entropy * weights_h).sum(), logits)
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    ref_lp = logp.gather(-1, targets[..., None]).squeeze(-1)
+    ref_h = -(logp.exp() * logp).sum(-1) / math.log(2)
+    torch.testing.assert_close(log_probs, ref_lp)
+    torch.testing.assert_close(entropy, ref_h)
+    (expected,) = torch.autograd.grad((ref_lp * weights_lp).sum() + (ref_h * weights_h).sum(), logits)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+    assert token_log_probs_and_entropy(logits, targets)[1].grad_fn is None  # a diagnostic by default
+
+
+def test_gspo_uses_one_length_normalised_ratio_per_sequence_and_delta_caps_the_unclipped_ratio():
+    torch.manual_seed(4)
+    logp = torch.randn(2, 5, requires_grad=True)
+    old = logp.detach() + 0.3 * torch.randn(2, 5)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    adv = torch.tensor([0.7, -1.2])
+    options = LossOptions(loss_type="grpo", importance_sampling_level="sequence", delta=1.3, epsilon_high=0.2)
+    out = clipped_policy_loss(logp, old, adv, mask, options)
+    m = mask.float()
+    seq = torch.exp(((logp - old) * m).sum(-1) / m.sum(-1))
+    capped = seq.clamp(max=1.3)
+    per_seq = -torch.minimum(capped * adv, seq.clamp(0.8, 1.2) * adv)
+    torch.testing.assert_close(out.loss, per_seq.mean())  # grpo: mean over tokens of a constant, then over rows
+    (grad,) = torch.autograd.grad(out.loss, logp)
+    (expected,) = torch.autograd.grad(per_seq.mean(), logp)
+    torch.testing.assert_close(grad, expected)

@@ -6,6 +6,7 @@ parse of the transaction log's leveldb framing (32 KiB blocks, 7-byte chunk head
 
 import csv
 import json
+import math
 import re
 import struct
 import sys
@@ -72,7 +73,8 @@ def check_inversion_and_accuracy(run_dir: Path, markdown: str) -> None:
 
 
 def test_report_of_a_tiny_run(tiny_run):
-    png, md = report.write_report(tiny_run)
+    written = report.write_report(tiny_run)
+    png, md = written[0], written[-1]
     assert (png, md) == (tiny_run / "emergence.png", tiny_run / "summary.md")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = md.read_text()
@@ -96,6 +98,9 @@ def test_report_of_a_tiny_run(tiny_run):
         assert table(markdown, "| step | reward |") == {str(s): [f"{r:.4f}"] for s, r in report.downsample(rewards)}
     else:
         assert "Reward curve: not recorded" in markdown and "| step | reward |" not in markdown
+        assert "- `reward.png` not drawn: no RL step was logged (`trainer.log_every_n_steps` = 5)." in markdown
+        assert tiny_run / "reward.png" not in written
+    assert tiny_run / "accuracy.png" in written and "](accuracy.png)" in markdown
 
 
 def write_run(folder: Path, end: bool = True, results: bool = True) -> Path:
@@ -124,11 +129,12 @@ def write_run(folder: Path, end: bool = True, results: bool = True) -> Path:
 
 def test_report_of_a_hand_made_run_without_wandb(tmp_path):
     run_dir = write_run(tmp_path / "run")
-    _, md = report.write_report(run_dir)
+    md = report.write_report(run_dir)[-1]
     markdown = md.read_text()
     check_inversion_and_accuracy(run_dir, markdown)
     assert "SFT: 100 steps, then RL: 45 steps" in markdown and "boundary at batch 100" in markdown
-    assert f"Reward curve: not recorded (no wandb run under `{run_dir / 'wandb'}`)" in markdown
+    assert f"Reward curve: not recorded (no wandb run under `{run_dir / 'wandb'}`, no metrics.csv)" in markdown
+    assert f"- `reward.png` not drawn: no logged metrics (no wandb run under `{run_dir / 'wandb'}`" in markdown
     assert "Interrupted" not in markdown
 
 
@@ -148,13 +154,14 @@ def test_reward_table_of_an_offline_wandb_run(tmp_path):
     assert problem is None and history == history_independently(log)
     assert report.reward_curve(history) == rewards
 
-    _, md = report.write_report(run_dir)
-    markdown = md.read_text()
+    written = report.write_report(run_dir)
+    markdown = written[-1].read_text()
     shown = table(markdown, "| step | reward |")
     assert len(shown) == report.MAX_REWARD_ROWS
     assert shown == {str(s): [f"{r:.4f}"] for s, r in report.downsample(rewards)}
     assert {"100", "144"} <= shown.keys()
     assert "45 RL steps logged" in markdown
+    assert run_dir / "reward.png" in written and "](reward.png)" in markdown  # an old run's `reward` key drawn too
 
     torn = log.read_bytes()[: log.stat().st_size // 2]  # an interrupted run's log: the first rows and a note
     log.write_bytes(torn)
@@ -170,7 +177,7 @@ def test_downsample_keeps_first_and_last():
 
 def test_interrupted_run_is_reported_as_such(tmp_path):
     run_dir = write_run(tmp_path / "run", end=False, results=False)
-    _, md = report.write_report(run_dir)
+    md = report.write_report(run_dir)[-1]
     markdown = md.read_text()
     assert "**Interrupted run**" in markdown and "Not recorded (no results.json)." in markdown
     assert table(markdown, "| event |")["end"][0] == "not recorded"
@@ -191,7 +198,8 @@ def test_corrpo_report_command(tmp_path, monkeypatch, capsys):
     run_dir = write_run(tmp_path / "run")
     monkeypatch.setattr(sys, "argv", ["corrpo", "report", str(run_dir)])
     cli.main()
-    assert capsys.readouterr().out.splitlines() == [str(run_dir / "emergence.png"), str(run_dir / "summary.md")]
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == [str(run_dir / name) for name in ("emergence.png", "accuracy.png", "summary.md")]
     with pytest.raises(SystemExit) as exit_info:
         report.report_main([str(tmp_path / "nothing")])
     assert exit_info.value.code == 1 and "emergence.csv not found" in capsys.readouterr().err
@@ -207,15 +215,17 @@ def baseline_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("baseline") / "grpo-baseline"
     shrunk = [a for a in TINY_FAST_ARGS if not a.startswith("--trainer.callbacks.")]
     cli = build_cli(["fit", "--config", str(REPO / "configs" / "grpo-baseline.yaml"), *shrunk,
-                     f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false"])  # fmt: skip
+                     f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false",
+                     "--trainer.log_every_n_steps=1"])  # fmt: skip  # every RL step logged: the curves' data
     return Path(cli.trainer.default_root_dir)
 
 
 def test_a_run_without_a_tracker_is_reported_with_accuracy_and_rewards(baseline_run, capsys):
     assert not (baseline_run / "emergence.csv").exists()
     written = report.report_main([str(baseline_run)])
-    assert written == [baseline_run / "summary.md"]
-    markdown = written[0].read_text()
+    names = ("reward.png", "accuracy.png", "completion_length.png", "summary.md")
+    assert written == [baseline_run / name for name in names]
+    markdown = written[-1].read_text()
     assert "Method: grpo" in markdown and "Not measured: this run has no" in markdown
     assert set(table(markdown, "| when | step | accuracy |")) == {"start", "sft_end", "end"}
     assert "SFT -> RL boundary at batch 6 (config.yaml)" in markdown
@@ -233,3 +243,153 @@ def test_report_takes_a_parent_folder_and_latest(baseline_run, tmp_path, capsys,
         report.report_main(["--help"])
     help_text = capsys.readouterr().out
     assert "parent folder" in help_text and "latest" in help_text and "``" not in help_text
+
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def plotted(figure) -> dict[str, list[tuple[float, float]]]:
+    """Every line a figure draws, by label: its ``(x, y)`` points (the data, not the pixels)."""
+    import matplotlib.pyplot as plt
+
+    lines = {line.get_label(): [tuple(p) for p in line.get_xydata().tolist()] for a in figure.axes for line in a.lines}
+    plt.close(figure)
+    return lines
+
+
+def logged(history: list[dict], key: str) -> list[tuple[int, float]]:
+    """``(trainer/global_step, value)`` of every history row that logged ``key`` as a finite number."""
+    return [
+        (row["trainer/global_step"], float(row[key]))
+        for row in history
+        if isinstance(row.get(key), int | float) and math.isfinite(row[key])
+    ]
+
+
+def test_the_curve_figures_draw_the_logged_metrics(baseline_run):
+    """reward.png, accuracy.png and completion_length.png of a real shrunk run (3 RL steps of 2 updates each,
+    every step logged): each drawn line equals the metric as logged (read by the independent wandb parser) or
+    as results.json holds it, and the files are written."""
+    from corrpo.runs.curves import training_curves
+    from corrpo.runs.plotting import curves_figure
+
+    history = history_independently(report.find_wandb_log(baseline_run))
+    results = json.loads((baseline_run / "results.json").read_text())
+    curves = {c.name: c for c in training_curves(history, results, no_rl="unused")}
+    assert list(curves) == ["reward", "accuracy", "completion_length"]
+    assert all(c.missing is None for c in curves.values())
+
+    reward = plotted(curves_figure(curves["reward"], boundary_step=6))
+    assert reward["reward (weighted sum)"] == logged(history, "rl/reward") and len(reward["reward (weighted sum)"]) == 3
+    for name in ("accuracy", "format"):
+        assert reward[f"rewards/{name}/mean"] == logged(history, f"rl/rewards/{name}/mean")
+    assert [x for x, _ in reward["SFT -> RL"]] == [6, 6]
+
+    accuracy = plotted(curves_figure(curves["accuracy"]))
+    assert accuracy["test (greedy)"] == [(e["step"], e["accuracy"]) for e in results["test_accuracy"]]
+    assert accuracy["RL samples: rewards/accuracy/mean"] == logged(history, "rl/rewards/accuracy/mean")
+
+    length = plotted(curves_figure(curves["completion_length"]))
+    assert length["mean length (tokens)"] == logged(history, "rl/completions/mean_length")
+    assert length["clipped ratio (hit max_new_tokens)"] == logged(history, "rl/completions/clipped_ratio")
+
+    markdown = report.write_report(baseline_run)[-1].read_text()
+    for name in curves:
+        assert (baseline_run / f"{name}.png").read_bytes().startswith(PNG), name
+        assert (baseline_run / f"{name}.png").stat().st_size > 5000 and f"]({name}.png)" in markdown
+
+
+def test_an_sft_only_run_says_why_it_has_no_rl_curves(tmp_path):
+    run_dir = write_run(tmp_path / "sft-only")
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"model": {"sft": {"steps": 100}, "rl": {"steps": 0}}}))
+    written = report.write_report(run_dir)
+    assert [p.name for p in written] == ["emergence.png", "accuracy.png", "summary.md"]
+    markdown = written[-1].read_text()
+    for name in ("reward", "completion_length"):
+        assert f"- `{name}.png` not drawn: SFT only (`model.rl.steps` = 0)." in markdown
+        assert not (run_dir / f"{name}.png").exists()
+
+
+def test_a_run_without_evaluations_says_why_it_has_no_accuracy_curve(tmp_path):
+    run_dir = write_run(tmp_path / "no-eval")
+    (run_dir / "results.json").write_text(json.dumps({"test_accuracy": [], "skipped_updates": 0}))
+    written = report.write_report(run_dir)
+    assert [p.name for p in written] == ["emergence.png", "summary.md"]
+    assert "- `accuracy.png` not drawn: no evaluation was recorded (no results.json `test_accuracy`" in (
+        written[-1].read_text()
+    )
+
+
+def test_a_csv_logger_run_gets_its_curves_from_metrics_csv(tmp_path):
+    """Without a wandb run, the scalars of a Lightning CSVLogger's metrics.csv in the run folder are drawn."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    from corrpo.runs.curves import training_curves
+    from corrpo.runs.plotting import curves_figure
+
+    run_dir = write_run(tmp_path / "csv-run")
+    logger = CSVLogger(save_dir=run_dir, name="csv")
+    logger.log_metrics({"sft/loss": 1.5}, step=50)  # an SFT row: no RL key, no point
+    rows = [(100 + i, 0.1 * i, 20.0 + 3 * i) for i in range(5)]
+    for step, reward, length in rows:
+        logger.log_metrics({"rl/reward": reward, "rl/completions/mean_length": length}, step=step)
+    logger.save()
+
+    written = report.write_report(run_dir)
+    names = ["emergence.png", "reward.png", "accuracy.png", "completion_length.png", "summary.md"]
+    assert [p.name for p in written] == names
+    metrics = report.logged_metrics(run_dir)
+    assert metrics.source == "`csv/version_0/metrics.csv`" and metrics.source in written[-1].read_text()
+    curves = {c.name: c for c in training_curves(metrics.rows, None, no_rl="unused")}
+    assert plotted(curves_figure(curves["reward"]))["reward (weighted sum)"] == [(s, r) for s, r, _ in rows]
+    assert plotted(curves_figure(curves["completion_length"]))["mean length (tokens)"] == [(s, n) for s, _, n in rows]
+
+
+def test_logged_series_keeps_a_repeated_steps_later_value_and_drops_non_numbers():
+    from corrpo.runs.curves import STEP_KEY, CurveSet, logged_series
+    from corrpo.runs.plotting import curves_figure
+
+    rows = [{STEP_KEY: 5, "k": 1.0}, {STEP_KEY: 3, "k": 2}, {STEP_KEY: 5, "k": 4.0}, {STEP_KEY: 6, "k": math.nan},
+            {STEP_KEY: 7, "k": "x"}, {STEP_KEY: 8, "k": True}, {STEP_KEY: 9}]  # fmt: skip
+    assert logged_series(rows, "k") == [(3, 2.0), (5, 4.0)]
+    with pytest.raises(ValueError, match="reward: nothing to draw"):
+        curves_figure(CurveSet("reward", "t", "y", missing="SFT only"))
+
+
+SECTIONS = "rl|sft|eval|inversion|phase|rewards|completions|clip_ratio"
+METRIC_NAME = re.compile(rf"(?<![\w/.-])(?:{SECTIONS})/[\w<>@|/.-]*[\w>]")
+NOT_IN_A_GRPO_RUN = {
+    # logged only with the CorR-PO term (rl.inversion.coef > 0) or Clip-Cov / KL-Cov: not in the baseline run
+    "rl/inversion/rollout_spearman", "rl/inversion/rollout_pearson", "rl/inversion/rollout_nan_frac",
+    "rl/rewards/inversion/mean", "rl/rewards/inversion/std", "rl/clip_ratio/cov_selected",
+}  # fmt: skip
+
+
+def test_the_tutorials_name_only_metrics_a_run_logs(baseline_run, tiny_run):
+    """Every metric named in docs/tutorials (``rl/``, ``sft/``, ``eval/``, ``inversion/``, ``phase/``; and a bare
+    ``rewards/`` / ``completions/`` / ``clip_ratio/``, which a run never logs outside ``rl/``) is one that the
+    GRPO baseline run or the tracked tiny run logs, in its history or summary (``a|b`` alternatives expanded,
+    ``<name>`` placeholders any one path part; a reward's own name stands for any), or a CorR-PO / Clip-Cov
+    key, or a ``model.eval`` file's ``eval/<set>/...`` key."""
+    from conftest import REPO
+
+    logged_keys = set()
+    for run in (baseline_run, tiny_run):
+        log = report.find_wandb_log(run)
+        logged_keys |= {key.split(".")[0] for row in history_independently(log) for key in row}
+        logged_keys |= set(report.wandb_summary(log))
+    assert {"rl/reward", "rl/completions/mean_length", "sft/loss", "eval/test_accuracy"} <= logged_keys
+    assert {"inversion/spearman", "inversion/tokens_end", "phase/boundary_step"} <= logged_keys
+    unknown = []
+    for doc in sorted((REPO / "docs" / "tutorials").glob("*.md")):
+        for found in METRIC_NAME.findall(doc.read_text()):
+            head, _, last = found.rpartition("/")
+            for name in [f"{head}/{alt}" for alt in last.split("|")] if "|" in last else [found]:
+                known = NOT_IN_A_GRPO_RUN
+                if any(k == name or k.startswith(name + "/") for k in known) or name.startswith("eval/<set>/"):
+                    continue
+                name = re.sub(r"^rl/rewards/[^/]+/", "rl/rewards/<name>/", name)
+                pattern = re.compile(re.sub(r"<[^>]+>", "[^/]+", re.escape(name)))
+                if not any(pattern.fullmatch(k) or k.startswith(name + "/") for k in logged_keys):
+                    unknown.append(f"{doc.name}: {found}")
+    assert not unknown, unknown

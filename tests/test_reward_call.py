@@ -109,7 +109,8 @@ def test_trl_style_rewards_score_a_shrunk_fit_with_a_dataset_column(tmp_path, on
         "--model.rl.rewards=[test_reward_call:reward_len, test_reward_call:solution_reward, accuracy]",
         "--model.rl.reward_weights=[1.0, 1.0, 1.0]",
     )
-    calls = SEEN["solution_reward"]
+    dry_run, *calls = SEEN["solution_reward"]
+    assert dry_run["n"] == 6  # the start-up dry run: 2 RL records x 3 placeholder completions, before SFT
     assert len(calls) == 3  # one per RL step (2 prompts x 4 generations each)
     assert all(call["n"] == 8 for call in calls)
     by_prompt = {r["prompt"]: r["answer"] for r in records}

@@ -71,7 +71,7 @@ def test_the_corrpo_module_implements_the_contract():
 
 def test_the_data_module_implements_the_held_out_data_contract():
     datamodule = ReasoningDataModule()
-    assert set(HELD_OUT_ATTRIBUTES) == {"seed", "fields", "test_records", "probe_records"}
+    assert set(HELD_OUT_ATTRIBUTES) == {"seed", "fields", "test_records", "probe_records", "rl_records"}
     assert require_held_out_data(datamodule, "test") is datamodule and isinstance(datamodule, HeldOutData)
 
 
@@ -88,7 +88,7 @@ def test_a_missing_or_partial_data_module_fails_at_setup_naming_the_gaps():
     module._trainer = SimpleNamespace(datamodule=SimpleNamespace(seed=0, test_records=list))
     with pytest.raises(TypeError, match="CorrPOModule needs .*HeldOutData.*lacks fields, probe_records"):
         module.setup("fit")
-    module._trainer = SimpleNamespace(datamodule=None)  # no data module: nothing to evaluate on
+    module._trainer = SimpleNamespace(datamodule=None, fast_dev_run=False)  # no data module: nothing to evaluate on
     module.setup("fit")
     assert module.evaluate_and_log("start") is None and module.seeds()["data"] is None
 

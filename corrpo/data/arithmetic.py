@@ -73,6 +73,7 @@ class ArithmeticTask:
 
     Args:
         seed: seeds which problems are drawn (and their order); the split of a problem does not depend on it.
+            None (the default): ``seed_everything``'s value in a data module, which fills it in; 0 alone.
         min_ops: fewest operations in a chain (the number is drawn uniformly from ``min_ops..max_ops``).
         max_ops: most operations in a chain.
         max_operand: operands and start numbers are drawn from ``1..max_operand``.
@@ -82,7 +83,7 @@ class ArithmeticTask:
             problems with prose traces, :mod:`corrpo.data.word_problems`).
     """
 
-    seed: int = 0
+    seed: int | None = None
     min_ops: int = 2
     max_ops: int = 4
     max_operand: int = 9
@@ -174,7 +175,7 @@ class ArithmeticTask:
                 f"arithmetic task has only {self.space_size()} problems in all splits, {n} asked for "
                 f"{split!r}; raise max_ops, max_operand or max_value"
             )
-        rng = random.Random(f"corrpo-arithmetic-{self.seed}-{split}")
+        rng = random.Random(f"corrpo-arithmetic-{0 if self.seed is None else self.seed}-{split}")
         seen: set[str] = set()
         out: list[dict[str, str]] = []
         rejects = 0

@@ -7,15 +7,19 @@ so a step can be reproduced from its index alone (resume, DDP) and the phase bou
 
 Sources: ``"arithmetic"`` (the embedded offline task, :mod:`corrpo.data.arithmetic`), a reasoning-gym task
 ``"reasoning_gym:<name>"`` for RL and test prompts (:mod:`corrpo.data.reasoning_gym_source`), or a
-jsonl/parquet path or Hugging Face dataset ``name[:config][[split]]`` (:mod:`corrpo.data.records`). Probe
+jsonl/parquet path, ``save_to_disk`` folder or Hugging Face dataset ``name[:config][[split]]``
+(:mod:`corrpo.data.records`; prompts and completions are text or TRL's conversational message lists, carried as
+they are to the module, which renders them). Probe
 traces (for the inversion tracker) and test prompts (for accuracy) never overlap the training records: the
 generated tasks split by hash, user data holds the last records of a seeded shuffle out.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import warnings
+from dataclasses import replace
 from typing import Literal
 
 import lightning as L
@@ -24,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from corrpo.data.arithmetic import ArithmeticTask
 from corrpo.data.reasoning_gym_source import reasoning_gym_records, task_name
 from corrpo.data.records import load_records
-from corrpo.training.host import require_even_split, require_host
+from corrpo.training.host import require_even_split, require_host, seed_or_global
 
 EMBEDDED = "arithmetic"
 
@@ -99,6 +103,12 @@ def dataset_columns(rows: list[dict]) -> dict[str, list]:
     return {name: [row.get(name) for row in rows] for name in names}
 
 
+def prompt_key(prompt: str | list[dict]) -> str:
+    """A prompt as a hashable key (a message list, TRL's conversational prompt, as its canonical JSON): how held-out
+    probe and test prompts are found in the training pools."""
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+
+
 def shard_batch(batch: dict, rank: int, world_size: int) -> dict:
     """This rank's contiguous share of a step batch: rows ``[rank*b/W, (rank+1)*b/W)`` of every list field.
 
@@ -143,6 +153,8 @@ class StepStream(IterableDataset):
 
 
 def _collate_records(rows: list[dict]) -> dict:
+    """Val/test batches as lists (not torch's default collate, which would turn message-list prompts into lists of
+    dicts of tuples)."""
     return {"prompt": [r["prompt"] for r in rows], "answer": [str(r["answer"]) for r in rows]}
 
 
@@ -162,16 +174,19 @@ class ReasoningDataModule(L.LightningDataModule):
         sft_fields: canonical field -> column name for SFT/probe sources (e.g. ``{"completion": "solution"}``).
         rl_fields: the same for RL/test sources (e.g. ``{"prompt": "question", "answer": "final"}``).
         on_error: ``raise`` on a malformed row (naming file and line) or ``skip`` and count it.
-        arithmetic: the embedded task (seed, min_ops, max_ops, max_operand, ops, max_value).
+        arithmetic: the embedded task (seed, min_ops, max_ops, max_operand, ops, max_value); its unset seed takes
+            ``seed_everything``'s value.
         n_train: training problems of a generated task: the embedded one (shared by SFT traces and RL
             prompts) or a reasoning-gym one.
-        sft_steps / rl_steps: batches per phase (linked from the model's ``sft.steps`` / ``rl.steps``).
+        sft_steps / rl_steps: batches per phase (linked from the model's ``sft.steps`` / ``rl.steps``); in a Trainer
+            the module's schedule decides (the same, except under ``trainer.fast_dev_run``: a batch of each phase).
         sft_batch_size: traces per SFT step.
         rl_batch_size: prompts per RL step (each sampled G times).
         n_probe: size of the probe set (held-out traces the inversion tracker measures on).
         n_test: size of the test set (held-out prompts for accuracy).
         eval_batch_size: prompts per val/test batch.
-        seed: seed of the batch order and of held-out splits of user data.
+        seed: seed of the batch order and of held-out splits of user data; None (the default): ``seed_everything``'s
+            value (0 when nothing was seeded).
     """
 
     def __init__(
@@ -192,7 +207,7 @@ class ReasoningDataModule(L.LightningDataModule):
         n_probe: int = 32,
         n_test: int = 200,
         eval_batch_size: int = 100,
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         if on_error not in ("raise", "skip"):
@@ -207,12 +222,12 @@ class ReasoningDataModule(L.LightningDataModule):
         self.test_source, self.probe_source = test_source, probe_source
         self.fields = {"sft": sft_fields, "rl": rl_fields}
         self.on_error = on_error
-        self.arithmetic = arithmetic
+        self.arithmetic = arithmetic if arithmetic.seed is not None else replace(arithmetic, seed=seed_or_global(None))
         self.n_train = n_train
         self.sft_steps, self.rl_steps = sft_steps, rl_steps
         self.sft_batch_size, self.rl_batch_size = sft_batch_size, rl_batch_size
         self.n_probe, self.n_test, self.eval_batch_size = n_probe, n_test, eval_batch_size
-        self.seed = seed
+        self.seed = seed_or_global(seed)
         self.n_skipped = 0
         self._pools: dict[str, list[dict]] | None = None
 
@@ -287,10 +302,10 @@ class ReasoningDataModule(L.LightningDataModule):
             rl, test = self._hold_out(rl, self.n_test, "test", "rl_source")
         # One source for SFT and RL (the HF recipes) holds its test prompts out of RL only and its probe traces
         # out of SFT only: drop every held-out prompt from both training pools so that none is trained on.
-        held = {r["prompt"] for r in probe} | {r["prompt"] for r in test}
+        held = {prompt_key(r["prompt"]) for r in probe} | {prompt_key(r["prompt"]) for r in test}
         pools = {}
         for key, records, steps in (("sft", sft, self.sft_steps), ("rl", rl, self.rl_steps)):
-            pools[key] = [r for r in records if r["prompt"] not in held]
+            pools[key] = [r for r in records if prompt_key(r["prompt"]) not in held]
             if steps and records and not pools[key]:  # else StepBatches would say "no records" of a full file
                 source = getattr(self, f"{key}_source")
                 raise ValueError(
@@ -313,24 +328,35 @@ class ReasoningDataModule(L.LightningDataModule):
         """Held-out (prompt, answer) records for accuracy."""
         return self.pools()["test"]
 
+    def rl_records(self) -> list[dict]:
+        """The RL prompt records (prompt, answer, dataset columns): the module dry-runs the rewards on a few."""
+        return self.pools()["rl"]
+
     # --------------------------------------------------------------------------------- dataloaders
-    def step_batches(self) -> StepBatches:
-        """Every step's whole batch (all ranks together), by index."""
+    def step_batches(self, sft_steps: int | None = None, rl_steps: int | None = None) -> StepBatches:
+        """Every step's whole batch (all ranks together), by index; ``sft_steps`` / ``rl_steps``: default
+        ``data.sft_steps`` / ``data.rl_steps``."""
         pools = self.pools()
+        sft_steps = self.sft_steps if sft_steps is None else sft_steps
+        rl_steps = self.rl_steps if rl_steps is None else rl_steps
         return StepBatches(
-            pools["sft"], pools["rl"], self.sft_steps, self.rl_steps, self.sft_batch_size, self.rl_batch_size, self.seed
+            pools["sft"], pools["rl"], sft_steps, rl_steps, self.sft_batch_size, self.rl_batch_size, self.seed
         )
 
     def train_dataloader(self) -> DataLoader:
-        """The step stream, from the module's ``steps_done`` on (0, or where a resumed run stopped)."""
+        """The step stream, from the module's ``steps_done`` on (0, or where a resumed run stopped), with the phase
+        lengths of the module's schedule (``trainer.fast_dev_run`` shortens it to a batch of each phase)."""
         trainer = self.trainer
-        start = require_host(trainer.lightning_module, "ReasoningDataModule").steps_done if trainer is not None else 0
+        start, sft_steps, rl_steps = 0, self.sft_steps, self.rl_steps
+        if trainer is not None:
+            host = require_host(trainer.lightning_module, "ReasoningDataModule")
+            start, sft_steps, rl_steps = host.steps_done, host.schedule.sft_steps, host.schedule.rl_steps
         rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        for key, size, steps in (("sft_batch_size", self.sft_batch_size, self.sft_steps),
-                                 ("rl_batch_size", self.rl_batch_size, self.rl_steps)):  # fmt: skip
+        for key, size, steps in (("sft_batch_size", self.sft_batch_size, sft_steps),
+                                 ("rl_batch_size", self.rl_batch_size, rl_steps)):  # fmt: skip
             if steps:  # here, not at the first batch of the phase
                 require_even_split(f"data.{key}", size, world_size)
-        stream = StepStream(self.step_batches(), start, rank, world_size)
+        stream = StepStream(self.step_batches(sft_steps, rl_steps), start, rank, world_size)
         # Lightning's mid-epoch-resume warning assumes a loader that restarts at batch 0; this one starts at
         # ``steps_done`` (tests/test_resume.py), and its length warning concerns num_workers > 1 only.
         warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")

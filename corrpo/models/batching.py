@@ -4,26 +4,120 @@ Generation needs left padding so every prompt ends at the same column; training 
 ``position_ids`` derived from the attention mask (:func:`corrpo.models.forward.position_ids_from_mask`) so that
 padded rows see the same positions as unpadded ones (exactly what ``generate`` does), which keeps old/new
 log-probs and inversion scores consistent.
+
+A prompt is text (TRL's standard format) or a message list (TRL's conversational format). :func:`format_prompt` is
+the one place a prompt becomes the text the model sees, as TRL renders it: a message list always through the
+tokenizer's chat template with the generation prompt, text through it only with ``model.use_chat_template``
+(:class:`PromptFormat`: also the system prompt and the template's keyword arguments).
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
+ChatPrompt = str | list[dict[str, Any]]
+"""A prompt as the data gives it: text, or a list of ``{"role", "content"}`` messages (TRL's conversational format)."""
+RESERVED_TEMPLATE_KWARGS = ("conversation", "tokenize", "add_generation_prompt", "continue_final_message")
 
-def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, use_chat_template: bool) -> str:
-    """The prompt text the model sees: raw, or wrapped by the tokenizer's chat template as a user turn."""
-    if not use_chat_template:
-        return prompt
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How prompts become the text the model sees (``model.use_chat_template``, ``model.system_prompt``,
+    ``model.chat_template_kwargs``)."""
+
+    use_chat_template: bool = False
+    """Wrap *text* prompts in the tokenizer's chat template as a user turn (message lists always are)."""
+    system_prompt: str | None = None
+    """A system message put first in every chat-rendered prompt that has none of its own."""
+    chat_template_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments of ``apply_chat_template`` (e.g. Qwen3's ``enable_thinking: false``)."""
+
+    def __post_init__(self) -> None:
+        reserved = sorted(set(self.chat_template_kwargs) & set(RESERVED_TEMPLATE_KWARGS))
+        if reserved:
+            raise ValueError(
+                f"model.chat_template_kwargs: {reserved} are set by corrpo (the generation prompt as TRL sets it); "
+                "remove them"
+            )
+        if self.system_prompt is not None and not self.system_prompt.strip():
+            raise ValueError("model.system_prompt is empty: leave it unset for no system message")
+
+
+def prompt_format(spec: PromptFormat | bool) -> PromptFormat:
+    """A :class:`PromptFormat`; a bool (the callers that predate it) is ``use_chat_template``."""
+    return spec if isinstance(spec, PromptFormat) else PromptFormat(use_chat_template=bool(spec))
+
+
+def _chat(prompt: ChatPrompt, fmt: PromptFormat) -> list[dict[str, Any]]:
+    """The messages a prompt is rendered from: a text prompt as a user turn, the system prompt first unless the
+    prompt brings its own."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+    if fmt.system_prompt is not None and messages[0].get("role") != "system":
+        messages.insert(0, {"role": "system", "content": fmt.system_prompt})
+    return messages
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], fmt: PromptFormat, **flags) -> str:
     if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError("model.use_chat_template is true but the tokenizer has no chat template")
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-    )
+        raise ValueError(
+            "prompts are rendered with the tokenizer's chat template (message-list prompts always, text prompts with "
+            "model.use_chat_template: true), and this tokenizer has none: set tokenizer.chat_template, or use text "
+            "prompts with model.use_chat_template: false"
+        )
+    return tokenizer.apply_chat_template(messages, tokenize=False, **flags, **dict(fmt.chat_template_kwargs))
+
+
+def format_prompt(
+    tokenizer: PreTrainedTokenizerBase, prompt: ChatPrompt, use_chat_template: PromptFormat | bool = False
+) -> str:
+    """The prompt text the model sees, as TRL renders it: a message list through the chat template with the
+    generation prompt (or, when it ends with an assistant message, continuing that message); a text prompt raw, or
+    with ``use_chat_template`` as a user turn of the template. ``use_chat_template`` may be a :class:`PromptFormat`
+    (system prompt, template keyword arguments)."""
+    fmt = prompt_format(use_chat_template)
+    if isinstance(prompt, str) and not fmt.use_chat_template:
+        if fmt.system_prompt is not None:
+            raise ValueError(
+                "model.system_prompt is set but the prompts are text and model.use_chat_template is false: a system "
+                "message needs the chat template; set model.use_chat_template: true"
+            )
+        return prompt
+    messages = _chat(prompt, fmt)
+    if messages[-1].get("role") == "assistant":  # a prefilled answer: continue it, as TRL does
+        return _render(tokenizer, messages, fmt, continue_final_message=True)
+    return _render(tokenizer, messages, fmt, add_generation_prompt=True)
+
+
+def format_completion(
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: ChatPrompt,
+    completion: str | list[dict[str, Any]],
+    use_chat_template: PromptFormat | bool = False,
+) -> str:
+    """The SFT target text that follows :func:`format_prompt`'s text (an eos follows it in the batch).
+
+    A text completion is itself. A message-list completion (TRL's conversational prompt-completion) is what TRL's
+    SFTTrainer trains on: the chat template's rendering of prompt + completion after the rendered prompt, with the
+    template's end-of-turn eos (and what follows it) cut, since the batch appends the eos that ends a rollout; where
+    the rendered prompt is no prefix of that rendering, the last assistant message's content.
+    """
+    if isinstance(completion, str):
+        return completion
+    if isinstance(prompt, str):
+        raise ValueError("a message-list completion needs a message-list prompt (TRL's conversational format)")
+    fmt = prompt_format(use_chat_template)
+    head = format_prompt(tokenizer, prompt, fmt)
+    full = _render(tokenizer, _chat(prompt, fmt) + [dict(m) for m in completion], fmt)
+    if not full.startswith(head):
+        return completion[-1]["content"]
+    tail, eos = full[len(head) :].rstrip(), tokenizer.eos_token
+    return tail[: -len(eos)] if eos and tail.endswith(eos) else tail
 
 
 def _ids(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
@@ -32,12 +126,15 @@ def _ids(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[
 
 def encode_sft_batch(
     tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
-    completions: Sequence[str],
+    prompts: Sequence[ChatPrompt],
+    completions: Sequence[str | list[dict[str, Any]]],
     max_length: int,
-    use_chat_template: bool = False,
+    use_chat_template: PromptFormat | bool = False,
 ) -> dict[str, torch.Tensor]:
     """Right-padded ``prompt + completion + eos`` with ``loss_mask`` on completion tokens (and eos).
+
+    Prompts and completions are text or message lists (:func:`format_prompt`, :func:`format_completion`);
+    ``use_chat_template`` may be a :class:`PromptFormat`.
 
     ``loss_mask[:, j]`` marks token ``j`` as a target: it is predicted by the logits at ``j - 1``.
     Sequences longer than ``max_length`` are cut from the right; a completion cut away entirely leaves a
@@ -47,8 +144,10 @@ def encode_sft_batch(
     """
     if len(prompts) != len(completions):
         raise ValueError("prompts and completions differ in length")
-    prompt_ids = _ids(tokenizer, [format_prompt(tokenizer, p, use_chat_template) for p in prompts])
-    completion_ids = _ids(tokenizer, completions)
+    fmt = prompt_format(use_chat_template)
+    prompt_ids = _ids(tokenizer, [format_prompt(tokenizer, p, fmt) for p in prompts])
+    texts = [format_completion(tokenizer, p, c, fmt) for p, c in zip(prompts, completions, strict=True)]
+    completion_ids = _ids(tokenizer, texts)
     eos = tokenizer.eos_token_id
     rows = []
     for p, c in zip(prompt_ids, completion_ids, strict=True):
@@ -81,14 +180,16 @@ def encode_sft_batch(
 
 def encode_prompts(
     tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
+    prompts: Sequence[ChatPrompt],
     max_prompt_length: int | None = None,
-    use_chat_template: bool = False,
+    use_chat_template: PromptFormat | bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Left-padded prompt ids; prompts over ``max_prompt_length`` keep their last tokens."""
+    """Left-padded ids of the prompts (text or message lists, rendered by :func:`format_prompt`; ``use_chat_template``
+    may be a :class:`PromptFormat`); prompts over ``max_prompt_length`` keep their last tokens."""
     if max_prompt_length is not None and max_prompt_length < 1:  # row[-(-5):] would drop 5 tokens of each
         raise ValueError(f"rl.max_prompt_length must be None or > 0, got {max_prompt_length!r}")
-    ids = _ids(tokenizer, [format_prompt(tokenizer, p, use_chat_template) for p in prompts])
+    fmt = prompt_format(use_chat_template)
+    ids = _ids(tokenizer, [format_prompt(tokenizer, p, fmt) for p in prompts])
     for i, row in enumerate(ids):
         if not row:
             raise ValueError(f"prompt {i} ({prompts[i]!r}) encodes to zero tokens")

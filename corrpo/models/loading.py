@@ -51,6 +51,14 @@ SPECIAL_TOKENS = tuple(TOKENIZER_SPECIALS.values())
 GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 TAG_TOKENS = ("<think>", "</think>", "<answer>", "</answer>")
 MIN_BPE_VOCAB = 256 + len(SPECIAL_TOKENS) + len(TAG_TOKENS)
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: "
+    "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}{% endif %}"
+)
+"""The tiny tokenizers' chat template, so conversational data runs offline on tiny models: ``role: content<eos>``
+per turn (the eos ends a turn, as Qwen's ``<|im_end|>`` does), ``assistant: `` as the generation prompt, and an
+empty think block after it with ``enable_thinking=False`` (Qwen3's switch, through ``model.chat_template_kwargs``)."""
 
 
 @dataclass
@@ -119,15 +127,21 @@ def build_tiny_tokenizer(
 ) -> PreTrainedTokenizerFast:
     """The tokenizer ``arch.tokenizer`` names: the character one, or byte-level BPE of ``arch.bpe_vocab_size`` tokens
     trained on ``corpus()`` (cached by the corpus's hash, :func:`corrpo.models.bpe_tokenizer.cached_bpe_tokenizer`),
-    with the same special tokens and the reasoning tags as single tokens."""
+    with the same special tokens and the reasoning tags as single tokens; both with :data:`TINY_CHAT_TEMPLATE`."""
     if arch.tokenizer == "char":
-        return build_char_tokenizer()
+        tokenizer = build_char_tokenizer()
+        tokenizer.chat_template = TINY_CHAT_TEMPLATE
+        return tokenizer
     if corpus is None:
         raise ValueError(
             "model.tiny.tokenizer=bpe trains its tokenizer on a corpus, and none was given: pass "
             "load_policy(..., corpus=<callable returning texts>) (CorrPOModule passes the word-problem task's)"
         )
-    return cached_bpe_tokenizer(corpus, arch.bpe_vocab_size, special_tokens=TOKENIZER_SPECIALS, added_tokens=TAG_TOKENS)
+    tokenizer = cached_bpe_tokenizer(
+        corpus, arch.bpe_vocab_size, special_tokens=TOKENIZER_SPECIALS, added_tokens=TAG_TOKENS
+    )
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    return tokenizer
 
 
 def build_tiny_policy(

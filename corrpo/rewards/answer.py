@@ -5,19 +5,20 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from corrpo.rewards.call import completion_text as text_of_completion
+
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _BOXED = "\\boxed{"
 
 
 def completion_text(completion: Any) -> str:
-    """A completion as text: a string as is, a TRL conversational completion (list of messages) as the
-    content of its last message, anything else as ``""`` (so that it scores as wrong, never raises)."""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
-        content = completion[-1].get("content")
-        return content if isinstance(content, str) else ""
-    return ""
+    """A completion as text (:func:`corrpo.rewards.call.completion_text`: a string as is, a TRL conversational
+    completion as the content of its last message), anything else as ``""`` (so that it scores as wrong, never
+    raises): corrpo's own rewards read both forms through it."""
+    try:
+        return text_of_completion(completion)
+    except TypeError:
+        return ""
 
 
 def _balanced_from(text: str, start: int) -> str | None:

@@ -31,6 +31,54 @@ RewardFn = Callable[..., list]
 """A reward as TRL defines one: called by keyword (``prompts``, ``completions``, columns, ...), one value or None per
 sample."""
 
+Messages = list[dict[str, Any]]
+"""A conversation as TRL's conversational format writes one: ``[{"role": "user", "content": "..."}, ...]``."""
+Prompt = str | Messages
+"""A prompt as the data gives it: text (standard format) or a message list (conversational format)."""
+
+
+def is_conversational(prompt: Any) -> bool:
+    """Whether ``prompt`` is in TRL's conversational format: a non-empty list of ``{"role", "content"}`` dicts."""
+    return (
+        isinstance(prompt, list)
+        and len(prompt) > 0
+        and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt)
+    )
+
+
+def reward_completions(texts: Sequence[str], prompts: Sequence[Prompt]) -> list:
+    """The completions as TRL hands them to rewards: for a conversational prompt one assistant message list
+    ``[{"role": "assistant", "content": text}]`` (with the prompt's own trailing assistant prefill, if any, put
+    in front, as TRL does), else the text itself."""
+    out: list = []
+    for text, prompt in zip(texts, prompts, strict=True):
+        if not is_conversational(prompt):
+            out.append(text)
+            continue
+        last = prompt[-1]
+        prefill = last["content"] if last["role"] == "assistant" and isinstance(last["content"], str) else ""
+        out.append([{"role": "assistant", "content": prefill + text}])
+    return out
+
+
+def completion_text(completion: Any) -> str:
+    """The text of a completion in either form: a string, or the last message's ``content`` of a message list
+    (so one reward reads standard and conversational data alike)."""
+    if isinstance(completion, str):
+        return completion
+    if is_conversational(completion):
+        content = completion[-1]["content"]
+        return content if isinstance(content, str) else str(content)
+    raise TypeError(f"a completion is a string or a message list, got {type(completion).__name__}")
+
+
+def prompt_text(prompt: Any) -> str:
+    """A prompt as readable text (the completions table, eval rows): a string as is, a message list as one
+    ``role: content`` line per message."""
+    if is_conversational(prompt):
+        return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+    return prompt if isinstance(prompt, str) else str(prompt)
+
 
 @dataclass
 class StepInfo:
@@ -65,8 +113,9 @@ class RewardLog:
 class RewardInputs:
     """The ``N = B * G`` samples of one scoring call, as TRL passes them (every per-sample list has length N)."""
 
-    prompts: list[str]
-    completions: list[str]
+    prompts: list[Prompt]
+    completions: list
+    """Strings, or assistant message lists when the prompts are conversational (:func:`reward_completions`)."""
     columns: dict[str, list] = field(default_factory=dict)
     """Dataset columns by name (``answer`` and any other column of the records), one value per sample."""
     completion_ids: list[list[int]] | None = None
@@ -102,6 +151,26 @@ class RewardInputs:
             log_extra=log.log_extra,
         )
         return out
+
+
+def group_inputs(
+    prompts: Sequence[Prompt],
+    answers: Sequence[str],
+    columns: dict[str, list] | None,
+    texts: Sequence[str],
+    group_size: int,
+    **fields: Any,
+) -> RewardInputs:
+    """The :class:`RewardInputs` of ``len(prompts) * group_size`` completion ``texts`` (grouped by prompt), as the RL
+    step and the start-up dry run build them: prompts, answers (the ``answer`` column) and every other column repeated
+    per group member, completions as :func:`reward_completions` hands them over; ``fields`` are the other
+    :class:`RewardInputs` fields (``completion_ids``, ``trainer_state``, ``log``)."""
+    group_prompts = [p for p in prompts for _ in range(group_size)]
+    group_columns = {name: [v for v in values for _ in range(group_size)] for name, values in (columns or {}).items()}
+    group_columns["answer"] = [a for a in answers for _ in range(group_size)]
+    return RewardInputs(
+        prompts=group_prompts, completions=reward_completions(texts, group_prompts), columns=group_columns, **fields
+    )
 
 
 def _accepted(fn: Callable, kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 Each reward function is called as TRL calls it, by keyword (:mod:`corrpo.rewards.call`): ``prompts``,
 ``completions``, ``completion_ids``, every dataset column (``answer``, ...), ``trainer_state``; it returns
 ``list[float|None]``. ``None`` (or NaN) means "this function cannot score this sample" (TRL's convention): the
-total is the weighted sum over the functions that did score it, and 0 when none did.
+total is the weighted sum over the functions that did score it, and 0 when none did; such a sample is marked in
+``RewardScores.unscorable``, which the advantages leave out as TRL does (``rl.unscorable_rewards``).
 
 What is a fault, and what happens to it (each used to be masked):
 
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from corrpo.rewards.call import RewardFn, RewardInputs, call_reward
+from corrpo.rewards.call import RewardFn, RewardInputs, call_reward, completion_text, prompt_text
 
 
 class RewardError(ValueError):
@@ -51,6 +52,9 @@ class RewardScores:
     """name -> samples on which the function raised or returned +-inf (scored 0)."""
     n_unscored: dict[str, int] = field(default_factory=dict)
     """name -> samples the function could not score (None / NaN)."""
+    unscorable: torch.Tensor | None = None
+    """``[N]`` bool: the samples NO reward function scored (each returned None / NaN): TRL leaves them out of the
+    group baseline and gives them advantage 0 (``rl.unscorable_rewards``). None = every sample was scored."""
 
 
 @dataclass
@@ -192,7 +196,11 @@ def score_completions(
                 stacklevel=2,
             )
         total += weight * torch.nan_to_num(values, nan=0.0)
-    scores = RewardScores(per_function=per_function, total=total, n_failed=n_failed, n_unscored=n_unscored)
+    unscorable = torch.stack(list(per_function.values())).isnan().all(dim=0) if per_function else None
+    scores = RewardScores(
+        per_function=per_function, total=total, n_failed=n_failed, n_unscored=n_unscored,
+        unscorable=unscorable if unscorable is not None and unscorable.any() else None,
+    )  # fmt: skip
     if monitor is not None:
         monitor.update(scores, len(completions))
     return scores
@@ -207,7 +215,9 @@ def completion_rows(
     rho: torch.Tensor | None = None,
 ) -> list[dict]:
     """One row per completion (prompt, gold answer, completion, each reward part, total reward, advantage, rho_i,
-    then any ``extra`` column a reward added through ``log_extra`` into ``inputs.log``).
+    then any ``extra`` column a reward added through ``log_extra`` into ``inputs.log``). Prompt and completion are
+    text (a conversational prompt as ``role: content`` lines, a message-list completion as its content), so the
+    wandb table reads the same for both formats.
 
     The dashboard's completions table and the tests read these; NaN (unscored, or rho of a too-short or
     constant response) is kept as NaN rather than dropped, so every sampled completion has its row.
@@ -218,10 +228,10 @@ def completion_rows(
     extra = inputs.log.extra if inputs.log is not None else {}
     rows = []
     for i, (prompt, completion) in enumerate(zip(inputs.prompts, completions, strict=True)):
-        row = {"step": step, "prompt": prompt}
+        row = {"step": step, "prompt": prompt_text(prompt)}
         if answers is not None:
             row["answer"] = answers[i]
-        row["completion"] = completion
+        row["completion"] = completion_text(completion)
         row.update({f"reward/{name}": float(values[i]) for name, values in scores.per_function.items()})
         row.update({"reward": float(rewards[i]), "advantage": float(advantages[i])})
         row["rho"] = float(rho[i]) if rho is not None else math.nan

@@ -31,6 +31,9 @@ __all__ = [
     "plot_emergence",
     "repo_root",
     "run_dirs_from_env",
+    "run_legend",
+    "seed_of",
+    "short_label",
 ]
 
 
@@ -40,15 +43,27 @@ def expand_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
     return [run.path for run in find_runs(paths)]
 
 
+REPO_ENV = "CORRPO_REPO"
+"""The checkout to take relative paths from, when set (overrides the search of :func:`repo_root`)."""
+
+
+def _is_checkout(folder: Path) -> bool:
+    return (folder / "pyproject.toml").is_file() and (folder / "corrpo").is_dir()
+
+
 def repo_root(start: str | Path | None = None) -> Path:
-    """The checkout's root: the first of ``start`` (default the working directory) and its parents that holds
-    ``pyproject.toml`` and ``corrpo/``; ``start`` itself when none does. A notebook's kernel starts in notebooks/,
-    a shell in the root: both find the same folder."""
+    """The checkout's root: ``$CORRPO_REPO`` when set; else the first of ``start`` (default the working directory)
+    and its parents that holds ``pyproject.toml`` and ``corrpo/``; else the checkout this ``corrpo`` was imported
+    from (an editable install); else ``start`` itself. So a notebook's kernel finds the same folder whether it
+    starts in notebooks/, in the root or anywhere else."""
+    if os.environ.get(REPO_ENV, "").strip():
+        return Path(os.environ[REPO_ENV].strip()).expanduser().resolve()
     here = Path(start if start is not None else Path.cwd()).resolve()
     for folder in (here, *here.parents):
-        if (folder / "pyproject.toml").is_file() and (folder / "corrpo").is_dir():
+        if _is_checkout(folder):
             return folder
-    return here
+    package_checkout = Path(__file__).resolve().parents[2]  # <checkout>/corrpo/runs/analysis.py
+    return package_checkout if _is_checkout(package_checkout) else here
 
 
 def run_dirs_from_env(
@@ -85,6 +100,35 @@ def method_of(run_dir: str | Path) -> str:
     return "run"
 
 
+def seed_of(run_dir: str | Path) -> int | None:
+    """The run's seed: results.json's ``seed`` tag (``benchmarks/compare.py``), else its ``seeds``
+    (``seed_everything``, else the model's), else config.yaml's ``seed_everything``; None when none is recorded."""
+    run = RunFolder(run_dir)
+    results = run.read_results()
+    seeds = results.get("seeds") if isinstance(results.get("seeds"), dict) else {}
+    for value in (results.get("seed"), seeds.get("seed_everything"), seeds.get("model")):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    value = run.read_config().get("seed_everything") if run.config.is_file() else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def short_label(text: str, width: int = 32) -> str:
+    """``text`` cut in the middle to at most ``width`` characters (head and tail kept: a run's label differs in
+    its folder names and its timestamp), so that legends and annotations stay readable."""
+    if len(text) <= width:
+        return text
+    head = (width - 1) // 4
+    return f"{text[:head]}…{text[len(text) - (width - 1 - head) :]}"
+
+
+def run_legend(run: str, method: str, seed) -> str:
+    """One run's legend entry: its method, its (shortened) label and its seed, so that runs of one method and
+    seeds of one setting are told apart."""
+    has_seed = seed is not None and not (isinstance(seed, float) and math.isnan(seed))
+    return f"{method}: {short_label(str(run))}" + (f" (seed {int(seed)})" if has_seed else "")
+
+
 def _labels(run_dirs: list[Path]) -> list[str]:
     """The folder name (``parent/name`` for timestamp or ``version_N`` folders), or the path where names clash."""
     names = [f"{d.parent.name}/{d.name}" if re.match(r"\d|version_", d.name) else d.name for d in map(Path, run_dirs)]
@@ -102,6 +146,7 @@ def load_emergence(run_dirs: Iterable[str | Path]) -> pd.DataFrame:
         frame = RunFolder(run_dir).read_emergence()
         frame.insert(0, "run", label)
         frame.insert(1, "method", method_of(run_dir))
+        frame.insert(2, "seed", seed_of(run_dir))
         frame["run_dir"] = str(run_dir)
         frames.append(frame)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["run", "method", "batches"])
@@ -208,26 +253,34 @@ def load_wandb(project: str | None, max_runs: int = 50) -> pd.DataFrame:
         return empty
 
 
+RUN_STYLES = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ("-", "v"), ("--", "P")]
+"""Line style and marker of the 1st, 2nd, ... run of one method (the method sets the colour)."""
+
+
 def plot_emergence(df: pd.DataFrame):
-    """Spearman rho against batches, one line per run, coloured by method, each run's SFT->RL boundary dashed."""
-    fig, ax = plt.subplots(figsize=(7, 4))
+    """Spearman rho against batches, one line per run: coloured by method, styled apart within a method, each
+    labelled by :func:`run_legend` (method, run, seed) in a legend outside the axes; each run's SFT->RL boundary
+    a thin vertical line of its colour."""
+    fig, ax = plt.subplots(figsize=(8.5, 4))  # wider than the axes: the legend sits to their right
     colours = {m: f"C{i}" for i, m in enumerate(sorted(df["method"].astype(str).unique()))}
-    labelled = set()
-    for _, group in df.groupby("run", sort=False):
+    seen: dict[str, int] = {}
+    for run, group in df.groupby("run", sort=False):
         group = group.sort_values("batches", kind="stable")
         method = str(group["method"].iloc[0])
-        label = method if method not in labelled else None
-        labelled.add(method)
-        ax.plot(group["batches"], group["spearman"], marker="o", ms=3, color=colours[method], label=label, alpha=0.8)
+        style, marker = RUN_STYLES[seen.get(method, 0) % len(RUN_STYLES)]
+        seen[method] = seen.get(method, 0) + 1
+        seed = group["seed"].iloc[0] if "seed" in group else None
+        ax.plot(group["batches"], group["spearman"], marker=marker, ms=3, color=colours[method], linestyle=style,
+                label=run_legend(str(run), method, seed), alpha=0.85)  # fmt: skip
         boundary = boundary_batches(group)
         if boundary is not None:
-            ax.axvline(boundary, color=colours[method], linestyle="--", linewidth=1, alpha=0.6)
+            ax.axvline(boundary, color=colours[method], linestyle=(0, (2, 4)), linewidth=0.8, alpha=0.6)
     ax.axhline(0.0, color="grey", linestyle=":", linewidth=1)
-    ax.set_xlabel("training step (batches); dashed: SFT -> RL")
+    ax.set_xlabel("training step (batches); thin vertical: SFT -> RL")
     ax.set_ylabel("Spearman rho (entropy vs gradient strength)")
     ax.set_title("Emergence of the entropy-gradient inversion (rho < 0)")
-    if labelled:
-        ax.legend(loc="best", fontsize=8)
+    if seen:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, title="method: run (seed)")
     fig.tight_layout()
     return fig
 
@@ -235,14 +288,19 @@ def plot_emergence(df: pd.DataFrame):
 def plot_accuracy_vs_inversion(points: pd.DataFrame):
     """Final test accuracy against final inversion strength (-rho), one point per run, coloured by method."""
     fig, ax = plt.subplots(figsize=(5, 4))
+    n = 0
     for i, (method, group) in enumerate(points.groupby("method", sort=True)):
         ax.scatter(group["inversion_strength"], group["test_accuracy"], color=f"C{i}", label=str(method))
-        for _, row in group.iterrows():
-            ax.annotate(str(row["run"]), (row["inversion_strength"], row["test_accuracy"]), fontsize=6, alpha=0.7)
+        for _, row in group.iterrows():  # names shortened, staggered so that nearby points' names do not overlap
+            ax.annotate(short_label(str(row["run"]), 24), (row["inversion_strength"], row["test_accuracy"]),
+                        fontsize=6, alpha=0.7, color=f"C{i}", xytext=(4, 4 - 8 * (n % 4)),
+                        textcoords="offset points")  # fmt: skip
+            n += 1
     ax.set_xlabel("final inversion strength (-Spearman rho)")
     ax.set_ylabel("final test accuracy")
     ax.set_title("Accuracy vs inversion across runs")
     if len(points):
-        ax.legend(loc="best", fontsize=8)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, title="method")
+    ax.tick_params(axis="x", labelrotation=30)
     fig.tight_layout()
     return fig

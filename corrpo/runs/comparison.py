@@ -343,7 +343,8 @@ def write_comparison_report(
     lines += [
         "",
         "Each RL run: `corrpo fit --config <config> --model.policy <sft policy> --model.sft.steps 0 "
-        "--seed_everything <seed> --data.seed <seed> --model.rl.inversion.coef <coef> --model.rl.steps <RL steps>`"
+        "--seed_everything <seed> --data.seed <seed> --data.arithmetic.seed 0 --model.rl.inversion.coef <coef> "
+        "--model.rl.steps <RL steps>`"
         " (coef 0 = plain GRPO; `top_entropy` adds `--model.rl.top_entropy_quantile <q>` to plain GRPO)."
         " Accuracy is greedy test accuracy; rho is the InversionTracker's Spearman "
         "correlation (last row of `emergence.csv`), strength = -rho (higher = stronger inversion).",

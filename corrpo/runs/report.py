@@ -1,104 +1,39 @@
-"""``corrpo report <run | parent | latest>``: each run folder -> ``emergence.png`` and ``summary.md``, offline.
+"""``corrpo report <run | parent | latest>``: each run folder -> ``summary.md`` and its figures, offline.
 
 Why: a run's numbers sit in four files (``emergence.csv``, ``results.json``, ``config.yaml`` and the wandb
-offline run); this gathers them on one Markdown page, without network or wandb login. It imports no Lightning:
-``python -m corrpo.runs.report <run_dir>`` takes about a second.
+offline run); this gathers them on one Markdown page with figures (``emergence.png``, ``anatomy.png``, and the
+training curves ``reward.png``, ``accuracy.png``, ``completion_length.png`` of :mod:`corrpo.runs.curves`),
+without network or wandb login. It imports no Lightning: ``python -m corrpo.runs.report <run_dir>`` takes
+about a second.
 
-The per-step RL reward is only in wandb: it is read from the run's transaction log
-``wandb/*run-*/run-*.wandb`` with the wandb SDK's own offline reader, ``wandb leet inspect --json`` (wandb
-0.31 has no Python reader any more, the old ``wandb.sdk.internal.datastore`` is gone: wandb-core reads it).
-Without a wandb run, or with a wandb that cannot read it, the summary says the reward was not recorded.
+The per-step scalars (the RL reward, completion length, ...) are only in the logger: :mod:`corrpo.runs.logged`
+reads them from the run's wandb transaction log, else from a CSVLogger ``metrics.csv`` in the run folder.
+Without either, or with a wandb that cannot read it, the summary says which curves were not recorded and why.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 
 from corrpo.runs import analysis
-from corrpo.runs.plotting import anatomy_figure, emergence_figure
+from corrpo.runs.curves import REWARD_KEYS, training_curves
+from corrpo.runs.logged import Logged, logged_metrics
+from corrpo.runs.logged import find_wandb_log as find_wandb_log  # re-exported: tests and benchmarks import the
+from corrpo.runs.logged import find_wandb_logs as find_wandb_logs  # readers from here, where they lived first
+from corrpo.runs.logged import metrics_csv_history as metrics_csv_history
+from corrpo.runs.logged import run_history as run_history
+from corrpo.runs.logged import wandb_history as wandb_history
+from corrpo.runs.logged import wandb_records as wandb_records
+from corrpo.runs.logged import wandb_summary as wandb_summary
+from corrpo.runs.plotting import anatomy_figure, curves_figure, emergence_figure
 from corrpo.runs.run_folder import ANATOMY_PREFIX, RunFolder
-from corrpo.runs.wandb_segments import newest_run_logs
 
 EVENTS = ("start", "boundary", "end")
 MAX_REWARD_ROWS = 20
-
-
-def wandb_records(path: str | Path, timeout: float = 120.0) -> tuple[list[dict], str | None]:
-    """Every record of a ``run-*.wandb`` file as a dict (``type``: history, summary, ...), and a note on any problem.
-
-    Runs ``python -m wandb leet inspect --json <path>`` offline (``WANDB_MODE=offline`` also turns off its
-    telemetry upload). A torn tail (an interrupted run) still gives the records before it, with a note; a wandb
-    without ``leet inspect`` or an unreadable file gives no records and the reason.
-    """
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    command = [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(path)]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout, check=False)
-    except (OSError, subprocess.TimeoutExpired) as error:
-        return [], f"`wandb leet inspect` failed: {error}"
-    records = []
-    for line in done.stdout.splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    said = " ".join(done.stderr.split()[-40:])  # empty for a complete, readable log
-    if done.returncode:
-        return records, f"`wandb leet inspect` exited with {done.returncode}: {said}"
-    return records, said or None
-
-
-def wandb_history(path: str | Path, timeout: float = 120.0) -> tuple[list[dict], str | None]:
-    """The ``history`` rows (``{key: value}``) of a ``run-*.wandb`` file, in order, and a note on any problem."""
-    records, note = wandb_records(path, timeout)
-    rows = [dict(r["history"].get("item", {})) for r in records if r.get("type") == "history" and "history" in r]
-    return rows, note
-
-
-def wandb_summary(path: str | Path, timeout: float = 120.0) -> dict:
-    """The run summary at the end of a ``run-*.wandb`` file: every summary update merged in order."""
-    summary: dict = {}
-    for record in wandb_records(path, timeout)[0]:
-        if record.get("type") == "summary":
-            summary.update(record.get("summary", {}).get("update", {}))
-    return summary
-
-
-def find_wandb_logs(run_dir: str | Path) -> list[Path]:
-    """Every ``run-*.wandb`` of the newest wandb run id under ``<run_dir>/wandb``, oldest first
-    (:func:`corrpo.runs.wandb_segments.newest_run_logs`: a resumed run's history spans one file per session)."""
-    return newest_run_logs(run_dir)
-
-
-def find_wandb_log(run_dir: str | Path) -> Path | None:
-    """The newest wandb run's newest ``run-*.wandb`` under ``<run_dir>/wandb`` (offline or online), else None."""
-    logs = find_wandb_logs(run_dir)
-    return logs[-1] if logs else None
-
-
-def run_history(logs: list[Path]) -> tuple[list[dict], str | None]:
-    """The history rows of a wandb run's segments (:func:`find_wandb_logs`: one per session of a resumed
-    run), in order."""
-    history, problems = [], []
-    for part in logs:
-        rows, problem = wandb_history(part)
-        history.extend(rows)
-        problems.extend([problem] if problem else [])
-    return history, " ".join(problems) or None
-
-
-REWARD_KEYS = ("rl/reward", "reward")
-"""The RL reward in wandb history: ``rl/reward`` (TRL's name in the ``rl/`` section), ``reward`` in older runs."""
 
 
 def _reward(row: dict) -> float | None:
@@ -129,13 +64,6 @@ def _num(value) -> str:
     return str(value) if isinstance(value, int) else f"{float(value):.4f}"
 
 
-def _sparkline(values: list[float]) -> str:
-    """A one-line text plot of ``values`` (eight levels between their min and max)."""
-    low, high = min(values), max(values)
-    bars = "▁▂▃▄▅▆▇█"
-    return "".join(bars[int((v - low) / (high - low) * 7.999) if high > low else 3] for v in values)
-
-
 def _config(run_dir: Path) -> dict:
     """The run's resolved ``config.yaml`` as a dict; empty when absent."""
     return RunFolder(run_dir).read_config()
@@ -148,19 +76,31 @@ def _get(config: dict, dotted: str):
     return config
 
 
-def _reward_section(run_dir: Path, config: dict) -> list[str]:
-    """Markdown lines of the RL reward: summary, text sparkline and a table of at most MAX_REWARD_ROWS rows."""
-    log = find_wandb_log(run_dir)
-    if log is None:
-        return [f"Reward curve: not recorded (no wandb run under `{run_dir / 'wandb'}`)."]
-    logs = find_wandb_logs(run_dir)
-    source = ", ".join(f"`{part.relative_to(run_dir)}`" for part in logs)
-    history, problem = run_history(logs)
-    curve = sorted(dict(reward_curve(history)).items())  # a step logged twice (resumed run) keeps its later value
-    note = [f"Note: {problem}"] if problem else []
+def _every(config: dict) -> str:
     every = _get(config, "trainer.log_every_n_steps")
-    every = f" (`trainer.log_every_n_steps` = {every})" if every else ""
-    if not history and problem:
+    return f" (`trainer.log_every_n_steps` = {every})" if every else ""
+
+
+def _no_rl_reason(run_dir: Path, config: dict, logged: Logged) -> str:
+    """Why a run has no RL curve: no RL phase, no logger output, an unreadable log, or no RL step logged."""
+    if _get(config, "model.rl.steps") == 0:
+        return "SFT only (`model.rl.steps` = 0)"
+    if logged.source is None:
+        return f"no logged metrics (no wandb run under `{run_dir / 'wandb'}`, no metrics.csv)"
+    if not logged.rows and logged.problem:
+        return f"the logged metrics in {logged.source} could not be read ({logged.problem})"
+    return f"no RL step was logged{_every(config)}"
+
+
+def _reward_section(run_dir: Path, config: dict, logged: Logged) -> list[str]:
+    """Markdown lines of the RL reward: summary and a table of at most MAX_REWARD_ROWS rows (the figure is in the
+    training curves section)."""
+    if logged.source is None:
+        return [f"Reward curve: not recorded (no wandb run under `{run_dir / 'wandb'}`, no metrics.csv)."]
+    source, every = logged.source, _every(config)
+    curve = sorted(dict(reward_curve(logged.rows)).items())  # a step logged twice (resumed run) keeps its later value
+    note = [f"Note: {logged.problem}"] if logged.problem else []
+    if not logged.rows and logged.problem:
         return [f"Reward curve: not read from {source}.", "", *note]
     if not curve:
         return [f"Reward curve: not recorded ({source} holds no `reward`: no RL step was logged{every}).", "", *note]
@@ -171,19 +111,49 @@ def _reward_section(run_dir: Path, config: dict) -> list[str]:
         f"{_num(min(rewards))}, max {_num(max(rewards))}.",
         "",
         *(note + [""] if note else []),
-        f"`{_sparkline(rewards)}`",
-        "",
         "| step | reward |",
         "|---|---|",
     ]
     return lines + [f"| {step} | {_num(reward)} |" for step, reward in downsample(curve)]
 
 
-def write_report(run_dir: str | Path) -> tuple[Path | None, Path]:
-    """Write ``<run_dir>/emergence.png`` and ``<run_dir>/summary.md``; return their paths.
+def _boundary_step(config: dict, results: dict | None) -> int | None:
+    """The optimizer step of the SFT->RL boundary: results.json's ``sft_end`` evaluation step, else
+    ``model.sft.steps``; None without both phases."""
+    sft, rl = _get(config, "model.sft.steps"), _get(config, "model.rl.steps")
+    if not sft or rl == 0:
+        return None
+    ends = [e["step"] for e in (results or {}).get("test_accuracy", []) if e.get("when") == "sft_end"]
+    return int(ends[-1]) if ends else int(sft)
 
-    A run without an inversion tracker (e.g. ``configs/grpo-baseline.yaml``: results.json but no emergence.csv)
-    gets accuracy and rewards only, and no figure (its png path is None).
+
+def write_curves(run: RunFolder, config: dict, results: dict | None, logged: Logged) -> tuple[list[Path], list[str]]:
+    """Draw the training curves (:func:`corrpo.runs.curves.training_curves`) into the run folder; return the
+    figures written and the summary's lines: each figure embedded, or a line saying why it is not drawn."""
+    written: list[Path] = []
+    lines = ["## Training curves (per optimizer step; red dashed: SFT -> RL)"]
+    boundary = _boundary_step(config, results)
+    for curves in training_curves(logged.rows, results, _no_rl_reason(run.path, config, logged)):
+        path = run.path / f"{curves.name}.png"
+        if curves.missing is not None:
+            lines.append(f"- `{path.name}` not drawn: {curves.missing}.")
+            continue
+        figure = curves_figure(curves, boundary_step=boundary)
+        figure.savefig(path, dpi=120, bbox_inches="tight")
+        plt.close(figure)
+        written.append(path)
+        lines += ["", f"![{curves.title}]({path.name})"]
+    return written, lines
+
+
+def write_report(run_dir: str | Path) -> list[Path]:
+    """Write ``<run_dir>/summary.md`` and its figures; return the paths written, ``summary.md`` last.
+
+    The figures: ``emergence.png`` (and ``anatomy.png`` with the tracker's anatomy columns) from emergence.csv,
+    then the training curves ``reward.png``, ``accuracy.png``, ``completion_length.png`` (:func:`write_curves`),
+    each left out, with the reason in summary.md, when the run has nothing to show (SFT only, no evaluation,
+    nothing logged). A run without an inversion tracker (e.g. ``configs/grpo-baseline.yaml``: results.json but
+    no emergence.csv) has no emergence figure.
 
     Raises FileNotFoundError (with the path) with neither ``emergence.csv`` nor ``results.json``, or without
     ``results.json`` when the run finished (``end`` row in emergence.csv); an interrupted run without
@@ -203,17 +173,18 @@ def write_report(run_dir: str | Path) -> tuple[Path | None, Path]:
         raise FileNotFoundError(f"{results_path} not found, though emergence.csv has the run's 'end' row")
     results = run.read_results() if results_path.is_file() else None
     config = _config(run_dir)
-    png_path = None
+    written: list[Path] = []
     if tracked:
         boundary = analysis.boundary_batches(frame)
         figure = emergence_figure(frame.to_dict("records"), boundary_batches=boundary)
-        png_path = run.emergence_png
-        figure.savefig(png_path, dpi=120)
+        figure.savefig(run.emergence_png, dpi=120)
         plt.close(figure)
+        written.append(run.emergence_png)
         if any(c.startswith(ANATOMY_PREFIX) for c in frame.columns):
             figure = anatomy_figure(frame.to_dict("records"), boundary_batches=boundary)
-            figure.savefig(run.anatomy_png, dpi=120)
+            figure.savefig(run.anatomy_png, dpi=120, bbox_inches="tight")  # its legend is outside the axes
             plt.close(figure)
+            written.append(run.anatomy_png)
     else:  # no curve: the boundary is where the config puts it
         sft, rl = _get(config, "model.sft.steps"), _get(config, "model.rl.steps")
         boundary = sft if sft and rl else None
@@ -257,10 +228,12 @@ def write_report(run_dir: str | Path) -> tuple[Path | None, Path]:
             lines.append(f"| {when} | {r['step']} | {_num(float(r['accuracy']))} |" if r else f"| {when} | - | - |")
         lines += ["", f"Skipped updates: {results.get('skipped_updates', '-')}"]
         lines += _eval_section(results.get("eval", []))
-    lines += ["", "## RL reward (wandb history)", *_reward_section(run_dir, config), ""]
-    md_path = run.summary_md
-    md_path.write_text("\n".join(lines), encoding="utf-8")
-    return png_path, md_path
+    logged = logged_metrics(run_dir)
+    figures, curve_lines = write_curves(run, config, results, logged)
+    lines += ["", *curve_lines]
+    lines += ["", "## RL reward (logged history)", *_reward_section(run_dir, config, logged), ""]
+    run.summary_md.write_text("\n".join(lines), encoding="utf-8")
+    return [*written, *figures, run.summary_md]
 
 
 def _inversion_section(frame) -> list[str]:
@@ -312,7 +285,10 @@ def _eval_section(entries: list[dict]) -> list[str]:
 
 REPORT_HELP = """\
 Summarise corrpo run folders offline: each run gets summary.md (phases, inversion at start / SFT end / end,
-test accuracy, eval@k, the RL reward from the wandb offline log) and emergence.png (the inversion curve).
+test accuracy, eval@k, the RL reward from the wandb offline log or a metrics.csv) and its figures:
+emergence.png (the inversion curve), reward.png (the RL reward and its parts), accuracy.png (test and eval
+accuracy, the accuracy reward on RL samples) and completion_length.png. A figure with nothing to show (SFT
+only, no evaluation, nothing logged) is left out, and summary.md says why. Every file written is printed.
 
 RUN may be a run folder (runs/tiny/20261201-101500), a parent folder (runs/tiny: every run below it), or
 "latest" (the newest run under ./runs) or PARENT/latest (the newest run under PARENT). Runs without an
@@ -353,9 +329,8 @@ def report_main(argv: list[str] | None = None) -> list[Path]:
         except FileNotFoundError as error:
             parser.exit(1, f"corrpo report: error: {error}\n")
         for path in paths:
-            if path is not None:
-                print(path)
-                written.append(path)
+            print(path)
+            written.append(path)
     return written
 
 

@@ -111,21 +111,44 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: value}
 
 
+def _is_newer_key(key: str, saved: dict[str, Any]) -> bool:
+    """A dotted key the saved (flattened) config lacks because corrpo added it since: a mapping key outside any list
+    (a list entry is the user's content: a missing one is a difference), none of whose ancestors is a saved leaf
+    (a value that became a mapping, e.g. a reward name turned into a factory, is a difference)."""
+    if "[" in key:
+        return False
+    parts = key.split(".")
+    return not any(".".join(parts[:i]) in saved for i in range(1, len(parts)))
+
+
 def config_differences(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
-    """``(key, saved value, current value)`` for every leaf that differs, except :data:`RESUME_MAY_DIFFER`."""
+    """``(key, saved value, current value)`` for every leaf that differs, except :data:`RESUME_MAY_DIFFER`.
+
+    A key the saved config does not hold at all comes from a newer corrpo than the run's: not a difference (the
+    run cannot have set it), but warned with the value the resumed run takes, so a key whose default changes
+    what is trained is seen."""
     a, b = flatten(saved or {}), flatten(current or {})
-    out = []
+    out, newer = [], []
     for key in sorted(set(a) | set(b)):
         if any(fnmatch.fnmatchcase(key, pattern.replace("[*]", "[[]*[]]")) for pattern in RESUME_MAY_DIFFER):
             continue
+        if key not in a and _is_newer_key(key, a):
+            newer.append(f"{key}={b[key]!r}")
+            continue
         if a.get(key, "<unset>") != b.get(key, "<unset>"):
             out.append((key, a.get(key, "<unset>"), b.get(key, "<unset>")))
+    if newer and saved:
+        warnings.warn(
+            "the run's config.yaml predates these keys; the resumed run takes their current values: "
+            + ", ".join(newer[:12]) + (f" and {len(newer) - 12} more" if len(newer) > 12 else ""),
+            stacklevel=3,
+        )
     return out
 
 
 def saved_config_path(run: Path) -> Path | None:
-    """The run's config.yaml: in the run folder (wandb, no logger), else in its logger's folder (a CSV or
-    TensorBoard logger writes it under ``<run>/<name>/version_<n>/``; the newest one then)."""
+    """The run's config.yaml: in the run folder, else in its logger's folder (where a CSV or TensorBoard logger's
+    run wrote it, ``<run>/<name>/version_<n>/``, before it always went to the run folder; the newest one then)."""
     if (run / CONFIG_FILE).is_file():
         return run / CONFIG_FILE
     nested = [p for p in run.glob(f"*/**/{CONFIG_FILE}") if p.is_file()]

@@ -4,20 +4,24 @@ A corrpo run writes everything into one folder, so it can be read, reported on o
 
     <run>/config.yaml       the resolved LightningCLI config (written by the CLI's SaveConfigCallback)
     <run>/emergence.csv     the inversion curve, one tidy row per probe measurement (EMERGENCE_COLUMNS)
-    <run>/results.json      method, seeds, test accuracy at start / SFT end / end, eval@k results and settings,
-                            skipped updates (+ tags such as coef, wall_s)
+    <run>/results.json      method (``sft-only`` when no RL step ran), the steps run of each phase and whether
+                            the run stopped early, seeds, test accuracy at start / SFT end / end, eval@k results
+                            and settings, skipped updates (+ tags such as coef, wall_s)
     <run>/fingerprint.json  ``corrpo validate``'s one measurement
     <run>/eval_generations.jsonl  every evaluated completion (``model.eval``), one JSON object per line
     <run>/checkpoints/      Lightning checkpoints (last.ckpt, ...)
     <run>/policy/           the exported policy, a Hugging Face folder (``from_pretrained``)
     <run>/wandb/            the wandb run (offline unless configured online)
+    <run>/<name>/version_<n>/  a CSV or TensorBoard logger's own files (metrics.csv, event files), when its
+                            save_dir is unset: the CLI puts it in the run folder (a resumed run's logger starts
+                            the next version, as Lightning's loggers do)
 
 The module, the tracker, ``corrpo report``, the notebook helpers (:mod:`corrpo.runs.analysis`) and
 ``benchmarks/compare.py`` all go through :class:`RunFolder`, so a file's name and format live here only.
 
-:func:`run_dir` finds a trainer's folder without ``trainer.log_dir``: that property broadcasts from rank 0 (a
-collective), and the writers run on rank 0 only, so under DDP it would pair with whatever collective the other
-ranks run next and deadlock.
+:func:`run_dir` finds a trainer's folder: ``trainer.default_root_dir``, whatever the loggers, never
+``trainer.log_dir`` (a CSV or TensorBoard logger's ``<name>/version_<n>/``, and a broadcast from rank 0: the writers
+run on rank 0 only, so under DDP it would pair with whatever collective the other ranks run next and deadlock).
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ EMERGENCE_COLUMNS = ["step", "batches", "phase", "event", "source", "spearman", 
 boundary|end), probe source, Spearman rho, Pearson r, strength = -rho, scored tokens. With the tracker's
 ``anatomy: true`` they are followed by one ``anatomy_<factor>`` column per factor (Spearman(H, factor),
 :mod:`corrpo.inversion.anatomy_probe`), in the order the rows hold them."""
+
+SFT_ONLY = "sft-only"
+"""results.json's ``method`` of a run that made no RL step (by config, or stopped before RL)."""
 
 ANATOMY_PREFIX = "anatomy_"
 """The prefix of emergence.csv's anatomy columns (``anatomy_<factor>``)."""
@@ -192,9 +199,12 @@ class RunFolder:
         return float(hits[-1]["accuracy"]) if hits else float("nan")
 
 
-def method_name(rl) -> str:
-    """The method an RL config runs, as results.json records it: ``corrpo`` (the inversion reward is on),
-    ``top_entropy`` (80/20: only the top-entropy tokens train), else ``grpo``."""
+def method_name(rl, rl_steps_run: int | None = None) -> str:
+    """The method a run runs, as results.json records it: ``sft-only`` (no RL step: ``rl.steps`` is 0, or
+    ``rl_steps_run``, the RL steps a finished run ran, is 0: it stopped before RL), ``corrpo`` (the inversion reward
+    is on), ``top_entropy`` (80/20: only the top-entropy tokens train), else ``grpo``."""
+    if (rl.steps if rl_steps_run is None else rl_steps_run) == 0:
+        return SFT_ONLY
     if rl.inversion.coef > 0:
         return "corrpo"
     if rl.top_entropy_quantile < 1.0:
@@ -230,16 +240,14 @@ def newest_finished_run(root: str | Path, exclude: Iterable[Path] = ()) -> RunFo
 
 
 def run_dir(trainer) -> Path:
-    """A trainer's run folder (created if missing): the logger's folder when there is one, else the trainer's root
-    dir; the same rule as ``trainer.log_dir``, without its broadcast."""
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+    """A trainer's run folder (created if missing): ``trainer.default_root_dir``, which the CLI sets to the run's own
+    folder (outside the CLI: the Trainer's ``default_root_dir``, Lightning's default being the working directory).
 
-    logger = trainer.loggers[0] if trainer.loggers else None
-    if isinstance(logger, (CSVLogger, TensorBoardLogger)):
-        folder = logger.log_dir
-    else:
-        folder = (logger.save_dir if logger is not None else None) or trainer.default_root_dir
-    folder = Path(folder)
+    Whatever the loggers (wandb, CSV, TensorBoard, several, none): a CSV or TensorBoard logger keeps its own files in
+    its ``<name>/version_<n>/`` folder, and the run's files stay at the top beside ``checkpoints/``, where a resume
+    finds them (``trainer.log_dir``, a CSV logger's version folder, would move them and add ``version_1/`` on
+    resume)."""
+    folder = Path(trainer.default_root_dir)
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 

@@ -7,11 +7,13 @@ rejects bad values before any training starts, naming the key.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from corrpo.generation.rollout import SamplingConfig
 from corrpo.rewards.combine import checked_reward_weights
+from corrpo.rewards.spec import parse_reward_spec
 from corrpo.training.corrpo_term import CorrPOTermConfig
 from corrpo.training.covariance_tokens import POLICY_LOSSES
 from corrpo.training.objectives import LOSS_TYPES, REWARD_SCALES, LossOptions
@@ -73,8 +75,10 @@ class RLConfig(OptimConfig):
     """Temperature, top_p, max_new_tokens."""
     max_prompt_length: int | None = None
     """Prompt tokens kept (from the left); None keeps all."""
-    rewards: list[str] = field(default_factory=lambda: ["accuracy", "format"])
-    """Reward functions: registry names or import paths ``pkg.module:function``."""
+    rewards: list[str | dict[str, Any]] = field(default_factory=lambda: ["accuracy", "format"])
+    """Reward functions: registry names or import paths ``pkg.module:function``, or mappings
+    (:mod:`corrpo.rewards.spec`): ``{function, kwargs, name}`` (a factory called with ``kwargs``), ``{function,
+    style: verl}`` (verl's ``compute_score``), ``{model: <folder>, name, batch_size}`` (a reward model)."""
     reward_weights: list[float] | None = None
     """One weight per reward; None = all 1."""
     inversion: CorrPOTermConfig = field(default_factory=CorrPOTermConfig)
@@ -90,6 +94,23 @@ class RLConfig(OptimConfig):
     """Upper clip: ``1 + epsilon_high`` (DAPO's clip-higher uses 0.28)."""
     beta: float = 0.0
     """KL coefficient to the frozen reference (the policy at the start of RL); 0 loads no reference."""
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    """``token``: a ratio per token (GRPO). ``sequence``: GSPO, one ratio per response, the geometric mean of its
+    tokens' ratios (TRL's ``importance_sampling_level``, verl's ``loss_mode: gspo``; arXiv 2507.18071)."""
+    delta: float | None = None
+    """TRL's two-sided clip: the unclipped ratio is capped at ``delta`` too (> 1; TRL recommends > ``1 +
+    epsilon_high``); None = off."""
+    entropy_coef: float = 0.0
+    """TRL's entropy bonus: the loss is ``L - entropy_coef * H`` with ``H`` the mean entropy (nats, of
+    ``softmax(logits / T)``) over the loss tokens (the top-entropy ones when selected); 0 = off."""
+    use_bias_correction_kl: bool = False
+    """Multiply the k3 KL by the importance ratio (TRL's ``use_bias_correction_kl``, True by default there): the
+    unbiased reverse-KL gradient of DeepSeek-V3.2. False (corrpo's default) keeps the plain k3 penalty of
+    DeepSeekMath's GRPO; set it true to match a TRL run with ``beta > 0``."""
+    unscorable_rewards: Literal["skip", "zero"] = "skip"
+    """A completion no reward function could score (every one returned None/NaN): ``skip`` (TRL's handling) leaves it
+    out of its group's mean and std and gives it advantage 0; ``zero`` scores it 0 like any other sample (corrpo
+    before this key existed)."""
     mask_truncated_completions: bool = False
     """Exclude completions that hit ``max_new_tokens`` from the loss (DAPO)."""
     policy_loss: Literal["clip", "clip_cov", "kl_cov"] = "clip"
@@ -115,6 +136,10 @@ class RLConfig(OptimConfig):
     reward_failure_patience: int = 3
     """Consecutive RL steps over ``max_reward_failure_share`` before the abort (a broken verifier, not one bad
     completion)."""
+    reward_dry_run: bool = True
+    """Call every reward once at fit start, on a few RL records with placeholder completions
+    (:mod:`corrpo.rewards.dry_run`): a reward that raises on all of them or returns a wrong shape stops the run
+    before SFT. false skips it (a reward that cannot score placeholders)."""
     generation_batch_size: int | None = None
     """Completions per generate call (whole groups: ``max(1, generation_batch_size // num_generations)`` prompts a
     call); None = the whole batch in one call. Bounds the rollout's KV cache and logits."""
@@ -139,6 +164,25 @@ class RLConfig(OptimConfig):
         if not 0.0 < self.max_reward_failure_share <= 1.0:
             raise ValueError(f"rl.max_reward_failure_share must be in (0, 1], got {self.max_reward_failure_share!r}")
         _check_positive("rl", reward_failure_patience=self.reward_failure_patience)
+        if self.importance_sampling_level not in ("token", "sequence"):
+            raise ValueError(
+                "rl.importance_sampling_level must be 'token' or 'sequence' (GSPO), got "
+                f"{self.importance_sampling_level!r}"
+            )
+        if self.importance_sampling_level == "sequence" and self.policy_loss != "clip":
+            raise ValueError(
+                f"rl.importance_sampling_level=sequence (GSPO) is a clip loss; rl.policy_loss={self.policy_loss!r} "
+                "selects tokens by their own ratios: use rl.policy_loss=clip with it"
+            )
+        if self.delta is not None and not self.delta > 1.0:
+            raise ValueError(
+                f"rl.delta={self.delta} must be > 1 (TRL recommends > 1 + rl.epsilon_high) or null (off): a cap at or "
+                "below ratio 1 stops the gradient of every token at the first update, so RL would train nothing"
+            )
+        if not math.isfinite(self.entropy_coef):
+            raise ValueError(f"rl.entropy_coef must be a finite number, got {self.entropy_coef!r}")
+        if self.unscorable_rewards not in ("skip", "zero"):
+            raise ValueError(f"rl.unscorable_rewards must be 'skip' or 'zero', got {self.unscorable_rewards!r}")
         if self.scale_rewards not in REWARD_SCALES:
             raise ValueError(f"rl.scale_rewards must be one of {REWARD_SCALES}, got {self.scale_rewards!r}")
         if self.loss_type not in LOSS_TYPES:
@@ -156,6 +200,8 @@ class RLConfig(OptimConfig):
             raise ValueError("rl.epsilon_low must be in [0, 1) and rl.epsilon_high >= 0")
         if not self.rewards:
             raise ValueError("rl.rewards must name at least one reward function")
+        for i, entry in enumerate(self.rewards):  # the form of each entry; importing waits for the module
+            parse_reward_spec(entry, f"rl.rewards[{i}]")
         checked_reward_weights(self.reward_weights, len(self.rewards))  # one per reward, or a ValueError naming the key
 
     def loss_options(self) -> LossOptions:
@@ -170,6 +216,9 @@ class RLConfig(OptimConfig):
             cov_ratio=self.cov_ratio,
             clip_cov_bounds=(self.clip_cov_lb, self.clip_cov_ub),
             kl_cov_coef=self.kl_cov_coef,
+            use_bias_correction_kl=self.use_bias_correction_kl,
+            importance_sampling_level=self.importance_sampling_level,
+            delta=self.delta,
         )
 
 

@@ -28,6 +28,7 @@ import torch
 
 from corrpo.generation.rollout import Rollout, SamplingConfig
 from corrpo.rewards.accuracy import accuracy_reward
+from corrpo.rewards.call import Prompt
 from corrpo.training.collectives import SINGLE_PROCESS, Collectives
 from corrpo.training.host import require_even_split
 from corrpo.training.rng import restore_rng_states, rng_states
@@ -192,8 +193,9 @@ class Evaluator:
         self.context = context
         self._sets: dict[str, list[dict]] | None = None
 
-    def texts(self, prompts: list[str], n: int, greedy: bool) -> list[str]:
-        """``n`` completions per prompt (prompt-major): greedy, or sampled at ``eval.temperature`` / ``eval.top_p``."""
+    def texts(self, prompts: list[Prompt], n: int, greedy: bool) -> list[str]:
+        """``n`` completions per prompt (text or message lists; prompt-major): greedy, or sampled at
+        ``eval.temperature`` / ``eval.top_p``."""
         ctx, cfg = self.context(), self.config
         sampling = None if greedy else replace(ctx.sampling, temperature=cfg.temperature, top_p=cfg.top_p)
         return ctx.decode(ctx.generate(prompts, n, greedy=greedy, sampling=sampling))

@@ -22,16 +22,27 @@ def row_chunks(n_rows: int, micro_batch_size: int | None) -> list[slice]:
 
 
 def completion_log_probs(
-    model: nn.Module, rollout: Rollout, rows: slice = slice(None), packed: bool = False
+    model: nn.Module,
+    rollout: Rollout,
+    rows: slice = slice(None),
+    packed: bool = False,
+    temperature: float = 1.0,
+    entropy_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs ``[n, L]`` (fp32, differentiable) of the completion tokens of ``rollout``'s ``rows`` under
-    ``model``, and their entropy in bits ``[n, L]`` (fp32, no grad; 0 off the completion mask).
+    ``model`` at ``temperature``, and their entropy in bits ``[n, L]`` (fp32, no grad; 0 off the completion mask).
+
+    ``temperature``: both come from ``softmax(z / T)``, the distribution the rollout was sampled from, as TRL's
+    ``_get_per_token_logps_and_entropies`` and verl compute them; so the importance ratio and the KL are the
+    sampling policy's. ``T = 1`` divides nothing (bit for bit the raw logits). ``entropy_grad``: the entropy keeps
+    its graph (``rl.entropy_coef``'s bonus backpropagates through it).
 
     Token ``P + j`` is predicted at column ``P + j - 1``: only the ``L + 1`` last positions are unembedded
     (``logits_to_keep``), so the prompt costs no logits. ``packed``: a padding-free forward
     (:func:`corrpo.models.packing.forward_logits`).
     """
-    return completion_scores(completion_logits(model, rollout, rows, packed), rollout, rows)
+    logits = completion_logits(model, rollout, rows, packed)
+    return completion_scores(logits, rollout, rows, temperature, entropy_grad)
 
 
 def completion_logits(
@@ -44,8 +55,14 @@ def completion_logits(
 
 
 def completion_scores(
-    logits: torch.Tensor, rollout: Rollout, rows: slice = slice(None)
+    logits: torch.Tensor,
+    rollout: Rollout,
+    rows: slice = slice(None),
+    temperature: float = 1.0,
+    entropy_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`completion_log_probs` from the ``[n, L + 1, V]`` logits of the last ``L + 1`` positions."""
-    log_probs, entropy = token_log_probs_and_entropy(logits[:, :-1], rollout.completion_ids[rows])
+    log_probs, entropy = token_log_probs_and_entropy(
+        logits[:, :-1], rollout.completion_ids[rows], temperature, entropy_grad
+    )
     return log_probs, entropy.masked_fill(~rollout.completion_mask[rows].bool(), 0.0)

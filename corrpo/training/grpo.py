@@ -19,6 +19,7 @@ and one row per completion for the dashboard. The math itself lives in :mod:`cor
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from corrpo.generation.rollout import Rollout
-from corrpo.rewards.call import RewardFn, RewardInputs, RewardLog, StepInfo
+from corrpo.rewards.call import Prompt, RewardFn, RewardInputs, RewardLog, StepInfo, group_inputs
 from corrpo.rewards.combine import (
     RewardFailureMonitor,
     RewardScores,
@@ -52,6 +53,7 @@ from corrpo.training.objectives import (
     TokenSelection,
     clipped_policy_loss,
     covariance_selection,
+    entropy_bonus,
     high_entropy_mask,
     masked_mean,
     zero_std_fraction,
@@ -140,7 +142,7 @@ class GRPOStep:
     def __call__(
         self,
         ctx: RLContext,
-        prompts: list[str],
+        prompts: list[Prompt],
         answers: list[str],
         rl_index: int,
         step: int | None = None,
@@ -151,7 +153,8 @@ class GRPOStep:
 
         Args:
             ctx: policy, optimizer, sampling and the ranks.
-            prompts: ``B`` prompts; each gets ``rl.num_generations`` completions.
+            prompts: ``B`` prompts, text or message lists; each gets ``rl.num_generations`` completions (handed to
+                the rewards as text, or as assistant message lists when the prompt is a message list, as TRL does).
             answers: their gold answers (passed to the reward functions as ``answer``).
             rl_index: 0-based RL step (drives the lr schedule and the CorR-PO warm-up).
             step: the run's batch index, written in the completion rows (default ``rl_index``).
@@ -167,13 +170,9 @@ class GRPOStep:
 
         t0 = time.perf_counter()
         completions = ctx.decode(rollout)
-        group_prompts = [p for p in prompts for _ in range(G)]
-        group_answers = [a for a in answers for _ in range(G)]
         reward_log = RewardLog()
-        group_columns = {name: [v for v in values for _ in range(G)] for name, values in (columns or {}).items()}
-        inputs = RewardInputs(
-            prompts=group_prompts, completions=list(completions), columns={**group_columns, "answer": group_answers},
-            completion_ids=completion_token_ids(rollout),
+        inputs = group_inputs(  # as the start-up dry run builds them (corrpo.rewards.dry_run)
+            prompts, answers, columns, completions, G, completion_ids=completion_token_ids(rollout),
             trainer_state=StepInfo(rl_index if step is None else step, max_steps, rl_index), log=reward_log,
         )  # fmt: skip
         scores = self.score(inputs)
@@ -184,15 +183,18 @@ class GRPOStep:
         if rl.inversion.scored:
             t0 = time.perf_counter()
             n_chunks = len(row_chunks(rollout.sequences.shape[0], rl.micro_batch_size))
-            if shares_update_forward(ctx.policy, rl.inversion, n_chunks) is None:
+            # the shared forward hands the update a detached entropy: an entropy bonus needs its own forward
+            if shares_update_forward(ctx.policy, rl.inversion, n_chunks) is None and rl.entropy_coef == 0:
                 term, first_forward = corrpo_term_on_update_forward(
-                    ctx.policy, rollout, rl.inversion, rl_index, G, rl.packing
+                    ctx.policy, rollout, rl.inversion, rl_index, G, rl.packing, rl.sampling.temperature
                 )
             else:
                 rows = rl.inversion.rows_per_chunk or rl.micro_batch_size or 64
                 term = corrpo_term(ctx.policy, rollout, rl.inversion, rl_index, G, rows)
             timings["inversion"] = time.perf_counter() - t0
-        scores, rewards, advantages = enter_term(term, rl.inversion, scores, G, rl.scale_rewards, device)
+        scores, rewards, advantages = enter_term(
+            term, rl.inversion, scores, G, rl.scale_rewards, device, rl.unscorable_rewards == "skip"
+        )
         rows = completion_rows(
             rl_index if step is None else step, inputs, scores, rewards, advantages,
             term.rho if term is not None else None,
@@ -202,7 +204,7 @@ class GRPOStep:
         out, entropy, updates = self.update(ctx, rollout, advantages, rl_index, first_forward)
         timings["update"] = time.perf_counter() - t0
 
-        metrics = self._metrics(ctx, rollout, rewards, scores, out, entropy, term)
+        metrics = self._step_metrics(ctx, rollout, rewards, scores, out, entropy, term)
         metrics.update({f"time/{k}": v for k, v in timings.items()})
         metrics.update(reward_log.metrics)  # a reward's log_metric(name, value), under its own name as in TRL
         return RLStepResult(
@@ -233,12 +235,13 @@ class GRPOStep:
         if rl.mask_truncated_completions:
             loss_mask = loss_mask & ~rollout.truncated.unsqueeze(1)
         chunks = row_chunks(loss_mask.shape[0], rl.micro_batch_size)
+        temperature = rl.sampling.temperature  # every log-prob on logits / T: the sampling policy's, as TRL and verl
         old_log_probs = ref_log_probs = None
         with torch.no_grad():
             if rl.num_iterations > 1:
-                old_log_probs = _whole_batch(ctx.policy, rollout, chunks, rl.packing)[0]
+                old_log_probs = _whole_batch(ctx.policy, rollout, chunks, rl.packing, temperature)[0]
             if ctx.ref_policy is not None:
-                ref_log_probs = _whole_batch(ctx.ref_policy, rollout, chunks, rl.packing)[0]
+                ref_log_probs = _whole_batch(ctx.ref_policy, rollout, chunks, rl.packing, temperature)[0]
         local_tokens = loss_mask.sum().float().clamp(min=1.0)
         normalisers = LossNormalisers(
             num_tokens=ctx.collectives.mean(local_tokens) if rl.loss_type == "dapo" else None,
@@ -246,13 +249,14 @@ class GRPOStep:
             local_tokens=local_tokens,
         )
         options = rl.loss_options()
+        entropy_grad = rl.entropy_coef != 0  # TRL's entropy bonus backpropagates through the token entropies
         needs_whole_batch = rl.top_entropy_quantile < 1.0 or rl.policy_loss != "clip"
         updates, entropy = [], None
         for iteration in range(rl.num_iterations):
             selection = None
             if needs_whole_batch and len(chunks) > 1:
                 with torch.no_grad():
-                    scores = _whole_batch(ctx.policy, rollout, chunks, rl.packing)
+                    scores = _whole_batch(ctx.policy, rollout, chunks, rl.packing, temperature)
                     selection = self._selection(ctx, *scores, old_log_probs, advantages, loss_mask)
             stats = _LossStats()
 
@@ -262,9 +266,11 @@ class GRPOStep:
 
             def losses(selection=selection, stats=stats, given=given):
                 for rows in chunks:
-                    log_probs, token_entropy = given or completion_log_probs(ctx.policy, rollout, rows, rl.packing)
+                    log_probs, token_entropy = given or completion_log_probs(
+                        ctx.policy, rollout, rows, rl.packing, temperature, entropy_grad
+                    )
                     if selection is None:  # one chunk: the batch itself
-                        selection = self._selection(ctx, log_probs.detach(), token_entropy, old_log_probs,
+                        selection = self._selection(ctx, log_probs.detach(), token_entropy.detach(), old_log_probs,
                                                     advantages, loss_mask)  # fmt: skip
                     train_mask, cov_tokens = (None if s is None else s[rows] for s in selection)
                     out = clipped_policy_loss(
@@ -277,9 +283,15 @@ class GRPOStep:
                         TokenSelection(train_mask, cov_tokens),
                         normalisers,
                     )
-                    stats.add(out, loss_mask[rows], token_entropy, rollout.completion_mask[rows])
+                    loss = out.loss
+                    if entropy_grad:  # L - entropy_coef * H, H in nats over the (top-entropy) loss tokens, as TRL
+                        kept = loss_mask if selection[0] is None else loss_mask & selection[0]
+                        whole = kept.sum().float().clamp(min=1.0) if len(chunks) > 1 else None
+                        bonus = entropy_bonus(token_entropy * math.log(2.0), loss_mask[rows], train_mask, whole)
+                        loss = loss - rl.entropy_coef * bonus
+                    stats.add(out, loss_mask[rows], token_entropy.detach(), rollout.completion_mask[rows])
                     stats.cov_tokens = selection[1]
-                    yield out.loss
+                    yield loss
 
             lr = self.lr_at(rl_index * rl.num_iterations + iteration)
             update = apply_update(losses(), ctx.optimizer, ctx.policy, lr, rl.max_grad_norm, ctx.collectives,
@@ -303,7 +315,7 @@ class GRPOStep:
             cov_tokens = covariance_selection(log_probs, old, advantages, loss_mask, rl.loss_options())
         return self.train_mask(token_entropy, loss_mask, ctx.collectives), cov_tokens
 
-    def _metrics(self, ctx, rollout, rewards, scores, out, entropy, term) -> dict[str, torch.Tensor | float]:
+    def _step_metrics(self, ctx, rollout, rewards, scores, out, entropy, term) -> dict[str, torch.Tensor | float]:
         G = self.rl.num_generations
         metrics: dict[str, torch.Tensor | float] = {}
         if term is not None:
@@ -313,13 +325,17 @@ class GRPOStep:
             if "inversion" in scores.per_function:  # apply: reward (its mean is logged with the other rewards')
                 metrics["rewards/inversion/std"] = term.bonus.float().std() if term.bonus.numel() > 1 else 0.0
         lengths = rollout.completion_mask.sum(dim=1).float()
+        scored = rewards[~rewards.isnan()]  # unscorable samples (rl.unscorable_rewards: skip) are left out, as in TRL
         metrics.update(
             {
                 "loss": out.loss.detach(),
-                "reward": rewards.mean(),
-                "reward_std": rewards.view(-1, G).std(dim=1).mean() if G > 1 else torch.zeros(()),
+                "reward": scored.mean() if scored.numel() else torch.tensor(float("nan")),
+                "reward_std": scored.std() if scored.numel() > 1 else torch.zeros(()),
                 "frac_reward_zero_std": zero_std_fraction(rewards, G),
-                "entropy": entropy,
+                # TRL's entropy: nats of the sampling distribution softmax(z / T), over the completion tokens; the
+                # same in bits (the inversion's unit, on the logits the update reads) under inversion/
+                "entropy": entropy * math.log(2.0),
+                "inversion/policy_entropy_bits": entropy,
                 "kl": out.kl,
                 "clip_ratio/low_mean": out.clip_low,
                 "clip_ratio/high_mean": out.clip_high,
@@ -350,10 +366,11 @@ def pooled_mean(values: torch.Tensor, collectives: Collectives, device: torch.de
 
 
 def _whole_batch(
-    model: nn.Module, rollout: Rollout, chunks: list[slice], packed: bool = False
+    model: nn.Module, rollout: Rollout, chunks: list[slice], packed: bool = False, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Completion log-probs and entropies ``[N, L]`` of the whole batch, computed chunk by chunk (call without grad)."""
-    parts = [completion_log_probs(model, rollout, rows, packed) for rows in chunks]
+    """Completion log-probs and entropies ``[N, L]`` of the whole batch on ``logits / temperature``, computed chunk by
+    chunk (call without grad)."""
+    parts = [completion_log_probs(model, rollout, rows, packed, temperature) for rows in chunks]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 

@@ -13,12 +13,14 @@ and probe sets, eval files): here, the lowest room the module, the data module a
 
 from __future__ import annotations
 
+import os
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from corrpo.generation.rollout import Rollout
+from corrpo.models.batching import ChatPrompt, PromptFormat
 from corrpo.training.phases import PhaseSchedule
 
 
@@ -35,7 +37,9 @@ class TrainingHost(Protocol):
     tokenizer: Any
     """Its tokenizer."""
     use_chat_template: bool
-    """Whether prompts are wrapped with the tokenizer's chat template."""
+    """Whether text prompts are wrapped with the tokenizer's chat template."""
+    prompt_format: PromptFormat
+    """How prompts become the model's text (chat template, system prompt, template kwargs): the probes use it."""
     last_completions: list[dict]
     """One row per completion of this rank's last RL batch (prompt, completion, rewards, advantage, rho)."""
     eval_history: list[dict]
@@ -44,7 +48,7 @@ class TrainingHost(Protocol):
     """Updates skipped for a non-finite loss or gradient."""
     device: torch.device
 
-    def generate_rollout(self, prompts: list[str], num_generations: int, greedy: bool = False) -> Rollout:
+    def generate_rollout(self, prompts: list[ChatPrompt], num_generations: int, greedy: bool = False) -> Rollout:
         """``num_generations`` completions per prompt from the current policy."""
         ...
 
@@ -82,8 +86,13 @@ class HeldOutData(Protocol):
         """Held-out (prompt, completion) traces for the inversion probes, all ranks' together."""
         ...
 
+    def rl_records(self) -> list[dict]:
+        """The RL prompt records (prompt, answer, dataset columns): the module dry-runs the rewards on a few of them
+        at fit start (:mod:`corrpo.rewards.dry_run`)."""
+        ...
 
-HELD_OUT_ATTRIBUTES = tuple(HeldOutData.__annotations__) + ("test_records", "probe_records")
+
+HELD_OUT_ATTRIBUTES = tuple(HeldOutData.__annotations__) + ("test_records", "probe_records", "rl_records")
 
 
 def require_held_out_data(datamodule: object, who: str) -> HeldOutData:
@@ -104,3 +113,10 @@ def require_even_split(key: str, n: int, world_size: int, why: str = "") -> None
     if n % world_size:
         reason = f" {why}" if why else ""
         raise ValueError(f"{key}={n} must be divisible by the number of processes ({world_size}){reason}")
+
+
+def seed_or_global(seed: int | None) -> int:
+    """``seed``, or when it is None the ``seed_everything`` seed (Lightning's ``PL_GLOBAL_SEED``; 0 when nothing was
+    seeded): how the module's, the data module's and the task's unset seeds follow the global one (the CLI writes the
+    value into the config too, :func:`corrpo.cli.fill_unset_seeds`)."""
+    return seed if seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))

@@ -14,6 +14,7 @@ an entropy-quantile token mask (the 80/20 baseline) and the Clip-Cov / KL-Cov va
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -38,35 +39,61 @@ def group_advantages(
     A group whose rewards are all equal gets advantage exactly 0 (the numerator is 0): it carries no
     learning signal, which is why ``frac_reward_zero_std`` is logged.
 
+    A NaN reward marks an unscorable completion (every reward function returned None: TRL's convention): it is
+    left out of its group's mean and std (``nanmean`` / TRL's Bessel-corrected ``nanstd``, NaN for fewer than two
+    scored values) and its advantage is 0, as TRL's GRPOTrainer does. Without NaN this is the plain arithmetic.
+
     Args:
-        rewards: ``[N]`` total reward per completion, ``N`` divisible by ``group_size``.
+        rewards: ``[N]`` total reward per completion, ``N`` divisible by ``group_size``; NaN = unscorable.
         group_size: ``G``, completions per prompt.
     Returns:
-        ``[N]`` advantages, same dtype as ``rewards``.
+        ``[N]`` advantages, same dtype as ``rewards``; finite.
     """
     if rewards.ndim != 1 or rewards.numel() % group_size != 0:
         raise ValueError(f"rewards of shape {tuple(rewards.shape)} is not a flat multiple of G={group_size}")
     if scale not in REWARD_SCALES:
         raise ValueError(f"scale_rewards must be one of {REWARD_SCALES}, got {scale!r}")
-    if not torch.isfinite(rewards).all():
-        raise ValueError("rewards contain NaN or inf; score unscorable samples as 0 before calling")
+    if torch.isinf(rewards).any():
+        raise ValueError("rewards contain inf; score unscorable samples as NaN (None) and failed ones as 0")
     grouped = rewards.view(-1, group_size)
-    centred = (grouped - grouped.mean(dim=1, keepdim=True)).view(-1)
-    if scale == "none":
-        return centred
-    if scale == "group":
-        std = grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(grouped[:, :1])
-        std = std.expand_as(grouped).reshape(-1)
+    unscorable = rewards.isnan()
+    if not unscorable.any():
+        centred = (grouped - grouped.mean(dim=1, keepdim=True)).view(-1)
+        if scale == "group":
+            std = grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(grouped[:, :1])
+            std = std.expand_as(grouped).reshape(-1)
+        elif scale == "batch":
+            std = rewards.std() if rewards.numel() > 1 else torch.zeros_like(rewards[0])
     else:
-        std = rewards.std() if rewards.numel() > 1 else torch.zeros_like(rewards[0])
+        centred = (grouped - torch.nanmean(grouped, dim=1, keepdim=True)).view(-1)
+        if scale == "group":
+            std = _nanstd(grouped, dim=1).expand_as(grouped).reshape(-1)
+        elif scale == "batch":
+            std = _nanstd(rewards.view(1, -1), dim=1).reshape(())
+    if scale == "none":
+        return torch.nan_to_num(centred, nan=0.0)
     # A zero-variance group has a zero numerator: define its advantage as exactly 0 even when eps = 0.
-    return torch.where(centred == 0, torch.zeros_like(centred), centred / (std + eps))
+    advantages = torch.where(centred == 0, torch.zeros_like(centred), centred / (std + eps))
+    return torch.nan_to_num(advantages, nan=0.0)
+
+
+def _nanstd(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """The Bessel-corrected std over ``dim`` of the non-NaN entries (NaN where fewer than two), kept dim: TRL's
+    ``nanstd``."""
+    mean = torch.nanmean(values, dim=dim, keepdim=True)
+    count = (~values.isnan()).sum(dim=dim, keepdim=True)
+    variance = torch.nanmean((values - mean) ** 2, dim=dim, keepdim=True) * count / (count - 1).clamp(min=1)
+    return torch.where(count > 1, variance.sqrt(), torch.full_like(variance, float("nan")))
 
 
 def zero_std_fraction(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Fraction of groups whose rewards are all equal (TRL's ``frac_reward_zero_std``)."""
+    """Fraction of groups whose rewards are all equal (TRL's ``frac_reward_zero_std``): the groups that carry no
+    learning signal. NaN (unscorable) rewards are left out; a group with fewer than two scored rewards counts."""
     grouped = rewards.view(-1, group_size)
-    return (grouped.max(dim=1).values == grouped.min(dim=1).values).float().mean()
+    scored = ~grouped.isnan()
+    high = grouped.masked_fill(~scored, float("-inf")).max(dim=1).values
+    low = grouped.masked_fill(~scored, float("inf")).min(dim=1).values
+    return ((high == low) | (scored.sum(dim=1) < 2)).float().mean()
 
 
 LOG_PROB_SLICE_ELEMENTS = 1 << 24
@@ -74,54 +101,76 @@ LOG_PROB_SLICE_ELEMENTS = 1 << 24
 
 
 class _TokenLogProbs(torch.autograd.Function):
-    """``log_softmax(z_t)[y_t]`` and the entropy of ``softmax(z_t)`` (bits), slice by slice, bit for bit what
-    ``F.log_softmax(logits.float()).gather(...)`` and its autograd give.
+    """``log_softmax(z_t / T)[y_t]`` and the entropy of ``softmax(z_t / T)`` (bits), slice by slice, bit for bit what
+    ``F.log_softmax(logits.float() / T).gather(...)`` and its autograd give.
 
     That expression keeps an fp32 ``[N, L, V]`` copy alive for the backward (with a 150k vocabulary the largest
-    tensor of a step). Here each slice of rows is upcast, reduced and dropped; the backward recomputes the slice's
-    ``log_softmax`` from the saved logits (in their own dtype): ``d log p(y_t) / d z_t = onehot(y_t) - softmax(z_t)``.
+    tensor of a step); so would ``logits / T``. Here each slice of rows is upcast, scaled, reduced and dropped; the
+    backward recomputes the slice's ``log_softmax`` from the saved logits (in their own dtype):
+    ``d log p(y_t) / d z_t = (onehot(y_t) - p_t) / T``. The entropy is differentiable too (an entropy bonus needs it):
+    ``d H_nats / d z_t = -p_t (log p_t + H_nats) / T``, in bits divided by ``ln 2``. ``T = 1`` divides nothing.
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, rows: int):
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, rows: int, temperature: float):
         flat, flat_targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1, 1)
         log_probs = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
         entropy = torch.empty_like(log_probs)
         for start in range(0, flat.shape[0], rows):
             part = slice(start, start + rows)
-            logp = torch.log_softmax(flat[part].float(), dim=-1)
+            logp = _scaled_log_softmax(flat[part], temperature)
             log_probs[part] = logp.gather(-1, flat_targets[part]).squeeze(-1)
             entropy[part] = entropy_bits_of_log_probs(logp)
         ctx.save_for_backward(logits, targets)
-        ctx.rows = rows
-        ctx.mark_non_differentiable(entropy)
+        ctx.rows, ctx.temperature = rows, temperature
+        ctx.set_materialize_grads(False)  # an output nobody backpropagates through comes back as None
         return log_probs.view(targets.shape), entropy.view(targets.shape)
 
     @staticmethod
-    def backward(ctx, grad_log_probs: torch.Tensor, _grad_entropy: torch.Tensor):
+    def backward(ctx, grad_log_probs: torch.Tensor | None, grad_entropy: torch.Tensor | None):
         logits, targets = ctx.saved_tensors
         flat, flat_targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1, 1)
-        grad = grad_log_probs.reshape(-1, 1).float()
+        grad = grad_log_probs.reshape(-1, 1).float() if grad_log_probs is not None else None
+        grad_h = grad_entropy.reshape(-1, 1).float() if grad_entropy is not None else None
         grad_logits = torch.empty_like(flat)
         for start in range(0, flat.shape[0], ctx.rows):
             part = slice(start, start + ctx.rows)
+            logp = _scaled_log_softmax(flat[part], ctx.temperature)
             # log_softmax's own backward, ``g_onehot - exp(logp) * sum(g_onehot)``, on a zero-but-one gradient
             onehot = torch.zeros(flat[part].shape, dtype=torch.float32, device=flat.device)
-            onehot.scatter_(-1, flat_targets[part], grad[part])
-            grad_logits[part] = torch._log_softmax_backward_data(
-                onehot, torch.log_softmax(flat[part].float(), dim=-1), -1, torch.float32
-            )
-        return grad_logits.view_as(logits), None, None
+            if grad is not None:
+                onehot.scatter_(-1, flat_targets[part], grad[part])
+            g = torch._log_softmax_backward_data(onehot, logp, -1, torch.float32)
+            if grad_h is not None and bool(grad_h[part].any()):
+                p = logp.exp()
+                h_nats = -(p * logp).sum(-1, keepdim=True)
+                g = g - grad_h[part] * p * (logp + h_nats) / math.log(2.0)
+            grad_logits[part] = g if ctx.temperature == 1.0 else g / ctx.temperature
+        return grad_logits.view_as(logits), None, None, None
 
 
-def token_log_probs_and_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(log p(targets[t] | logits[t]) [N, L] fp32, entropy bits [N, L] fp32 (no grad))`` from one pass over the
-    logits, never holding more than a :data:`LOG_PROB_SLICE_ELEMENTS` fp32 slice of them (any logits dtype)."""
+def _scaled_log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``log_softmax(z / T)`` of a slice, in fp32 (``T = 1`` divides nothing)."""
+    z = logits.float()
+    return torch.log_softmax(z if temperature == 1.0 else z / temperature, dim=-1)
+
+
+def token_log_probs_and_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, entropy_grad: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log p(targets[t] | logits[t] / T) [N, L] fp32, entropy bits [N, L] fp32)`` from one pass over the
+    logits, never holding more than a :data:`LOG_PROB_SLICE_ELEMENTS` fp32 slice of them (any logits dtype).
+
+    ``temperature``: the distribution ``softmax(z / T)`` (the sampling policy's; TRL's convention).
+    ``entropy_grad``: the entropy keeps its graph (an entropy bonus backpropagates through it); by default it is
+    a diagnostic without ``grad_fn``, so keeping it never keeps the graph."""
     if logits.shape[:-1] != targets.shape:
         raise ValueError(f"targets {tuple(targets.shape)} must be logits.shape[:-1] {tuple(logits.shape[:-1])}")
+    if not temperature > 0:
+        raise ValueError(f"the log-prob temperature must be > 0, got {temperature!r}")
     rows = max(1, LOG_PROB_SLICE_ELEMENTS // logits.shape[-1])
-    log_probs, entropy = _TokenLogProbs.apply(logits, targets, rows)
-    return log_probs, entropy.detach()  # a diagnostic: no grad_fn, so keeping it never keeps the graph
+    log_probs, entropy = _TokenLogProbs.apply(logits, targets, rows, float(temperature))
+    return log_probs, entropy if entropy_grad else entropy.detach()
 
 
 def token_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -187,6 +236,22 @@ def aggregate_token_loss(
     raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
 
 
+def entropy_bonus(
+    entropy_nats: torch.Tensor,
+    mask: torch.Tensor,
+    train_mask: torch.Tensor | None = None,
+    num_tokens: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """TRL's entropy bonus term ``H = sum_t H_t m_t / sum_t m_t`` over the loss tokens ``m`` (the top-entropy ones
+    when ``train_mask`` selects), in nats; the loss is ``L - entropy_coef * H`` (TRL's ``entropy_coef``), so a
+    positive coefficient pushes the policy's entropy up. ``num_tokens``: the whole batch's ``sum m`` when these rows
+    are a micro-batch of it (the chunks' terms then sum to the batch's); None = these rows' own count."""
+    kept = mask.bool() if train_mask is None else mask.bool() & train_mask.bool()
+    weights = kept.to(entropy_nats.dtype)
+    count = weights.sum().clamp(min=1.0) if num_tokens is None else num_tokens
+    return (entropy_nats * weights).sum() / count
+
+
 @dataclass
 class PolicyLossOutput:
     """The scalar loss and the statistics TRL logs for it (all detached except ``loss``)."""
@@ -244,6 +309,18 @@ class LossOptions:
     """Clip-Cov: the covariance window a restrained token's covariance must fall in."""
     kl_cov_coef: float = 1.0
     """KL-Cov: the weight of ``|logp - logp_old|`` on the restrained tokens."""
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    """``token``: one ratio per token (GRPO / PPO). ``sequence``: GSPO (Zheng et al. 2025, arXiv 2507.18071; TRL's
+    ``importance_sampling_level: sequence``, verl's ``loss_mode: gspo``): one ratio per response,
+    ``s_i = exp(mean_t (logp_t - logp_old_t))`` over its loss tokens, clipped and applied to every token of it."""
+    delta: float | None = None
+    """Two-sided clip (TRL's ``delta``, INTELLECT-2): the unclipped ratio of the surrogate is capped at ``delta`` too,
+    so a negative-advantage token's ratio cannot grow without bound; None = off (TRL recommends
+    ``delta > 1 + epsilon_high``)."""
+    use_bias_correction_kl: bool = False
+    """Multiply the per-token k3 KL by the importance ratio (with its gradient), TRL's ``use_bias_correction_kl``
+    (DeepSeek-V3.2): the KL gradient becomes the unbiased reverse-KL gradient ``E[(k3 + 1 - r_ref) grad logp]``
+    instead of k3's own ``(1 - r_ref) grad logp``. False keeps the plain k3 penalty."""
 
 
 @dataclass(frozen=True)
@@ -308,9 +385,13 @@ def clipped_policy_loss(
 
     Clip statistics follow TRL: a token is low-clipped when ``ratio < 1 - eps_low`` and ``A < 0`` (the
     clip is what stops the gradient), high-clipped when ``ratio > 1 + eps_high`` and ``A > 0``.
+    ``options.importance_sampling_level: sequence`` (GSPO) replaces each token's ratio by its response's
+    ``exp(mean_t log ratio_t)``; ``options.delta`` caps the unclipped ratio at ``delta`` (TRL's two-sided clip).
     ``normalisers``: see :func:`aggregate_token_loss`. ``selection.train_mask`` (e.g. :func:`high_entropy_mask`)
-    zeroes the loss of the other tokens while the normaliser still counts every token of ``mask``, as TRL does: a
-    smaller kept set means a smaller step, not a rescaled one.
+    zeroes the policy term of the other tokens while the normaliser still counts every token of ``mask``, as TRL
+    does: a smaller kept set means a smaller step, not a rescaled one; the KL term (``beta > 0``) is added after
+    the mask, on every token of ``mask``, as TRL adds it. ``options.use_bias_correction_kl``: the k3 term times the
+    ratio (TRL's bias-corrected KL); the logged ``kl`` is then that product's mean, as TRL logs it.
 
     ``options.policy_loss``: ``clip`` (the above), ``clip_cov`` (the above with the gradient of a few
     high-covariance tokens removed) or ``kl_cov`` (unclipped ``-ratio * A``, plus ``kl_cov_coef * |logp -
@@ -322,9 +403,17 @@ def clipped_policy_loss(
     if o.beta > 0 and ref_log_probs is None:
         raise ValueError("beta > 0 needs ref_log_probs")
     adv = advantages.unsqueeze(-1).to(log_probs.dtype)
-    ratio = torch.exp(log_probs - old_log_probs)
+    log_ratio = log_probs - old_log_probs
+    if o.importance_sampling_level == "sequence":  # GSPO: the length-normalised sequence ratio, on every token
+        weights = mask.to(log_ratio.dtype)
+        log_ratio = (log_ratio * weights).sum(-1, keepdim=True) / weights.sum(-1, keepdim=True).clamp(min=1.0)
+        log_ratio = log_ratio.expand_as(log_probs)
+    elif o.importance_sampling_level != "token":
+        raise ValueError(f"importance_sampling_level must be token or sequence, got {o.importance_sampling_level!r}")
+    ratio = torch.exp(log_ratio)
     clipped = torch.clamp(ratio, 1.0 - o.epsilon_low, 1.0 + o.epsilon_high)
-    per_token = -torch.minimum(ratio * adv, clipped * adv)
+    capped = ratio if o.delta is None else torch.clamp(ratio, max=o.delta)  # TRL caps after taking the clip
+    per_token = -torch.minimum(capped * adv, clipped * adv)
     cov_selected = None
     if o.policy_loss != "clip":
         if o.policy_loss not in POLICY_LOSSES:
@@ -338,20 +427,22 @@ def clipped_policy_loss(
             penalty = o.kl_cov_coef * (log_probs - old_log_probs).abs() * chosen.to(log_probs.dtype)
             per_token = -ratio * adv + penalty
         cov_selected = masked_mean(chosen.float(), mask)
+    if selection.train_mask is not None:  # the policy term only: the KL below stays on every token, as in TRL
+        per_token = per_token * selection.train_mask.to(per_token.dtype)
     kl = torch.zeros((), device=log_probs.device)
     if ref_log_probs is not None:
         kl_tok = kl_k3(log_probs, ref_log_probs)
+        if o.use_bias_correction_kl:
+            kl_tok = kl_tok * ratio
         kl = masked_mean(kl_tok.detach(), mask)
         if o.beta > 0:
             per_token = per_token + o.beta * kl_tok
-    if selection.train_mask is not None:
-        per_token = per_token * selection.train_mask.to(per_token.dtype)
     length = o.max_completion_length if o.max_completion_length is not None else mask.shape[-1]
     n = normalisers
     loss = aggregate_token_loss(per_token, mask, o.loss_type, length, n.num_tokens, n.num_sequences, n.local_tokens)
     with torch.no_grad():
-        low = (ratio < 1.0 - o.epsilon_low) & (adv < 0)
-        high = (ratio > 1.0 + o.epsilon_high) & (adv > 0)
+        low = (capped < 1.0 - o.epsilon_low) & (adv < 0)
+        high = (capped > 1.0 + o.epsilon_high) & (adv > 0)
         clip_low = masked_mean(low.float(), mask)
         clip_high = masked_mean(high.float(), mask)
     return PolicyLossOutput(loss=loss, kl=kl, clip_low=clip_low, clip_high=clip_high, cov_selected=cov_selected)

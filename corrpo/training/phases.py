@@ -46,3 +46,25 @@ class PhaseSchedule:
         ``step - 1`` finished (the tracker's boundary probe): the same batch index either way.
         """
         return self.sft_steps > 0 and self.starts_rl(step)
+
+    def shortened(self, batches_per_phase: int) -> PhaseSchedule:
+        """At most ``batches_per_phase`` batches of each phase that has any: what ``trainer.fast_dev_run`` runs, so
+        that a smoke test reaches the rollout, the rewards and the RL update (the run's first batches are all SFT)."""
+        if batches_per_phase < 1:
+            raise ValueError(f"batches_per_phase must be >= 1, got {batches_per_phase}")
+        return PhaseSchedule(min(self.sft_steps, batches_per_phase), min(self.rl_steps, batches_per_phase))
+
+    def steps_run(self, steps_done: int) -> dict[str, int]:
+        """Batches of each phase among the first ``steps_done``: ``{"sft": ..., "rl": ...}``."""
+        return {"sft": min(steps_done, self.sft_steps), "rl": min(max(steps_done - self.sft_steps, 0), self.rl_steps)}
+
+    def stop_note(self, steps_done: int) -> str | None:
+        """What a run that stopped after ``steps_done`` batches ran, in words (``"the run stopped after 4 of 6 SFT
+        steps; RL never ran"``); None when it ran every batch."""
+        if steps_done >= self.total:
+            return None
+        run = self.steps_run(steps_done)
+        if run["sft"] < self.sft_steps:
+            never = "; RL never ran" if self.rl_steps else ""
+            return f"the run stopped after {run['sft']} of {self.sft_steps} SFT steps{never}"
+        return f"the run stopped after {run['rl']} of {self.rl_steps} RL steps"

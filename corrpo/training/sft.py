@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from corrpo.models.batching import encode_sft_batch
+from corrpo.models.batching import ChatPrompt, PromptFormat, encode_sft_batch
 from corrpo.models.packing import forward_logits
 from corrpo.training.collectives import SINGLE_PROCESS, Collectives
 from corrpo.training.config import SFTConfig
@@ -32,8 +32,8 @@ class SFTContext:
     policy: torch.nn.Module
     tokenizer: Any
     optimizer: torch.optim.Optimizer
-    use_chat_template: bool = False
-    """Wrap prompts with the tokenizer's chat template."""
+    prompt_format: PromptFormat | bool = False
+    """How prompts are rendered (:class:`corrpo.models.batching.PromptFormat`; a bool is ``use_chat_template``)."""
     collectives: Collectives = SINGLE_PROCESS
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward
     """Lightning's ``manual_backward`` inside a Trainer."""
@@ -49,9 +49,11 @@ class SFTStepResult:
 
 
 def sft_step(
-    context: SFTContext, config: SFTConfig, prompts: list[str], completions: list[str], step: int
+    context: SFTContext, config: SFTConfig, prompts: list[ChatPrompt], completions: list, step: int
 ) -> SFTStepResult:
     """NLL of ``completions`` given ``prompts`` (token mean), one update at SFT step ``step``'s learning rate.
+    Prompts and completions are text or message lists (TRL's conversational format; the completion's tokens are
+    those :func:`corrpo.models.batching.format_completion` gives).
 
     With ``config.micro_batch_size`` the rows go through forward/backward that many at a time (each cut to its
     longest row) and the gradients accumulate; every chunk divides by the WHOLE batch's token count, so the
@@ -59,7 +61,7 @@ def sft_step(
     """
     policy, collectives = context.policy, context.collectives
     device = next(policy.parameters()).device
-    enc = encode_sft_batch(context.tokenizer, prompts, completions, config.max_length, context.use_chat_template)
+    enc = encode_sft_batch(context.tokenizer, prompts, completions, config.max_length, context.prompt_format)
     enc = {k: v.to(device) for k, v in enc.items()}
     mask = enc["loss_mask"][:, 1:]
     num_tokens = collectives.mean(mask.sum().float()).clamp(min=1.0)

@@ -85,6 +85,7 @@ def with_reward_term(scores: RewardScores, name: str, values: Tensor) -> RewardS
         total=scores.total + values,
         n_failed=dict(scores.n_failed),
         n_unscored=dict(scores.n_unscored),
+        unscorable=scores.unscorable,  # a task concept: the regulariser alone does not make a sample scorable
     )
 
 
@@ -112,6 +113,7 @@ def enter_term(
     group_size: int,
     scale: RewardScale,
     device: torch.device | str = "cpu",
+    skip_unscorable: bool = True,
 ) -> tuple[RewardScores, Tensor, Tensor]:
     """The step's reward scores, total rewards and group advantages (both on ``device``) with the term entered where
     ``config`` says.
@@ -121,12 +123,21 @@ def enter_term(
       ``inversion``), then :func:`group_advantages` of ``r'``;
     - ``apply: advantage``: ``A_i' = A_i + lambda * z_i``, ``A`` the task advantage and ``z``
       :func:`standardised_bonus`; the rewards stay the task's.
+
+    ``skip_unscorable`` (``rl.unscorable_rewards: skip``, TRL's handling): a sample no task reward scored
+    (``scores.unscorable``) has reward NaN, is left out of its group's baseline and gets advantage 0 in every mode
+    (the regulariser does not make it scorable); else it is scored 0 like any other.
     """
     applied = term is not None and not config.log_only
     if applied and config.apply == "reward":
         scores = with_reward_term(scores, "inversion", term.bonus)
     rewards = scores.total.to(device)
+    unscorable = scores.unscorable.to(device) if skip_unscorable and scores.unscorable is not None else None
+    if unscorable is not None:
+        rewards = rewards.masked_fill(unscorable, float("nan"))
     advantages = group_advantages(rewards, group_size, scale)
     if applied and config.apply == "advantage":
         advantages = advantages + term.coef * standardised_bonus(term.rho, term.valid).to(advantages)
+    if unscorable is not None:
+        advantages = advantages.masked_fill(unscorable, 0.0)
     return scores, rewards, advantages

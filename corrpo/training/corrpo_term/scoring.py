@@ -89,6 +89,7 @@ def corrpo_term_on_update_forward(
     rl_index: int,
     group_size: int,
     packed: bool = False,
+    temperature: float = 1.0,
 ) -> tuple[CorrPOTerm, tuple[Tensor, Tensor]]:
     """The CorR-PO term scored on the update's forward (:func:`completion_log_probs`' own forward, run here once
     with the onepass capture): returns the term and that forward's ``(log_probs, entropy)``, the graph kept, for
@@ -100,6 +101,10 @@ def corrpo_term_on_update_forward(
     ``rho_i`` from :func:`response_correlations`: the separate pass's functions on the same numbers. ``packed``
     (``rl.packing``): that forward runs on packed rows (:mod:`corrpo.models.packing`) and the closed forms read its
     activations there, with the attention of each token cut to its own sequence (``ScoringBatch.segments``).
+
+    ``temperature`` (``rl.sampling.temperature``): the returned log-probs and entropies, the update's, are on
+    ``logits / T`` (TRL's); the term's ``H_t`` and ``S_t`` stay on the raw logits at any ``T``, the statistic the
+    paper defines and the tracker measures, so ``H_t`` is then a second pass over the same logits.
     """
     P, (B, T) = rollout.prompt_length, rollout.sequences.shape
     layout = None
@@ -142,8 +147,12 @@ def corrpo_term_on_update_forward(
     strength = strength[:, P:]
     # H_t: the update's own pass over the logits (the same fp32 log_softmax and sum as entropy_bits_from_logits,
     # row by row), so the logits are read once, not twice
-    log_probs, token_entropy = completion_scores(kept["logits"], rollout)
-    entropy = token_entropy.masked_fill(~rollout.completion_mask.bool(), float("nan"))
+    log_probs, token_entropy = completion_scores(kept["logits"], rollout, temperature=temperature)
+    raw_entropy = token_entropy
+    if temperature != 1.0:
+        with torch.no_grad():
+            raw_entropy = completion_scores(kept["logits"].detach(), rollout)[1]
+    entropy = raw_entropy.masked_fill(~rollout.completion_mask.bool(), float("nan"))
     rho, n_tokens = response_correlations(entropy, strength, rollout.completion_mask, config.correlation)
     term = _term(rho, n_tokens, entropy, strength, config, rl_index, group_size, shared_forward=True)
     return term, (log_probs, token_entropy)
