@@ -72,6 +72,13 @@ class Setting:
     importance_sampling_level: str = "token"
     delta: float | None = None
     entropy_coef: float = 0.0
+    sync_ref_steps: int | None = None
+    """TRL's ``sync_ref_model`` every this many optimizer steps (``ref_model_mixup_alpha`` 0.6); None = off."""
+    batches: int = 1
+    sampling: tuple = ()
+    """Sampling controls ``((key, value), ...)`` given to both sides (TRL's names): they shape the rollout only, so the
+    update must not change (neither side applies them to the loss's log-probs)."""
+    """Rollout batches (the same tokens each time): a reference sync shows in the next batch's reference log-probs."""
 
 
 def settings() -> list[Setting]:
@@ -102,6 +109,18 @@ def settings() -> list[Setting]:
             use_bias_correction_kl=True,
         ),  # fmt: skip
         Setting("delta=1.25 2 iterations", delta=1.25, num_iterations=2),
+        Setting("sync_ref_model every update, 2 batches", beta=0.04, sync_ref_steps=1, batches=2),
+        Setting(
+            "sync_ref_model every 2nd update, 2 batches x 2 it.",
+            beta=0.04,
+            sync_ref_steps=2,
+            batches=2,
+            num_iterations=2,
+        ),  # fmt: skip
+        Setting(
+            "top_k=5 min_p=0.1 repetition_penalty=1.2",
+            sampling=(("top_k", 5), ("min_p", 0.1), ("repetition_penalty", 1.2)),
+        ),  # fmt: skip
         Setting("entropy_coef=0.05", entropy_coef=0.05),
         Setting("entropy_coef=0.05 top_entropy_quantile=0.5", entropy_coef=0.05, top_entropy_quantile=0.5),
     ]
@@ -189,15 +208,19 @@ def corrpo_side(folder: Path, setting: Setting, data: Inputs) -> tuple[list[floa
         num_iterations=setting.num_iterations, top_entropy_quantile=setting.top_entropy_quantile,
         importance_sampling_level=setting.importance_sampling_level, delta=setting.delta,
         entropy_coef=setting.entropy_coef, max_grad_norm=0.0,
-        sampling={"temperature": setting.temperature, "max_new_tokens": MAX_NEW},
+        sampling={"temperature": setting.temperature, "max_new_tokens": MAX_NEW, **dict(setting.sampling)},
+        sync_ref_model=setting.sync_ref_steps is not None, ref_model_mixup_alpha=0.6,
+        ref_model_sync_steps=setting.sync_ref_steps or 1,
     )  # fmt: skip
     rollout = to_rollout(data, tokenizer)
     optimizer = RecordingSGD(policy, LR)
     ctx = RLContext(policy=policy, optimizer=optimizer, generate=lambda prompts, g: rollout,
                     decode=lambda r: ["x"] * r.sequences.shape[0], ref_policy=ref)  # fmt: skip
     step = GRPOStep(rl, {"fixed_reward": fixed_reward})
-    result = step(ctx, [f"p{b}" for b in range(B)], ["0"] * B, 0)
-    return [float(u.loss) for u in result.updates], optimizer.grads
+    updates = []
+    for batch in range(setting.batches):
+        updates += step(ctx, [f"p{b}" for b in range(B)], ["0"] * B, batch).updates
+    return [float(u.loss) for u in updates], optimizer.grads
 
 
 def to_rollout(data: Inputs, tokenizer) -> Rollout:
@@ -222,7 +245,9 @@ def trl_config(trl, setting: Setting, out_dir: Path):
         loss_type=setting.loss_type, scale_rewards=setting.scale_rewards, num_iterations=setting.num_iterations,
         top_entropy_quantile=setting.top_entropy_quantile, use_bias_correction_kl=setting.use_bias_correction_kl,
         importance_sampling_level=setting.importance_sampling_level, delta=setting.delta,
-        entropy_coef=setting.entropy_coef, epsilon=0.2, warmup_steps=0, max_grad_norm=0.0, **TRL_COMMON,
+        entropy_coef=setting.entropy_coef, sync_ref_model=setting.sync_ref_steps is not None,
+        ref_model_mixup_alpha=0.6, ref_model_sync_steps=setting.sync_ref_steps or 1, epsilon=0.2, warmup_steps=0,
+        max_grad_norm=0.0, **{**TRL_COMMON, **dict(setting.sampling)},
     )  # fmt: skip
 
 
@@ -254,17 +279,22 @@ def trl_side(folder: Path, setting: Setting, data: Inputs, out_dir: Path) -> tup
         perturb_reference(trainer.ref_model)
     trainer.current_gradient_accumulation_steps = 1
     inputs = [{"prompt": f"p{i // G}"} for i in range(B * G)]
-    batch = trainer._generate_and_score_completions(inputs)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     losses, grads, clips = [], [], []
-    for _ in range(setting.num_iterations):
-        optimizer.zero_grad(set_to_none=True)
-        loss = trainer._compute_loss(model, batch)
-        loss.backward()
-        losses.append(float(loss.detach()))
-        grads.append(grad_vector(model))
-        clips.append(trainer._metrics["train"]["clip_ratio/region_mean"][-1])
-        optimizer.step()
+    global_step = 0
+    for _ in range(setting.batches):
+        batch = trainer._generate_and_score_completions(inputs)
+        for _ in range(setting.num_iterations):
+            optimizer.zero_grad(set_to_none=True)
+            loss = trainer._compute_loss(model, batch)
+            loss.backward()
+            losses.append(float(loss.detach()))
+            grads.append(grad_vector(model))
+            clips.append(trainer._metrics["train"]["clip_ratio/region_mean"][-1])
+            optimizer.step()
+            global_step += 1  # the Trainer's global_step, then its on_step_end: TRL's SyncRefModelCallback
+            if setting.sync_ref_steps is not None and global_step % setting.sync_ref_steps == 0:
+                trl.trainer.callbacks.SyncRefModelCallback.sync_target_model(model, trainer.ref_model, 0.6)
     return losses, grads, clips
 
 

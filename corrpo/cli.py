@@ -35,6 +35,7 @@ from corrpo.data.datamodule import ReasoningDataModule
 from corrpo.data.records import RecordError
 from corrpo.module import CorrPOModule
 from corrpo.rewards.dry_run import RewardDryRunError
+from corrpo.rewards.spec import RewardConfigError
 from corrpo.runs.resume import ResumeError, checkpoint_problem, is_distributed_checkpoint, resume_point
 from corrpo.runs.run_folder import CONFIG_FILE, RunFolder, run_dir
 from corrpo.runs.wandb_segments import newest_run_id
@@ -400,6 +401,8 @@ def main() -> None:
     except RecordError as err:  # a data row the user must fix: the message names file, line, field and columns
         raise SystemExit(f"corrpo: {err}") from None
     except RewardDryRunError as err:  # a reward broken before any training: the message names it and what it did
+        raise SystemExit(f"corrpo: {err}") from None
+    except RewardConfigError as err:  # an rl.rewards entry that cannot be built: the message names its key
         raise SystemExit(f"corrpo: {err}") from None
 
 

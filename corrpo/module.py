@@ -349,8 +349,7 @@ class CorrPOModule(L.LightningModule):
 
     def rl_context(self, optimizer: torch.optim.Optimizer | None = None) -> RLContext:
         """What :class:`corrpo.training.grpo.GRPOStep` acts on: the policy, the RL optimizer (default: this
-        module's), this module's sampling and decoding, the KL reference and the ranks."""
-        attached = self._trainer is not None
+        module's), this module's sampling and decoding, the KL reference, the ranks, the data's extra prompts."""
         return RLContext(
             policy=self.policy,
             optimizer=optimizer if optimizer is not None else self.optimizers()[1],
@@ -358,8 +357,9 @@ class CorrPOModule(L.LightningModule):
             decode=self.decode_completions,
             ref_policy=self.ref_policy,
             collectives=self.collectives,
-            backward=self.manual_backward if attached else torch.Tensor.backward,
-        )
+            backward=self.manual_backward if self._trainer is not None else torch.Tensor.backward,
+            more_prompts=getattr(self._data, "next_rl_round", None), pad_token_id=self.tokenizer.pad_token_id,
+        )  # fmt: skip
 
     def _rl_step(self, batch: dict) -> None:
         rl_index = self.schedule.rl_index(batch["step"])

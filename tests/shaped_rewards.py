@@ -15,3 +15,9 @@ def none_on_third(prompts, completions, **kwargs):
     """``len(completion) / 100``, but ``None`` (unscorable) for the third sample of every group of 4: an all-None
     row whenever it is the only reward."""
     return [None if i % 4 == 2 else len(c) / 100 + i / 1000 for i, c in enumerate(completions)]
+
+
+def length_on_odd_answers(prompts, completions, answer, **kwargs):
+    """``len(completion) / 100`` where the gold answer is odd, ``0`` where it is even: every even-answer group is
+    constant, so dynamic sampling drops it and draws more prompts (tests/test_dynamic_sampling.py)."""
+    return [len(c) / 100 if int(a) % 2 else 0.0 for c, a in zip(completions, answer, strict=True)]

@@ -4,14 +4,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
-from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 import corrpo.generation.decode_loop as fast_decode
 import corrpo.generation.decode_step as decode_step
 from corrpo.generation.decode_loop import DecodeLoopGenerator
 from corrpo.generation.decode_step import cached_attention
 from corrpo.generation.rollout import HFGenerator, SamplingConfig
-from corrpo.generation.sampling import draw_tokens, next_token_probs
+from corrpo.generation.sampling import draw_tokens, next_token_probs, penalize_repetitions, prompt_tokens_seen
 from corrpo.models.loading import TinyArchitecture
 from corrpo.models.tiny_families import random_family_model, tiny_config
 
@@ -84,39 +90,175 @@ def test_next_token_probs_equal_hf_temperature_then_top_p_then_softmax():
     assert (kept >= 1).all() and (kept < logits.shape[1]).all()  # the nucleus cut bites and keeps the top token
 
 
-def test_each_sampled_step_draws_from_hf_tempered_nucleus_of_the_same_prefix(monkeypatch):
-    """The distribution every step samples from, recorded with the rows it was drawn for (finished rows are
-    dropped from the batch on the way), equals HF's on the sampled prefix (teacher forcing)."""
-    model = model_of("qwen3")
-    ids, mask = left_padded([8, 3, 5])
-    G, temperature, top_p, new = 3, 0.8, 0.9, 12
+def replayed_steps(monkeypatch, model, ids, mask, G: int, sampling: SamplingConfig, probs_of):
+    """Sample with the lean loop, recording each step's rows and the distribution ``probs_of(logits)`` it drew from
+    (eos chosen mid-way so rows finish and are dropped); then the model's logits of the sampled prefix (teacher
+    forcing). Returns ``(rollout, recorded, logits, prompt_mask)``."""
     recorded = []
 
     def recording(logits, rows, num_rows, sampling, greedy):
-        recorded.append((rows.clone(), next_token_probs(logits, sampling.temperature, sampling.top_p)))
+        recorded.append((rows.clone(), probs_of(logits)))
         return draw_tokens(logits, rows, num_rows, sampling, greedy)
 
     monkeypatch.setattr(fast_decode, "draw_tokens", recording)
-    sampling = SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=new)
     torch.manual_seed(0)
     eos = int(DecodeLoopGenerator().generate(model, ids, mask, G, sampling, VOCAB + 1, PAD).completion_ids[0, 4])
     recorded.clear()
     torch.manual_seed(0)
     rollout = DecodeLoopGenerator(compact_below=1.0).generate(model, ids, mask, G, sampling, eos, PAD)
-    P = rollout.prompt_length
-    full_mask = torch.cat([mask.repeat_interleave(G, 0), torch.ones_like(rollout.completion_ids)], 1)
+    prompt_mask = mask.repeat_interleave(G, 0)
+    full_mask = torch.cat([prompt_mask, torch.ones_like(rollout.completion_ids)], 1)
     positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         logits = model(input_ids=rollout.sequences, attention_mask=full_mask, position_ids=positions).logits
-    warpers = [TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p)]
     assert len(recorded) == rollout.completion_mask.shape[1]
     assert len(recorded[-1][0]) < G * len(ids)  # finished rows really were dropped
+    return rollout, recorded, logits, prompt_mask
+
+
+def test_each_sampled_step_draws_from_hf_tempered_nucleus_of_the_same_prefix(monkeypatch):
+    """The distribution every step samples from, recorded with the rows it was drawn for (finished rows are
+    dropped from the batch on the way), equals HF's on the sampled prefix (teacher forcing)."""
+    model = model_of("qwen3")
+    ids, mask = left_padded([8, 3, 5])
+    temperature, top_p = 0.8, 0.9
+    sampling = SamplingConfig(temperature=temperature, top_p=top_p, max_new_tokens=12)
+    probs_of = lambda logits: next_token_probs(logits, temperature, top_p)  # noqa: E731
+    rollout, recorded, logits, _ = replayed_steps(monkeypatch, model, ids, mask, 3, sampling, probs_of)
+    P = rollout.prompt_length
+    warpers = [TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p)]
     for t, (rows, probs) in enumerate(recorded):
         scores = logits[:, P + t - 1].float()
         for warper in warpers:
             scores = warper(None, scores)
         live = rollout.completion_mask[rows, t]  # of the computed rows, those still running at step t
         assert torch.allclose(probs[live], scores.softmax(-1)[rows][live], atol=1e-5, rtol=0), t
+
+
+def hf_processors(sampling: SamplingConfig, prompt_mask: torch.Tensor) -> list:
+    """HF's processors of a sampled ``generate`` call with ``sampling``, in ``_get_logits_processor``'s order (the
+    repetition penalty ignores each row's left padding, as ``generate`` makes it)."""
+    processors = []
+    if sampling.repetition_penalty != 1.0:
+        padding = (prompt_mask != 0).int().argmax(dim=1)
+        processors.append(RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty, prompt_ignore_length=padding))
+    if sampling.temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(sampling.temperature))
+    if sampling.top_k:
+        processors.append(TopKLogitsWarper(sampling.top_k))
+    if sampling.top_p < 1.0:
+        processors.append(TopPLogitsWarper(sampling.top_p))
+    if sampling.min_p is not None:
+        processors.append(MinPLogitsWarper(sampling.min_p))
+    return processors
+
+
+def corrpo_probs(input_ids, prompt_mask, logits, sampling: SamplingConfig) -> torch.Tensor:
+    """The lean loop's distribution for ``logits`` after ``input_ids`` (prompt columns as ``prompt_mask``)."""
+    seen = prompt_tokens_seen(input_ids[:, : prompt_mask.shape[1]], prompt_mask, logits.shape[1])
+    seen.scatter_(1, input_ids[:, prompt_mask.shape[1] :], True)
+    logits = penalize_repetitions(logits, seen, sampling.repetition_penalty)
+    return next_token_probs(logits, sampling.temperature, sampling.top_p, sampling.top_k, sampling.min_p)
+
+
+CONTROLS = [
+    dict(top_k=5),
+    dict(top_k=VOCAB + 10),  # wider than the vocabulary: HF keeps every token
+    dict(min_p=0.1),
+    dict(min_p=0.0),
+    dict(repetition_penalty=1.5),
+    dict(repetition_penalty=0.7),  # < 1 favours repeats
+    dict(temperature=0.8, top_p=0.9, top_k=8, min_p=0.05, repetition_penalty=1.3),
+]
+
+
+@pytest.mark.parametrize("controls", CONTROLS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_each_sampling_control_equals_hf_logits_processor_on_the_same_prefix(controls):
+    """Repetition penalty, top-k, min-p (and all with temperature and top-p) on the same input ids and scores:
+    the lean loop's values equal HF's processors' bit for bit, and each control really removes or moves mass."""
+    sampling = SamplingConfig(**controls)
+    gen = torch.Generator().manual_seed(0)
+    prompt_ids, prompt_mask = left_padded([6, 2, 4])
+    completion = torch.randint(0, VOCAB, (3, 5), generator=gen)
+    input_ids = torch.cat([prompt_ids, completion], 1)
+    logits = torch.randn(3, VOCAB, generator=gen) * 3
+    scores = logits.clone()
+    for processor in hf_processors(sampling, prompt_mask):
+        scores = processor(input_ids, scores)
+    probs = corrpo_probs(input_ids, prompt_mask, logits, sampling)
+    assert torch.equal(probs, scores.softmax(-1))
+    if controls not in (dict(top_k=VOCAB + 10), dict(min_p=0.0)):
+        assert not torch.equal(probs, logits.softmax(-1))  # the control bites
+
+
+def test_the_repetition_penalty_skips_left_padding_and_counts_prompt_and_completion_tokens():
+    prompt_ids = torch.tensor([[PAD, PAD, 7, 8], [9, 10, 11, 12]])
+    seen = prompt_tokens_seen(prompt_ids, (prompt_ids != PAD).long(), VOCAB)
+    assert seen.sum(1).tolist() == [2, 4] and not seen[0, PAD] and seen[0, 7] and seen[1, 12]
+    logits = torch.tensor([[2.0, -2.0, 1.0]])
+    penalized = penalize_repetitions(logits, torch.tensor([[True, True, False]]), 2.0)
+    assert penalized.tolist() == [[1.0, -4.0, 1.0]]
+
+
+def test_each_sampled_step_with_every_control_draws_from_hf_processed_distribution_of_the_same_prefix(monkeypatch):
+    """Teacher forcing, as above, with a repetition penalty over prompt and completion, top-k and min-p on: every
+    step's distribution equals HF's processors on the model's logits of the sampled prefix."""
+    model = model_of("llama")
+    ids, mask = left_padded([8, 3, 5])
+    sampling = SamplingConfig(temperature=0.8, top_p=0.95, top_k=10, min_p=0.05, repetition_penalty=1.4,
+                              max_new_tokens=12)  # fmt: skip
+    probs_of = lambda logits: next_token_probs(logits, 0.8, 0.95, 10, 0.05)  # noqa: E731
+    rollout, recorded, logits, prompt_mask = replayed_steps(monkeypatch, model, ids, mask, 3, sampling, probs_of)
+    P = rollout.prompt_length
+    for t, (rows, probs) in enumerate(recorded):
+        scores = logits[:, P + t - 1].float()
+        for processor in hf_processors(sampling, prompt_mask):
+            scores = processor(rollout.sequences[:, : P + t], scores)
+        live = rollout.completion_mask[rows, t]
+        assert torch.allclose(probs[live], scores.softmax(-1)[rows][live], atol=1e-5, rtol=0), t
+
+
+@pytest.mark.parametrize("controls", CONTROLS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_with_sampling_controls_greedy_and_same_seed_samples_equal_hf_generate(controls):
+    """Each control (and all together) through the whole lean loop, finished rows dropped on the way: with the
+    same seed the samples are HF ``generate``'s, greedy tokens too (greedy is the logits' argmax in both)."""
+    model = model_of("qwen2")
+    ids, mask = left_padded([7, 2, 5, 4])
+    sampling = SamplingConfig(max_new_tokens=20, **controls)
+    torch.manual_seed(2)
+    eos = int(HFGenerator().generate(model, ids, mask, 4, sampling, VOCAB + 1, PAD).completion_ids[0, 6])
+    engine = DecodeLoopGenerator()
+    outputs = {}
+    for greedy in (False, True):
+        torch.manual_seed(7)
+        reference = HFGenerator().generate(model, ids, mask, 4, sampling, eos, PAD, greedy=greedy)
+        torch.manual_seed(7)
+        outputs[greedy] = engine.generate(model, ids, mask, 4, sampling, eos, PAD, greedy=greedy)
+        assert engine.fallback_reason is None
+        assert torch.equal(outputs[greedy].sequences, reference.sequences), (controls, greedy)
+    assert outputs[False].completion_mask.sum(1).min() < 20  # sampled rows stopped mid-way
+    torch.manual_seed(7)
+    plain = HFGenerator().generate(model, ids, mask, 4, SamplingConfig(max_new_tokens=20), eos, PAD)
+    neutral = controls in (dict(top_k=VOCAB + 10), dict(min_p=0.0))  # values that keep every token
+    assert torch.equal(plain.sequences, outputs[False].sequences) == neutral  # the others change the samples
+
+
+def test_a_sampled_call_overrides_a_generation_config_repetition_penalty_as_trl_does():
+    """TRL passes ``repetition_penalty=1.0`` explicitly, so a model's ``generation_config`` penalty (Qwen2.5-Instruct
+    ships 1.05) does not apply to rollouts: the lean loop serves the call and samples HF's tokens; greedy
+    decoding, which sets no penalty, still falls back to HF, which applies the model's."""
+    model = with_repetition_penalty(model_of("llama"))
+    ids, mask = left_padded([6, 3])
+    engine = DecodeLoopGenerator()
+    for penalty in (1.0, 1.2):
+        sampling = SamplingConfig(max_new_tokens=8, repetition_penalty=penalty)
+        torch.manual_seed(4)
+        fast = engine.generate(model, ids, mask, 2, sampling, 2, PAD)
+        assert engine.fallback_reason is None
+        torch.manual_seed(4)
+        assert torch.equal(fast.sequences, HFGenerator().generate(model, ids, mask, 2, sampling, 2, PAD).sequences)
+    engine.generate(model, ids, mask, 1, sampling, 2, PAD, greedy=True)
+    assert "generation_config.repetition_penalty = 1.3" in engine.fallback_reason
 
 
 def test_drawing_for_some_rows_equals_torch_multinomial_over_all_rows():

@@ -343,3 +343,24 @@ def test_the_module_dry_runs_its_rewards_at_fit_start_unless_rl_reward_dry_run_i
             module.on_fit_start()
     else:
         module.on_fit_start()  # nothing is called: the first RL step would find the fault
+
+
+@pytest.mark.parametrize(
+    ("reward", "named"),
+    [
+        ("no_such_module_xyz:reward", r"rl.rewards\[1\]: cannot import reward 'no_such_module_xyz:reward'"),
+        ("{function: 'test_reward_specs:make_near', kwargs: {nope: 1}}",
+         r"rl.rewards\[1\].kwargs: building the reward"),
+    ],
+)  # fmt: skip
+def test_a_reward_that_cannot_be_built_is_one_message_naming_its_key(reward, named, tmp_path, monkeypatch):
+    import sys
+
+    from corrpo.cli import main
+
+    args = ["fit", "--config", str(REPO / "configs" / "tiny.yaml"), "--trainer.logger=false"]
+    args += [f"--trainer.default_root_dir={tmp_path}", f"--model.rl.rewards=[accuracy, {reward}]"]
+    monkeypatch.setattr(sys, "argv", ["corrpo", *args])
+    with pytest.raises(SystemExit) as info:
+        main()
+    assert re.match(f"corrpo: {named}", str(info.value.code)), info.value.code

@@ -20,6 +20,7 @@ from corrpo.generation.rollout import SamplingConfig
 from corrpo.module import CorrPOModule
 from corrpo.training.config import RLConfig
 from corrpo.training.forward import completion_log_probs
+from corrpo.training.reference_sync import mix_reference, sync_due
 
 G = 4
 
@@ -96,6 +97,9 @@ PEER_SETTINGS = (
     "top_entropy_quantile=0.5 beta=0.04 T=0.7",
     "a None reward row T=0.7",
     "scale_rewards=none T=1.0",
+    "GSPO 2 iterations beta=0.04 bc-KL T=0.7",
+    "entropy_coef=0.05 top_entropy_quantile=0.5 T=0.7",
+    "sync_ref_model every update, 2 batches T=0.7",
 )
 
 
@@ -113,3 +117,29 @@ def test_the_update_equals_trls_grpo_trainer_loss_and_gradient(tmp_path, one_thr
             assert loss_gap <= 1e-6 and grad_gap <= 1e-5, (name, loss_gap, grad_gap)
             clipped = max(clipped, clip)
     assert clipped > 0.05  # the second iteration's clip was active: the ratio path is compared, not only ratio 1
+
+
+def test_reference_sync_mixes_alpha_of_the_policy_into_the_reference_every_tau_updates():
+    torch.manual_seed(5)
+    policy, reference = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    before = [p.detach().clone() for p in reference.parameters()]
+    mix_reference(policy, reference, 0.6)
+    for new, old, p in zip(reference.parameters(), before, policy.parameters(), strict=True):
+        torch.testing.assert_close(new, 0.4 * old + 0.6 * p, rtol=0, atol=1e-7)
+    assert [k for k in range(1, 10) if sync_due(k, 4)] == [4, 8] and not sync_due(0, 1)
+    with pytest.raises(ValueError, match="rl.sync_ref_model is true but rl.beta is 0"):
+        RLConfig(sync_ref_model=True)
+
+
+def test_reference_sync_is_trls_sync_target_model_bit_for_bit():
+    trl = pytest.importorskip("trl")
+    from trl.trainer.callbacks import SyncRefModelCallback
+
+    torch.manual_seed(6)
+    policy, ours, theirs = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    theirs.load_state_dict(ours.state_dict())
+    mix_reference(policy, ours, 0.3)
+    SyncRefModelCallback._sync_target_model(policy, theirs, 0.3)
+    assert trl.__version__ == "1.16.0"
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        assert torch.equal(a, b)

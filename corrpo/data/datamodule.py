@@ -3,7 +3,9 @@
 The train loader is a map-style dataset of exactly ``sft_steps + rl_steps`` *batches*: item ``i`` is an
 SFT batch (prompt, completion) when ``i < sft_steps`` and a batch of RL prompts (prompt, answer) after.
 Each batch is a pure function of ``(seed, i)``: records are drawn by a per-epoch permutation of the pool,
-so a step can be reproduced from its index alone (resume, DDP) and the phase boundary is an index.
+so a step can be reproduced from its index alone (resume, DDP) and the phase boundary is an index. The extra RL
+prompts of dynamic sampling (``model.rl.dynamic_sampling``) come from a stream of their own
+(:meth:`ReasoningDataModule.next_rl_round`), whose position is the data module's checkpointed state.
 
 Sources: ``"arithmetic"`` (the embedded offline task, :mod:`corrpo.data.arithmetic`), a reasoning-gym task
 ``"reasoning_gym:<name>"`` for RL and test prompts (:mod:`corrpo.data.reasoning_gym_source`), or a
@@ -87,13 +89,22 @@ class StepBatches(Dataset):
                 "completion": [r["completion"] for r in rows],
             }
         rows = self._draw(self.rl_records, index - self.sft_steps, self.rl_batch_size, "rl")
-        return {
-            "phase": "rl",
-            "step": index,
-            "prompt": [r["prompt"] for r in rows],
-            "answer": [str(r["answer"]) for r in rows],
-            "columns": dataset_columns(rows),
-        }
+        return {"phase": "rl", "step": index, **rl_fields(rows)}
+
+    def extra_rl_round(self, round_index: int) -> dict:
+        """Round ``round_index`` of dynamic sampling's extra RL prompts (``rl_batch_size`` of them, a step's batch
+        without its ``step``): a stream of their own, seeded per-epoch permutations of the RL pool salted apart from
+        the steps' (so a step's batch stays a function of its index, whatever was drawn before it)."""
+        return {"phase": "rl", **rl_fields(self._draw(self.rl_records, round_index, self.rl_batch_size, "rl-extra"))}
+
+
+def rl_fields(rows: list[dict]) -> dict:
+    """An RL batch's lists: prompts, gold answers (as text) and the other dataset columns."""
+    return {
+        "prompt": [r["prompt"] for r in rows],
+        "answer": [str(r["answer"]) for r in rows],
+        "columns": dataset_columns(rows),
+    }
 
 
 def dataset_columns(rows: list[dict]) -> dict[str, list]:
@@ -230,6 +241,8 @@ class ReasoningDataModule(L.LightningDataModule):
         self.seed = seed_or_global(seed)
         self.n_skipped = 0
         self._pools: dict[str, list[dict]] | None = None
+        self.rl_rounds_drawn = 0  # dynamic sampling's extra RL rounds handed out (checkpointed: state_dict)
+        self._extra: tuple[StepBatches, int, int] | None = None  # the train loader's batches, rank, world size
 
     # ------------------------------------------------------------------------------------- loading
     def _load(self, source: str, kind: str, key: str, test: bool = False) -> list[dict]:
@@ -357,11 +370,31 @@ class ReasoningDataModule(L.LightningDataModule):
             if steps:  # here, not at the first batch of the phase
                 require_even_split(f"data.{key}", size, world_size)
         stream = StepStream(self.step_batches(sft_steps, rl_steps), start, rank, world_size)
+        self._extra = (stream.steps, rank, world_size)
         # Lightning's mid-epoch-resume warning assumes a loader that restarts at batch 0; this one starts at
         # ``steps_done`` (tests/test_resume.py), and its length warning concerns num_workers > 1 only.
         warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
         warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
         return DataLoader(stream, batch_size=None, collate_fn=_identity)
+
+    def next_rl_round(self) -> dict:
+        """The next round of extra RL prompts for ``model.rl.dynamic_sampling`` (this rank's share of
+        ``rl_batch_size``, as a step's batch: ``prompt``, ``answer``, ``columns``), from
+        :meth:`StepBatches.extra_rl_round`. Every rank draws the same rounds (the module samples them in lockstep);
+        the count drawn is saved in checkpoints (:meth:`state_dict`), so a resumed run draws what the uninterrupted
+        one would next."""
+        steps, rank, world_size = self._extra if self._extra is not None else (self.step_batches(), 0, 1)
+        batch = shard_batch(steps.extra_rl_round(self.rl_rounds_drawn), rank, world_size)
+        self.rl_rounds_drawn += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        """Lightning's checkpointed data-module state: the extra RL rounds drawn so far; empty (nothing saved) when
+        none was, as in every run without dynamic sampling."""
+        return {"rl_rounds_drawn": self.rl_rounds_drawn} if self.rl_rounds_drawn else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.rl_rounds_drawn = int(state_dict.get("rl_rounds_drawn", 0))
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.test_records(), batch_size=self.eval_batch_size, collate_fn=_collate_records)

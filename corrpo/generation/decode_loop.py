@@ -10,11 +10,14 @@
   Gemma's scaled embedding falls back here). Then, whatever the family: fp32, SDPA attention, plain
   ``nn.Linear`` projections (no LoRA wrappers), a stateless RoPE type, no FSDP2 shards, no sliding window shorter
   than prompt + completion and no ``generation_config`` setting that changes HF's logits
-  (:data:`NEUTRAL_GENERATION_SETTINGS`: a repetition penalty, a minimum length, ...);
+  (:data:`NEUTRAL_GENERATION_SETTINGS`: a repetition penalty, a minimum length, ...) unless the call's own
+  keywords (:func:`~corrpo.generation.rollout.sampling_kwargs`) override it;
 * **the fallback**: any other model goes to ``fallback`` (:class:`corrpo.generation.rollout.HFGenerator` by
   default), the reason kept in :attr:`DecodeLoopGenerator.fallback_reason` and logged once per reason;
-* **the loop**: prefill (:func:`~corrpo.generation.decode_step.prefill`), then per token a draw
-  (:func:`~corrpo.generation.sampling.draw_tokens`), the eos bookkeeping and one
+* **the loop**: prefill (:func:`~corrpo.generation.decode_step.prefill`), then per token the repetition penalty
+  of a sampled call (:func:`~corrpo.generation.sampling.penalize_repetitions`, over the prompt's and the drawn
+  tokens), a draw (:func:`~corrpo.generation.sampling.draw_tokens`: temperature, top-k, top-p, min-p), the eos
+  bookkeeping and one
   :class:`~corrpo.generation.decode_step.DecodeStep`. Once at most ``compact_below`` (7/8) of the computed rows
   are unfinished, the finished ones leave the batch, so a row costs nothing after its eos; HF computes every row
   to the last step. The loop stops as soon as every row has emitted eos; rows that finished get the pad token,
@@ -29,6 +32,7 @@ several families. Forward hooks on the policy's submodules do not run during dec
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 
 import torch
 from torch import Tensor, nn
@@ -43,8 +47,15 @@ from corrpo.generation.decode_step import (
     module_at,
     prefill,
 )
-from corrpo.generation.rollout import Generator, HFGenerator, Rollout, SamplingConfig, rollout_from_sequences
-from corrpo.generation.sampling import draw_tokens
+from corrpo.generation.rollout import (
+    Generator,
+    HFGenerator,
+    Rollout,
+    SamplingConfig,
+    rollout_from_sequences,
+    sampling_kwargs,
+)
+from corrpo.generation.sampling import draw_tokens, penalize_repetitions, prompt_tokens_seen
 from corrpo.models.architectures import unwrap_adapters
 from corrpo.models.forward import eval_mode
 from corrpo.models.sharding import is_sharded
@@ -83,8 +94,11 @@ NEUTRAL_GENERATION_SETTINGS: dict[str, tuple] = {
 }
 
 
-def unsupported_reason(model: PreTrainedModel, total_length: int) -> str | None:
-    """Why :class:`DecodeLoopGenerator` cannot reproduce ``model.generate`` for ``model`` (``None``: it can)."""
+def unsupported_reason(model: PreTrainedModel, total_length: int, overridden: Collection[str] = ()) -> str | None:
+    """Why :class:`DecodeLoopGenerator` cannot reproduce ``model.generate`` for ``model`` (``None``: it can).
+
+    ``overridden``: the ``generate`` keywords the call sets itself (:func:`~corrpo.generation.rollout.sampling_kwargs`),
+    whose ``generation_config`` values then do not apply."""
     config = model.config
     family = getattr(config, "model_type", None)
     inner = unwrap_adapters(model)  # its family; the adapters themselves are refused below
@@ -103,6 +117,8 @@ def unsupported_reason(model: PreTrainedModel, total_length: int) -> str | None:
         return "pretraining_tp > 1"
     generation_config = getattr(model, "generation_config", None)
     for key, neutral in NEUTRAL_GENERATION_SETTINGS.items():
+        if key in overridden:
+            continue
         value = getattr(generation_config, key, None)
         if value not in neutral:
             return f"generation_config.{key} = {value!r} (HF generate applies it; the lean loop does not)"
@@ -153,7 +169,8 @@ class DecodeLoopGenerator(Generator):
         pad_token_id: int,
         greedy: bool = False,
     ) -> Rollout:
-        self.fallback_reason = unsupported_reason(model, prompt_ids.shape[1] + sampling.max_new_tokens)
+        total_length = prompt_ids.shape[1] + sampling.max_new_tokens
+        self.fallback_reason = unsupported_reason(model, total_length, sampling_kwargs(sampling, greedy).keys())
         if self.fallback_reason is not None:
             if self.fallback_reason not in self._logged:
                 self._logged.add(self.fallback_reason)
@@ -188,9 +205,18 @@ class DecodeLoopGenerator(Generator):
         sequences[:, :P] = prompt_ids.repeat_interleave(G, dim=0)
         rows = torch.arange(N, device=prompt_ids.device)  # the rows the decode step still computes
         finished = torch.zeros(N, dtype=torch.bool, device=prompt_ids.device)  # over `rows`
+        penalty = 1.0 if greedy else sampling.repetition_penalty  # greedy: the logits' argmax, as HFGenerator's
+        seen = None  # over `rows`: [n, V], the tokens of each row's prompt and completion so far
+        if penalty != 1.0:
+            seen = prompt_tokens_seen(prompt_ids, prompt_mask, logits.shape[-1]).repeat_interleave(G, dim=0)
         steps = 0
         for t in range(L):
-            tokens = draw_tokens(logits, rows, N, sampling, greedy).masked_fill(finished, pad_token_id)
+            if seen is not None:
+                logits = penalize_repetitions(logits, seen, penalty)
+            drawn = draw_tokens(logits, rows, N, sampling, greedy)
+            if seen is not None:  # a finished row's marks are never read: its draws become pad
+                seen[torch.arange(len(rows), device=seen.device), drawn] = True
+            tokens = drawn.masked_fill(finished, pad_token_id)
             sequences[rows, P + t] = tokens
             steps = t + 1
             finished |= tokens == eos_token_id
@@ -200,6 +226,7 @@ class DecodeLoopGenerator(Generator):
             if done and len(rows) - done <= self.compact_below * len(rows):
                 keep = (~finished).nonzero().squeeze(1)
                 rows, finished, tokens = rows[keep], finished[keep], tokens[keep]
+                seen = None if seen is None else seen[keep]
                 step.keep_rows(keep, t)
             logits = step.next_logits(tokens, t)
         return sequences[:, : P + steps]

@@ -21,7 +21,10 @@ from corrpo.models.sharding import generate_kwargs
 
 @dataclass
 class SamplingConfig:
-    """How completions are sampled during RL."""
+    """How completions are sampled during RL (TRL ``GRPOConfig``'s names and meanings), HF ``generate``'s logits
+    processors in its order: repetition penalty, temperature, top-k, top-p, min-p. The update's log-probs use
+    ``softmax(logits / temperature)`` only, as TRL's: top-k, top-p, min-p and the penalty shape the rollouts,
+    not the loss."""
 
     temperature: float = 1.0
     """Softmax temperature; must be > 0 (greedy decoding is only used for evaluation)."""
@@ -29,6 +32,14 @@ class SamplingConfig:
     """Nucleus sampling mass."""
     max_new_tokens: int = 64
     """Completion length cap; completions that hit it are 'truncated'."""
+    top_k: int = 0
+    """Keep only the ``top_k`` most likely tokens (after the temperature); 0 = off (TRL ``GRPOConfig.top_k``)."""
+    min_p: float | None = None
+    """Drop the tokens whose probability (after temperature, top-k, top-p) is below ``min_p`` times the most likely
+    one's, in [0, 1]; null = off (TRL ``GRPOConfig.min_p``)."""
+    repetition_penalty: float = 1.0
+    """Divide a positive logit (multiply a negative one) by it for every token already in the prompt or the
+    completion, before the temperature; > 0, 1.0 = off (TRL ``GRPOConfig.repetition_penalty``)."""
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
@@ -37,6 +48,34 @@ class SamplingConfig:
             raise ValueError("rl.sampling.top_p must be in (0, 1]")
         if self.max_new_tokens < 1:
             raise ValueError("rl.sampling.max_new_tokens must be >= 1")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"rl.sampling.top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if self.min_p is not None and (isinstance(self.min_p, bool) or not 0 <= self.min_p <= 1):
+            raise ValueError(f"rl.sampling.min_p must be in [0, 1] or null (off), got {self.min_p!r}")
+        if isinstance(self.repetition_penalty, bool) or not self.repetition_penalty > 0:
+            raise ValueError(f"rl.sampling.repetition_penalty must be > 0 (1.0 = off), got {self.repetition_penalty!r}")
+        self.repetition_penalty = float(self.repetition_penalty)  # HF's processor takes a float only
+
+
+def sampling_kwargs(sampling: SamplingConfig, greedy: bool) -> dict:
+    """The ``model.generate`` keywords of a call, as TRL's GRPOTrainer passes them: greedy is ``do_sample=False``
+    alone (the argmax of the logits: no ``rl.sampling`` control applies); a sampled call sets ``temperature``,
+    ``top_p``, ``top_k`` (0 overrides HF's default of 50) and ``repetition_penalty`` (1.0 overrides a
+    ``generation_config`` one, as TRL's explicit 1.0 does), and ``min_p`` only when set (``None`` leaves the
+    model's ``generation_config`` value, as TRL's ``None`` does). A key given here overrides the model's
+    ``generation_config``; :func:`corrpo.generation.decode_loop.unsupported_reason` reads the rest."""
+    if greedy:
+        return dict(do_sample=False)
+    kwargs = dict(
+        do_sample=True,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k,
+        repetition_penalty=sampling.repetition_penalty,
+    )
+    if sampling.min_p is not None:
+        kwargs["min_p"] = sampling.min_p
+    return kwargs
 
 
 @dataclass
@@ -96,7 +135,8 @@ class Generator:
 
 
 class HFGenerator(Generator):
-    """Sampling with ``model.generate`` in eval mode under ``no_grad`` (restores the training mode)."""
+    """Sampling with ``model.generate`` in eval mode under ``no_grad`` (restores the training mode), with
+    :func:`sampling_kwargs`."""
 
     def generate(
         self,
@@ -111,11 +151,7 @@ class HFGenerator(Generator):
     ) -> Rollout:
         ids = prompt_ids.repeat_interleave(num_generations, dim=0)
         mask = prompt_mask.repeat_interleave(num_generations, dim=0)
-        kwargs = (
-            dict(do_sample=False)
-            if greedy
-            else dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
-        )
+        kwargs = sampling_kwargs(sampling, greedy)
         with eval_mode(model), torch.no_grad():
             out = model.generate(
                 **generate_kwargs(model),  # FSDP2: every rank runs forwards until all are done

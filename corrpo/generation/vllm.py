@@ -108,13 +108,8 @@ class VLLMGenerator(Generator):
         greedy: bool = False,
     ) -> Rollout:
         llm = self._engine(model)
-        params = _import_vllm().SamplingParams(
-            n=num_generations,
-            temperature=0.0 if greedy else sampling.temperature,
-            top_p=1.0 if greedy else sampling.top_p,
-            max_tokens=sampling.max_new_tokens,
-            stop_token_ids=[eos_token_id],
-        )
+        kwargs = sampling_params_kwargs(sampling, num_generations, eos_token_id, greedy)
+        params = _import_vllm().SamplingParams(**kwargs)
         prompts = [
             {"prompt_token_ids": row[m.bool()].tolist()}
             for row, m in zip(prompt_ids.cpu(), prompt_mask.cpu(), strict=True)
@@ -124,6 +119,25 @@ class VLLMGenerator(Generator):
         return rollout_from_token_lists(
             prompt_ids, prompt_mask, completions, num_generations, eos_token_id, pad_token_id, sampling.max_new_tokens
         )
+
+
+def sampling_params_kwargs(sampling: SamplingConfig, num_generations: int, eos_token_id: int, greedy: bool) -> dict:
+    """``vllm.SamplingParams``' keywords for a call, as TRL's colocated vLLM passes them: greedy is temperature 0
+    (vLLM's argmax; no ``rl.sampling`` control applies, as in :func:`corrpo.generation.rollout.sampling_kwargs`);
+    a sampled call sets temperature, ``top_p``, ``top_k`` (0 = off in vLLM too), ``min_p`` (0.0 when off) and
+    ``repetition_penalty`` (HF's formula, on the prompt and output tokens). vLLM's sampler applies min-p before
+    top-k and top-p (HF: after), so with ``top_p < 1`` and ``min_p`` both set its distribution is not HF's."""
+    kwargs = dict(n=num_generations, max_tokens=sampling.max_new_tokens, stop_token_ids=[eos_token_id])
+    if greedy:
+        return dict(kwargs, temperature=0.0, top_p=1.0)
+    return dict(
+        kwargs,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k,
+        min_p=0.0 if sampling.min_p is None else sampling.min_p,
+        repetition_penalty=sampling.repetition_penalty,
+    )
 
 
 def _merged(model: PreTrainedModel) -> PreTrainedModel:

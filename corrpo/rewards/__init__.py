@@ -20,7 +20,7 @@ from corrpo.rewards.answer import extract_answer
 from corrpo.rewards.call import RewardFn
 from corrpo.rewards.format import format_reward
 from corrpo.rewards.registry import REWARD_REGISTRY, resolve_reward, reward_name
-from corrpo.rewards.spec import RewardSpec, parse_reward_spec, reward_functions
+from corrpo.rewards.spec import RewardConfigError, RewardSpec, parse_reward_spec, reward_functions
 
 __all__ = [
     "REWARD_REGISTRY",
@@ -32,5 +32,6 @@ __all__ = [
     "parse_reward_spec",
     "resolve_reward",
     "reward_functions",
+    "RewardConfigError",
     "reward_name",
 ]

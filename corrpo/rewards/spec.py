@@ -70,8 +70,13 @@ ACCEPTED = (
 )
 
 
-def _fail(key: str, why: str) -> ValueError:
-    return ValueError(f"{key}: {why}; an rl.rewards entry is {ACCEPTED}")
+class RewardConfigError(ValueError):
+    """An ``rl.rewards`` entry that cannot become a reward (malformed, not importable, a factory that fails, a model
+    folder that does not load): the message names the key; the CLI prints it without a traceback."""
+
+
+def _fail(key: str, why: str) -> RewardConfigError:
+    return RewardConfigError(f"{key}: {why}; an rl.rewards entry is {ACCEPTED}")
 
 
 def _check_string(key: str, value: Any, allow_empty: bool = False) -> None:
@@ -137,27 +142,27 @@ def build_reward(spec: RewardSpec, key: str = "rl.rewards[0]", function_key: str
     """The reward function ``spec`` describes: imported, built by its factory, wrapped for verl, or a loaded model.
 
     Raises:
-        ValueError: not importable, a factory that raised or returned no callable, a model folder that does not load;
-            each naming ``key`` (an import error names ``function_key``, default ``<key>.function``).
+        RewardConfigError: not importable, a factory that raised or returned no callable, a model folder that does
+            not load; each naming ``key`` (an import error names ``function_key``, default ``<key>.function``).
     """
     if spec.model is not None:
         try:
             return RewardModel(spec.model, batch_size=spec.batch_size, dtype=spec.dtype)
         except (OSError, ValueError) as err:
-            raise ValueError(f"{key}.model: cannot load the reward model {spec.model!r}: {err}") from err
+            raise RewardConfigError(f"{key}.model: cannot load the reward model {spec.model!r}: {err}") from err
     try:
         fn = resolve_reward(spec.function)
     except ValueError as err:
-        raise ValueError(f"{function_key or key + '.function'}: {err}") from err
+        raise RewardConfigError(f"{function_key or key + '.function'}: {err}") from err
     if spec.kwargs is not None:
         try:
             fn = fn(**spec.kwargs)
         except Exception as err:  # noqa: BLE001 - any failure of a user's factory is a config error naming it
-            raise ValueError(
+            raise RewardConfigError(
                 f"{key}.kwargs: building the reward {spec.function}(**{spec.kwargs}) failed: {err!r}"
             ) from err
         if not callable(fn):
-            raise ValueError(
+            raise RewardConfigError(
                 f"{key}.kwargs: {spec.function}(**kwargs) returned {type(fn).__name__}, not a reward function; "
                 "without kwargs the function itself is the reward"
             )
@@ -175,7 +180,7 @@ def reward_functions(entries: Sequence[Any]) -> dict[str, RewardFn]:
         spec = parse_reward_spec(entry, key)
         short = spec_name(spec)
         if short in functions:
-            raise ValueError(
+            raise RewardConfigError(
                 f"rl.rewards: two rewards are named {short!r} ({list(entries)}); give one another name "
                 f"({key}: {{function: ..., name: <short name>}})"
             )

@@ -16,6 +16,7 @@ from corrpo.rewards.combine import checked_reward_weights
 from corrpo.rewards.spec import parse_reward_spec
 from corrpo.training.corrpo_term import CorrPOTermConfig
 from corrpo.training.covariance_tokens import POLICY_LOSSES
+from corrpo.training.dynamic_sampling import DynamicSamplingConfig
 from corrpo.training.objectives import LOSS_TYPES, REWARD_SCALES, LossOptions
 
 
@@ -103,6 +104,13 @@ class RLConfig(OptimConfig):
     entropy_coef: float = 0.0
     """TRL's entropy bonus: the loss is ``L - entropy_coef * H`` with ``H`` the mean entropy (nats, of
     ``softmax(logits / T)``) over the loss tokens (the top-entropy ones when selected); 0 = off."""
+    sync_ref_model: bool = False
+    """Move the KL reference toward the policy every ``ref_model_sync_steps`` RL updates (TR-DPO; TRL's
+    ``sync_ref_model``): ``pi_ref <- alpha * pi + (1 - alpha) * pi_ref``. Needs ``beta > 0``."""
+    ref_model_mixup_alpha: float = 0.6
+    """``alpha`` of the sync, in (0, 1] (TRL's default 0.6; 1 copies the policy)."""
+    ref_model_sync_steps: int = 512
+    """``tau``: RL optimizer updates between two syncs (TRL's default 512)."""
     use_bias_correction_kl: bool = False
     """Multiply the k3 KL by the importance ratio (TRL's ``use_bias_correction_kl``, True by default there): the
     unbiased reverse-KL gradient of DeepSeek-V3.2. False (corrpo's default) keeps the plain k3 penalty of
@@ -143,12 +151,18 @@ class RLConfig(OptimConfig):
     generation_batch_size: int | None = None
     """Completions per generate call (whole groups: ``max(1, generation_batch_size // num_generations)`` prompts a
     call); None = the whole batch in one call. Bounds the rollout's KV cache and logits."""
+    dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
+    """DAPO's dynamic sampling (verl's ``algorithm.filter_groups``): ``{enable, metric, max_num_gen_batches}``, drop
+    the groups whose rewards are all equal and sample more prompts until the batch is full
+    (:mod:`corrpo.training.dynamic_sampling`)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.sampling, dict):
             self.sampling = SamplingConfig(**self.sampling)
         if isinstance(self.inversion, dict):
             self.inversion = CorrPOTermConfig(**self.inversion)
+        if isinstance(self.dynamic_sampling, dict):
+            self.dynamic_sampling = DynamicSamplingConfig(**self.dynamic_sampling)
         self._check("rl")
         _check_optional_positive_int("rl", generation_batch_size=self.generation_batch_size)
         _check_non_negative("rl", beta=self.beta)
@@ -181,6 +195,14 @@ class RLConfig(OptimConfig):
             )
         if not math.isfinite(self.entropy_coef):
             raise ValueError(f"rl.entropy_coef must be a finite number, got {self.entropy_coef!r}")
+        if self.sync_ref_model and self.beta == 0:
+            raise ValueError(
+                "rl.sync_ref_model is true but rl.beta is 0: no KL reference is loaded, so there is nothing to sync; "
+                "set rl.beta > 0 or rl.sync_ref_model false"
+            )
+        if not 0.0 < self.ref_model_mixup_alpha <= 1.0:
+            raise ValueError(f"rl.ref_model_mixup_alpha must be in (0, 1], got {self.ref_model_mixup_alpha!r}")
+        _check_positive("rl", ref_model_sync_steps=self.ref_model_sync_steps)
         if self.unscorable_rewards not in ("skip", "zero"):
             raise ValueError(f"rl.unscorable_rewards must be 'skip' or 'zero', got {self.unscorable_rewards!r}")
         if self.scale_rewards not in REWARD_SCALES:

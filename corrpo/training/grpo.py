@@ -6,8 +6,9 @@ benchmark (``benchmarks/rl_step.py``) and unit tests run exactly the same code:
 1. **rollout**: ``G`` sampled completions per prompt from the context's generator;
 2. **rewards**: every reward function (:func:`corrpo.rewards.combine.score_completions`), then the CorR-PO term
    ``lambda * clip(-rho_i, -1, 1)`` as one more reward stage (:mod:`corrpo.training.corrpo_term`, its one home)
-   that returns its own values;
-   ``lambda = 0`` computes nothing and is plain GRPO bit for bit;
+   that returns its own values; ``lambda = 0`` computes nothing and is plain GRPO bit for bit; with
+   ``rl.dynamic_sampling`` the groups whose task rewards are all equal are dropped first and more prompts sampled
+   until the batch is full (:mod:`corrpo.training.dynamic_sampling`, DAPO);
 3. **advantages**: group-normalised (:func:`corrpo.training.objectives.group_advantages`);
 4. **updates**: ``num_iterations`` steps of the clipped surrogate (+ optional k3 KL to a frozen reference), each
    through :func:`corrpo.training.update.apply_update` (non-finite guard, clip, lr schedule).
@@ -46,7 +47,9 @@ from corrpo.training.corrpo_term import (
     enter_term,
     shares_update_forward,
 )
+from corrpo.training.dynamic_sampling import FilledBatch, fill_with_varied_groups
 from corrpo.training.forward import completion_log_probs, row_chunks
+from corrpo.training.group_filter import resolve_metric
 from corrpo.training.objectives import (
     LossNormalisers,
     PolicyLossOutput,
@@ -58,6 +61,8 @@ from corrpo.training.objectives import (
     masked_mean,
     zero_std_fraction,
 )
+from corrpo.training.reference_sync import mix_reference, sync_due
+from corrpo.training.sampled_groups import SampledGroups
 from corrpo.training.schedule import warmup_cosine_lr
 from corrpo.training.update import UpdateOutcome, apply_update
 
@@ -77,6 +82,10 @@ class RLContext:
     collectives: Collectives = SINGLE_PROCESS
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward
     """Lightning's ``manual_backward`` inside a Trainer."""
+    more_prompts: Callable[[], dict] | None = None
+    """``rl.dynamic_sampling``'s next round of prompts: ``prompt``, ``answer``, ``columns`` (the data module's)."""
+    pad_token_id: int = 0
+    """Fills the (masked) padding where dynamic sampling joins rounds of different token widths."""
 
 
 @dataclass
@@ -110,11 +119,48 @@ class GRPOStep:
         self.reward_weights = checked_reward_weights(rl.reward_weights if weights is None else weights, len(reward_fns))
         # stops a run whose reward fails on most samples for rl.reward_failure_patience steps in a row
         self.reward_monitor = RewardFailureMonitor(rl.max_reward_failure_share, rl.reward_failure_patience)
+        dynamic = rl.dynamic_sampling
+        self.filter_metric = resolve_metric(dynamic.metric, reward_fns) if dynamic.enable else None
 
     # ---------------------------------------------------------------------------------------- stages
-    def score(self, inputs: RewardInputs) -> RewardScores:
-        """Task rewards of the ``N = B * G`` completions (prompts and columns repeated per group member)."""
-        return score_completions(self.reward_fns, self.reward_weights, inputs, self.reward_monitor)
+    def score(self, inputs: RewardInputs, monitor: bool = True) -> RewardScores:
+        """Task rewards of the ``N = B * G`` completions; ``monitor``: the failure monitor counts the call as a step."""
+        return score_completions(self.reward_fns, self.reward_weights, inputs, self.reward_monitor if monitor else None)
+
+    def sample(
+        self, ctx: RLContext, prompts: list[Prompt], answers: list[str], columns: dict[str, list] | None,
+        info: StepInfo, timings: dict[str, float], monitor: bool = True,
+    ) -> SampledGroups:  # fmt: skip
+        """Stages 1 and 2 on ``B`` prompts: ``G`` completions each, scored (seconds added to ``timings``)."""
+        G = self.rl.num_generations
+        t0 = time.perf_counter()
+        rollout = ctx.generate(prompts, G)
+        t1 = time.perf_counter()
+        completions = ctx.decode(rollout)
+        inputs = group_inputs(  # as the start-up dry run builds them (corrpo.rewards.dry_run)
+            prompts, answers, columns, completions, G, completion_ids=completion_token_ids(rollout),
+            trainer_state=info, log=RewardLog(),
+        )  # fmt: skip
+        scores = self.score(inputs, monitor)
+        timings["generate"] = timings.get("generate", 0.0) + t1 - t0
+        timings["score"] = timings.get("score", 0.0) + time.perf_counter() - t1
+        return SampledGroups(rollout, inputs, scores, G)
+
+    def fill(self, ctx: RLContext, first: SampledGroups, info: StepInfo, timings: dict[str, float]) -> FilledBatch:
+        """``rl.dynamic_sampling``: ``first``'s size in varied groups, sampling rounds of ``ctx.more_prompts()``
+        (:func:`corrpo.training.dynamic_sampling.fill_with_varied_groups`); the failure monitor counts it once."""
+
+        def sample_more() -> SampledGroups:
+            more = ctx.more_prompts()
+            return self.sample(ctx, more["prompt"], more["answer"], more.get("columns"), info, timings, False)
+
+        rl, more = self.rl, sample_more if ctx.more_prompts is not None else None
+        skip = rl.unscorable_rewards == "skip"
+        filled = fill_with_varied_groups(
+            first, more, rl.dynamic_sampling, self.filter_metric, skip, ctx.collectives, ctx.pad_token_id
+        )
+        self.reward_monitor.update(filled.batch.scores, filled.scored_samples)
+        return filled
 
     def lr_at(self, update_index: int) -> float:
         """RL learning rate at 0-based RL optimizer step ``update_index`` (warm-up + cosine over all updates)."""
@@ -164,19 +210,12 @@ class GRPOStep:
         """
         rl, G = self.rl, self.rl.num_generations
         timings: dict[str, float] = {}
-        t0 = time.perf_counter()
-        rollout = ctx.generate(prompts, G)
-        timings["generate"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        completions = ctx.decode(rollout)
-        reward_log = RewardLog()
-        inputs = group_inputs(  # as the start-up dry run builds them (corrpo.rewards.dry_run)
-            prompts, answers, columns, completions, G, completion_ids=completion_token_ids(rollout),
-            trainer_state=StepInfo(rl_index if step is None else step, max_steps, rl_index), log=reward_log,
-        )  # fmt: skip
-        scores = self.score(inputs)
-        timings["score"] = time.perf_counter() - t0
+        info = StepInfo(rl_index if step is None else step, max_steps, rl_index)
+        dynamic = rl.dynamic_sampling.enable
+        batch = self.sample(ctx, prompts, answers, columns, info, timings, monitor=not dynamic)
+        filled = self.fill(ctx, batch, info, timings) if dynamic else None
+        batch = filled.batch if filled is not None else batch
+        rollout, inputs, scores = batch.rollout, batch.inputs, batch.scores
         device = rollout.sequences.device
 
         term = first_forward = None
@@ -206,7 +245,8 @@ class GRPOStep:
 
         metrics = self._step_metrics(ctx, rollout, rewards, scores, out, entropy, term)
         metrics.update({f"time/{k}": v for k, v in timings.items()})
-        metrics.update(reward_log.metrics)  # a reward's log_metric(name, value), under its own name as in TRL
+        metrics.update(inputs.log.metrics)  # a reward's log_metric(name, value), under its own name as in TRL
+        metrics.update(filled.metrics() if filled is not None else {})
         return RLStepResult(
             metrics=metrics, updates=updates, completions=rows, rewards=rewards, advantages=advantages,
             scores=scores, inversion=term, timings=timings,
@@ -293,10 +333,13 @@ class GRPOStep:
                     stats.cov_tokens = selection[1]
                     yield loss
 
-            lr = self.lr_at(rl_index * rl.num_iterations + iteration)
+            update_index = rl_index * rl.num_iterations + iteration
+            lr = self.lr_at(update_index)
             update = apply_update(losses(), ctx.optimizer, ctx.policy, lr, rl.max_grad_norm, ctx.collectives,
                                   ctx.backward)  # fmt: skip
             updates.append(update)
+            if rl.sync_ref_model and ctx.ref_policy is not None and sync_due(update_index + 1, rl.ref_model_sync_steps):
+                mix_reference(ctx.policy, ctx.ref_policy, rl.ref_model_mixup_alpha)  # TRL's on_step_end
             out = stats.output(update.loss, loss_mask)
             if iteration == 0:
                 entropy = stats.entropy()

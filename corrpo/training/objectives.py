@@ -22,6 +22,7 @@ import torch
 
 from corrpo.inversion.entropy import entropy_bits_of_log_probs
 from corrpo.training.covariance_tokens import POLICY_LOSSES, clip_cov_tokens, kl_cov_tokens, token_covariance
+from corrpo.training.group_filter import varied_groups
 
 LossType = Literal["grpo", "dr_grpo", "dapo", "bnpo"]
 RewardScale = Literal["group", "batch", "none"]
@@ -88,12 +89,9 @@ def _nanstd(values: torch.Tensor, dim: int) -> torch.Tensor:
 
 def zero_std_fraction(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """Fraction of groups whose rewards are all equal (TRL's ``frac_reward_zero_std``): the groups that carry no
-    learning signal. NaN (unscorable) rewards are left out; a group with fewer than two scored rewards counts."""
-    grouped = rewards.view(-1, group_size)
-    scored = ~grouped.isnan()
-    high = grouped.masked_fill(~scored, float("-inf")).max(dim=1).values
-    low = grouped.masked_fill(~scored, float("inf")).min(dim=1).values
-    return ((high == low) | (scored.sum(dim=1) < 2)).float().mean()
+    learning signal. NaN (unscorable) rewards are left out; a group with fewer than two scored rewards counts. The
+    test is :func:`corrpo.training.group_filter.varied_groups`, the one dynamic sampling filters with."""
+    return (~varied_groups(rewards, group_size)).float().mean()
 
 
 LOG_PROB_SLICE_ELEMENTS = 1 << 24
