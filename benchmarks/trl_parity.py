@@ -334,12 +334,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "policy"
         export_policy(folder)
-        print(f"{'setting':<44} {'update':>6} {'|dL|':>10} {'rel dgrad':>10} {'TRL clip':>9}")
+        print(f"{'setting':<52} {'update':>6} {'|dL|':>10} {'rel dgrad':>10} {'TRL clip':>9}")
         worst_loss = worst_grad = 0.0
         every = settings()
         for setting in every:
             for k, (dl, dg, clip) in enumerate(compare(folder, setting, Path(tmp) / "trl")):
-                print(f"{setting.name:<44} {k + 1:>6} {dl:>10.2e} {dg:>10.2e} {clip:>9.3f}")
+                print(f"{setting.name:<52} {k + 1:>6} {dl:>10.2e} {dg:>10.2e} {clip:>9.3f}")
                 worst_loss, worst_grad = max(worst_loss, dl), max(worst_grad, dg)
     print(f"RESULT worst_loss={worst_loss:.3e} worst_grad={worst_grad:.3e} settings={len(every)}")
 
