@@ -11,6 +11,10 @@ On CUDA, in under 8 minutes, on the Qwen2.5-0.5B-shaped random model (``benchmar
 5. ``sharded``: ``benchmarks/sharded_memory.py --device cuda`` (DDP against FSDP2, peak memory per rank, 2 ranks
    on 2 GPUs over NCCL), when the machine has 2 GPUs (NCCL cannot put two ranks on one GPU); skipped otherwise
    and with ``--cpu`` (the CPU measurement is ``benchmarks/sharded_memory.py`` itself).
+6. ``long_traces``: onepass q,k,v,o at T = 1024 and 4096 over one forward+backward of the same sequence, with
+   each K solver (``eigh``, ``batched``), peak memory, and the error against the loop on 4 tokens;
+7. ``batched_route``: 4096 rank-deficient 128-square Grams (the 0.5B model's d_kv), ``eigvalsh`` against the
+   batched Newton-Schulz route: seconds each and their max relative difference (decides ``k_solver: auto``).
 
 Every section is timed and caught on its own: a failure is written into the JSON (``error``) and the next section
 runs; sections that would start past ``--budget`` seconds are skipped (``skipped``). Usage::
@@ -54,6 +58,8 @@ class Shapes:
         self.sft_batch, self.sft_length = (2, 24) if cpu else (8, 512)
         self.prompts, self.G, self.prompt_length, self.new_tokens = (1, 2, 8, 8) if cpu else (4, 4, 64, 256)
         self.generate_batch, self.generate_tokens = (2, 8) if cpu else (32, 256)
+        self.long_lengths = (32, 64) if cpu else (1024, 4096)
+        self.gram_size, self.gram_batch = (16, 8) if cpu else (128, 4096)
 
 
 def synchronize(device: str) -> None:
@@ -207,8 +213,74 @@ def sharded_section(folder: Path, device: str, shapes: Shapes) -> dict:
     return {"result": result, "table": done.stdout[-2000:], **dict(kv.split("=") for kv in result.split()[1:])}
 
 
+def long_traces_section(folder: Path, device: str, shapes: Shapes) -> dict:
+    """Onepass q,k,v,o on long sequences (``benchmarks/long_traces.py``'s rows): seconds over one forward+backward
+    of the same batch, peak memory, each K solver (``eigh`` / ``batched``), and the error against the loop."""
+    from long_traces import fwd_bwd, peak_above
+    from transformers import AutoModelForCausalLM
+
+    from corrpo.inversion.strength import StrengthConfig, logit_grad_strength
+    from corrpo.inversion.strength_common import max_relative_error
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, shapes.dtype)).to(device).eval()
+    out = {}
+    for T in shapes.long_lengths:
+        ids = torch.randint(10, 100, (1, T), generator=torch.Generator().manual_seed(T)).to(device)
+        scored = torch.ones_like(ids, dtype=torch.bool)
+        fwd_bwd(model, ids)  # warm-up
+        synchronize(device)
+        start = time.perf_counter()
+        fwd_bwd(model, ids)
+        synchronize(device)
+        row = {"fwdbwd_s": time.perf_counter() - start}
+        values = {}
+        for solver in ("eigh", "batched"):
+            config = StrengthConfig(projections=["q", "k", "v", "o"], k_solver=solver)
+            synchronize(device)
+            start = time.perf_counter()
+            row[f"qkvo_{solver}_MB"], values[solver] = peak_above(
+                lambda c=config, i=ids, s=scored: logit_grad_strength(model, i, None, s, c), device == "cuda"
+            )
+            synchronize(device)
+            row[f"qkvo_{solver}_s"] = time.perf_counter() - start
+            row[f"qkvo_{solver}_over_fwdbwd"] = row[f"qkvo_{solver}_s"] / row["fwdbwd_s"]
+        subset = torch.zeros_like(scored)
+        subset[0, torch.linspace(1, T - 1, 4).round().long().unique()] = True
+        loop = logit_grad_strength(model, ids, None, subset, StrengthConfig(projections=["q", "k", "v", "o"],
+                                                                            method="loop"))  # fmt: skip
+        for solver, value in values.items():
+            row[f"{solver}_max_rel_err_vs_loop"] = max_relative_error(value[subset], loop[subset])
+        row["batched_vs_eigh_max_rel"] = max_relative_error(values["batched"], values["eigh"])
+        out[f"T{T}"] = row
+    return out
+
+
+def batched_route_section(folder: Path, device: str, shapes: Shapes) -> dict:
+    """K's nuclear norm on a batch of rank-deficient d_kv-square Grams: ``eigvalsh`` against the batched
+    Newton-Schulz route (``corrpo.inversion.psd_root``), seconds and the max relative difference."""
+    from corrpo.inversion.psd_root import gram_nuclear
+
+    n, batch = shapes.gram_size, shapes.gram_batch
+    gen = torch.Generator().manual_seed(0)
+    m = torch.randn(batch, n, n // 2, generator=gen, dtype=torch.float64).to(device)  # rank n / 2
+    gram = m @ m.mT
+    out = {"n": n, "batch": batch}
+    values = {}
+    for solver in ("eigh", "batched"):
+        gram_nuclear(gram[:2], solver)  # warm-up
+        synchronize(device)
+        start = time.perf_counter()
+        values[solver] = gram_nuclear(gram, solver)
+        synchronize(device)
+        out[f"{solver}_s"] = time.perf_counter() - start
+    out["speedup_batched"] = out["eigh_s"] / max(out["batched_s"], 1e-9)
+    out["max_rel_diff"] = ((values["batched"] - values["eigh"]) / values["eigh"]).abs().max().item()
+    return out
+
+
 SECTIONS = {"strength": strength_section, "steps": steps_section, "generate": generate_section, "vllm": vllm_section,
-            "sharded": sharded_section}  # fmt: skip
+            "sharded": sharded_section, "long_traces": long_traces_section,
+            "batched_route": batched_route_section}  # fmt: skip
 
 
 def main() -> None:

@@ -13,9 +13,13 @@ results.json written). Usage::
 
     python benchmarks/faults.py [--only NAME ...] [--keep DIR]
 
-The last line is ``RESULT scenarios=<n> exact=<m> corrupt_chosen=<k>``: exact counts scenarios whose resumed
-run equals the uninterrupted one bit for bit (and whose child exited as its fault says it must);
-corrupt_chosen counts resumes that picked a checkpoint the scenario had damaged (must be 0).
+The last line is ``RESULT scenarios=<n> exact=<m> corrupt_chosen=<k> nan_exported=<j>``: exact counts scenarios whose
+resumed run equals the uninterrupted one bit for bit (and whose child exited as its fault says it must);
+corrupt_chosen counts resumes that picked a checkpoint the scenario had damaged (must be 0); nan_exported counts
+scenarios whose run folder holds a checkpoint or an exported ``policy/`` with a NaN/inf tensor (must be 0). The
+non-finite scenarios (``nan-*``: ``lr: .inf`` and ``rl.sampling.temperature: .nan`` in a YAML file, a NaN written
+into one weight as the first RL step starts) resume nothing: they are exact when the child is refused or stops
+with the error that names the cause, and nothing non-finite was written.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -41,6 +46,8 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO = Path(__file__).resolve().parents[1]
 
+from faults_continue import continuation_scenarios  # noqa: E402
+from faults_export import export_scenarios, install_export_fault  # noqa: E402
 from tiny_runs import TINY_FAST_ARGS  # noqa: E402
 
 from corrpo.runs.run_folder import RunFolder  # noqa: E402
@@ -80,7 +87,13 @@ def install_fault(fault: str, at: int) -> None:
     start_hook = CorrPOModule.on_train_batch_start
 
     def on_batch_start(self, batch, batch_idx):
+        _STEP[0] = batch["step"]
+        if fault == "slow" and batch["step"] >= 2:
+            time.sleep(4.0)  # a long step: time for a second process to try the folder
         if batch["step"] == at:
+            if fault == "nan-weight":  # after the batch's own start (the SFT policy export at the boundary)
+                start_hook(self, batch, batch_idx)
+                return poison_one_weight(self.policy)
             if fault == "kill-step":
                 _kill_self()
             if fault in ("sigterm", "sigint"):
@@ -119,6 +132,8 @@ def install_fault(fault: str, at: int) -> None:
             _kill_self()  # the final checkpoint is saved; results.json and policy/ are not written
         return end_hook(self)
 
+    if fault == "hang-reward":
+        install_hanging_reward(at)
     end_hook = CorrPOModule.on_train_end
     CorrPOModule.on_train_batch_start = on_batch_start
     CorrPOModule.on_train_end = on_train_end
@@ -126,8 +141,28 @@ def install_fault(fault: str, at: int) -> None:
     os.replace = replace
 
 
+_STEP = [-1]  # the batch in flight in the child
+
+
+def install_hanging_reward(at: int) -> None:
+    """The rewards of batch ``at`` hang (after the process gets a SIGTERM, as a pre-empted job does): the step can
+    only end by the grace period of ResumableCheckpoint (``stop_grace_s``, default 20 s)."""
+    import corrpo.training.grpo as grpo
+
+    real_score = grpo.score_completions
+
+    def score(*args, **kwargs):
+        if _STEP[0] == at:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(600)
+        return real_score(*args, **kwargs)
+
+    grpo.score_completions = score
+
+
 def child_main(args) -> None:
     install_fault(args.fault, args.at)
+    install_export_fault(args.fault)  # benchmarks/faults_export.py's faults (enospc-export)
     from corrpo.cli import build_cli
 
     extra = ["--ckpt_path=last"] if args.resume else []
@@ -147,6 +182,7 @@ class Outcome:
     corrupt_chosen: bool = False
     evidence: str = "-"  # what shows the fault struck where it was aimed
     left: str = "-"  # the checkpoints the resume found: name=global step, or why it is broken
+    nan_exported: bool = False  # a checkpoint or the exported policy/ holds a NaN/inf tensor
 
 
 class Campaign:
@@ -215,6 +251,7 @@ class Campaign:
         if not RunFolder(run).results.is_file():
             out.intact.append("no results.json")
         out.exact = out.diff == 0.0 and out.csv_same and chosen is not None
+        out.nan_exported = bool(non_finite_files(run))
 
     def scenario(self, name: str, faults: list[tuple[str, int]], expect: list[int], root_base: Path | None = None,
                  damage=None, tmp_base: Path | None = None) -> Outcome:  # fmt: skip
@@ -239,6 +276,9 @@ class Campaign:
         elif faults[0][0] in ("fill-disk", "enospc"):
             in_save = "No space left on device" in self.last_output and "atomic_torch_save" in self.last_output
             out.evidence = "ENOSPC in a checkpoint save" if in_save else "NO ENOSPC in a save"
+        elif faults[0][0] == "hang-reward":
+            seen = "did not end within stop_grace_s" in self.last_output and "last step boundary" in self.last_output
+            out.evidence = "grace period stopped the hung step" if seen else "NO grace stop"
         elif faults[0][0] in ("sigterm", "sigint"):
             out.evidence = "handler ran" if "saving a checkpoint" in self.last_output else "NO handler"
         config_bytes = RunFolder(run).config.read_bytes()
@@ -274,6 +314,110 @@ class Campaign:
         self.finish(out, root, tmpdir, run_a, saved[run_a])
         out.exact = out.exact and out.exits == [-9]
         return out
+
+    def concurrent_second(self) -> Outcome:
+        """A run A is training; a second process with A's command and ``--ckpt_path last`` is refused naming A's pid
+        before it touches A's folder (it used to delete A's in-flight checkpoint temp file and kill A); A finishes
+        and equals the uninterrupted run."""
+        out = Outcome("concurrent-second-process")
+        root, tmpdir = self.work / out.name, self.work / f"tmp-{out.name}"
+        tmpdir.mkdir()
+        env = {**os.environ, "TMPDIR": str(tmpdir), "PYTHONPATH": str(REPO)}
+        env.pop("WANDB_SERVICE", None)
+        argv = [sys.executable, __file__, "--child", "--config", str(self.config), "--root", str(root)]
+        first = subprocess.Popen([*argv, "--fault", "slow"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True, cwd=REPO)  # fmt: skip
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and first.poll() is None and not list(root.glob("*/checkpoints/last.ckpt")):
+            time.sleep(0.2)
+        second = subprocess.run([*argv, "--fault", "none", "--resume"], env=env, capture_output=True, text=True,
+                                cwd=REPO)  # fmt: skip
+        running = first.poll() is None
+        first_output = first.communicate()[0]
+        out.exits = [first.returncode, second.returncode]
+        refused = f"in use by pid {first.pid}" in second.stderr
+        out.evidence = "second refused, naming pid" if refused and running else "NO refusal while A ran"
+        if not refused:
+            print(second.stderr[-2000:], first_output[-2000:], file=sys.stderr)
+        runs = [p for p in root.iterdir() if p.is_dir()]
+        if len(runs) != 1:
+            out.intact.append(f"{len(runs)} run folders")
+            return out
+        run = runs[0]
+        out.left = checkpoints_left(run)
+        config_bytes = RunFolder(run).config.read_bytes()
+        self.finish(out, root, tmpdir, run, config_bytes)
+        out.exact = out.exact and out.exits == [0, 1] and not out.evidence.startswith("NO")
+        return out
+
+
+# ------------------------------------------------------------------------------- non-finite (issue 28, item 1)
+NAN_SCENARIOS = {
+    # name: (YAML laid over the command, fault, batch it strikes at, the child's exit, the words its error must say)
+    "nan-lr-yaml": ("model:\n  sft:\n    lr: .inf\n", "none", -1, 2, "model.sft.lr must be a finite number"),
+    "nan-temperature-yaml": (
+        "model:\n  rl:\n    sampling:\n      temperature: .nan\n",
+        "none",
+        -1,
+        2,
+        "model.rl.sampling.temperature must be a finite number",
+    ),
+    "nan-weight-first-rl": (None, "nan-weight", 3, 1, "weights already hold NaN or inf"),  # batch 3: the first RL one
+    # finite, but the step overflows fp32 (the path lr: .inf took): the check after the update stops the run
+    "huge-lr-yaml": ("model:\n  sft:\n    lr: 1.0e+39\n", "none", -1, 1, "weight tensor(s) non-finite"),
+}
+
+
+def poison_one_weight(policy) -> None:
+    """One NaN in the first decoder matrix (not the embedding: a NaN in an unused token's row changes nothing)."""
+    import torch
+
+    name, weight = next((n, p) for n, p in policy.named_parameters() if p.ndim == 2 and "embed" not in n)
+    with torch.no_grad():
+        weight.view(-1)[0] = float("nan")
+    print(f"[faults] NaN written into {name}[0, 0]", flush=True)
+
+
+def non_finite_files(folder: Path) -> list[str]:
+    """The checkpoints (their ``state_dict``) and exported weight files under ``folder`` that hold a NaN/inf."""
+    import torch
+    from safetensors.torch import load_file
+
+    from corrpo.models.finite import nonfinite_tensors
+
+    found = []
+    for path in sorted(folder.rglob("*.ckpt")):
+        try:  # files this campaign wrote (their hyper-parameters are dataclasses: not loadable weights-only)
+            state = torch.load(path, map_location="cpu", weights_only=False).get("state_dict", {})
+        except Exception:  # noqa: BLE001 - damaged on purpose by a scenario: checkpoint_problem names it
+            continue
+        found += [str(path)] if nonfinite_tensors(state.items()) else []
+    found += [str(p) for p in sorted(folder.rglob("*.safetensors")) if nonfinite_tensors(load_file(p).items())]
+    return found
+
+
+def nan_scenario(campaign: Campaign, name: str) -> Outcome:
+    """A child that must be refused (a non-finite YAML value: exit 2) or stopped by the error naming the cause (a
+    NaN weight, an update that overflows: exit 1), and whose folder holds nothing non-finite and no policy/."""
+    overlay, fault, at, exit_code, says = NAN_SCENARIOS[name]
+    out = Outcome(name)
+    root, tmpdir = campaign.work / name, campaign.work / f"tmp-{name}"
+    tmpdir.mkdir(parents=True)
+    extra = []
+    if overlay is not None:
+        (campaign.work / f"{name}.yaml").write_text(overlay)
+        extra.append(f"--config={campaign.work / f'{name}.yaml'}")
+    out.exits.append(campaign.child(root, tmpdir, fault, at, extra=extra))
+    out.evidence = f"error: {says}" if says in campaign.last_output else f"NO '{says}'"
+    bad = non_finite_files(root) if root.exists() else []
+    out.nan_exported = bool(bad)
+    out.intact += [f"non-finite {Path(p).name}" for p in bad]
+    runs = [p for p in root.iterdir() if p.is_dir()] if root.exists() else []
+    out.left = "; ".join(checkpoints_left(run) or "none" for run in runs) or "no run folder"
+    if any(RunFolder(run).policy.exists() for run in runs):
+        out.intact.append("policy/ exported")
+    out.exact = out.exits == [exit_code] and not out.evidence.startswith("NO") and not out.intact
+    return out
 
 
 def _short(path: Path) -> str:
@@ -358,7 +502,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     shm = Path("/dev/shm")
     campaign = Campaign(work)
-    campaign.reference()
+    if not args.only or set(args.only) - set(NAN_SCENARIOS):  # the nan-* scenarios compare with no reference
+        campaign.reference()
     S = campaign.scenario
     plan = {
         "sigkill-mid-sft": lambda: S("sigkill-mid-sft", [("kill-step", 2)], [-9]),
@@ -377,6 +522,11 @@ def main() -> None:
         "zero-byte-newest": lambda: S("zero-byte-newest", [("kill-step", 5)], [-9], damage=_zero_newest),
         "truncated-newest": lambda: S("truncated-newest", [("kill-step", 5)], [-9], damage=_truncate_newest_step_file),
         "wrong-run-resume": campaign.wrong_run,
+        **export_scenarios(campaign, Outcome, checkpoints_left),  # benchmarks/faults_export.py
+        **continuation_scenarios(campaign, Outcome, checkpoints_left),  # benchmarks/faults_continue.py
+        **{name: partial(nan_scenario, campaign, name) for name in NAN_SCENARIOS},
+        "concurrent-second-process": campaign.concurrent_second,
+        "hang-reward-sigterm": lambda: S("hang-reward-sigterm", [("hang-reward", 5)], [143]),
         "sigkill-chain": lambda: S(
             "sigkill-chain", [("kill-step", 2), ("kill-write-last", 4), ("kill-step", 5)], [-9, -9, -9]
         ),  # fmt: skip
@@ -417,10 +567,11 @@ def main() -> None:
               f"| {intact} |")  # fmt: skip
     exact = sum(o.exact and not o.intact for o in outcomes)
     corrupt = sum(o.corrupt_chosen for o in outcomes)
+    nan_exported = sum(o.nan_exported for o in outcomes)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(shm / work.name, ignore_errors=True)
-    print(f"RESULT scenarios={len(outcomes)} exact={exact} corrupt_chosen={corrupt}")
+    print(f"RESULT scenarios={len(outcomes)} exact={exact} corrupt_chosen={corrupt} nan_exported={nan_exported}")
 
 
 if __name__ == "__main__":

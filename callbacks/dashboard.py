@@ -9,6 +9,9 @@
   :class:`callbacks.inversion.InversionTracker`, ``final/test_accuracy_{start,sft_end,end}``,
   ``final/skipped_updates``.
 
+Each of these is a side effect: one that fails (a wandb media temp folder removed mid-run, a full disk) is a warning
+(:func:`callbacks.loggers.side_effect`), never the end of training.
+
 Every scalar logged by corrpo goes through Lightning's WandbLogger, which plots it against
 ``trainer/global_step``, so the inversion curve shares its x-axis with loss and reward. Without a
 WandbLogger this callback does nothing.
@@ -21,7 +24,7 @@ import math
 import lightning as L
 
 from callbacks.inversion import InversionTracker
-from callbacks.loggers import wandb_loggers
+from callbacks.loggers import side_effect, wandb_loggers
 from corrpo.training.host import require_host
 
 TEXT_CHARS = 2000  # long completions are cut in the table (the row count is the budget that matters)
@@ -47,8 +50,9 @@ class WandbDashboard(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         if pl_module.schedule.is_boundary(batch["step"]):
             for logger in wandb_loggers(trainer):
-                logger.log_metrics({"phase/boundary": 1.0}, step=trainer.global_step)
-                logger.experiment.summary["phase/boundary_step"] = trainer.global_step
+                with side_effect("the phase boundary marker"):
+                    logger.log_metrics({"phase/boundary": 1.0}, step=trainer.global_step)
+                    logger.experiment.summary["phase/boundary_step"] = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if batch["phase"] != "rl":
@@ -63,7 +67,8 @@ class WandbDashboard(L.Callback):
         columns = list(rows[0])
         data = [[_cell(row[c]) for c in columns] for row in rows]
         for logger in loggers:
-            logger.log_table(key="completions", columns=columns, data=data, step=trainer.global_step)
+            with side_effect(f"the completions table of global step {trainer.global_step}"):
+                logger.log_table(key="completions", columns=columns, data=data, step=trainer.global_step)
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         # teardown, not on_train_end: the end-of-training accuracy and inversion are measured in other
@@ -80,7 +85,8 @@ class WandbDashboard(L.Callback):
                         summary[f"final/inversion_spearman_{row['event']}"] = row["spearman"]
                         summary[f"final/inversion_pearson_{row['event']}"] = row["pearson"]
         for logger in loggers:
-            logger.experiment.summary.update(summary)
+            with side_effect("the final summary figures"):
+                logger.experiment.summary.update(summary)
 
 
 def _cell(value):

@@ -32,7 +32,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from callbacks.loggers import wandb_loggers
+from callbacks.loggers import side_effect, wandb_loggers
 from corrpo.inversion.anatomy_probe import AnatomyProbe, anatomy_columns, anatomy_factors, factor_table
 from corrpo.inversion.metric import InversionStrength
 from corrpo.inversion.strength import score_tokens
@@ -97,14 +97,26 @@ class InversionTracker(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.rows and not trainer.fast_dev_run:  # a fast_dev_run measures once, at the end
             self.measure(trainer, pl_module, event="start", batches=0)
+        done = pl_module.steps_done
+        event = self._event_after(trainer, pl_module, done) if self.rows else None
+        if event is not None and all(row["batches"] != done for row in self.rows):
+            # a run extended to more steps (--extend) resumes at its old end, which it measured as "end" after its
+            # final checkpoint: the measurement an uninterrupted run makes here is taken now
+            self.measure(trainer, pl_module, event=event, batches=done)
+
+    def _event_after(self, trainer: L.Trainer, pl_module: L.LightningModule, done: int) -> str | None:
+        """``boundary`` / ``periodic`` when the run measures after ``done`` steps; None (the end is measured in
+        on_train_end, after the last update; a fast_dev_run at the end only)."""
+        if done == 0 or done >= pl_module.schedule.total or trainer.fast_dev_run:
+            return None
+        if pl_module.schedule.is_boundary(done):
+            return "boundary"
+        return "periodic" if done % self.every_n_steps == 0 else None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         done = batch["step"] + 1
-        if done == pl_module.schedule.total or trainer.fast_dev_run:
-            return  # the end is measured in on_train_end, after the last update
-        boundary = pl_module.schedule.is_boundary(done)
-        if boundary or done % self.every_n_steps == 0:
-            self.measure(trainer, pl_module, event="boundary" if boundary else "periodic", batches=done)
+        if (event := self._event_after(trainer, pl_module, done)) is not None:
+            self.measure(trainer, pl_module, event=event, batches=done)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # steps_done, not total_steps: a run stopped early (max_steps, max_time) ends where it stopped
@@ -238,7 +250,8 @@ class InversionTracker(L.Callback):
 
     def _log_table(self, trainer: L.Trainer, key: str, columns: list[str], rows: list[list]) -> None:
         for logger in wandb_loggers(trainer):
-            logger.log_table(key=key, columns=columns, data=rows)
+            with side_effect(f"the {key} table"):  # a failed drawing warns, the run goes on
+                logger.log_table(key=key, columns=columns, data=rows)
 
     def _log_curve_chart(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """The emergence curve so far as a wandb line chart (Spearman rho against train batches), redrawn at every
@@ -260,7 +273,8 @@ class InversionTracker(L.Callback):
             xs=xs, ys=ys, keys=keys, title="Inversion emergence (Spearman rho; lower = stronger)", xname="batches"
         )
         for logger in loggers:
-            logger.experiment.log({"inversion/emergence_curve": chart, "trainer/global_step": trainer.global_step})
+            with side_effect("the inversion/emergence_curve chart"):
+                logger.experiment.log({"inversion/emergence_curve": chart, "trainer/global_step": trainer.global_step})
 
     def _log_curve_figure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         loggers = wandb_loggers(trainer)
@@ -270,7 +284,8 @@ class InversionTracker(L.Callback):
 
         figure = emergence_figure(self.rows, boundary_batches=pl_module.schedule.boundary_step)
         for logger in loggers:
-            logger.log_image(key="inversion/emergence", images=[figure])
+            with side_effect("the inversion/emergence figure"):
+                logger.log_image(key="inversion/emergence", images=[figure])
 
     # ------------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:

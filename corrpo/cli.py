@@ -33,9 +33,14 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from corrpo.data.datamodule import ReasoningDataModule
 from corrpo.data.records import RecordError
+from corrpo.models.finite import non_finite_message, nonfinite_fields
 from corrpo.module import CorrPOModule
 from corrpo.rewards.dry_run import RewardDryRunError
 from corrpo.rewards.spec import RewardConfigError
+from corrpo.runs.atomic import write_text_atomic
+from corrpo.runs.continuation import add_continuation_arguments, allowed_keys, continue_on_purpose
+from corrpo.runs.lock import RunLockedError, hold_run_lock
+from corrpo.runs.own_folder import detach_from_other_runs, evaluate_every_batch, runs_root
 from corrpo.runs.resume import ResumeError, checkpoint_problem, is_distributed_checkpoint, resume_point
 from corrpo.runs.run_folder import CONFIG_FILE, RunFolder, run_dir
 from corrpo.runs.wandb_segments import newest_run_id
@@ -174,24 +179,34 @@ class CorrPOCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.sft.steps", "data.sft_steps")
         parser.link_arguments("model.rl.steps", "data.rl_steps")
+        add_continuation_arguments(parser)  # --extend, --resume_may_differ; config.yaml's records
+
+    def _parse_ckpt_path(self) -> None:
+        """Nothing: Lightning's loads the checkpoint's hyper-parameters over the command's ``model.*`` (config.yaml
+        said 4 SFT steps, the run trained 8; a crafted checkpoint chose a module to import). corrpo compares them
+        with the command instead and refuses a difference naming the keys (:func:`continue_on_purpose`)."""
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         fill_unset_seeds(config)  # before the resume check: a saved config.yaml holds the seeds its run used
+        if bad := nonfinite_fields(config.as_dict()):  # YAML's .inf / .nan, 1e400: refused as on the command line
+            self.parser.error(non_finite_message(bad))
         if self.subcommand == "fit":
             _check_something_to_train(config)
         refuse_unsupported([], config.trainer)
         tag_wandb_runs(config)
         trainer = config.trainer
         root = Path(trainer.default_root_dir or "runs")
+        root = root if os.environ.get("CORRPO_KEEP_RUN_DIR") else runs_root(root)  # a run folder given: its parent
         resume = None
         ckpt_path = config.get("ckpt_path")
         names_run = ckpt_path and Path(ckpt_path).is_dir() and not is_distributed_checkpoint(Path(ckpt_path))
+        # compared before the CLI fills in this run's folders, as the saved config was before it ran
+        command = yaml.safe_load(self._parser(self.subcommand).dump(config, skip_none=False))
         if ckpt_path == "last" or names_run:
-            # compared before the CLI fills in this run's folders, as the saved config was before it ran
-            command = yaml.safe_load(self._parser(self.subcommand).dump(config, skip_none=False))
             runs = None if ckpt_path == "last" else [Path(ckpt_path)]
-            resume = resume_point(root, command, runs)
+            allowed = allowed_keys(config, command, self.subcommand)  # --extend, --resume_may_differ (checked)
+            resume = resume_point(root, command, runs, allowed)
             if resume is None:
                 where = f"{root}/*/" if runs is None else ckpt_path
                 warnings.warn(f"--ckpt_path {ckpt_path}: no checkpoint in {where}; starting a fresh run", stacklevel=2)
@@ -200,8 +215,11 @@ class CorrPOCLI(LightningCLI):
             problem = checkpoint_problem(ckpt_path)
             if problem is not None:
                 raise ResumeError(f"--ckpt_path {ckpt_path} {problem}")
-        # a resumed run keeps the config.yaml it was started with (equal up to where/how-long keys)
-        self.save_config_kwargs["keep_existing"] = resume is not None
+        written = continue_on_purpose(config, command, self.subcommand, resume)  # a checkpoint never sets the config
+        resume = resume if self.subcommand == "fit" else None  # validate / test read it, in a folder of their own
+        # a resumed run keeps the config.yaml it was started with (equal up to where/how-long keys), unless changed
+        self.save_config_kwargs["keep_existing"] = resume is not None and written is None
+        self.save_config_kwargs["written_values"] = written
         if resume is not None:
             root = resume[0]
         elif os.environ.get("LOCAL_RANK", "0") != "0" and os.environ.get(RUN_DIR_ENV):
@@ -210,6 +228,9 @@ class CorrPOCLI(LightningCLI):
             root = new_run_folder(root)
             self._new_folder = root
         trainer.default_root_dir = str(root)
+        detach_from_other_runs(trainer, root)  # a run's config.yaml names its folders: this command writes its own
+        evaluate_every_batch(trainer, self.subcommand)  # validate / test: limit_val/test_batches=0 measured nothing
+        self._lock = hold_run_lock(root)  # before anything touches the folder: a second process is refused here
         os.environ[RUN_DIR_ENV] = str(root)  # inherited by the processes Lightning's DDP launcher starts
         loggers = trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]
         wandb_id = newest_run_id(root) if resume is not None else None
@@ -235,6 +256,13 @@ class CorrPOCLI(LightningCLI):
                 self._say_where_it_stopped()
             self._finish_wandb()
             raise
+        finally:
+            self._release_lock()
+
+    def _release_lock(self) -> None:
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.release()
 
     def _say_where_it_stopped(self) -> None:
         """Warn ``the run stopped after N of M SFT steps; RL never ran`` (or how many RL steps ran) for a run stopped
@@ -254,6 +282,7 @@ class CorrPOCLI(LightningCLI):
             if isinstance(self.datamodule, ReasoningDataModule):
                 self.datamodule.pools()
         except BaseException:
+            self._release_lock()
             folder = getattr(self, "_new_folder", None)
             if folder is not None and folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
@@ -289,16 +318,17 @@ def check_no_automatic_accumulation(accumulate_grad_batches: int | None) -> None
 
 class RunConfigSaver(SaveConfigCallback):
     """Lightning's SaveConfigCallback, except that config.yaml goes to the run folder whatever the loggers, and a
-    resumed run (``keep_existing``) keeps its config.yaml.
+    resumed run (``keep_existing``) keeps its config.yaml; one continued with changes gets the command's config with
+    ``written_values`` (the run's own ``ckpt_path``, not this resume's options: :func:`continue_on_purpose`).
 
     The CLI has already checked that the saved config matches the command's; rewriting it would replace the
     run's own record with the resuming command's (another ``max_steps``), and before that check existed it
     replaced another run's config outright.
     """
 
-    def __init__(self, *args, keep_existing: bool = False, **kwargs) -> None:
+    def __init__(self, *args, keep_existing: bool = False, written_values: dict | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.keep_existing = keep_existing
+        self.keep_existing, self.written_values = keep_existing, dict(written_values or {})
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         """Lightning's, but into the run folder (:func:`corrpo.runs.run_folder.run_dir`, whatever the loggers), not
@@ -310,9 +340,11 @@ class RunConfigSaver(SaveConfigCallback):
             self.already_saved = True
             return
         if trainer.is_global_zero:
-            if self.save_to_log_dir:
-                self.parser.save(self.config, str(path), skip_none=False, overwrite=self.overwrite,
-                                 multifile=self.multifile)  # fmt: skip
+            if self.save_to_log_dir:  # atomic: a crash never leaves a half-written config.yaml
+                written = self.config.clone()
+                for key, value in self.written_values.items():
+                    written[key] = value
+                write_text_atomic(path, self.parser.dump(written, skip_none=False))
             self.save_config(trainer, pl_module, stage)
         self.already_saved = True
 
@@ -403,6 +435,10 @@ def main() -> None:
     except RewardDryRunError as err:  # a reward broken before any training: the message names it and what it did
         raise SystemExit(f"corrpo: {err}") from None
     except RewardConfigError as err:  # an rl.rewards entry that cannot be built: the message names its key
+        raise SystemExit(f"corrpo: {err}") from None
+    except RunLockedError as err:  # another live process owns the run folder: the message names its pid
+        raise SystemExit(f"corrpo: {err}") from None
+    except ResumeError as err:  # no run to resume, or a checkpoint whose settings differ: the message names the keys
         raise SystemExit(f"corrpo: {err}") from None
 
 

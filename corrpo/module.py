@@ -15,8 +15,8 @@ Manual optimisation because an RL step is not one forward/backward: it generates
 update several times on the same rollouts. Two optimizers (SFT, RL) so RL starts with fresh moments; the SFT
 moments are released at the boundary, so one optimizer state is alive (and checkpointed) at a time. Gradient
 accumulation is ``sft.micro_batch_size`` / ``rl.micro_batch_size`` inside the one update of a batch.
-A non-finite loss or gradient skips the update (counted in ``skipped_updates``, warned): weights never
-become NaN.
+A non-finite loss or gradient skips the update (warned, counted in ``skipped_updates`` and in ``global_step``); weights
+made non-finite, or a streak of skips, stop the run (:mod:`corrpo.training.update`): nothing NaN is saved.
 
 Exact resume: the module counts finished train batches (``steps_done``) and saves it with the RNG states
 in every checkpoint. On ``--ckpt_path`` the data module starts its stream at ``steps_done`` (see
@@ -27,9 +27,9 @@ before the first resumed batch, so N steps in one go and N/2 + resume + N/2 give
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import asdict
 from functools import partial
+from pathlib import Path
 from typing import Literal
 
 import lightning as L
@@ -40,17 +40,17 @@ from corrpo.data.arithmetic import ArithmeticTask
 from corrpo.data.records import load_records
 from corrpo.generation.decode_loop import DecodeLoopGenerator
 from corrpo.generation.rollout import Generator, Rollout, SamplingConfig, concat_rollouts
-from corrpo.models.batching import PromptFormat, encode_prompts
+from corrpo.models.batching import PromptFormat, encode_prompts, prompt_position_budget
 from corrpo.models.loading import TinyArchitecture, enable_gradient_checkpointing, export_policy, load_policy
 from corrpo.models.lora import LoRAConfig, apply_lora
-from corrpo.models.sharding import ShardingConfig, full_state_dict, is_sharded, shard_policy
+from corrpo.models.sharding import ShardingConfig, full_state_dict, is_sharded, shard_policies
 from corrpo.rewards import reward_functions
 from corrpo.rewards.call import StepInfo
 from corrpo.rewards.dry_run import dry_run_rewards
 from corrpo.rewards.reward_model import place_rewards
 from corrpo.runs.progress import eval_progress
 from corrpo.runs.run_folder import run_folder
-from corrpo.trainer_state import forget_earlier_step_metrics, phases_run, run_schedule
+from corrpo.trainer_state import count_skipped_update, forget_earlier_step_metrics, phases_run, run_schedule
 from corrpo.training.collectives import SINGLE_PROCESS, Collectives, LightningCollectives
 from corrpo.training.config import RLConfig, SFTConfig
 from corrpo.training.evaluation import EvalConfig, EvalContext, Evaluator
@@ -60,7 +60,7 @@ from corrpo.training.host import HeldOutData, require_held_out_data, seed_or_glo
 from corrpo.training.phases import PhaseSchedule
 from corrpo.training.rng import restore_rng_states, rng_states
 from corrpo.training.sft import SFTContext, sft_step
-from corrpo.training.update import UpdateOutcome, adamw
+from corrpo.training.update import SkipStreak, UpdateOutcome, adamw
 
 
 class CorrPOModule(L.LightningModule):
@@ -132,6 +132,7 @@ class CorrPOModule(L.LightningModule):
         # a tiny.tokenizer=bpe policy's tokenizer trains on word-problem traces (called only then; cached by its text)
         corpus = partial(ArithmeticTask(render="words").corpus, tiny.corpus_records)
         self.policy, self.tokenizer = load_policy(policy, tiny, dtype, attn_implementation, seed, corpus)
+        prompt_position_budget(self.policy.config, rl.sampling.max_new_tokens)  # no room for prompts: refused now
         if gradient_checkpointing:
             enable_gradient_checkpointing(self.policy)
         if lora is not None:
@@ -148,7 +149,7 @@ class CorrPOModule(L.LightningModule):
             if lora is not None:  # wrapped like the policy, so the boundary refresh is a plain load_state_dict
                 self.ref_policy = apply_lora(self.ref_policy, lora, seed)
             self.ref_policy.requires_grad_(False).eval()
-        self.skipped_updates = 0
+        self.skipped_updates, self.skips = 0, SkipStreak()  # skips in all, and in a row (which stop a run)
         self.eval_history: list[dict] = []
         self.eval_config = eval
         self.eval_results: list[dict] = []  # one entry per (evaluation point, eval set): pass@k, mean@k, greedy
@@ -169,26 +170,8 @@ class CorrPOModule(L.LightningModule):
 
     def configure_model(self) -> None:
         """Under ``ModelParallelStrategy`` (which sets ``device_mesh``): shard the policy and the KL reference
-        with FSDP2, per decoder layer then the root (:func:`corrpo.models.sharding.shard_policy`); else nothing."""
-        mesh = self.device_mesh
-        if mesh is None:
-            if self.sharding != ShardingConfig():
-                raise ValueError(
-                    "model.sharding is set but trainer.strategy is not ModelParallelStrategy: it only applies to "
-                    "FSDP2 (see configs/scale/fsdp2.yaml)"
-                )
-            return
-        if mesh.ndim > 1 and mesh["tensor_parallel"].size() > 1:
-            raise ValueError(
-                "trainer.strategy.tensor_parallel_size must be 1: corrpo shards with FSDP2 (data parallel) only, "
-                "tensor parallelism is not supported"
-            )
-        if self._lora:
-            raise ValueError("model.lora with ModelParallelStrategy (FSDP2) is not supported: use DDP with LoRA")
-        dp_mesh = mesh["data_parallel"] if mesh.ndim > 1 else mesh
-        shard_policy(self.policy, dp_mesh, self.sharding)
-        if self.ref_policy is not None:
-            shard_policy(self.ref_policy, dp_mesh, self.sharding)
+        with FSDP2, per decoder layer then the root (:func:`corrpo.models.sharding.shard_policies`); else nothing."""
+        shard_policies(self.device_mesh, self.sharding, self._lora, self.policy, self.ref_policy)
 
     # ----------------------------------------------------------------------------------------- phases
     @property
@@ -225,6 +208,8 @@ class CorrPOModule(L.LightningModule):
     def on_train_start(self) -> None:
         if self.steps_done == 0:  # a resumed run measured its start already
             self.evaluate_and_log("start")
+        else:  # unfinished again; the eval rows written after its checkpoint, this run writes again
+            run_folder(self.trainer).reopen(self.eval_history, rank=self.global_rank)
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         if batch["step"] != self.steps_done:
@@ -232,12 +217,14 @@ class CorrPOModule(L.LightningModule):
                 f"batch of step {batch['step']} arrived after {self.steps_done} finished steps: the train loader "
                 "must be the data module's step stream (it starts where a resumed run stopped)"
             )
-        if self._rng_to_restore is not None:
-            restore_rng_states(self._rng_to_restore)
-            self._rng_to_restore = None
+        self._restore_rng()
         forget_earlier_step_metrics(self.trainer)  # a row holds its own step's keys: no sft/loss in RL rows
-        if self.schedule.is_boundary(batch["step"]):
+        step, every = batch["step"], self.eval_config.every_n_steps
+        if self.schedule.is_boundary(step):
             self.evaluate_and_log("sft_end")
+            self._export_to(run_folder(self.trainer).policy_sft)  # no later crash or broken reward loses SFT
+        elif every and step and step % every == 0 and step != self.schedule.sft_steps:
+            self.evaluate_and_log("periodic")  # before this batch, after the last one's checkpoint: resumes redo it
         if self.schedule.starts_rl(batch["step"]):
             self.release_sft_optimizer()
             if self.ref_policy is not None:
@@ -254,19 +241,21 @@ class CorrPOModule(L.LightningModule):
             self._rl_step(batch)
         self.steps_done = batch["step"] + 1
 
-    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
-        every, done = self.eval_config.every_n_steps, self.steps_done
-        # the boundary (sft_end) and the last step (end) have their own evaluation
-        if every and done % every == 0 and done not in (self.schedule.sft_steps, self.schedule.total):
-            self.evaluate_and_log("periodic")
+    def _restore_rng(self) -> None:
+        """Put a resumed run's RNG states back once: before its first batch, or as it ends when it resumed at its last
+        step (the final checkpoint: no batch left, Lightning runs no epoch-end hook; the end's evaluation is left)."""
+        if self._rng_to_restore is not None:
+            restore_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
 
     def on_train_end(self) -> None:
+        """Evaluate the end, export ``policy/``, then write results.json (both atomic; results.json last marks a
+        finished run). A run killed in here resumes from its final checkpoint and does this again."""
+        self._restore_rng()
         self.evaluate_and_log("end")
-        # sharded: every rank takes part in gathering the full weights, rank 0 writes them
-        state = full_state_dict(self.policy) if is_sharded(self.policy) else None
+        run = run_folder(self.trainer)
+        folder = self._export_to(run.policy)
         if self.trainer.is_global_zero:
-            run = run_folder(self.trainer)
-            folder = export_policy(self.policy, self.tokenizer, run.policy, state_dict=state)
             run.write_results(
                 {
                     **phases_run(self.trainer, self.schedule, self.steps_done, self.sft.steps, self.rl),
@@ -278,6 +267,14 @@ class CorrPOModule(L.LightningModule):
                 }
             )
             rank_zero_info(f"[corrpo] policy exported to {folder}")
+
+    def _export_to(self, folder: Path) -> Path:
+        """Export the policy to ``folder`` atomically (sharded: every rank gathers the full weights, rank 0 writes)."""
+        state = full_state_dict(self.policy) if is_sharded(self.policy) else None
+        if self.trainer.is_global_zero:
+            export = partial(export_policy, self.policy, self.tokenizer, state_dict=state)  # export(folder)
+            run_folder(self.trainer).write_policy(folder, export)
+        return folder
 
     def seeds(self) -> dict[str, int | None]:
         """The seeds of this run: ``seed_everything`` (Lightning's global seed), the model's and the data's."""
@@ -292,9 +289,9 @@ class CorrPOModule(L.LightningModule):
     def _log_update(self, update: UpdateOutcome, section: str) -> None:
         """Count and warn about a skipped update; log the gradient norm and lr of an applied one (``sft/`` or
         ``rl/``)."""
+        self.skipped_updates += self.skips.record(update, getattr(self, section), section, self.global_step)  # warns
         if not update.applied:
-            self.skipped_updates += 1
-            warnings.warn(f"update skipped at global step {self.global_step}: {update.skipped}", stacklevel=3)
+            count_skipped_update(self.trainer)  # global_step counts every update, applied or skipped
             self._log_step("skipped_updates", float(self.skipped_updates))
             return
         self._generator_stale = True
@@ -322,7 +319,8 @@ class CorrPOModule(L.LightningModule):
         :func:`corrpo.models.batching.format_prompt` with :attr:`prompt_format`; ``sampling``: default ``rl.sampling``),
         ``rl.generation_batch_size`` completions (whole groups) per generate call; the prompts are encoded together,
         so every chunk shares one prompt width."""
-        enc = encode_prompts(self.tokenizer, prompts, self.rl.max_prompt_length, self.prompt_format)
+        budget = prompt_position_budget(self.policy.config, (sampling or self.rl.sampling).max_new_tokens)
+        enc = encode_prompts(self.tokenizer, prompts, self.rl.max_prompt_length, self.prompt_format, budget)
         if self._generator_stale:  # e.g. vLLM holds its own copy of the weights: refresh it after updates
             self.generator.sync_weights(self.policy)
             self._generator_stale = False

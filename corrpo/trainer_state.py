@@ -1,6 +1,6 @@
 """What :class:`corrpo.module.CorrPOModule` adjusts in, and reads from, the Lightning Trainer it runs in.
 
-Three Lightning habits mislead on a run of two phases in one epoch, each put right here:
+Five Lightning habits mislead on a run of two phases in one epoch, each put right here:
 
 - ``trainer.fast_dev_run`` runs the run's first batch(es), all SFT: :func:`run_schedule` makes it a batch of each
   phase, so the smoke test reaches the rollout, the rewards and the RL update;
@@ -8,7 +8,11 @@ Three Lightning habits mislead on a run of two phases in one epoch, each put rig
   cache lives until the epoch ends): every RL row of the metrics repeated the last ``sft/loss``.
   :func:`forget_earlier_step_metrics` leaves a row with what its own step logged;
 - a run that ends before its last batch (``max_steps``, ``max_time``, EarlyStopping) exits 0 like a finished one:
-  :func:`phases_run` says so and gives results.json the steps each phase ran.
+  :func:`phases_run` says so and gives results.json the steps each phase ran;
+- under manual optimisation ``global_step`` counts ``optimizer.step()`` calls, so a skipped update (non-finite loss)
+  was lost from it: :func:`count_skipped_update` counts it;
+- a checkpoint of a run's last batch resumes as a finished epoch, so a run extended to more steps (``--extend``)
+  trained nothing more: :func:`reopen_finished_epoch` lets it go on.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from corrpo.runs.code_version import code_version
 from corrpo.runs.run_folder import method_name
 from corrpo.training.config import RLConfig
 from corrpo.training.phases import PhaseSchedule
@@ -70,4 +75,29 @@ def phases_run(trainer: L.Trainer, schedule: PhaseSchedule, steps_done: int, sft
         "steps_planned": {"sft": sft_steps, "rl": rl.steps},
         "stopped_early": note is not None,
         "fast_dev_run": bool(trainer.fast_dev_run),
+        "code_version": code_version(),
     }
+
+
+def count_skipped_update(trainer: L.Trainer) -> None:
+    """Count a skipped update as an optimizer step, as an applied one is counted: under manual optimisation Lightning's
+    ``global_step`` is the number of ``optimizer.step()`` calls, so skips would silently shorten it (a run of 9
+    updates whose last 3 were skipped saved ``last.ckpt`` at step 6, and every later checkpoint interval and
+    ``trainer.max_steps`` shifted). ``skipped_updates`` in the metrics and results.json says how many were skipped."""
+    progress = trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress  # no public way to count a step
+    progress.increment_ready()
+    progress.increment_completed()
+
+
+def reopen_finished_epoch(checkpoint: dict, steps_done: int, total_steps: int) -> None:
+    """Let a checkpoint taken at a run's last batch continue when the run now has more steps (``--extend``).
+
+    Lightning saved the train loop as "last batch fetched" (``is_last_batch``); restored, the epoch ends at once
+    and ``max_epochs: 1`` ends the run, so an extension trained nothing. With steps left (``steps_done <
+    total_steps``) that flag is cleared in the checkpoint before Lightning restores its loops: the epoch goes on at
+    the next step, which the data module's step stream yields."""
+    if steps_done >= total_steps:
+        return
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress")
+    if isinstance(progress, dict) and progress.get("is_last_batch"):
+        progress["is_last_batch"] = False

@@ -1,5 +1,6 @@
 """Text-to-tensor helpers: SFT loss masks, left-padded prompts, completion masks and rollouts."""
 
+import pytest
 import torch
 
 from corrpo.generation.rollout import rollout_from_sequences
@@ -44,3 +45,22 @@ def test_rollout_pads_after_eos():
     assert r.completion_ids.tolist() == [[5, eos, pad], [5, 6, 7]]
     assert r.attention_mask.tolist() == [[0, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
     assert r.truncated.tolist() == [False, True]
+
+
+def test_a_prompt_longer_than_the_models_positions_keeps_its_last_tokens_with_a_warning():
+    from types import SimpleNamespace
+
+    from corrpo.models.batching import prompt_position_budget
+
+    tokenizer = TOK
+    budget = prompt_position_budget(SimpleNamespace(max_position_embeddings=40), max_new_tokens=30)
+    assert budget == 10
+    with pytest.warns(UserWarning, match="1 prompt.*exceed the 10 positions"):
+        enc = encode_prompts(tokenizer, ["1 +2 =", "9 " * 500 + "+1 ="], position_budget=budget)
+    assert enc["input_ids"].shape[1] == 10
+    long_row = enc["input_ids"][1].tolist()
+    last_ten = tokenizer.encode("9 " * 500 + "+1 =", add_special_tokens=False)[-10:]
+    assert long_row == last_ten
+    with pytest.raises(ValueError, match="rl.sampling.max_new_tokens=40 leaves no room"):
+        prompt_position_budget(SimpleNamespace(max_position_embeddings=40), max_new_tokens=40)
+    assert prompt_position_budget(SimpleNamespace(), 10) is None

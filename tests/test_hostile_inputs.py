@@ -217,7 +217,7 @@ def test_a_non_finite_loss_or_gradient_skips_the_update_counts_and_warns_and_tra
     skipped = [str(w.message) for w in caught if "update skipped" in str(w.message)]
     assert len(skipped) == 2
     assert "non-finite loss" in skipped[0] and "non-finite gradient norm" in skipped[1]
-    assert module.skipped_updates == 2 and trainer.global_step == 2  # 4 batches, 2 optimizer steps
+    assert module.skipped_updates == 2 and trainer.global_step == 4  # 4 batches, 2 applied: skips still count
     assert saboteur.unchanged == {0: False, 1: True, 2: True, 3: False}
     assert all(torch.isfinite(p).all() for p in module.policy.parameters())
     assert json.loads((tmp_path / "results.json").read_text())["skipped_updates"] == 2

@@ -48,7 +48,9 @@ def autograd_dz_dh(model: torch.nn.Module, ids, attn, token_mask) -> torch.Tenso
 def per_mlp_matrix_loop(model: torch.nn.Module, ids, attn, token_mask) -> dict[str, torch.Tensor]:
     """Nuclear norm of each last-layer MLP matrix's ``dz_n/dW``, one backward per token (the config averages them)."""
     parts = decoder_parts(model)
-    matrices = select_matrices(model, "last", ("mlp",))
+    matrices = [m for m in select_matrices(model, "last", ("mlp",)) if not m.experts]  # experts: no rank-1 factors
+    if not matrices:
+        return {}
     batch = ScoringBatch.build(ids, attn, token_mask)
     out = {m.name.rsplit(".", 1)[1]: torch.empty(batch.num_scored) for m in matrices}
     with scoring_mode(model, [m.weight for m in matrices]):

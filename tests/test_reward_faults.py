@@ -101,3 +101,57 @@ def test_a_step_under_the_failure_share_resets_the_streak():
         for fns in (bad, good, bad, good, bad):
             score_completions(fns, [1.0], reward_inputs(PROMPTS, COMPLETIONS, ANSWERS), monitor)
     assert monitor.streak == {"r": 1}
+
+
+# ------------------------------------------------------------------- shapes, sys.exit and the reward deadline
+@pytest.mark.parametrize(
+    "make", [lambda n: {i: 1.0 for i in range(n)}, lambda n: [{"score": 1.0}] * n, lambda n: set(range(n))]
+)
+def test_a_reward_returning_a_dict_or_dicts_is_an_error_naming_it_never_scored_by_its_keys(make):
+    keyed = Counted(make)
+    with pytest.raises(RewardError, match=r"reward 'keyed' returned"):
+        score_completions({"keyed": keyed}, [1.0], reward_inputs(PROMPTS, COMPLETIONS, ANSWERS))
+
+
+def test_sys_exit_in_a_reward_is_an_error_naming_it_not_the_end_of_the_run():
+    def quits(completions, **kwargs):
+        raise SystemExit(0)
+
+    with pytest.raises(RewardError, match=r"reward 'quits' called sys.exit\(0\)"):
+        score_completions({"quits": quits}, [1.0], reward_inputs(PROMPTS, COMPLETIONS, ANSWERS))
+
+
+def test_a_reward_over_its_timeout_counts_every_sample_failed_and_warns_without_retrying_per_sample():
+    import time
+
+    slow = Counted(lambda n: time.sleep(30) or [1.0] * n)
+    start = time.monotonic()
+    with pytest.warns(UserWarning, match=r"reward 'slow' exceeded rl.reward_timeout_s=0.2 .*all 8 samples"):
+        scores = score_completions(
+            {"slow": slow, "fine": Counted(lambda n: [1.0] * n)}, [1.0, 1.0],
+            reward_inputs(PROMPTS, COMPLETIONS, ANSWERS), timeout_s=0.2,
+        )  # fmt: skip
+    assert time.monotonic() - start < 5 and slow.calls == 1
+    assert scores.n_failed["slow"] == N and scores.total.tolist() == [1.0] * N
+
+
+def test_the_reward_timeout_wraps_the_accuracy_rewards_own_deadline_without_being_swallowed():
+    import time
+
+    from corrpo.rewards.deadline import DeadlineExceeded, deadline
+
+    class Outer(BaseException):
+        pass
+
+    with pytest.raises(Outer):  # the inner budget is longer than what is left of the outer one
+        with deadline(0.2, Outer):
+            try:
+                with deadline(5.0):
+                    time.sleep(10)
+            except DeadlineExceeded:
+                pytest.fail("the outer deadline was taken for the inner one")
+    with deadline(1.0, Outer):  # an inner budget that ends first is the inner's, and the outer is re-armed
+        with pytest.raises(DeadlineExceeded), deadline(0.1):
+            time.sleep(10)
+        with pytest.raises(Outer):
+            time.sleep(10)

@@ -62,6 +62,8 @@ def module_at(root: nn.Module, path: tuple[str, ...]) -> nn.Module:
 
 def layout_gap(layout: FamilyLayout) -> str | None:
     """What the step needs that the family's layout does not give it (``None``: nothing)."""
+    if layout.beyond_dense is not None:  # MoE, MLA, sinks: the step runs one dense attention and gated MLP
+        return f"it has {layout.beyond_dense} (the step runs dense attention and one gated MLP)"
     if layout.conv1d:
         return "its weights are stored [in, out] (Conv1D)"
     if not layout.rope:

@@ -15,6 +15,7 @@ import torch
 from transformers import PreTrainedModel
 
 from corrpo.models.batching import completion_mask
+from corrpo.models.finite import require_finite_fields
 from corrpo.models.forward import eval_mode
 from corrpo.models.sharding import generate_kwargs
 
@@ -42,6 +43,7 @@ class SamplingConfig:
     completion, before the temperature; > 0, 1.0 = off (TRL ``GRPOConfig.repetition_penalty``)."""
 
     def __post_init__(self) -> None:
+        require_finite_fields(self, "rl.sampling")  # a NaN temperature compares false everywhere: empty rollouts
         if self.temperature <= 0:
             raise ValueError("rl.sampling.temperature must be > 0")
         if not 0 < self.top_p <= 1:

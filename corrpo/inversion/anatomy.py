@@ -60,9 +60,16 @@ PATH_FACTORS = ("path_gain", "mlp_path")
 RANK1_PROJECTIONS = ("q", "o", "gate", "up", "down")
 
 
+def rank1_names(parts: DecoderParts) -> list[str]:
+    """The family's rank-1 matrices with one module output each: an expert stack (MoE) has one per routed expert,
+    so its factors are left out."""
+    slots = parts.layout.slots
+    return [p for p in RANK1_PROJECTIONS if p in slots and not slots[p].experts]
+
+
 def anatomy_factor_names(parts: DecoderParts) -> tuple[str, ...]:
     """Every factor :func:`token_anatomy` returns for this family, in a fixed order."""
-    rank1 = [f"{p}_{side}" for p in RANK1_PROJECTIONS if p in parts.layout.slots for side in ("grad", "act")]
+    rank1 = [f"{p}_{side}" for p in rank1_names(parts) for side in ("grad", "act")]
     return (*NORM_FACTORS, *PATH_FACTORS, *rank1)
 
 
@@ -162,7 +169,7 @@ def token_anatomy(
         cap = LayerCapture(parts, layer)
         seen: dict[str, Tensor] = {}
         handle = norm_module.register_forward_hook(lambda _m, args, out: seen.update(h=args[0], out=out))
-        names = [p for p in RANK1_PROJECTIONS if p in parts.layout.slots]
+        names = rank1_names(parts)
         weights = list({id(p.weight): p.weight for p in cap.proj.values()}.values())
         try:
             with scoring_mode(model, weights):

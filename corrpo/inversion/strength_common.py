@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from corrpo.models.architectures import DecoderParts, Projection, projection
+from corrpo.models.architectures import DecoderParts, Matrix, Projection, projection
 from corrpo.models.forward import eval_mode, padded_logits, position_ids_from_mask
 
 
@@ -187,6 +187,25 @@ def matrix_measure(grad: Tensor, measure: str) -> Tensor:
     raise ValueError(f"unknown measure {measure!r}")
 
 
+def combine_blocks(values: Tensor, measure: str, dim: int = -1) -> Tensor:
+    """The measure of a block-diagonal matrix from its blocks' measures along ``dim`` (an expert stack, a shared
+    expert: :mod:`corrpo.models.families`): its singular values and entries are the blocks', so nuclear and l1 add
+    up and Frobenius is the root of the summed squares."""
+    if measure == "frobenius":
+        return values.square().sum(dim).sqrt()
+    return values.sum(dim)
+
+
+def logical_measure(matrix: Matrix, grads: dict[int, Tensor], measure: str) -> Tensor:
+    """``measure(dz/dW)`` ``[...]`` of one logical matrix from its stored parameters' gradients (by ``id``): a fused
+    block's rows, an expert stack's block diagonal, a shared expert's block (:func:`combine_blocks`)."""
+    values = []
+    for block in (matrix, *matrix.also):
+        value = matrix_measure(block.gradient(grads[id(block.weight)]), measure)
+        values.append(combine_blocks(value, measure) if block.experts else value)
+    return values[0] if len(values) == 1 else combine_blocks(torch.stack(values, -1), measure)
+
+
 def rank1_measure(delta: Tensor, act: Tensor, measure: str) -> Tensor:
     """Norm of the outer products ``delta_n act_n^T`` without forming them.
 
@@ -219,20 +238,26 @@ def max_relative_error(values: Tensor, reference: Tensor, floor: float = 1e-2) -
 
 
 class LayerCapture:
-    """Forward hooks keeping the input and output of each last-layer projection module and the RoPE cos/sin."""
+    """Forward hooks keeping the input and output of each last-layer projection module and the RoPE cos/sin (and an
+    experts module's routing arguments, and a shared expert's Linears)."""
 
     def __init__(self, parts: DecoderParts, layer: nn.Module) -> None:
         self.proj: dict[str, Projection] = {n: projection(parts, layer, n) for n in parts.layout.slots}
         self.io: dict[int, tuple[Tensor, Tensor]] = {}
+        self.args: dict[int, tuple[Tensor, ...]] = {}
         self.rope: tuple[Tensor, Tensor] | None = None
         self._handles = []
-        for module in {id(p.module): p.module for p in self.proj.values()}.values():
-            self._handles.append(module.register_forward_hook(self._hook))
+        modules = [m for p in self.proj.values() for m in (p.module, p.shared) if m is not None]
         attn = getattr(layer, parts.layout.attention)
+        if parts.layout.mla:  # the keys' RoPE part (strength_mla)
+            modules.append(attn.kv_a_proj_with_mqa)
+        for module in {id(m): m for m in modules}.values():
+            self._handles.append(module.register_forward_hook(self._hook))
         self._handles.append(attn.register_forward_pre_hook(self._attn_hook, with_kwargs=True))
 
     def _hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
         self.io[id(module)] = (inputs[0], output)
+        self.args[id(module)] = inputs
 
     def _attn_hook(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.rope = kwargs.get("position_embeddings")
@@ -245,6 +270,15 @@ class LayerCapture:
 
     def output(self, name: str) -> Tensor:
         return self.proj[name].output(self.full_output(name))
+
+    def module_input(self, module: nn.Module) -> Tensor:
+        return self.io[id(module)][0]
+
+    def module_output(self, module: nn.Module) -> Tensor:
+        return self.io[id(module)][1]
+
+    def module_args(self, module: nn.Module) -> tuple[Tensor, ...]:
+        return self.args[id(module)]
 
     def remove(self) -> None:
         for handle in self._handles:

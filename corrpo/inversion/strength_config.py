@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 MEASURES = ("nuclear", "frobenius", "l1")
 METHODS = ("loop", "onepass", "vmap", "sketch")
 PROJECTIONS = ("q", "k", "v", "o", "mlp")
+K_SOLVERS = ("auto", "eigh", "batched")
 
 
 @dataclass
@@ -45,6 +46,10 @@ class StrengthConfig:
     ``sqrt(2 / sketch_dim)``."""
     sketch_seed: int = 0
     """``sketch``: seed of those directions (the same seed gives the same estimate for the same model and probe)."""
+    k_solver: str = "auto"
+    """``onepass``: the eigen-solver of W_k's nuclear norm (``corrpo.inversion.psd_root``): ``eigh`` (LAPACK /
+    cuSOLVER, one matrix at a time: the reference), ``batched`` (Newton-Schulz square root in batched matmuls,
+    relative error <= 1e-4 by its bound), ``auto`` (``batched`` on CUDA, ``eigh`` elsewhere)."""
 
     def __post_init__(self) -> None:
         if self.measure not in MEASURES:
@@ -74,6 +79,8 @@ class StrengthConfig:
                 raise ValueError(f"{key} must be a positive int, got {value!r}")
         if isinstance(self.sketch_seed, bool) or not isinstance(self.sketch_seed, int) or self.sketch_seed < 0:
             raise ValueError(f"sketch_seed must be a non-negative int, got {self.sketch_seed!r}")
+        if self.k_solver not in K_SOLVERS:
+            raise ValueError(f"unknown k_solver {self.k_solver!r}; expected one of {K_SOLVERS}")
         if self.method == "sketch" and self.measure != "frobenius":
             raise ValueError(
                 "method='sketch' estimates squared Frobenius norms only: set measure='frobenius' "

@@ -16,7 +16,8 @@ layer's sliding window, ``s > t - window`` in sequence indices as transformers' 
 does not depend on the attention backend (eager/SDPA). GQA is handled by grouping query heads by their kv
 head. Biases are not scored (weights only); q/k/v biases enter only through the captured outputs.
 
-K's measure takes the cheapest exact route at each key range (:func:`k_route`); V's contexts are batched over row
+K's measure (:mod:`corrpo.inversion.strength_k`) takes the cheapest exact route at each key range (:func:`k_route`),
+built in token groups of bounded size; V's contexts are batched over row
 groups within an element budget (:data:`V_BATCH_ELEMENTS`).
 """
 
@@ -27,8 +28,11 @@ from torch import Tensor, nn
 
 from corrpo.inversion.strength_common import LayerCapture, ScoringBatch, matrix_measure
 from corrpo.inversion.strength_config import StrengthConfig
+from corrpo.inversion.strength_k import k_block_measures, k_measure, k_route
 from corrpo.models.architectures import DecoderParts
 from corrpo.models.families import head_counts
+
+__all__ = ["k_measure", "k_route", "kv_strengths"]  # K's measure lives in strength_k; re-exported
 
 
 def _rotate_half(x: Tensor) -> Tensor:
@@ -41,13 +45,6 @@ def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     rot = cos.shape[-1]
     head, rest = x[..., :rot], x[..., rot:]
     return torch.cat((head * cos + _rotate_half(head) * sin, rest), dim=-1)
-
-
-def _rope_transpose(y: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """The transpose of :func:`_rope`: ``rotate_half`` is antisymmetric, so ``R^T y = y cos - rotate_half(y sin)``."""
-    rot = cos.shape[-1]
-    head, rest = y[..., :rot], y[..., rot:]
-    return torch.cat((head * cos - _rotate_half(head * sin), rest), dim=-1)
 
 
 def _normed(norm: nn.Module | None, x: Tensor, flat: bool) -> Tensor:
@@ -81,6 +78,7 @@ def kv_strengths(
     n_heads, n_kv, hd = head_counts(parts.config)
     rep, scale = n_heads // n_kv, attn.scaling
     softcap = getattr(attn, "attn_logit_softcapping", None)
+    sinks = _sinks(attn, n_kv, rep)
     window = getattr(parts.config if layout.window_from_config else attn, "sliding_window", None)
     flat = layout.qk_norm == "flat"
     q_norm = getattr(attn, "q_norm", None) if layout.qk_norm else None
@@ -91,6 +89,8 @@ def kv_strengths(
         if cap.rope is None:
             raise ValueError(f"{layout.name}: the last attention got no position_embeddings; use method='vmap'")
         cos, sin = (t.detach().float() for t in cap.rope)  # [B, T, rot]
+        if layout.rope_pairs:  # one angle per rotated pair (gpt-oss): the rotate_half form repeats it
+            cos, sin = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
     else:  # no rotation: cos = 1, sin = 0 on zero rotated dims
         cos = sin = x_k.new_zeros(bsz, seq, 0)
     with torch.no_grad():
@@ -105,7 +105,7 @@ def kv_strengths(
     arange = torch.arange(seq, device=x_k.device)
     if "k" not in names:  # v alone needs only each token's attention context: every token at once, no block loop
         q_tok = q[batch.rows, batch.cols - 1]
-        c = _v_contexts(q_tok, k_rot, x_v, cos, sin, batch, scale, softcap, window)
+        c = _v_contexts(q_tok, k_rot, x_v, cos, sin, batch, scale, softcap, window, sinks)
         return {"v": _v_measure(g_all[batch.rows, batch.cols - 1], c, config.measure)}
     out: dict[str, list[Tensor]] = {"k": [], "v": []}
     v_parts: list[tuple[Tensor, Tensor]] = []  # (g, c) per block: v's measure runs once over all tokens
@@ -115,11 +115,10 @@ def kv_strengths(
         S = int(pos.max()) + 1
         # a packed row: the block is of one sequence, its keys start at that sequence's first column lo
         lo = 0 if batch.segments is None else int((batch.segments[b, :S] != batch.segments[b, pos[0]]).sum())
-        cos_b, sin_b = cos[b, lo:S][:, None], sin[b, lo:S][:, None]
         q_rot = _rope(q[b, pos], cos[b, pos][:, None, None], sin[b, pos][:, None, None])  # [n, kv, rep, hd]
         raw = torch.einsum("nkre,ske->nkrs", q_rot, k_rot[b, lo:S]) * scale
         allowed = _allowed(arange[lo:S], pos, key_ok[b, None, lo:S], window)  # [n, S - lo]
-        probs = _attention_probs(raw, allowed[:, None, None, :], softcap)
+        probs = _attention_probs(raw, allowed[:, None, None, :], softcap, sinks)
         g = g_all[b, pos]  # [n, kv, rep, hd]
         if "v" in names:
             v_parts.append((g, torch.einsum("nkrs,sd->nkrd", probs, x_v[b, lo:S])))
@@ -128,16 +127,27 @@ def kv_strengths(
             d_scores = probs * (gv - (probs * gv).sum(-1, keepdim=True))
             if softcap is not None:
                 d_scores = d_scores * (1 - torch.tanh(raw / softcap).square())
-            gk_rot = torch.einsum("nkrs,nkre->nske", d_scores, q_rot) * scale  # [n, S, kv, hd]
-            gk = _rope_transpose(gk_rot, cos_b, sin_b)
-            if k_norm is not None:
-                gk = _norm_transpose(k_norm, k_raw[b, lo:S].expand_as(gk), gk, flat)
-            gk = gk.flatten(2)
-            # each sub-block's measure reads the keys up to its own last position: a token's gradient is exactly
-            # 0 on the keys after it (their attention weight is 0), and the eigen-solves shrink with S
-            for i in range(0, len(pos), K_SUB_BLOCK):
-                end = int(pos[i : i + K_SUB_BLOCK].max()) + 1
-                out["k"].append(k_measure(gk[i : i + K_SUB_BLOCK, : end - lo], x_k[b, lo:end], config.measure))
+            pull = None
+            if k_norm is not None:  # the k-norm's VJP at the group's keys (b, lo .. lo + end - 1)
+
+                def pull(gk: Tensor, end: int, kr: Tensor = k_raw[b, lo:S]) -> Tensor:
+                    return _norm_transpose(k_norm, kr[:end].expand_as(gk), gk, flat)
+
+            cos_t, sin_t = cos[b, lo:S].mT.contiguous(), sin[b, lo:S].mT.contiguous()
+            out["k"].append(
+                k_block_measures(
+                    d_scores,
+                    q_rot,
+                    scale,
+                    cos_t,
+                    sin_t,
+                    x_k[b, lo:S],
+                    pos - lo + 1,
+                    config.measure,
+                    config.k_solver,
+                    pull,
+                )  # fmt: skip
+            )
     if v_parts:  # per token, so batching the blocks' tokens changes no value, only the number of small ops
         out["v"].append(_v_measure(*(torch.cat(t) for t in zip(*v_parts, strict=True)), config.measure))
     return {n: torch.cat(vals) for n, vals in out.items() if vals}
@@ -155,10 +165,24 @@ def _allowed(keys: Tensor, pos: Tensor, key_ok: Tensor, window: int | None) -> T
     return allowed
 
 
-def _attention_probs(raw: Tensor, allowed: Tensor, softcap: float | None) -> Tensor:
-    """The attention weights from the scaled raw scores: the family's soft-cap, the mask, softmax over keys."""
+def _sinks(attn: nn.Module, n_kv: int, rep: int) -> Tensor | None:
+    """gpt-oss's per-head sink logits ``[kv, rep, 1]`` (``attn.sinks``), or None."""
+    sinks = getattr(attn, "sinks", None)
+    return None if sinks is None else sinks.detach().float().view(n_kv, rep, 1)
+
+
+def _attention_probs(raw: Tensor, allowed: Tensor, softcap: float | None, sinks: Tensor | None = None) -> Tensor:
+    """The attention weights from the scaled raw scores: the family's soft-cap, the mask, softmax over keys.
+
+    Attention sinks (gpt-oss): one more logit per head in the softmax's denominator, whose weight is dropped (it
+    has no value). The closed forms hold unchanged with these weights: a sink adds no term to the context, and the
+    softmax backward ``P (g.v_s - g.ctx)`` over the real keys is the same expression."""
     scores = raw if softcap is None else torch.tanh(raw / softcap) * softcap
-    return scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    if sinks is None:
+        return scores.softmax(-1)
+    sink = sinks.to(scores.dtype).expand(*scores.shape[:-1], 1)
+    return torch.cat((scores, sink), -1).softmax(-1)[..., :-1]
 
 
 def _v_contexts(
@@ -171,6 +195,7 @@ def _v_contexts(
     scale: float,
     softcap: float | None,
     window: int | None,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """``c [N, kv, rep, d]``: each scored token's attention-weighted v_proj INPUTS ``sum_s p_{n,h,s} x_s`` (what
     V's closed form needs), for every token of a group of rows at once: row ``b``'s tokens padded to the longest
@@ -212,7 +237,7 @@ def _v_contexts(
         real[at] = True
         allowed[~real] = keys == 0  # padded slots see key 0 alone (no empty softmax); they are dropped below
         raw = torch.einsum("bnkre,bske->bnkrs", q_pad, k_rot[of]) * scale
-        probs = _attention_probs(raw, allowed[:, :, None, None, :], softcap)
+        probs = _attention_probs(raw, allowed[:, :, None, None, :], softcap, sinks)
         out[idx] = torch.einsum("bnkrs,bsd->bnkrd", probs, x_v[of])[at]
     return out
 
@@ -232,62 +257,6 @@ def _row_blocks(batch: ScoringBatch, size: int) -> list[tuple[int, Tensor]]:
         blocks.append((rows[start], pos[start:stop]))
         start = stop
     return blocks
-
-
-K_SUB_BLOCK = 16
-"""Tokens per K measure: the block's tokens in groups of this many, each against the keys up to its own last
-position (smaller eigen-solves for the earlier tokens of a block, one more root per group)."""
-EIGEN_WEIGHT = 16
-"""Matmul multiply-adds one multiply-add of a LAPACK eigen-solve costs here (measured: ``eigvalsh`` at
-1.7-3.2 GFLOP/s against 37-100 GFLOP/s for the matmuls on these shapes): the weight of the eigen-solve in the cost
-by which :func:`k_measure` picks its route."""
-
-
-def k_route(S: int, d_kv: int, d: int, measure: str) -> str:
-    """The route of least cost for :func:`k_measure` (see there) over ``S`` keys, ``d_kv`` and ``d``."""
-    if measure == "l1":
-        return "built"
-    m = min(d_kv, d)
-    routes = {  # fp64 products count twice (half the fp32 rate), fp64 eigen-solves EIGEN_WEIGHT times
-        "gram": 2 * (S * S * d_kv + S * d_kv * d_kv) + EIGEN_WEIGHT * d_kv**3,
-        "root": 2 * (2 * S * S * d_kv) + EIGEN_WEIGHT * S**3,
-        "built": S * d_kv * d + 2 * d_kv * d * m + EIGEN_WEIGHT * m**3,  # M itself in fp32, its Gram in fp64
-    }
-    return min(routes, key=routes.__getitem__)
-
-
-def k_measure(gk: Tensor, x: Tensor, measure: str, route: str | None = None) -> Tensor:
-    """Measure of ``M_n = sum_s gk_{n,s} x_s^T = B_n^T X`` (``B_n = gk[n]`` ``[S, d_kv]``, ``X`` ``[S, d]``).
-
-    Three exact routes to the singular values of ``M_n`` (the eigenvalues of a Gram matrix, fp64 as
-    :func:`nuclear_norm`); with ``K = X X^T`` (once per call, shared by its tokens) and ``m = min(d_kv, d)``:
-
-    * ``gram``: ``M_n M_n^T = B_n^T K B_n``, a ``d_kv``-square problem: ``S^2 d_kv + S d_kv^2`` fp64
-      multiply-adds a token, and the ``d_kv^3`` eigen-solve;
-    * ``root``: with ``R = K^(1/2)`` (one eigen-solve of ``K``), ``C_n = R B_n``: ``C_n C_n^T`` has the nonzero
-      eigenvalues of ``B_n^T K B_n``, an ``S``-square problem: ``2 S^2 d_kv`` fp64 and ``S^3``;
-    * ``built``: ``M_n`` itself (fp32: an entry's rounding moves a singular value by ~1e-7 of the largest), then
-      its smaller Gram: ``S d_kv d`` fp32 + ``d_kv d m`` fp64, and ``m^3``.
-
-    The route of least cost runs, an fp64 multiply-add counted twice and an eigen-solve's :data:`EIGEN_WEIGHT`
-    times (LAPACK runs them that much slower than matmuls): key ranges up to about ``d_kv`` take ``root``,
-    somewhat longer ones ``gram`` (while ``S`` is well below ``d``), then ``built`` (:func:`k_route`; ``route``
-    forces one). The l1 norm needs the entries: ``M_n``. Frobenius is ``sqrt(trace(B^T K B))``.
-    """
-    route = route or k_route(x.shape[0], gk.shape[-1], x.shape[-1], measure)
-    if route == "built":
-        return matrix_measure(torch.einsum("nse,sd->ned", gk, x), measure)
-    x64, b = x.double(), gk.double()
-    kernel = x64 @ x64.mT
-    if route == "gram":
-        gram = b.mT @ (kernel @ b)  # [n, d_kv, d_kv]
-    else:
-        lam, vec = torch.linalg.eigh(kernel)
-        c = ((vec * lam.clamp_min(0).sqrt()) @ vec.mT) @ b  # K^(1/2) B, [n, S, d_kv]
-        gram = c @ c.mT
-    if measure == "frobenius":
-        return gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(0).sqrt().float()
-    return torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().sum(-1).float()
 
 
 def _v_measure(g: Tensor, c: Tensor, measure: str) -> Tensor:

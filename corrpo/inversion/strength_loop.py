@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from corrpo.inversion.strength_common import (
     ScoringBatch,
     forward_hidden_and_z,
-    matrix_measure,
+    logical_measure,
     scoring_mode,
 )
 from corrpo.inversion.strength_config import StrengthConfig
@@ -27,9 +27,10 @@ from corrpo.models.architectures import Matrix, decoder_parts, select_matrices, 
 def _mean_measure(
     matrices: list[Matrix], params: list[nn.Parameter], grads: tuple[Tensor, ...], measure: str
 ) -> Tensor:
-    """Mean over the logical matrices of ``measure(dz/dW)``; a fused parameter's grad is split into its blocks."""
+    """Mean over the logical matrices of ``measure(dz/dW)``; a fused parameter's grad is split into its blocks, an
+    expert stack is measured as its block diagonal (:func:`logical_measure`)."""
     by_param = {id(p): g for p, g in zip(params, grads, strict=True)}
-    return torch.stack([matrix_measure(m.gradient(by_param[id(m.weight)]), measure) for m in matrices]).mean(0)
+    return torch.stack([logical_measure(m, by_param, measure) for m in matrices]).mean(0)
 
 
 def loop_strength(model: nn.Module, batch: ScoringBatch, config: StrengthConfig) -> tuple[Tensor, Tensor]:

@@ -49,6 +49,8 @@ from corrpo.inversion.strength_common import (
 )
 from corrpo.inversion.strength_config import StrengthConfig
 from corrpo.inversion.strength_kv import kv_strengths
+from corrpo.inversion.strength_mla import mla_strengths
+from corrpo.inversion.strength_moe import expert_strengths
 from corrpo.models.architectures import (
     DecoderParts,
     decoder_parts,
@@ -78,6 +80,11 @@ def _check_onepass(parts: DecoderParts, config: StrengthConfig) -> tuple[nn.Modu
             "onepass k/v closed forms assume causal attention; the last layer is bidirectional. "
             "Use method='vmap' (exact) or 'loop' for k and v."
         )
+    if any(n in ("k", "v") for n in names) and getattr(parts.config, "clip_qkv", None) is not None:
+        raise ValueError(
+            f"onepass k/v closed forms do not model config.clip_qkv={parts.config.clip_qkv} (OLMoE clamps q, k, v); "
+            "use method='vmap' (exact) or 'loop' for k and v."
+        )
     return layer, names
 
 
@@ -86,7 +93,8 @@ def onepass_strength(model: nn.Module, batch: ScoringBatch, config: StrengthConf
     parts = decoder_parts(model)
     layer, names = _check_onepass(parts, config)
     cap = LayerCapture(parts, layer)
-    weights = list({id(p.weight): p.weight for p in cap.proj.values()}.values())
+    blocks = [m for p in cap.proj.values() for m in (p, p.shared) if m is not None]
+    weights = list({id(m.weight): m.weight for m in blocks}.values())
     try:
         with scoring_mode(model, weights):
             hidden, z = forward_hidden_and_z(parts, batch)
@@ -133,8 +141,10 @@ def _strengths(
     retain_graph: bool,
 ) -> Tensor:
     """The per-token measures from the captured last-layer activations and ONE backward of ``sum z``."""
-    # cotangents needed: the rank-1 matrices' (fused) module outputs, and o's input (g, for v and k)
-    want = {id(cap.full_output(n)): cap.full_output(n) for n in names if n in _RANK1}
+    # cotangents needed: the rank-1 matrices' (fused, experts, shared expert) module outputs, and o's input (g, for
+    # v and k)
+    modules = [m for n in names if n in _RANK1 for m in (cap.proj[n].module, cap.proj[n].shared) if m is not None]
+    want = {id(cap.module_output(m)): cap.module_output(m) for m in modules}
     ctx = cap.input("o")
     if "k" in names or "v" in names:
         want[id(ctx)] = ctx
@@ -142,12 +152,16 @@ def _strengths(
     grads = dict(zip(want, cotangents, strict=True))
     rows, pos = batch.rows, batch.cols - 1
     per_matrix: list[Tensor] = []
+    experts = expert_strengths(cap, names, grads, batch, config.measure)
     for name in names:
-        if name in _RANK1:
+        if name in experts:
+            per_matrix.append(experts[name])
+        elif name in _RANK1:
             delta = cap.proj[name].output(grads[id(cap.full_output(name))])
             act = cap.input(name).detach()[rows, pos]
             per_matrix.append(rank1_measure(delta[rows, pos], act, config.measure))
     if "k" in names or "v" in names:
-        kv = kv_strengths(parts, getattr(layer, parts.layout.attention), cap, grads[id(ctx)], batch, config, names)
+        closed_form = mla_strengths if parts.layout.mla else kv_strengths
+        kv = closed_form(parts, getattr(layer, parts.layout.attention), cap, grads[id(ctx)], batch, config, names)
         per_matrix.extend(kv[n] for n in names if n in kv)
     return torch.stack(per_matrix).mean(0)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -38,7 +39,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from corrpo.inversion.strength_common import ScoringBatch, forward_hidden_and_z, scoring_mode
 from corrpo.inversion.strength_config import StrengthConfig
-from corrpo.models.architectures import DecoderParts, Matrix, decoder_parts, select_matrices
+from corrpo.models.architectures import DecoderParts, Matrix, decoder_parts, select_matrices, unwrap_adapters
 
 __all__ = ["rademacher_directions", "sketch_squared_norms", "sketch_strength"]
 
@@ -83,6 +84,22 @@ def _chunks(directions: Iterable[Tensor], size: int) -> Iterator[Tensor]:
 _warned_fallback = False
 
 
+@contextmanager
+def _eager_experts(model: nn.Module) -> Iterator[None]:
+    """Forward-mode AD has no rule for torch's ``grouped_mm`` (transformers' default experts kernel): inside, the
+    experts run their eager per-expert loop, the same values (``config._experts_implementation``, restored)."""
+    config = getattr(model, "config", None)
+    previous = getattr(config, "_experts_implementation", None)
+    if previous in (None, "eager"):
+        yield
+        return
+    config._experts_implementation = "eager"
+    try:
+        yield
+    finally:
+        config._experts_implementation = previous
+
+
 def sketch_squared_norms(
     model: nn.Module, batch: ScoringBatch, weight: nn.Parameter, directions: Iterable[Tensor], chunk_size: int = 64
 ) -> Tensor:
@@ -102,7 +119,7 @@ def sketch_squared_norms(
         return jvp(lambda w: functional_call(scored, {name: w}, (batch,)), (primal,), (direction,))[1]
 
     total = torch.zeros(batch.num_scored, dtype=torch.float32, device=primal.device)
-    with sdpa_kernel(SDPBackend.MATH):
+    with sdpa_kernel(SDPBackend.MATH), _eager_experts(unwrap_adapters(model)):
         for chunk in _chunks(directions, chunk_size):
             chunk = chunk.to(primal.device, primal.dtype)
             try:
@@ -134,8 +151,10 @@ def sketch_strength(model: nn.Module, batch: ScoringBatch, config: StrengthConfi
         hidden, z = forward_hidden_and_z(parts, batch)
         generator = torch.Generator(device=z.device).manual_seed(config.sketch_seed)
         norms = []
-        for matrix in matrices:
-            directions = rademacher_directions(matrix.weight, config.sketch_dim, generator, _support(matrix))
-            squared = sketch_squared_norms(model, batch, matrix.weight, directions, config.chunk_size)
+        for matrix in matrices:  # a block diagonal's squared norm is its blocks' sum (a shared expert's block)
+            squared = 0
+            for block in (matrix, *matrix.also):
+                directions = rademacher_directions(block.weight, config.sketch_dim, generator, _support(block))
+                squared = squared + sketch_squared_norms(model, batch, block.weight, directions, config.chunk_size)
             norms.append((squared / config.sketch_dim).sqrt())
     return torch.stack(norms).mean(0), hidden

@@ -1,10 +1,11 @@
 """Where the decoder layers, attention projections, MLP weights and unembedding live in a supported model.
 
 The per-family tables live in :mod:`corrpo.models.families` (Llama, Mistral, Qwen2, Qwen3, Gemma 1/2/3,
-OLMo 2, Granite, Phi-3, GPT-2, GPT-NeoX, plus a generic layout for unlisted models with separate q/k/v/o
-Linears). This module turns a model and a layout into what the methods use: :class:`DecoderParts` (the base
-decoder, its layers, the unembedding and the family's logit map) and :class:`Matrix` (one logical
-``[d_out, d_in]`` weight matrix, possibly a row block of a fused parameter).
+OLMo 2, Granite, Phi-3, GPT-2, GPT-NeoX, the MoE / MLA families Qwen3-MoE, Mixtral, OLMoE, gpt-oss and DeepSeek-V3,
+plus a generic layout for unlisted models with separate q/k/v/o Linears). This module turns a model and a layout
+into what the methods use: :class:`DecoderParts` (the base decoder, its layers, the unembedding and the family's
+logit map) and :class:`Matrix` (one logical ``[d_out, d_in]`` weight matrix, possibly a row block of a fused
+parameter, or an expert stack measured as its block diagonal).
 
 LoRA (PEFT): a ``PeftModel`` is unwrapped to the model it adapts (``base_model.model``), whose layers then hold
 ``lora.Linear`` wrappers in place of the targeted projections. :func:`projection` returns the WRAPPER: its
@@ -126,20 +127,26 @@ def expand_projections(projections: Sequence[str], layout: FamilyLayout | None =
 
 @dataclass(frozen=True)
 class Projection:
-    """One logical matrix's module in one layer: an ``nn.Linear``, a LoRA wrapper of one, or a ``Conv1D``.
+    """One logical matrix's module in one layer: an ``nn.Linear``, a LoRA wrapper of one, a ``Conv1D``, or an
+    experts module holding a stack ``[E, out, in]`` (``experts``; its forward input is the routed hidden states).
 
     ``features``: its output features inside a fused module (``None`` = all); ``transposed``: the weight is
-    stored ``[in, out]`` (Conv1D). The module's forward input is the matrix's input ``a``; its output restricted
-    to ``features`` is the matrix's output, so ``dz/dW = delta a^T`` with ``delta`` that output's cotangent.
+    stored ``[in, out]`` (Conv1D, gpt-oss experts). The module's forward input is the matrix's input ``a``; its
+    output restricted to ``features`` is the matrix's output, so ``dz/dW = delta a^T`` with ``delta`` that output's
+    cotangent (not for experts: :mod:`corrpo.inversion.strength_moe` recomputes each routed expert).
+    ``shared``: an always-on shared expert's Linear, one more block of the same matrix (DeepSeek-V3).
     """
 
     module: nn.Module
     features: Tensor | None
     transposed: bool
+    param: str = "weight"
+    experts: bool = False
+    shared: nn.Module | None = None
 
     @property
     def weight(self) -> nn.Parameter:
-        return self.module.weight
+        return getattr(self.module, self.param)
 
     def output(self, full: Tensor) -> Tensor:
         """The matrix's output features ``[..., d_out]`` from the module's full output."""
@@ -148,37 +155,58 @@ class Projection:
         return full.index_select(-1, self.features.to(full.device))
 
 
+def _walk(module: nn.Module, path: tuple[str, ...]) -> nn.Module | None:
+    for attr in path:
+        module = getattr(module, attr, None)
+        if module is None:
+            return None
+    return module
+
+
 def projection(parts: DecoderParts, layer: nn.Module, name: str) -> Projection:
-    """Projection ``name`` (q|k|v|o|gate|up|down) of one decoder layer of the family ``parts.layout``."""
+    """Projection ``name`` (q|k|v|o|gate|up|down) of one decoder layer of the family ``parts.layout``.
+
+    A slot whose path is absent in this layer reads its ``alt`` path (an MoE model's dense layers)."""
     slot = parts.layout.slots.get(name)
     if slot is None:
         raise ValueError(
             f"{parts.layout.name} has no {name!r} matrix; it has {sorted(parts.layout.slots)} ('mlp' = "
             f"{', '.join(parts.layout.mlp_names)})"
         )
-    module = layer
-    for attr in slot.path:
-        module = getattr(module, attr)
+    module = _walk(layer, slot.path)
+    experts, param, features, shared = slot.experts, slot.param, slot.features, slot.shared
+    if module is None and slot.alt is not None:
+        module, experts, param, features, shared = _walk(layer, slot.alt), False, "weight", slot.alt_features, None
+    if module is None:
+        raise ValueError(f"{parts.layout.name}: a layer has no {'.'.join(slot.path)} for its {name!r} matrix")
     if len(getattr(module, "lora_magnitude_vector", ())):
         raise ValueError(f"{name} uses DoRA: its gradient strength is not defined here (use plain LoRA, model.lora)")
-    features = None if slot.features is None else slot.features(parts.config)
-    return Projection(module, features, parts.layout.conv1d)
+    features = None if features is None else features(parts.config)
+    transposed = parts.layout.experts_transposed if experts else parts.layout.conv1d
+    shared_module = None if shared is None else _walk(layer, shared)
+    return Projection(module, features, transposed, param, experts, shared_module)
 
 
 @dataclass(frozen=True)
 class Matrix:
-    """A selected logical weight matrix: ``name`` (``layers.3.q``), its stored parameter and how to read it."""
+    """A selected logical weight matrix: ``name`` (``layers.3.q``), its stored parameter and how to read it.
+
+    ``experts``: the parameter is an expert stack, measured as its block diagonal (:mod:`corrpo.models.families`);
+    ``also``: further blocks of the same block diagonal (DeepSeek-V3's shared expert)."""
 
     name: str
     weight: nn.Parameter
     features: Tensor | None
     transposed: bool
+    experts: bool = False
+    also: tuple[Matrix, ...] = ()
 
     def gradient(self, grad: Tensor) -> Tensor:
         """``dz/dW`` as ``[..., d_out, d_in]`` from the stored parameter's gradient (batched or not).
 
         Conv1D stores ``[in, out]``, so its gradient is transposed first; a fused parameter's gradient is then
-        restricted to this matrix's rows. Every measure (nuclear, Frobenius, l1) is transpose-invariant.
+        restricted to this matrix's rows. Every measure (nuclear, Frobenius, l1) is transpose-invariant. An expert
+        stack gives ``[..., E, d_out, d_in]``.
         """
         if self.transposed:
             grad = grad.mT
@@ -208,7 +236,9 @@ def select_matrices(model: nn.Module, layers: str | Sequence[int], projections: 
     for i in resolve_layers(layers, len(parts.layers)):
         for name in expand_projections(projections, parts.layout):
             proj = projection(parts, parts.layers[i], name)
-            out.append(Matrix(f"layers.{i}.{name}", proj.weight, proj.features, proj.transposed))
+            shared = proj.shared
+            also = () if shared is None else (Matrix(f"layers.{i}.{name}.shared", shared.weight, None, False),)
+            out.append(Matrix(f"layers.{i}.{name}", proj.weight, proj.features, proj.transposed, proj.experts, also))
     return out
 
 
@@ -226,5 +256,6 @@ def unique_weights(matrices: Sequence[Matrix]) -> list[nn.Parameter]:
     """The distinct stored parameters behind ``matrices`` (a fused qkv weight once), in first-seen order."""
     seen: dict[int, nn.Parameter] = {}
     for m in matrices:
-        seen.setdefault(id(m.weight), m.weight)
+        for block in (m, *m.also):
+            seen.setdefault(id(block.weight), block.weight)
     return list(seen.values())

@@ -178,14 +178,37 @@ def encode_sft_batch(
     return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
 
 
+def prompt_position_budget(config, max_new_tokens: int) -> int | None:
+    """The prompt tokens a model's positions leave for ``max_new_tokens`` new ones: ``max_position_embeddings``
+    (``n_positions``) minus ``max_new_tokens``; None when the config states no limit.
+
+    Raises:
+        ValueError: the completions alone fill the positions (naming ``rl.sampling.max_new_tokens``).
+    """
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not isinstance(positions, int):
+        return None
+    if max_new_tokens >= positions:
+        raise ValueError(
+            f"rl.sampling.max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
+            f"{positions} positions (max_position_embeddings); lower it"
+        )
+    return positions - max_new_tokens
+
+
 def encode_prompts(
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[ChatPrompt],
     max_prompt_length: int | None = None,
     use_chat_template: PromptFormat | bool = False,
+    position_budget: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Left-padded ids of the prompts (text or message lists, rendered by :func:`format_prompt`; ``use_chat_template``
-    may be a :class:`PromptFormat`); prompts over ``max_prompt_length`` keep their last tokens."""
+    may be a :class:`PromptFormat`); prompts over ``max_prompt_length`` keep their last tokens.
+
+    ``position_budget`` (:func:`prompt_position_budget`): a prompt longer than the model's positions leave it keeps
+    its last tokens too, with a warning (TRL truncates from the left the same way): a 1M-character prompt would
+    otherwise sit in attention for many minutes, beyond the positions the model was trained on."""
     if max_prompt_length is not None and max_prompt_length < 1:  # row[-(-5):] would drop 5 tokens of each
         raise ValueError(f"rl.max_prompt_length must be None or > 0, got {max_prompt_length!r}")
     fmt = prompt_format(use_chat_template)
@@ -195,6 +218,16 @@ def encode_prompts(
             raise ValueError(f"prompt {i} ({prompts[i]!r}) encodes to zero tokens")
     if max_prompt_length is not None:
         ids = [row[-max_prompt_length:] for row in ids]
+    if position_budget is not None:
+        over = [len(row) for row in ids if len(row) > position_budget]
+        if over:
+            warnings.warn(
+                f"{len(over)} prompt(s) of up to {max(over)} tokens exceed the {position_budget} positions the model "
+                "leaves beside rl.sampling.max_new_tokens: each keeps its last tokens (set rl.max_prompt_length to "
+                "choose the cut)",
+                stacklevel=2,
+            )
+            ids = [row[-position_budget:] for row in ids]
     width = max(len(row) for row in ids)
     input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(ids), width), dtype=torch.long)

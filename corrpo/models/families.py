@@ -19,7 +19,28 @@ granite     as llama                          embedding/residual/attention multi
 phi3        fused ``self_attn.qkv_proj``      rows ``[Q | K | V]``; MLP fused ``gate_up_proj`` = ``[gate | up]``
 gpt2        fused Conv1D ``attn.c_attn``      weight stored ``[in, out]``; columns ``[Q | K | V]``; no RoPE
 gpt_neox    fused ``query_key_value``         INTERLEAVED per head: rows ``[q_h | k_h | v_h]`` for each h
+qwen3_moe   as qwen3                          MoE MLP: ``mlp.experts.{gate_up,down}_proj`` ``[E, out, in]``
+mixtral     as mistral                        MoE MLP as qwen3_moe (``gate_up`` rows ``[gate | up]``)
+olmoe       as olmo2                          MoE MLP as qwen3_moe
+gpt_oss     as llama, + ``sinks``             MoE stored ``[E, in, out]``, gate/up INTERLEAVED columns, biases;
+                                              per-head sink logit; alternating sliding windows; RoPE per pair
+deepseek_v3 MLA: ``q_b_proj`` (or ``q_proj``),  Q = q_b_proj; K, V = the k_nope / v rows of ``kv_b_proj`` per
+            ``kv_b_proj``, ``o_proj``         head ``[k_h | v_h]``; MoE as qwen3_moe + an always-on shared expert
 ==========  ================================  ==================================================================
+
+Mixture of experts (``Slot.experts``): an expert stack ``W [E, out, in]`` is ONE logical matrix, the
+block-diagonal ``diag(W_1, ..., W_E)`` -- what the layer computes on the routed copies of its input. Its measure is
+that of the block diagonal: nuclear and l1 sum over the experts, Frobenius is the root of the summed squares. A
+last-layer token's gradient is nonzero only on the experts it was routed to (the router's weights do not depend
+on the experts'), so the strength is over those. DeepSeek-V3's shared expert (``Slot.shared``) is one more block
+of the same matrix (an expert every token is routed to with weight 1). The router is not measured. Layers an MoE
+model keeps dense (Qwen3-MoE ``mlp_only_layers``, DeepSeek ``first_k_dense_replace``) use ``Slot.alt``.
+
+Multi-head latent attention (DeepSeek-V3, ``FamilyLayout.mla``): q is ``q_b_proj(norm(q_a_proj(x)))`` (or
+``q_proj(x)``), the keys' no-RoPE part and the values come from ``kv_b_proj`` on the normed latent ``c_s`` (rows
+``[k_nope_h | v_h]`` per head), the keys' RoPE part from ``kv_a_proj_with_mqa`` (shared by all heads). Q, K, V, O
+are q_b_proj (or q_proj), kv_b_proj's K rows, its V rows, and o_proj; ``q_a_proj`` and ``kv_a_proj_with_mqa``
+(low-rank down-projections) are not measured.
 
 GPT-NeoX really is interleaved: its forward views the fused output as ``[..., heads, 3 * head_dim]`` and
 chunks the last axis, so Q's rows are ``{h * 3 hd + i : i < hd}`` -- not the first third. A fused matrix's
@@ -54,6 +75,16 @@ class Slot:
 
     path: tuple[str, ...]
     features: Features | None = None
+    param: str = "weight"
+    """The module's parameter holding the matrix (an experts module: ``gate_up_proj`` / ``down_proj``)."""
+    experts: bool = False
+    """The parameter is a stack of experts ``[E, out, in]`` (``[E, in, out]`` if the layout is ``transposed``)."""
+    alt: tuple[str, ...] | None = None
+    """The path where ``path`` is absent in a layer (an MoE model's dense layers; DeepSeek's q_proj without q-LoRA)."""
+    alt_features: Features | None = None
+    """The output features at ``alt`` (None: all)."""
+    shared: tuple[str, ...] | None = None
+    """An always-on shared expert's ``nn.Linear`` of the same role: one more block of this matrix (DeepSeek-V3)."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +111,14 @@ class FamilyLayout:
     """Every layer uses ``config.sliding_window`` (Mistral, Phi-3) instead of the attention's own attribute."""
     onepass: str | None = None
     """``None``: the onepass closed forms apply; else why not (the error message)."""
+    experts_transposed: bool = False
+    """Expert stacks stored ``[E, in, out]`` (gpt-oss); gradients are transposed to ``[E, out, in]``."""
+    rope_pairs: bool = False
+    """The rotary module returns one cos/sin per rotated PAIR (gpt-oss): duplicated to the ``rotate_half`` form."""
+    mla: bool = False
+    """Multi-head latent attention (DeepSeek-V3): K and V are row blocks of ``kv_b_proj`` (module docstring)."""
+    beyond_dense: str | None = None
+    """What the family has beyond a dense pre-norm decoder (experts, sinks, MLA): why fast paths may refuse it."""
     logit_map: Callable[[object], Callable[[Tensor], Tensor]] = field(default=lambda config: _identity)
 
     @property
@@ -136,6 +175,14 @@ def _neox_rows(part: int) -> Features:
     return rows
 
 
+def _moe_size(c: object) -> int:
+    return c.moe_intermediate_size
+
+
+def _intermediate(c: object) -> int:
+    return c.intermediate_size
+
+
 def _separate(attn: str = "self_attn", mlp: bool = True) -> dict[str, Slot]:
     slots = {n: Slot((attn, f"{n}_proj")) for n in ATTENTION_PROJECTIONS}
     if mlp:
@@ -161,6 +208,58 @@ _GPT2 = {
     "up": Slot(("mlp", "c_fc")),
     "down": Slot(("mlp", "c_proj")),
 }
+
+
+def _halves(part: int, size: Callable[[object], int]) -> Features:
+    """Rows ``[gate | up]`` of a concatenated expert ``gate_up_proj``: ``part`` 0 = gate, 1 = up."""
+    return lambda config: torch.arange(part * size(config), (part + 1) * size(config))
+
+
+def _moe(size: Callable[[object], int], dense: str = "mlp", shared: bool = False) -> dict[str, Slot]:
+    """MoE MLP slots: concatenated ``gate_up_proj [E, 2I, d]`` and ``down_proj [E, d, I]``; ``alt`` dense layers."""
+    experts = ("mlp", "experts")
+    return {
+        "gate": Slot(experts, _halves(0, size), "gate_up_proj", True, (dense, "gate_proj"),
+                     shared=("mlp", "shared_experts", "gate_proj") if shared else None),
+        "up": Slot(experts, _halves(1, size), "gate_up_proj", True, (dense, "up_proj"),
+                   shared=("mlp", "shared_experts", "up_proj") if shared else None),
+        "down": Slot(experts, None, "down_proj", True, (dense, "down_proj"),
+                     shared=("mlp", "shared_experts", "down_proj") if shared else None),
+    }  # fmt: skip
+
+
+def _gpt_oss_gate_up(part: int) -> Features:
+    """gpt-oss's INTERLEAVED expert ``gate_up_proj``: ``gate = [..., ::2]``, ``up = [..., 1::2]``."""
+    return lambda config: torch.arange(part, 2 * config.intermediate_size, 2)
+
+
+_GPT_OSS = {
+    **_separate(mlp=False),
+    "gate": Slot(("mlp", "experts"), _gpt_oss_gate_up(0), "gate_up_proj", True),
+    "up": Slot(("mlp", "experts"), _gpt_oss_gate_up(1), "gate_up_proj", True),
+    "down": Slot(("mlp", "experts"), None, "down_proj", True),
+}
+
+
+def _mla_rows(part: int) -> Features:
+    """DeepSeek-V3 ``kv_b_proj`` rows of ``part`` (0 = k_nope, 1 = v): head ``h`` owns ``[k_nope_h | v_h]``."""
+
+    def rows(config: object) -> Tensor:
+        nope, hv = config.qk_nope_head_dim, config.v_head_dim
+        start, width = (0, nope) if part == 0 else (nope, hv)
+        heads = torch.arange(config.num_attention_heads)[:, None] * (nope + hv)
+        return (heads + start + torch.arange(width)[None, :]).flatten()
+
+    return rows
+
+
+_DEEPSEEK_V3 = {
+    "q": Slot(("self_attn", "q_b_proj"), alt=("self_attn", "q_proj")),
+    "k": Slot(("self_attn", "kv_b_proj"), _mla_rows(0)),
+    "v": Slot(("self_attn", "kv_b_proj"), _mla_rows(1)),
+    "o": Slot(("self_attn", "o_proj")),
+    **_moe(lambda c: c.moe_intermediate_size, shared=True),
+}
 _NEOX = {
     "q": Slot(("attention", "query_key_value"), _neox_rows(0)),
     "k": Slot(("attention", "query_key_value"), _neox_rows(1)),
@@ -185,6 +284,16 @@ LAYOUTS: tuple[FamilyLayout, ...] = (
                  final_norm="ln_f", conv1d=True, rope=False),
     FamilyLayout("gpt_neox", ("GPTNeoXForCausalLM",), _NEOX, base="gpt_neox", attention="attention",
                  final_norm="final_layer_norm"),
+    FamilyLayout("qwen3_moe", ("Qwen3MoeForCausalLM",), {**_separate(mlp=False), **_moe(_moe_size)},
+                 qk_norm="head", beyond_dense="a mixture-of-experts MLP"),
+    FamilyLayout("mixtral", ("MixtralForCausalLM",), {**_separate(mlp=False), **_moe(_intermediate)},
+                 window_from_config=True, beyond_dense="a mixture-of-experts MLP"),
+    FamilyLayout("olmoe", ("OlmoeForCausalLM",), {**_separate(mlp=False), **_moe(_intermediate)}, qk_norm="flat",
+                 beyond_dense="a mixture-of-experts MLP"),
+    FamilyLayout("gpt_oss", ("GptOssForCausalLM",), _GPT_OSS, experts_transposed=True, rope_pairs=True,
+                 beyond_dense="attention sinks and a mixture-of-experts MLP"),
+    FamilyLayout("deepseek_v3", ("DeepseekV3ForCausalLM",), _DEEPSEEK_V3, mla=True,
+                 beyond_dense="multi-head latent attention and a mixture-of-experts MLP"),
 )  # fmt: skip
 
 # Names a generic layout looks for, in order (first found wins).

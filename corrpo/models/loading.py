@@ -30,6 +30,7 @@ from transformers import (
 )
 
 from corrpo.models.bpe_tokenizer import cached_bpe_tokenizer
+from corrpo.models.finite import require_finite_fields, require_finite_state, require_finite_weights
 from corrpo.models.lora import is_peft_model, merged_copy, save_adapter
 from corrpo.models.tiny_families import TINY_FAMILY_NAMES, tiny_config
 
@@ -91,6 +92,7 @@ class TinyArchitecture:
     that corpus; the model's config cannot see the data's)."""
 
     def __post_init__(self) -> None:
+        require_finite_fields(self, "model.tiny")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError("tiny.hidden_size must be divisible by tiny.num_attention_heads")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -151,7 +153,8 @@ def build_tiny_policy(
     config = tiny_config(
         family, len(tokenizer), arch, tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id
     )
-    if family != "gemma2":  # Gemma 2's attention soft-capping has no SDPA kernel: transformers picks eager
+    # Gemma 2's attention soft-capping and gpt-oss's sinks have no SDPA kernel in transformers: it picks eager
+    if family not in ("gemma2", "gpt_oss"):
         config._attn_implementation = "sdpa"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -199,6 +202,7 @@ def load_policy(
     except OSError as err:
         where = "folder" if Path(policy).exists() else "Hugging Face name (offline? set HF_HUB_OFFLINE=0)"
         raise ValueError(f"model.policy: cannot load {policy!r} as a {where}: {err}") from err
+    require_finite_weights(model, policy)  # a NaN weight fails here, naming the file, not at the first probe
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if model.generation_config.pad_token_id is None:
@@ -254,6 +258,8 @@ def export_policy(
     adapters alone go to ``folder/adapter`` for ``PeftModel.from_pretrained(base, folder / "adapter")``.
     """
     folder = Path(folder)
+    # before anything is written: a policy with a NaN or inf weight is never exported (NonFiniteWeightsError)
+    require_finite_state(state_dict if state_dict is not None else model.state_dict(), f"the policy to {folder}")
     folder.mkdir(parents=True, exist_ok=True)
     if is_peft_model(model):
         save_adapter(model, folder / "adapter")

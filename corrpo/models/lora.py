@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from corrpo.models.finite import require_finite_fields
+
 INSTALL_HINT = 'LoRA needs PEFT: pip install "corrpo[lora]"'
 # PEFT 0.21 calls transformers 5's deprecated ``is_gradient_checkpointing``: noise, not ours to fix
 _PEFT_DEPRECATION = ".*is_gradient_checkpointing"
@@ -47,6 +49,7 @@ class LoRAConfig:
     """Module names that get adapters (Qwen2/Llama: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj)."""
 
     def __post_init__(self) -> None:
+        require_finite_fields(self, "model.lora")
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"model.lora.r must be a positive int, got {self.r!r}")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float) or self.alpha <= 0:

@@ -93,6 +93,30 @@ def shard_policy(model: nn.Module, mesh, config: ShardingConfig) -> nn.Module:
     return model
 
 
+def shard_policies(mesh, config: ShardingConfig, lora: bool, *models: nn.Module | None) -> None:
+    """What a module's ``configure_model`` does: under Lightning's ``ModelParallelStrategy`` (``mesh`` is its
+    ``device_mesh``) :func:`shard_policy` each of ``models`` that is not None over the data-parallel mesh; without a
+    mesh nothing, but ``model.sharding`` options then are an error, as are tensor parallelism and LoRA under FSDP2."""
+    if mesh is None:
+        if config != ShardingConfig():
+            raise ValueError(
+                "model.sharding is set but trainer.strategy is not ModelParallelStrategy: it only applies to "
+                "FSDP2 (see configs/scale/fsdp2.yaml)"
+            )
+        return
+    if mesh.ndim > 1 and mesh["tensor_parallel"].size() > 1:
+        raise ValueError(
+            "trainer.strategy.tensor_parallel_size must be 1: corrpo shards with FSDP2 (data parallel) only, "
+            "tensor parallelism is not supported"
+        )
+    if lora:
+        raise ValueError("model.lora with ModelParallelStrategy (FSDP2) is not supported: use DDP with LoRA")
+    dp_mesh = mesh["data_parallel"] if mesh.ndim > 1 else mesh
+    for model in models:
+        if model is not None:
+            shard_policy(model, dp_mesh, config)
+
+
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """``model``'s state dict with every parameter whole, on the CPU. A collective when ``model`` is sharded
     (every rank calls it, every rank gets the full tensors); else the plain ``state_dict()``."""

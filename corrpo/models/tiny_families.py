@@ -14,20 +14,25 @@ from typing import Any
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    DeepseekV3Config,
     Gemma2Config,
     Gemma3TextConfig,
     GemmaConfig,
     GPT2Config,
     GPTNeoXConfig,
+    GptOssConfig,
     GraniteConfig,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     Olmo2Config,
+    OlmoeConfig,
     Phi3Config,
     PretrainedConfig,
     PreTrainedModel,
     Qwen2Config,
     Qwen3Config,
+    Qwen3MoeConfig,
 )
 
 _LLAMA_LIKE = {
@@ -42,7 +47,41 @@ _LLAMA_LIKE = {
     "granite": GraniteConfig,
     "phi3": Phi3Config,
 }
-TINY_FAMILY_NAMES = (*_LLAMA_LIKE, "gpt2", "gpt_neox")
+# Mixture-of-experts and MLA families: 4 experts, 2 per token, experts half the MLP width (Qwen3-MoE, DeepSeek-V3:
+# ``moe_intermediate_size``); their own keys for it, and DeepSeek's latent ranks and head split from the width.
+_MOE = {
+    "qwen3_moe": Qwen3MoeConfig,
+    "mixtral": MixtralConfig,
+    "olmoe": OlmoeConfig,
+    "gpt_oss": GptOssConfig,
+    "deepseek_v3": DeepseekV3Config,
+}
+DENSE_FAMILY_NAMES = (*_LLAMA_LIKE, "gpt2", "gpt_neox")
+MOE_FAMILY_NAMES = tuple(_MOE)
+TINY_FAMILY_NAMES = (*DENSE_FAMILY_NAMES, *MOE_FAMILY_NAMES)
+
+
+def _moe_kwargs(family: str, arch: Any) -> dict[str, Any]:
+    """The experts (and DeepSeek's latent attention) of a tiny ``family`` model, sized from ``arch``."""
+    hd = arch.hidden_size // arch.num_attention_heads
+    experts = dict(num_experts_per_tok=2)
+    if family in ("qwen3_moe", "olmoe"):
+        experts.update(num_experts=4)
+    else:
+        experts.update(num_local_experts=4)
+    if family in ("qwen3_moe", "deepseek_v3"):
+        experts.update(moe_intermediate_size=arch.intermediate_size // 2)
+    else:
+        experts.update(intermediate_size=arch.intermediate_size // 2)
+    if family in ("gpt_oss", "deepseek_v3"):  # their defaults are YaRN over 4k positions: plain RoPE here
+        experts.update(rope_parameters={"rope_type": "default", "rope_theta": arch.rope_theta})
+    if family == "deepseek_v3":
+        del experts["num_local_experts"]
+        experts.update(n_routed_experts=4, n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=1,
+                       q_lora_rank=arch.hidden_size // 2, kv_lora_rank=arch.hidden_size // 2, qk_nope_head_dim=hd,
+                       qk_rope_head_dim=max(2, hd // 2), v_head_dim=hd, num_key_value_heads=arch.num_attention_heads,
+                       head_dim=None)  # fmt: skip
+    return experts
 
 
 def tiny_config(
@@ -81,9 +120,14 @@ def tiny_config(
     )
     if family == "gpt_neox":
         return GPTNeoXConfig(**{**common, **overrides})
-    if family not in _LLAMA_LIKE:
+    if family not in _LLAMA_LIKE and family not in _MOE:
         raise ValueError(f"unknown tiny family {family!r}; expected one of {TINY_FAMILY_NAMES}")
     common.update(num_key_value_heads=arch.num_key_value_heads, head_dim=arch.hidden_size // arch.num_attention_heads)
+    if family in _MOE:
+        common.pop("rope_theta")
+        common.update(_moe_kwargs(family, arch))
+        common = {k: v for k, v in common.items() if v is not None}
+        return _MOE[family](**{**common, **overrides})
     return _LLAMA_LIKE[family](**{**common, **overrides})
 
 
@@ -97,6 +141,9 @@ BITING_OVERRIDES: dict[str, dict[str, Any]] = {
     "gemma3": dict(sliding_window=5, final_logit_softcapping=2.0),
     "granite": dict(embedding_multiplier=4.0, residual_multiplier=0.5, attention_multiplier=0.3, logits_scaling=3.0),
     "phi3": dict(sliding_window=5, partial_rotary_factor=0.5),
+    "qwen3_moe": dict(mlp_only_layers=[0]),  # layer 0 dense: the dense MLP of an MoE model is read too
+    "mixtral": dict(sliding_window=5),
+    "gpt_oss": dict(sliding_window=5, layer_types=["full_attention", "sliding_attention"]),
 }
 
 

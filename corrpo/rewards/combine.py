@@ -14,9 +14,15 @@ What is a fault, and what happens to it (each used to be masked):
   data lacks): a :class:`RewardError` naming it at once, not a step of zeros.
 - **Returning +-inf**: counted in ``n_failed`` and scored 0 like a raise (it is a broken verifier, not an
   unscorable sample), and warned.
-- **Returning the wrong number of values, a non-sequence or a non-number**: a :class:`RewardError` naming
-  the function and the counts, at once: a shape bug does not go away sample by sample, and retrying it used
-  to pick element 0 of each call silently.
+- **Returning the wrong number of values, a non-sequence, a mapping or a non-number**: a :class:`RewardError`
+  naming the function and the counts, at once: a shape bug does not go away sample by sample, and retrying it
+  used to pick element 0 of each call silently (and a dict used to be scored by its keys).
+- **Exceeding ``rl.reward_timeout_s``** (one budget for the function's whole call on the step, retries
+  included; SIGALRM, so enforced on the main thread): every sample of the call is counted failed and scored 0,
+  with a warning naming the function, and no per-sample retry (which would wait the budget N times). A reward
+  that keeps hanging is then stopped by the failure monitor below, after ``rl.reward_failure_patience`` steps.
+- **Calling ``sys.exit``** (``SystemExit``): a :class:`RewardError` naming the function and the code: it used to
+  end the whole run with the reward's exit code, 0 included, as if training had finished.
 - **Scoring no sample at all** (all None / NaN): counted in ``n_unscored`` and warned; its mean is NaN,
   never a fake 0.
 - **Failing on most samples, step after step**: :class:`RewardFailureMonitor` (``rl.max_reward_failure_share``
@@ -28,16 +34,23 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 import torch
 
 from corrpo.rewards.call import RewardFn, RewardInputs, call_reward, completion_text, prompt_text
+from corrpo.rewards.deadline import deadline
 
 
 class RewardError(ValueError):
     """A reward function is broken, not a sample: the message names the function and what it did."""
+
+
+class RewardTimedOut(BaseException):  # noqa: N818 - an interrupt, like KeyboardInterrupt
+    """Raised inside a reward call whose ``rl.reward_timeout_s`` is spent (a ``BaseException``: the reward's own
+    ``except Exception`` cannot swallow it)."""
 
 
 @dataclass
@@ -81,6 +94,11 @@ def _as_float(value: object, name: str, index: int) -> float:
 
 
 def _checked_values(name: str, values: object, expected: int) -> list:
+    if isinstance(values, Mapping | AbstractSet):  # a dict's list() is its keys: never scores
+        raise RewardError(
+            f"reward {name!r} returned a {type(values).__name__}, expected a list of {expected} values (one number "
+            "or None per completion, in order)"
+        )
     if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
         raise RewardError(f"reward {name!r} returned {type(values).__name__}, expected a list of {expected} values")
     if len(values) != expected:
@@ -88,15 +106,47 @@ def _checked_values(name: str, values: object, expected: int) -> list:
     return list(values)
 
 
-def _call_safely(name: str, fn: RewardFn, inputs: RewardInputs) -> _Call:
+def _invoke(name: str, fn: RewardFn, inputs: RewardInputs) -> object:
+    """``call_reward``, with a ``sys.exit`` inside the reward turned into a :class:`RewardError` naming it."""
+    try:
+        return call_reward(fn, inputs)
+    except SystemExit as err:
+        if type(err) is not SystemExit:  # a subclass is the trainer's own stop (a signal), not the reward's exit
+            raise
+        raise RewardError(
+            f"reward {name!r} called sys.exit({err.code!r}) (raised SystemExit): a reward must return its scores, "
+            "never end the training process"
+        ) from None
+
+
+def _call_safely(name: str, fn: RewardFn, inputs: RewardInputs, timeout_s: float | None = None) -> _Call:
+    """One function's call, under ``timeout_s`` (None: no budget) for the whole of it, retries included."""
     n = len(inputs)
     try:
-        values = call_reward(fn, inputs)
+        with deadline(timeout_s, RewardTimedOut):
+            return _call_counted(name, fn, inputs)
+    except RewardTimedOut:
+        warnings.warn(
+            f"reward {name!r} exceeded rl.reward_timeout_s={timeout_s} on this step: all {n} samples counted failed, "
+            "scored 0 (a reward that keeps hanging stops the run after rl.reward_failure_patience steps)",
+            stacklevel=3,
+        )
+        return _Call([0.0] * n, failed=n)
+
+
+def _call_counted(name: str, fn: RewardFn, inputs: RewardInputs) -> _Call:
+    n = len(inputs)
+    try:
+        values = _invoke(name, fn, inputs)
+    except RewardError:
+        raise
     except Exception as batch_error:  # noqa: BLE001 - retried per sample below, then counted
         scores, failures = [], []
         for i in range(n):
             try:
-                value = call_reward(fn, inputs.sample(i))
+                value = _invoke(name, fn, inputs.sample(i))
+            except RewardError:
+                raise
             except Exception as err:  # noqa: BLE001 - one bad sample must not stop training
                 failures.append((i, err))
                 scores.append(math.inf)  # counted as failed below, with the infinite values
@@ -171,20 +221,21 @@ def score_completions(
     weights: Sequence[float],
     inputs: RewardInputs,
     monitor: RewardFailureMonitor | None = None,
+    timeout_s: float | None = None,
 ) -> RewardScores:
     """Run every reward function and combine: ``total_i = sum_k w_k * r_k,i`` over finite ``r_k,i``.
 
     Each function is called by keyword as TRL calls it (:mod:`corrpo.rewards.call`) with ``inputs``: ``prompts``,
     ``completions``, ``completion_ids``, every dataset column (``answer`` among them, one value per completion),
     ``trainer_state`` and the ``log_metric`` / ``log_extra`` hooks. ``monitor`` (optional) sees the fault counts
-    and may stop the run.
+    and may stop the run. ``timeout_s`` (``rl.reward_timeout_s``; None: none) bounds each function's call.
     """
     weights = checked_reward_weights(weights, len(reward_fns))
     completions = inputs.completions
     per_function, n_failed, n_unscored = {}, {}, {}
     total = torch.zeros(len(completions), dtype=torch.float32)
     for (name, fn), weight in zip(reward_fns.items(), weights, strict=True):
-        call = _call_safely(name, fn, inputs)
+        call = _call_safely(name, fn, inputs, timeout_s)
         values = torch.tensor(call.scores, dtype=torch.float32)
         per_function[name] = values
         n_failed[name] = call.failed

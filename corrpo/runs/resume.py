@@ -10,7 +10,11 @@ Two failures this guards against, both seen on real machines:
 - **Another run's checkpoint.** Runs share ``trainer.default_root_dir``; the newest checkpoint there may be
   a different experiment's. Resuming it trains the wrong thing, and used to overwrite that run's
   config.yaml and extend its wandb run. A run is only resumed when its saved ``config.yaml`` equals the
-  command's config, up to :data:`RESUME_MAY_DIFFER` (keys that say where or how long, not what).
+  command's config, up to :data:`RESUME_MAY_DIFFER` (keys that say where or how long, not what) and the keys the
+  command lists as allowed to differ (``--extend``, ``--resume_may_differ``: :mod:`corrpo.runs.continuation`).
+
+A run folder whose config.yaml cannot be read (a crash while it was written, a bad edit) is skipped with the
+reason, never an error that blocks resuming another run.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from corrpo.runs.run_folder import CONFIG_FILE
@@ -41,7 +46,16 @@ RESUME_MAY_DIFFER: tuple[str, ...] = (
     "trainer.logger*.init_args.id",
     "trainer.logger*.init_args.version",
     "trainer.callbacks[*].init_args.dirpath",
+    # what the command asks of a resume, and what corrpo records in config.yaml: not what is trained
+    "extend",
+    "resume_may_differ*",
+    "resumed_with_changes*",
+    "code_version*",
 )
+
+
+LIGHTNING_HEADER = "# lightning.pytorch=="
+"""The first line of every config.yaml the CLI writes."""
 
 
 class ResumeError(ValueError):
@@ -96,6 +110,28 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
     return None
 
 
+def checkpoint_record(path: str | os.PathLike) -> dict:
+    """What corrpo reads of a checkpoint before it is loaded: ``hyper_parameters`` (the ``model`` config it was
+    trained with) and ``steps_done``. Loaded with ``weights_only=True`` (no object is unpickled, so a crafted file
+    runs nothing) and memory-mapped (the tensors are not read). A distributed checkpoint: its ``meta.pt``.
+    Raises :class:`ResumeError` naming the file when it cannot be read so."""
+    path = Path(path)
+    target = path / "meta.pt" if path.is_dir() else path
+    try:
+        loaded = torch.load(target, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many kinds; the message is what the user needs
+        raise ResumeError(f"--ckpt_path {path}: cannot read its saved settings safely ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else ''})") from None  # fmt: skip
+    if not isinstance(loaded, dict):
+        raise ResumeError(f"--ckpt_path {path} holds a {type(loaded).__name__}, not a Lightning checkpoint")
+    hparams = loaded.get("hyper_parameters") or {}
+    state = loaded.get("corrpo") or {}
+    return {
+        "hyper_parameters": {k: v for k, v in dict(hparams).items() if not str(k).startswith("_")},
+        "steps_done": state.get("steps_done") if isinstance(state, dict) else None,
+    }
+
+
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": [1]}}`` -> ``{"a.b[0]": 1}``: every leaf of a config under its dotted key."""
     if isinstance(value, dict):
@@ -109,6 +145,18 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
             out.update(flatten(item, f"{prefix}[{i}]"))
         return out or {prefix: []}
     return {prefix: value}
+
+
+def key_allowed(key: str, patterns: tuple[str, ...] | list[str]) -> bool:
+    """True when the dotted ``key`` (``model.rl.rewards[0].kwargs.x``) is one of ``patterns`` or lies below one
+    (``model.rl.rewards`` allows every entry of the list), or matches one as a glob (``model.rl.*``; ``[*]`` = any
+    list index)."""
+    for pattern in patterns:
+        if key == pattern or key.startswith((pattern + ".", pattern + "[")):
+            return True
+        if fnmatch.fnmatchcase(key, pattern.replace("[*]", "[[]*[]]")):
+            return True
+    return False
 
 
 def _is_newer_key(key: str, saved: dict[str, Any]) -> bool:
@@ -130,7 +178,7 @@ def config_differences(saved: dict, current: dict) -> list[tuple[str, Any, Any]]
     a, b = flatten(saved or {}), flatten(current or {})
     out, newer = [], []
     for key in sorted(set(a) | set(b)):
-        if any(fnmatch.fnmatchcase(key, pattern.replace("[*]", "[[]*[]]")) for pattern in RESUME_MAY_DIFFER):
+        if key_allowed(key, RESUME_MAY_DIFFER):
             continue
         if key not in a and _is_newer_key(key, a):
             newer.append(f"{key}={b[key]!r}")
@@ -144,6 +192,29 @@ def config_differences(saved: dict, current: dict) -> list[tuple[str, Any, Any]]
             stacklevel=3,
         )
     return out
+
+
+def read_saved_config(path: Path) -> dict:
+    """A run's config.yaml as a mapping; :class:`ResumeError` naming the file (and line) when it cannot be read, is
+    not YAML, or was cut short (a crash while it was written: one the CLI wrote starts with Lightning's header and
+    ends with ``ckpt_path``, so one without it is incomplete, though what is left may parse)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        saved = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark, position = getattr(err, "problem_mark", None), getattr(err, "position", None)
+        line = mark.line + 1 if mark is not None else text.count("\n", 0, position) + 1 if position is not None else 0
+        where = f"{path}:{line}" if line else str(path)
+        raise ResumeError(f"{where} is not valid YAML ({getattr(err, 'problem', None) or err})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ResumeError(f"{path} cannot be read ({err})") from None
+    if saved is None:
+        saved = {}
+    if not isinstance(saved, dict):
+        raise ResumeError(f"{path} holds a {type(saved).__name__}, not a config mapping (a damaged file?)")
+    if text.startswith(LIGHTNING_HEADER) and "ckpt_path" not in saved:
+        raise ResumeError(f"{path} is cut short: it lacks ckpt_path, the key written last (a crash while saving it?)")
+    return saved
 
 
 def saved_config_path(run: Path) -> Path | None:
@@ -174,14 +245,18 @@ def _describe(differences: list[tuple[str, Any, Any]], limit: int = 8) -> str:
 
 
 def resume_point(
-    root: str | os.PathLike, config: dict | None = None, runs: list[Path] | None = None
+    root: str | os.PathLike,
+    config: dict | None = None,
+    runs: list[Path] | None = None,
+    may_differ: tuple[str, ...] | list[str] = (),
 ) -> tuple[Path, Path] | None:
     """``(run folder, checkpoint)`` to resume under ``root``, or None when there is no checkpoint at all.
 
     Run folders (``runs``, default every folder under ``root``) are tried newest checkpoint first. With
-    ``config`` (the command's, as a plain dict) a run whose saved config.yaml differs (or is missing) is
-    skipped; in a run, checkpoints that :func:`checkpoint_problem` rejects are skipped. Each skip warns with
-    its reason. Raises :class:`ResumeError` when checkpoints exist but none may be resumed, naming why.
+    ``config`` (the command's, as a plain dict) a run whose saved config.yaml differs in a key not matched by
+    ``may_differ`` (:func:`key_allowed`), is missing or cannot be read is skipped; in a run, checkpoints that
+    :func:`checkpoint_problem` rejects are skipped. Each skip warns with its reason. Raises :class:`ResumeError`
+    when checkpoints exist but none may be resumed, naming why.
     """
     root = Path(root)
     if runs is None:
@@ -198,7 +273,12 @@ def resume_point(
             if saved_path is None:
                 refused.append((run, f"it has no {CONFIG_FILE} to compare this command's config with"))
                 continue
-            differences = config_differences(yaml.safe_load(saved_path.read_text()) or {}, config)
+            try:
+                saved = read_saved_config(saved_path)
+            except ResumeError as err:
+                refused.append((run, str(err)))
+                continue
+            differences = [d for d in config_differences(saved, config) if not key_allowed(d[0], may_differ)]
             if differences:
                 refused.append((run, f"its config differs: {_describe(differences)}"))
                 continue
@@ -215,6 +295,8 @@ def resume_point(
     raise ResumeError(
         f"--ckpt_path last: no run under {root} can be resumed by this command:\n{reasons}\n"
         f"To resume a run with its own settings: corrpo fit --config {newest / CONFIG_FILE} --ckpt_path {newest} "
-        "(--ckpt_path <run folder> names the run explicitly); to start a new run, drop --ckpt_path or use "
-        "another trainer.default_root_dir."
+        "(--ckpt_path <run folder> names the run explicitly); to train more steps: --extend true with the larger "
+        "model.rl.steps (or model.sft.steps); to continue with a deliberate change: --resume_may_differ "
+        "'[<key>, ...]' (recorded in config.yaml); to start a new run, drop --ckpt_path or use another "
+        "trainer.default_root_dir."
     )

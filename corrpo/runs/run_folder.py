@@ -10,7 +10,9 @@ A corrpo run writes everything into one folder, so it can be read, reported on o
     <run>/fingerprint.json  ``corrpo validate``'s one measurement
     <run>/eval_generations.jsonl  every evaluated completion (``model.eval``), one JSON object per line
     <run>/checkpoints/      Lightning checkpoints (last.ckpt, ...)
-    <run>/policy/           the exported policy, a Hugging Face folder (``from_pretrained``)
+    <run>/policy/           the exported policy, a Hugging Face folder (``from_pretrained``), written atomically
+                            before results.json: a run is finished when results.json exists
+    <run>/policy-sft/       the policy as SFT ended, exported at the SFT->RL boundary (a run with both phases)
     <run>/wandb/            the wandb run (offline unless configured online)
     <run>/<name>/version_<n>/  a CSV or TensorBoard logger's own files (metrics.csv, event files), when its
                             save_dir is unset: the CLI puts it in the run folder (a resumed run's logger starts
@@ -29,9 +31,11 @@ from __future__ import annotations
 import csv
 import json
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from corrpo.runs.atomic import atomic_folder, remove_leftovers, write_text_atomic
 
 CONFIG_FILE = "config.yaml"
 """The resolved config's file name (the CLI's SaveConfigCallback writes it; resume compares against it)."""
@@ -87,6 +91,11 @@ class RunFolder:
     @property
     def policy(self) -> Path:
         return self.path / "policy"
+
+    @property
+    def policy_sft(self) -> Path:
+        """The policy as the SFT phase ended, exported at the SFT->RL boundary."""
+        return self.path / "policy-sft"
 
     @property
     def wandb(self) -> Path:
@@ -145,8 +154,19 @@ class RunFolder:
         return pd.read_csv(path, keep_default_na=False, na_values=["nan"])
 
     def write_results(self, results: dict) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.results.write_text(json.dumps(results, indent=2))
+        """Write results.json atomically: it marks a finished run, so it is never seen half-written."""
+        write_text_atomic(self.results, json.dumps(results, indent=2))
+
+    def write_policy(self, folder: Path, export: Callable[[Path], object]) -> Path:
+        """Export a policy to ``folder`` (:attr:`policy` or :attr:`policy_sft`) atomically: ``export(temp)`` (e.g.
+        :func:`corrpo.models.loading.export_policy`) writes a temp sibling, which is fsynced and renamed into place,
+        after what a killed export left in the run folder is removed. A failed export (disk full) keeps the old
+        folder and leaves no temp copy."""
+        for path in remove_leftovers(self.path):
+            warnings.warn(f"removed {path}: the temp copy of an export that was killed", stacklevel=2)
+        with atomic_folder(folder) as partial:
+            export(partial)
+        return folder
 
     def tag_results(self, **tags) -> None:
         """Add ``tags`` (e.g. method, coef, seed, wall_s) to results.json."""
@@ -158,6 +178,28 @@ class RunFolder:
         with self.eval_generations(rank).open("a", encoding="utf-8") as handle:
             for row in rows:
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    def reopen(self, points: Iterable[dict], rank: int = 0) -> None:
+        """A resumed run takes its folder back: an earlier segment's results.json goes (the run is unfinished until
+        its end writes results.json again, so a crash of the resumed run never leaves an outdated one looking
+        finished), and the eval rows after its checkpoint go (:meth:`keep_eval_generations`)."""
+        if rank == 0:
+            self.results.unlink(missing_ok=True)
+        self.keep_eval_generations(points, rank)
+
+    def keep_eval_generations(self, points: Iterable[dict], rank: int = 0) -> int:
+        """Keep only the rows of rank ``rank``'s jsonl whose evaluation point (``when``, ``step``) is in ``points``
+        (a resumed run's restored ``test_accuracy`` entries): rows an evaluation wrote after the checkpoint it resumed
+        from are written again by the resumed run, so they would repeat. Rewritten atomically; returns rows dropped."""
+        path = self.eval_generations(rank)
+        if not path.is_file():
+            return 0
+        keep = {(p["when"], p["step"]) for p in points}
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        kept = [line for line in lines if _evaluation_point(json.loads(line)) in keep]
+        if len(kept) < len(lines):
+            write_text_atomic(path, "".join(line + "\n" for line in kept))
+        return len(lines) - len(kept)
 
     def read_eval_generations(self) -> list[dict]:
         """Every row of eval_generations.jsonl (rank 0's file and any other rank's), ``[]`` when absent."""
@@ -197,6 +239,11 @@ class RunFolder:
         """The last ``when`` (start | sft_end | end) test accuracy in results.json; NaN when not recorded."""
         hits = [r for r in self.read_results().get("test_accuracy", []) if r.get("when") == when]
         return float(hits[-1]["accuracy"]) if hits else float("nan")
+
+
+def _evaluation_point(row: dict) -> tuple:
+    """The evaluation point of an eval_generations.jsonl row: (when, step)."""
+    return row.get("when"), row.get("step")
 
 
 def method_name(rl, rl_steps_run: int | None = None) -> str:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from corrpo.generation.rollout import SamplingConfig
+from corrpo.models.finite import require_finite_fields
 from corrpo.rewards.combine import checked_reward_weights
 from corrpo.rewards.spec import parse_reward_spec
 from corrpo.training.corrpo_term import CorrPOTermConfig
@@ -44,9 +45,16 @@ class OptimConfig:
     """Padding-free forwards: each (micro-)batch's sequences packed into fewer rows, with per-sequence positions
     and a block-diagonal causal mask (:mod:`corrpo.models.packing`): the same loss and gradients, fewer pad slots. A
     model whose packed logits differ from its padded ones (checked once) keeps the padded forward."""
+    max_consecutive_skipped_updates: int = 3
+    """Stop the run with an error after this many updates in a row were skipped (a non-finite loss or gradient
+    norm: :func:`corrpo.training.update.apply_update`), naming the likely cause; one skip alone is a warning. 0
+    never stops (every skip still counts as a step: ``global_step`` and ``skipped_updates``)."""
 
     def _check(self, section: str) -> None:
+        require_finite_fields(self, section)  # YAML's .inf / .nan: no float key of either phase may be non-finite
         _check_non_negative(section, steps=self.steps, warmup_steps=self.warmup_steps, max_grad_norm=self.max_grad_norm)
+        _check_non_negative(section, weight_decay=self.weight_decay)
+        _check_non_negative(section, max_consecutive_skipped_updates=self.max_consecutive_skipped_updates)
         _check_positive(section, lr=self.lr, min_lr_ratio=self.min_lr_ratio)
         _check_optional_positive_int(section, micro_batch_size=self.micro_batch_size)
 
@@ -144,6 +152,10 @@ class RLConfig(OptimConfig):
     reward_failure_patience: int = 3
     """Consecutive RL steps over ``max_reward_failure_share`` before the abort (a broken verifier, not one bad
     completion)."""
+    reward_timeout_s: float | None = 600.0
+    """Seconds one reward function may take on one RL step's completions (its retries included); over it, every
+    sample of the call counts failed and scores 0, with a warning naming it, so a hung reward cannot hang the run
+    (enforced with SIGALRM on the main thread, where Lightning trains). null: no limit."""
     reward_dry_run: bool = True
     """Call every reward once at fit start, on a few RL records with placeholder completions
     (:mod:`corrpo.rewards.dry_run`): a reward that raises on all of them or returns a wrong shape stops the run
@@ -178,6 +190,10 @@ class RLConfig(OptimConfig):
         if not 0.0 < self.max_reward_failure_share <= 1.0:
             raise ValueError(f"rl.max_reward_failure_share must be in (0, 1], got {self.max_reward_failure_share!r}")
         _check_positive("rl", reward_failure_patience=self.reward_failure_patience)
+        if self.reward_timeout_s is not None and not 0 < self.reward_timeout_s < math.inf:
+            raise ValueError(
+                f"rl.reward_timeout_s must be a positive number of seconds or null, got {self.reward_timeout_s!r}"
+            )
         if self.importance_sampling_level not in ("token", "sequence"):
             raise ValueError(
                 "rl.importance_sampling_level must be 'token' or 'sequence' (GSPO), got "

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from corrpo.generation.rollout import Rollout, SamplingConfig
+from corrpo.models.finite import require_finite_fields
 from corrpo.rewards.accuracy import accuracy_reward
 from corrpo.rewards.call import Prompt
 from corrpo.training.collectives import SINGLE_PROCESS, Collectives
@@ -57,6 +58,7 @@ class EvalConfig:
     """Write every evaluated completion (prompt, gold answer, completion, correct) to eval_generations.jsonl."""
 
     def __post_init__(self) -> None:
+        require_finite_fields(self, "eval")
         if self.every_n_steps < 0 or self.k < 0:
             raise ValueError(f"eval.every_n_steps and eval.k must be >= 0, got {self.every_n_steps}, {self.k}")
         if self.temperature <= 0 or not 0 < self.top_p <= 1:

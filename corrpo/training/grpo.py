@@ -64,7 +64,7 @@ from corrpo.training.objectives import (
 from corrpo.training.reference_sync import mix_reference, sync_due
 from corrpo.training.sampled_groups import SampledGroups
 from corrpo.training.schedule import warmup_cosine_lr
-from corrpo.training.update import UpdateOutcome, apply_update
+from corrpo.training.update import UpdateOutcome, apply_update, require_finite_parameters
 
 
 @dataclass
@@ -125,7 +125,8 @@ class GRPOStep:
     # ---------------------------------------------------------------------------------------- stages
     def score(self, inputs: RewardInputs, monitor: bool = True) -> RewardScores:
         """Task rewards of the ``N = B * G`` completions; ``monitor``: the failure monitor counts the call as a step."""
-        return score_completions(self.reward_fns, self.reward_weights, inputs, self.reward_monitor if monitor else None)
+        monitor_ = self.reward_monitor if monitor else None
+        return score_completions(self.reward_fns, self.reward_weights, inputs, monitor_, self.rl.reward_timeout_s)
 
     def sample(
         self, ctx: RLContext, prompts: list[Prompt], answers: list[str], columns: dict[str, list] | None,
@@ -209,6 +210,7 @@ class GRPOStep:
             max_steps: train batches of the whole run (the rewards' ``trainer_state.max_steps``).
         """
         rl, G = self.rl, self.rl.num_generations
+        require_finite_parameters(ctx.policy, ctx.collectives, f"as RL step {rl_index} starts,")  # not eigh's error
         timings: dict[str, float] = {}
         info = StepInfo(rl_index if step is None else step, max_steps, rl_index)
         dynamic = rl.dynamic_sampling.enable

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from corrpo.inversion.strength_config import REWARD_STRENGTH_DEFAULTS, StrengthConfig, strength_spec
+from corrpo.models.finite import require_finite_fields
 
 CORRELATIONS = ("spearman", "pearson")
 APPLY_MODES = ("reward", "advantage")
@@ -48,6 +49,7 @@ class CorrPOTermConfig:
     ``rows x sequence x vocabulary``); None = ``rl.micro_batch_size``, or 64 when that is unset too."""
 
     def __post_init__(self) -> None:
+        require_finite_fields(self, "rl.inversion")
         if isinstance(self.coef, bool) or not isinstance(self.coef, int | float) or not math.isfinite(self.coef):
             raise ValueError(f"rl.inversion.coef must be a finite number, got {self.coef!r}")
         if self.coef < 0:
