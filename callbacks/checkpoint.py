@@ -33,7 +33,6 @@ Crash safety, which stock Lightning lacks:
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import threading
@@ -47,21 +46,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from callbacks.step_boundary import BoundarySnapshot, StopNow, StopWatchdog
 from corrpo.models.finite import NonFiniteWeightsError, describe, nonfinite_tensors
+from corrpo.runs.atomic import PARTIAL_MARK, fsync_dir
 from corrpo.trainer_state import reopen_finished_epoch
 from corrpo.training.host import TrainingHost
 
-PARTIAL_MARK = ".partial-"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (a no-op where directories cannot be opened, e.g. Windows)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def atomic_torch_save(obj: object, path: str | os.PathLike) -> None:
@@ -78,7 +67,7 @@ def atomic_torch_save(obj: object, path: str | os.PathLike) -> None:
     except BaseException:
         partial.unlink(missing_ok=True)  # disk full, a bad object: the old target stays, no litter
         raise
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
