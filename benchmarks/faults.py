@@ -388,7 +388,7 @@ def non_finite_files(folder: Path) -> list[str]:
     found = []
     for path in sorted(folder.rglob("*.ckpt")):
         try:  # files this campaign wrote (their hyper-parameters are dataclasses: not loadable weights-only)
-            state = torch.load(path, map_location="cpu", weights_only=False).get("state_dict", {})
+            state = torch.load(path, map_location="cpu", weights_only=True).get("state_dict", {})
         except Exception:  # noqa: BLE001 - damaged on purpose by a scenario: checkpoint_problem names it
             continue
         found += [str(path)] if nonfinite_tensors(state.items()) else []
@@ -434,7 +434,7 @@ def checkpoints_left(run: Path) -> str:
     for ckpt in sorted(run.rglob("*.ckpt")):
         problem = checkpoint_problem(ckpt)
         if problem is None:
-            step = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]
+            step = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
             out.append(f"{_short(ckpt)}={step}")
         else:
             out.append(f"{_short(ckpt)}={'0B' if 'empty' in problem else 'cut'}")

@@ -174,7 +174,7 @@ def measure_fit(folder: Path, device: str) -> dict:
 
     # the peak of the run itself, before this process reads the checkpoint back (mmap: its tensors stay on disk)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss()
-    states = torch.load(last, map_location="cpu", weights_only=False, mmap=True)["optimizer_states"]
+    states = torch.load(last, map_location="cpu", weights_only=True, mmap=True)["optimizer_states"]
     out = {"shape": "1 SFT + 1 RL", "seconds": time.perf_counter() - start, "ckpt_bytes": last.stat().st_size,
            "optimizer_states_kept": sum(bool(s["state"]) for s in states), "peak_bytes": peak}  # fmt: skip
     import shutil

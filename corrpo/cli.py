@@ -33,6 +33,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from corrpo.data.datamodule import ReasoningDataModule
 from corrpo.data.records import RecordError
+from corrpo.models.batching import PromptRenderError, check_prompts_render
 from corrpo.models.finite import non_finite_message, nonfinite_fields
 from corrpo.module import CorrPOModule
 from corrpo.rewards.dry_run import RewardDryRunError
@@ -276,11 +277,14 @@ class CorrPOCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         """Lightning's, but a run that cannot even be built (a wrong ``model.policy`` path, a bad data file)
         takes back the run folder it was given while that is still empty: no litter of empty timestamps. The data
-        are read here, before the Trainer starts a logger: a misnamed field stops the run with no folder left."""
+        are read (and a few rendered with the chat template) here, before the Trainer starts a logger: a misnamed field
+        or a broken template stops the run with no folder left."""
         try:
             super().instantiate_classes()
             if isinstance(self.datamodule, ReasoningDataModule):
-                self.datamodule.pools()
+                pools = self.datamodule.pools()
+                if isinstance(self.model, CorrPOModule):  # a broken chat template: now, not at the first evaluation
+                    check_prompts_render(self.model.tokenizer, self.model.prompt_format, pools)
         except BaseException:
             self._release_lock()
             folder = getattr(self, "_new_folder", None)
@@ -419,6 +423,13 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> CorrPOCLI:
     )
 
 
+USER_ERRORS = (RecordError, RewardDryRunError, RewardConfigError, RunLockedError, ResumeError, PromptRenderError)
+"""Errors whose message is the whole story: a data row (file, line, field, columns), a reward broken before training
+(its name, what it did) or an ``rl.rewards`` entry that cannot be built (its key), another live process on the run
+folder (its pid), no run to resume or a checkpoint with other settings (the keys), a chat template that cannot
+render the data (the pool and record)."""
+
+
 def main() -> None:
     """Console entry point (``corrpo``): ``corrpo report <run_dir>``, else the LightningCLI subcommands."""
     import sys
@@ -430,15 +441,7 @@ def main() -> None:
         return
     try:
         build_cli()
-    except RecordError as err:  # a data row the user must fix: the message names file, line, field and columns
-        raise SystemExit(f"corrpo: {err}") from None
-    except RewardDryRunError as err:  # a reward broken before any training: the message names it and what it did
-        raise SystemExit(f"corrpo: {err}") from None
-    except RewardConfigError as err:  # an rl.rewards entry that cannot be built: the message names its key
-        raise SystemExit(f"corrpo: {err}") from None
-    except RunLockedError as err:  # another live process owns the run folder: the message names its pid
-        raise SystemExit(f"corrpo: {err}") from None
-    except ResumeError as err:  # no run to resume, or a checkpoint whose settings differ: the message names the keys
+    except USER_ERRORS as err:  # one line that names what to fix, no traceback
         raise SystemExit(f"corrpo: {err}") from None
 
 

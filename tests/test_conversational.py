@@ -10,14 +10,20 @@ import sys
 import openr1_rewards
 import pytest
 import torch
-from conftest import REPO, TINY_FAST_ARGS, run_tiny
+from conftest import REPO, TINY_ARCH, TINY_FAST_ARGS, run_tiny
 from reward_inputs import reward_inputs
 
 from corrpo.cli import main
 from corrpo.data.datamodule import ReasoningDataModule
 from corrpo.data.records import RecordError, load_records
 from corrpo.models.batching import PromptFormat, encode_prompts, encode_sft_batch, format_completion, format_prompt
-from corrpo.models.loading import TinyArchitecture, build_char_tokenizer, build_tiny_tokenizer
+from corrpo.models.loading import (
+    TinyArchitecture,
+    build_char_tokenizer,
+    build_tiny_policy,
+    build_tiny_tokenizer,
+    export_policy,
+)
 from corrpo.rewards.accuracy import accuracy_reward
 from corrpo.rewards.combine import completion_rows, score_completions
 from corrpo.rewards.format import format_reward
@@ -244,4 +250,21 @@ def test_a_wrong_field_stops_the_cli_before_any_run_folder_without_a_traceback(t
     message = str(info.value.code)
     assert message.startswith("corrpo: ") and "Traceback" not in message
     assert f"{bad}:1: field prompt missing (columns: question, final)" in message
+    assert not any(root.iterdir()), "a run folder was left behind"
+
+
+def test_a_broken_chat_template_stops_the_cli_at_start_up_naming_the_record_and_the_keys(tmp_path, monkeypatch):
+    """Before: found at the first evaluation after SFT, with the run folder written. Now: before any step."""
+    tokenizer = build_char_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}{{ m.content }}"  # no endfor: a Jinja syntax error
+    policy = export_policy(build_tiny_policy("qwen2", tokenizer, TINY_ARCH), tokenizer, tmp_path / "policy")
+    root = tmp_path / "runs"
+    args = ["fit", "--config", str(REPO / "configs" / "tiny.yaml"), f"--model.policy={policy}",
+            "--model.use_chat_template=true", f"--trainer.default_root_dir={root}", *TINY_FAST_ARGS[:3]]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", ["corrpo", *args])
+    with pytest.raises(SystemExit) as info:
+        main()
+    message = str(info.value.code)
+    assert message.startswith("corrpo: record 1 of the sft data cannot be rendered (TemplateSyntaxError: ")
+    assert "model.use_chat_template" in message and "Traceback" not in message
     assert not any(root.iterdir()), "a run folder was left behind"

@@ -37,6 +37,30 @@ def test_a_non_utf8_byte_in_a_json_array_names_the_line(tmp_path):
         load_records(str(path), "sft")
 
 
+def test_a_450_digit_integer_answer_is_read_exactly(tmp_path):
+    big = int("7" * 450)  # float() of it overflows
+    path = _write_lines(tmp_path / "big.jsonl", [json.dumps({"prompt": "p", "answer": big}).encode()])
+    assert load_records(str(path), "rl").records[0]["answer"] == "7" * 450
+
+
+@pytest.mark.parametrize(
+    "value, reason",
+    [("9" * 5000, r"ValueError: Exceeds the limit \(4300 digits\)"), ("[" * 100_000 + "]" * 100_000, "RecursionError")],
+    ids=["5000-digit-number", "100k-deep-nesting"],
+)
+def test_json_python_cannot_read_names_the_file_and_line_and_skip_mode_skips_it(tmp_path, value, reason):
+    lines = [_row(0), b'{"prompt": "x", "completion": "y", "answer": ' + value.encode() + b"}", _row(2)]
+    path = _write_lines(tmp_path / "hostile.jsonl", lines)
+    with pytest.raises(RecordError, match=rf"hostile\.jsonl:2: JSON that cannot be read \({reason}"):
+        load_records(str(path), "rl")
+    result = load_records(str(path), "rl", on_error="skip")
+    assert [r["prompt"] for r in result.records] == ["p0", "p2"] and result.n_skipped == 1
+    array = tmp_path / "hostile.json"
+    array.write_bytes(b"[" + b",".join(lines) + b"]")
+    with pytest.raises(RecordError, match=rf"hostile\.json: JSON that cannot be read \({reason}"):
+        load_records(str(array), "rl")
+
+
 def test_an_empty_file_is_named_as_empty(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")

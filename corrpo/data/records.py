@@ -73,6 +73,12 @@ def _not_utf8(where: str, err: UnicodeDecodeError) -> RecordError:
     )
 
 
+def _unreadable_json(where: str, err: BaseException) -> RecordError:
+    """Valid JSON Python's reader refuses: a number of 4300+ digits, or nesting deeper than its stack."""
+    reason = str(err).splitlines()[0][:120] if str(err) else ""
+    return RecordError(f"{where}: JSON that cannot be read ({type(err).__name__}: {reason})")
+
+
 def _rows_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
     """``(location, row)`` per non-blank line; a line that is not UTF-8 or not a JSON object yields a RecordError
     (read as bytes and decoded line by line, so a bad byte names its line and ``on_error="skip"`` can skip it)."""
@@ -90,6 +96,9 @@ def _rows_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 yield where, RecordError(f"{where}: invalid JSON ({err.msg} at column {err.colno})")
+                continue
+            except (ValueError, RecursionError) as err:  # a 4300+-digit number; nesting deeper than Python's stack
+                yield where, _unreadable_json(where, err)
                 continue
             yield where, row
 
@@ -111,6 +120,8 @@ def _rows_json(path: Path) -> Iterator[tuple[str, Any]]:
         rows = json.loads(text)
     except json.JSONDecodeError as err:
         raise RecordError(f"{path}:{err.lineno}: invalid JSON ({err.msg} at column {err.colno})") from err
+    except (ValueError, RecursionError) as err:  # a 4300+-digit number; nesting deeper than Python's stack
+        raise _unreadable_json(str(path), err) from None
     for number, row in enumerate(rows, start=1):
         yield f"{path}: item {number}", row
 
@@ -213,6 +224,8 @@ def _rows(source: str, split: str) -> Iterator[tuple[str, Any]]:
 
 def _text(value: Any, canonical: str) -> str | None:
     """A usable string for a field, or None. Answers may be numbers (converted); the rest must be strings."""
+    if canonical == "answer" and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return str(value)  # exact at any size (float() of a 400-digit integer overflows)
     if canonical == "answer" and isinstance(value, numbers.Real) and not isinstance(value, bool):
         if not math.isfinite(value):
             return None

@@ -120,6 +120,37 @@ def format_completion(
     return tail[: -len(eos)] if eos and tail.endswith(eos) else tail
 
 
+class PromptRenderError(ValueError):
+    """A record the tokenizer's chat template cannot render, found at start-up: names the data and the record."""
+
+
+RENDER_CHECKED = 4
+"""Records of each data pool rendered at start-up by :func:`check_prompts_render`."""
+
+
+def check_prompts_render(
+    tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat | bool, pools: dict[str, Sequence[dict[str, Any]]]
+) -> None:
+    """Render the first :data:`RENDER_CHECKED` records of every pool as training and evaluation will (the prompt by
+    :func:`format_prompt`, an SFT completion by :func:`format_completion`), so that a missing or broken chat
+    template (a Jinja error, a ``raise_exception`` on a role order) stops the run before any step and before its
+    run folder holds anything, not at the first evaluation after SFT. Raises :class:`PromptRenderError` naming the
+    pool, the record and the settings to check."""
+    for pool, records in pools.items():
+        for number, record in enumerate(records[:RENDER_CHECKED], start=1):
+            try:
+                format_prompt(tokenizer, record["prompt"], fmt)
+                if "completion" in record:
+                    format_completion(tokenizer, record["prompt"], record["completion"], fmt)
+            except Exception as err:  # noqa: BLE001 - Jinja and the template raise anything; the message is the point
+                reason = str(err).splitlines()[0][:200] if str(err) else ""
+                raise PromptRenderError(
+                    f"record {number} of the {pool} data cannot be rendered ({type(err).__name__}: {reason}); check "
+                    "the tokenizer's chat_template (model.policy), model.use_chat_template, model.system_prompt and "
+                    "model.chat_template_kwargs"
+                ) from None
+
+
 def _ids(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
     return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
 
