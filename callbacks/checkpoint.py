@@ -47,7 +47,6 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from callbacks.step_boundary import BoundarySnapshot, StopNow, StopWatchdog
 from corrpo.models.finite import NonFiniteWeightsError, describe, nonfinite_tensors
 from corrpo.runs.atomic import PARTIAL_MARK, fsync_dir
-from corrpo.trainer_state import reopen_finished_epoch
 from corrpo.training.host import TrainingHost
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -164,8 +163,6 @@ class ResumableCheckpoint(ModelCheckpoint):
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         super().on_load_checkpoint(trainer, pl_module, checkpoint)
         self._loaded_rng = checkpoint.get("corrpo", {}).get("rng")  # the boundary a resumed run starts from
-        if isinstance(pl_module, TrainingHost):  # --extend: the final checkpoint of a run that now has more steps
-            reopen_finished_epoch(checkpoint, pl_module.steps_done, pl_module.schedule.total)
 
     def _mark_boundary(self, trainer, pl_module, rng: dict | None = None) -> None:
         if self._previous_handlers:

@@ -36,6 +36,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from corrpo import trainer_state
 from corrpo.data.arithmetic import ArithmeticTask
 from corrpo.data.records import load_records
 from corrpo.generation.decode_loop import DecodeLoopGenerator
@@ -50,7 +51,6 @@ from corrpo.rewards.dry_run import dry_run_rewards
 from corrpo.rewards.reward_model import place_rewards
 from corrpo.runs.progress import eval_progress
 from corrpo.runs.run_folder import run_folder
-from corrpo.trainer_state import count_skipped_update, forget_earlier_step_metrics, phases_run, run_schedule
 from corrpo.training.collectives import SINGLE_PROCESS, Collectives, LightningCollectives
 from corrpo.training.config import RLConfig, SFTConfig
 from corrpo.training.evaluation import EvalConfig, EvalContext, Evaluator
@@ -166,7 +166,7 @@ class CorrPOModule(L.LightningModule):
         nothing to evaluate on. Under ``trainer.fast_dev_run`` shorten the run to a batch of each phase."""
         datamodule = self.trainer.datamodule
         self._data = None if datamodule is None else require_held_out_data(datamodule, "CorrPOModule")
-        self.schedule = run_schedule(self.trainer, PhaseSchedule(self.sft.steps, self.rl.steps))
+        self.schedule = trainer_state.run_schedule(self.trainer, PhaseSchedule(self.sft.steps, self.rl.steps))
 
     def configure_model(self) -> None:
         """Under ``ModelParallelStrategy`` (which sets ``device_mesh``): shard the policy and the KL reference
@@ -218,7 +218,7 @@ class CorrPOModule(L.LightningModule):
                 "must be the data module's step stream (it starts where a resumed run stopped)"
             )
         self._restore_rng()
-        forget_earlier_step_metrics(self.trainer)  # a row holds its own step's keys: no sft/loss in RL rows
+        trainer_state.forget_earlier_step_metrics(self.trainer)  # a row holds its own step's keys: no sft/loss in RL
         step, every = batch["step"], self.eval_config.every_n_steps
         if self.schedule.is_boundary(step):
             self.evaluate_and_log("sft_end")
@@ -258,7 +258,7 @@ class CorrPOModule(L.LightningModule):
         if self.trainer.is_global_zero:
             run.write_results(
                 {
-                    **phases_run(self.trainer, self.schedule, self.steps_done, self.sft.steps, self.rl),
+                    **trainer_state.phases_run(self.trainer, self.schedule, self.steps_done, self.sft.steps, self.rl),
                     "seeds": self.seeds(),
                     "test_accuracy": self.eval_history,
                     "eval": self.eval_results,
@@ -291,7 +291,7 @@ class CorrPOModule(L.LightningModule):
         ``rl/``)."""
         self.skipped_updates += self.skips.record(update, getattr(self, section), section, self.global_step)  # warns
         if not update.applied:
-            count_skipped_update(self.trainer)  # global_step counts every update, applied or skipped
+            trainer_state.count_skipped_update(self.trainer)  # global_step counts every update, applied or skipped
             self._log_step("skipped_updates", float(self.skipped_updates))
             return
         self._generator_stale = True
@@ -442,6 +442,7 @@ class CorrPOModule(L.LightningModule):
         self.eval_history = state.get("eval_history", [])
         self.eval_results = state.get("eval_results", [])
         self.steps_done = state.get("steps_done", 0)
+        trainer_state.reopen_finished_epoch(checkpoint, self.steps_done, self.schedule.total)  # --extend: go on
         self._generator_stale = True  # the restored weights are not what a generator may have synced
         by_rank = state.get("rng_by_rank")
         same_world = by_rank is not None and self._trainer is not None and len(by_rank) == self.trainer.world_size

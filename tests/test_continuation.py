@@ -9,12 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import run_tiny
+from conftest import TINY_ARCH, run_tiny
 
+from corrpo.module import CorrPOModule
 from corrpo.runs.code_version import code_version
 from corrpo.runs.continuation import allowed_changes, check_listed_keys, check_schedule, checkpoint_differences
 from corrpo.runs.resume import ResumeError, key_allowed, resume_point
 from corrpo.trainer_state import reopen_finished_epoch
+from corrpo.training.config import RLConfig, SFTConfig
 
 # RL that moves the weights (the CorR-PO bonus gives every group reward variance) and samples from the RNG
 STEPS = ["--model.sft.steps=2", "--model.rl.inversion.coef=0.5", "--model.rl.lr=1e-3"]
@@ -96,6 +98,18 @@ def test_a_finished_checkpoint_is_reopened_only_when_steps_are_left():
     assert checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["is_last_batch"] is True
     reopen_finished_epoch(checkpoint, steps_done=4, total_steps=6)
     assert checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["is_last_batch"] is False
+
+
+def test_the_module_reopens_a_final_checkpoint_whatever_the_checkpoint_callback():
+    """The reopening lives in CorrPOModule.on_load_checkpoint, so --extend also works with a plain ModelCheckpoint."""
+    module = CorrPOModule(policy="tiny-qwen2", tiny=TINY_ARCH, sft=SFTConfig(steps=2), rl=RLConfig(steps=4), seed=0)
+    finished = {
+        "corrpo": {"steps_done": 4},
+        "loops": {"fit_loop": {"epoch_loop.batch_progress": {"is_last_batch": True}}},
+    }
+    module.on_load_checkpoint(finished)
+    assert module.steps_done == 4
+    assert finished["loops"]["fit_loop"]["epoch_loop.batch_progress"]["is_last_batch"] is False  # 2 of 6 steps left
 
 
 # --------------------------------------------------------------------------------- deliberate changes
