@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from corrpo.inversion.psd_root import gram_nuclear
-from corrpo.inversion.strength_common import matrix_measure
+from corrpo.inversion.strength_common import matrix_measure, nuclear_norm
 
 K_SUB_BLOCK = 16
 """At most this many tokens per K measure: the block's tokens in groups, each against the keys up to its own last
@@ -80,10 +80,7 @@ def k_measure(gk: Tensor, x: Tensor, measure: str, route: str | None = None, sol
     rank = min(S, d_kv, d)
     if route == "built":
         mat = torch.einsum("nse,sd->ned", gk, x)
-        if measure != "nuclear":
-            return matrix_measure(mat, measure)
-        m64 = mat.double()
-        return gram_nuclear(m64 @ m64.mT if d_kv <= d else m64.mT @ m64, solver, rank)
+        return nuclear_norm(mat, solver, rank) if measure == "nuclear" else matrix_measure(mat, measure)
     x64, b = x.double(), gk.double()
     kernel = x64 @ x64.mT
     if route == "gram":
