@@ -40,7 +40,7 @@ def _rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """RoPE on the first ``cos.shape[-1]`` dims of each head (all of them unless partial), as transformers."""
     rot = cos.shape[-1]
     head, rest = x[..., :rot], x[..., rot:]
@@ -99,32 +99,31 @@ def kv_strengths(
         k = _normed(k_norm, k_raw, flat)
     q = q.view(bsz, seq, n_kv, rep, hd)
     v = cap.output("v").detach().float().view(bsz, seq, n_kv, hd)
-    k_rot = _rope(k, cos[:, :, None], sin[:, :, None])
+    k_rot = rope(k, cos[:, :, None], sin[:, :, None])
     g_all = ctx_grad.float().view(bsz, seq, n_kv, rep, hd)
     key_ok = batch.attention_mask.bool()
     arange = torch.arange(seq, device=x_k.device)
     if "k" not in names:  # v alone needs only each token's attention context: every token at once, no block loop
         q_tok = q[batch.rows, batch.cols - 1]
         c = _v_contexts(q_tok, k_rot, x_v, cos, sin, batch, scale, softcap, window, sinks)
-        return {"v": _v_measure(g_all[batch.rows, batch.cols - 1], c, config.measure)}
+        return {"v": v_measure(g_all[batch.rows, batch.cols - 1], c, config.measure)}
     out: dict[str, list[Tensor]] = {"k": [], "v": []}
     v_parts: list[tuple[Tensor, Tensor]] = []  # (g, c) per block: v's measure runs once over all tokens
-    for b, pos in _row_blocks(batch, config.chunk_size):
+    for b, pos in row_blocks(batch, config.chunk_size):
         # every token of the block reads row b's keys/values up to the block's last position only (causal):
         # shared [S, ...] operands instead of one gathered copy per token, and no work past position S - 1
         S = int(pos.max()) + 1
-        # a packed row: the block is of one sequence, its keys start at that sequence's first column lo
-        lo = 0 if batch.segments is None else int((batch.segments[b, :S] != batch.segments[b, pos[0]]).sum())
-        q_rot = _rope(q[b, pos], cos[b, pos][:, None, None], sin[b, pos][:, None, None])  # [n, kv, rep, hd]
+        lo = block_key_start(batch, b, pos, S)
+        q_rot = rope(q[b, pos], cos[b, pos][:, None, None], sin[b, pos][:, None, None])  # [n, kv, rep, hd]
         raw = torch.einsum("nkre,ske->nkrs", q_rot, k_rot[b, lo:S]) * scale
-        allowed = _allowed(arange[lo:S], pos, key_ok[b, None, lo:S], window)  # [n, S - lo]
-        probs = _attention_probs(raw, allowed[:, None, None, :], softcap, sinks)
+        allowed = allowed_keys(arange[lo:S], pos, key_ok[b, None, lo:S], window)  # [n, S - lo]
+        probs = attention_probs(raw, allowed[:, None, None, :], softcap, sinks)
         g = g_all[b, pos]  # [n, kv, rep, hd]
         if "v" in names:
             v_parts.append((g, torch.einsum("nkrs,sd->nkrd", probs, x_v[b, lo:S])))
         if "k" in names:
             gv = torch.einsum("nkre,ske->nkrs", g, v[b, lo:S])
-            d_scores = probs * (gv - (probs * gv).sum(-1, keepdim=True))
+            d_scores = softmax_backward(probs, gv)
             if softcap is not None:
                 d_scores = d_scores * (1 - torch.tanh(raw / softcap).square())
             pull = None
@@ -149,7 +148,7 @@ def kv_strengths(
                 )  # fmt: skip
             )
     if v_parts:  # per token, so batching the blocks' tokens changes no value, only the number of small ops
-        out["v"].append(_v_measure(*(torch.cat(t) for t in zip(*v_parts, strict=True)), config.measure))
+        out["v"].append(v_measure(*(torch.cat(t) for t in zip(*v_parts, strict=True)), config.measure))
     return {n: torch.cat(vals) for n, vals in out.items() if vals}
 
 
@@ -157,7 +156,7 @@ V_BATCH_ELEMENTS = 1 << 24
 """At most about this many score (and context) elements at once in :func:`_v_contexts` (64 MB in fp32)."""
 
 
-def _allowed(keys: Tensor, pos: Tensor, key_ok: Tensor, window: int | None) -> Tensor:
+def allowed_keys(keys: Tensor, pos: Tensor, key_ok: Tensor, window: int | None) -> Tensor:
     """Which ``keys`` (positions) the queries at ``pos`` attend to: causal, real keys, inside the window."""
     allowed = (keys <= pos[..., None]) & key_ok
     if window is not None:
@@ -171,7 +170,7 @@ def _sinks(attn: nn.Module, n_kv: int, rep: int) -> Tensor | None:
     return None if sinks is None else sinks.detach().float().view(n_kv, rep, 1)
 
 
-def _attention_probs(raw: Tensor, allowed: Tensor, softcap: float | None, sinks: Tensor | None = None) -> Tensor:
+def attention_probs(raw: Tensor, allowed: Tensor, softcap: float | None, sinks: Tensor | None = None) -> Tensor:
     """The attention weights from the scaled raw scores: the family's soft-cap, the mask, softmax over keys.
 
     Attention sinks (gpt-oss): one more logit per head in the softmax's denominator, whose weight is dropped (it
@@ -207,7 +206,7 @@ def _v_contexts(
     rows, pos = batch.rows, batch.cols - 1
     bsz, seq = batch.input_ids.shape
     n, n_kv, rep, _ = q.shape
-    q_rot = _rope(q, cos[rows, pos][:, None, None], sin[rows, pos][:, None, None])  # [N, kv, rep, hd]
+    q_rot = rope(q, cos[rows, pos][:, None, None], sin[rows, pos][:, None, None])  # [N, kv, rep, hd]
     per_token = n_kv * rep * max(seq, x_v.shape[-1])  # score (or context) elements of one token
     # a row's tokens in pieces of at most `width`, so one piece stays within the budget however long the row
     counts = torch.bincount(rows, minlength=bsz)
@@ -229,7 +228,7 @@ def _v_contexts(
         q_pad[at] = q_rot[idx]
         pos_pad = pos.new_zeros(p1 - p0, width)
         pos_pad[at] = pos[idx]
-        allowed = _allowed(keys, pos_pad, key_ok[of, None, :], window)  # [pieces, width, T]
+        allowed = allowed_keys(keys, pos_pad, key_ok[of, None, :], window)  # [pieces, width, T]
         if batch.segments is not None:  # a packed row: only the token's own sequence
             seg = batch.segments[of]
             allowed &= seg[:, None, :] == seg.gather(1, pos_pad)[:, :, None]
@@ -237,12 +236,24 @@ def _v_contexts(
         real[at] = True
         allowed[~real] = keys == 0  # padded slots see key 0 alone (no empty softmax); they are dropped below
         raw = torch.einsum("bnkre,bske->bnkrs", q_pad, k_rot[of]) * scale
-        probs = _attention_probs(raw, allowed[:, :, None, None, :], softcap, sinks)
+        probs = attention_probs(raw, allowed[:, :, None, None, :], softcap, sinks)
         out[idx] = torch.einsum("bnkrs,bsd->bnkrd", probs, x_v[of])[at]
     return out
 
 
-def _row_blocks(batch: ScoringBatch, size: int) -> list[tuple[int, Tensor]]:
+def block_key_start(batch: ScoringBatch, b: int, pos: Tensor, end: int) -> int:
+    """The first key column of row ``b``'s block ``pos`` (keys up to ``end``): 0, or in a packed row the first
+    column of the one sequence the block belongs to."""
+    return 0 if batch.segments is None else int((batch.segments[b, :end] != batch.segments[b, pos[0]]).sum())
+
+
+def softmax_backward(probs: Tensor, grad_probs: Tensor) -> Tensor:
+    """The scores' gradient from the probabilities' through a softmax over the last axis:
+    ``dL/ds = p * (dL/dp - sum(p * dL/dp))``."""
+    return probs * (grad_probs - (probs * grad_probs).sum(-1, keepdim=True))
+
+
+def row_blocks(batch: ScoringBatch, size: int) -> list[tuple[int, Tensor]]:
     """The scored tokens as ``(row, positions)`` blocks of at most ``size`` tokens of ONE row and sequence each, in the
     order of ``batch.rows`` / ``batch.cols`` (row-major): ``positions`` are the predicting columns ``j - 1``."""
     blocks = []
@@ -259,7 +270,7 @@ def _row_blocks(batch: ScoringBatch, size: int) -> list[tuple[int, Tensor]]:
     return blocks
 
 
-def _v_measure(g: Tensor, c: Tensor, measure: str) -> Tensor:
+def v_measure(g: Tensor, c: Tensor, measure: str) -> Tensor:
     """Measure of ``M_n = sum_h g_{n,h} c_{n,h}^T`` (rows of head h in its kv block) = ``U_n V_n^T``.
 
     ``U`` ``[n, kv*hd, H]`` holds ``g_h`` in the rows of kv head ``kv(h)``, ``V`` ``[n, d, H]`` holds ``c_h``.

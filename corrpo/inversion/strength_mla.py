@@ -24,14 +24,22 @@ from torch import Tensor, nn
 from corrpo.inversion.strength_common import LayerCapture, ScoringBatch
 from corrpo.inversion.strength_config import StrengthConfig
 from corrpo.inversion.strength_k import k_block_measures
-from corrpo.inversion.strength_kv import _allowed, _attention_probs, _rope, _row_blocks, _v_measure
+from corrpo.inversion.strength_kv import (
+    allowed_keys,
+    attention_probs,
+    block_key_start,
+    rope,
+    row_blocks,
+    softmax_backward,
+    v_measure,
+)
 from corrpo.models.architectures import DecoderParts
 
 
 def _rope_mla(x: Tensor, cos: Tensor, sin: Tensor, interleave: bool) -> Tensor:
     """DeepSeek's RoPE of ``x [..., rope]``: ``rotate_half`` form, or on interleaved pairs ``(x0, x1), ...``."""
     if not interleave:
-        return _rope(x, cos, sin)
+        return rope(x, cos, sin)
     half = cos.shape[-1] // 2
     cos, sin = cos[..., :half], sin[..., :half]
     x1, x2 = x[..., 0::2], x[..., 1::2]
@@ -67,19 +75,19 @@ def mla_strengths(
     key_ok = batch.attention_mask.bool()
     arange = torch.arange(seq, device=c.device)
     out: dict[str, list[Tensor]] = {"k": [], "v": []}
-    for b, pos in _row_blocks(batch, config.chunk_size):
+    for b, pos in row_blocks(batch, config.chunk_size):
         S = int(pos.max()) + 1
-        lo = 0 if batch.segments is None else int((batch.segments[b, :S] != batch.segments[b, pos[0]]).sum())
+        lo = block_key_start(batch, b, pos, S)
         raw = torch.einsum("nhe,she->nhs", q_pass[b, pos], k_nope[b, lo:S])
         raw = (raw + torch.einsum("nhe,se->nhs", q_rot[b, pos], k_rot[b, lo:S])) * attn.scaling
-        probs = _attention_probs(raw, _allowed(arange[lo:S], pos, key_ok[b, None, lo:S], None)[:, None, :], None)
+        probs = attention_probs(raw, allowed_keys(arange[lo:S], pos, key_ok[b, None, lo:S], None)[:, None, :], None)
         g = g_all[b, pos]  # [n, H, hv]
         if "v" in names:
             ctx_c = torch.einsum("nhs,sd->nhd", probs, c[b, lo:S])
-            out["v"].append(_v_measure(g[:, :, None], ctx_c[:, :, None], config.measure))
+            out["v"].append(v_measure(g[:, :, None], ctx_c[:, :, None], config.measure))
         if "k" in names:
             gv = torch.einsum("nhe,she->nhs", g, v[b, lo:S])
-            d_scores = probs * (gv - (probs * gv).sum(-1, keepdim=True))
+            d_scores = softmax_backward(probs, gv)
             no_rope = c.new_zeros(0, S - lo)  # the K rows carry no RoPE (the rotated key part is not K)
             out["k"].append(
                 k_block_measures(
