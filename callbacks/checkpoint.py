@@ -37,7 +37,7 @@ import os
 import signal
 import threading
 import warnings
-from pathlib import Path
+from functools import partial
 
 import lightning as L
 import torch
@@ -46,27 +46,16 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from callbacks.step_boundary import BoundarySnapshot, StopNow, StopWatchdog
 from corrpo.models.finite import NonFiniteWeightsError, describe, nonfinite_tensors
-from corrpo.runs.atomic import PARTIAL_MARK, fsync_dir
+from corrpo.runs.atomic import remove_leftovers, write_atomic
 from corrpo.training.host import TrainingHost
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def atomic_torch_save(obj: object, path: str | os.PathLike) -> None:
-    """``torch.save(obj, path)`` that never leaves ``path`` partial: temp file beside it, fsync, ``os.replace``."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}{PARTIAL_MARK}{os.getpid()}")
-    try:
-        with partial.open("wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(partial, target)
-    except BaseException:
-        partial.unlink(missing_ok=True)  # disk full, a bad object: the old target stays, no litter
-        raise
-    fsync_dir(target.parent)
+    """``torch.save(obj, path)`` that never leaves ``path`` partial (:func:`corrpo.runs.atomic.write_atomic`: temp
+    file beside it, fsync, ``os.replace``; on a failure the old target stays and no temp is left)."""
+    write_atomic(path, partial(torch.save, obj))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -77,17 +66,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         atomic_torch_save(checkpoint, path)
-
-
-def remove_partial_files(folder: str | os.PathLike) -> list[Path]:
-    """Delete the temp files that killed saves left in ``folder``; returns them (they are never checkpoints)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    partial = [p for p in folder.iterdir() if p.name.startswith(".") and PARTIAL_MARK in p.name]
-    for path in partial:
-        path.unlink(missing_ok=True)
-    return partial
 
 
 def _cut_short(pl_module: L.LightningModule) -> bool:
@@ -129,7 +107,7 @@ class ResumableCheckpoint(ModelCheckpoint):
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # a user's own CheckpointIO is kept
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         if trainer.is_global_zero and self.dirpath:
-            for path in remove_partial_files(self.dirpath):
+            for path in remove_leftovers(self.dirpath):
                 warnings.warn(f"removed {path}: the temp file of a checkpoint save that was killed", stacklevel=2)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:

@@ -9,7 +9,8 @@ import pytest
 import torch
 import yaml
 
-from callbacks.checkpoint import AtomicCheckpointIO, atomic_torch_save, remove_partial_files
+from callbacks.checkpoint import AtomicCheckpointIO, atomic_torch_save
+from corrpo.runs.atomic import remove_leftovers
 from corrpo.runs.resume import ResumeError, checkpoint_problem, config_differences, resume_point
 
 CONFIG = {"model": {"rl": {"lr": 2e-5, "steps": 80}}, "trainer": {"default_root_dir": "runs/x", "max_steps": -1}}
@@ -67,7 +68,7 @@ def test_the_temp_file_of_a_killed_save_is_removed_and_never_taken_for_a_checkpo
     orphan = run / "checkpoints" / f".last.ckpt.partial-{os.getpid()}"
     orphan.write_bytes(b"PK\x03\x04 half a checkpoint")
     assert resume_point(tmp_path, CONFIG) == (run, good)
-    assert remove_partial_files(run / "checkpoints") == [orphan] and not orphan.exists()
+    assert remove_leftovers(run / "checkpoints") == [orphan] and not orphan.exists()
 
 
 @pytest.mark.parametrize("how", ["zero-byte", "truncated"])

@@ -1,7 +1,7 @@
 """Atomic writes of a run's files and folders: a reader (a resume, ``corrpo report``, ``from_pretrained``) sees the
 old version or the new one, whole, never a half-written one, whatever kills the writer (SIGKILL, a full disk).
 
-The recipe is the checkpoints' (``callbacks/checkpoint.py``): write a temp sibling ``.<name>.partial-<pid>`` (same
+One recipe, the checkpoints' too (``callbacks/checkpoint.py``): write a temp sibling ``.<name>.partial-<pid>`` (same
 folder, so same filesystem), fsync it, ``os.replace`` it onto the target, fsync the parent. A folder cannot be
 replaced over a non-empty one in one call: the old folder is first renamed aside (``.<name>.old-<pid>``), then the new
 one into place, then the old one deleted. A writer killed between those renames leaves no target (and the run no
@@ -14,8 +14,9 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 PARTIAL_MARK = ".partial-"
 OLD_MARK = ".old-"
@@ -35,14 +36,15 @@ def _temp_sibling(target: Path, mark: str = PARTIAL_MARK) -> Path:
     return target.with_name(f".{target.name}{mark}{os.getpid()}")
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically; a failed write (disk full) leaves the old file and no temp."""
+def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
+    """``write(handle)`` into a temp sibling of ``path`` opened for binary writing, fsynced and renamed onto ``path``;
+    a failed write (disk full, an object that cannot be saved) leaves the old file and no temp."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = _temp_sibling(target)
     try:
-        with partial.open("w", encoding="utf-8") as handle:
-            handle.write(text)
+        with partial.open("wb") as handle:
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(partial, target)
@@ -50,6 +52,11 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         partial.unlink(missing_ok=True)
         raise
     fsync_dir(target.parent)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically (:func:`write_atomic`)."""
+    write_atomic(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
 @contextlib.contextmanager
