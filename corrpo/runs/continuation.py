@@ -29,6 +29,7 @@ from corrpo.runs.resume import (
     ResumeError,
     checkpoint_record,
     config_differences,
+    describe_differences,
     flatten,
     key_allowed,
     read_saved_config,
@@ -157,11 +158,6 @@ def checkpoint_differences(hyper_parameters: dict, command_model: dict) -> list[
     return [(k, v, current.get(k, "<unset>")) for k, v in sorted(saved.items()) if current.get(k, "<unset>") != v]
 
 
-def describe_changes(changes: list[tuple[str, Any, Any]], limit: int = 8) -> str:
-    shown = [f"{key}: {old!r} -> {new!r}" for key, old, new in changes[:limit]]
-    return "; ".join(shown) + (f"; and {len(changes) - limit} more" if len(changes) > limit else "")
-
-
 def version_note(saved: dict) -> str | None:
     """A note when the run was started by other code than this (None when the same, or unrecorded)."""
     recorded = (saved or {}).get(VERSION_KEY)
@@ -205,7 +201,7 @@ def continue_on_purpose(config, command: dict, subcommand: str, resume: tuple[Pa
         if changes:
             history.append(change_record(changes, resume[1], steps_done))
             warnings.warn(f"--ckpt_path: continuing {resume[0]} with changes, recorded in its config.yaml: "
-                          f"{describe_changes(changes)}", stacklevel=3)  # fmt: skip
+                          f"{describe_differences(changes, '{key}: {old!r} -> {new!r}')}", stacklevel=3)  # fmt: skip
         config[CHANGES_KEY] = history or None
         if not changes:
             return None
@@ -215,10 +211,9 @@ def continue_on_purpose(config, command: dict, subcommand: str, resume: tuple[Pa
     differences = checkpoint_differences(record["hyper_parameters"], command.get("model"))
     refused = [d for d in differences if not key_allowed(d[0], allowed)]
     if refused:
-        shown = "; ".join(f"{key}: {old!r} in the checkpoint, {new!r} in this command" for key, old, new in refused[:8])
-        more = f"; and {len(refused) - 8} more" if len(refused) > 8 else ""
+        shown = describe_differences(refused, "{key}: {old!r} in the checkpoint, {new!r} in this command")
         raise ResumeError(
-            f"--ckpt_path {ckpt_path} was trained with other settings than this command's: {shown}{more}. The "
+            f"--ckpt_path {ckpt_path} was trained with other settings than this command's: {shown}. The "
             "command's values are used, never the checkpoint's: pass the run's own config (--config "
             "<run>/config.yaml), set those keys, or allow them with --resume_may_differ '[<key>, ...]' (--extend "
             "true for more steps)"

@@ -188,7 +188,8 @@ def config_differences(saved: dict, current: dict) -> list[tuple[str, Any, Any]]
     if newer and saved:
         warnings.warn(
             "the run's config.yaml predates these keys; the resumed run takes their current values: "
-            + ", ".join(newer[:12]) + (f" and {len(newer) - 12} more" if len(newer) > 12 else ""),
+            + ", ".join(newer[:12])
+            + (f" and {len(newer) - 12} more" if len(newer) > 12 else ""),
             stacklevel=3,
         )
     return out
@@ -238,10 +239,12 @@ def _saved_at(checkpoint: Path) -> float:
     return (checkpoint / "meta.pt" if checkpoint.is_dir() else checkpoint).stat().st_mtime
 
 
-def _describe(differences: list[tuple[str, Any, Any]], limit: int = 8) -> str:
-    shown = [f"{key}: {old!r} in the run, {new!r} in this command" for key, old, new in differences[:limit]]
-    more = f"; and {len(differences) - limit} more" if len(differences) > limit else ""
-    return "; ".join(shown) + more
+def describe_differences(
+    differences: list[tuple[str, Any, Any]], pattern: str = "{key}: {old!r} in the run, {new!r} in this command"
+) -> str:
+    """The first 8 ``(key, old, new)`` differences, each by ``pattern``, and how many more."""
+    shown = [pattern.format(key=key, old=old, new=new) for key, old, new in differences[:8]]
+    return "; ".join(shown) + (f"; and {len(differences) - 8} more" if len(differences) > 8 else "")
 
 
 def resume_point(
@@ -280,7 +283,7 @@ def resume_point(
                 continue
             differences = [d for d in config_differences(saved, config) if not key_allowed(d[0], may_differ)]
             if differences:
-                refused.append((run, f"its config differs: {_describe(differences)}"))
+                refused.append((run, f"its config differs: {describe_differences(differences)}"))
                 continue
         for ckpt in by_run[run]:
             problem = checkpoint_problem(ckpt)
